@@ -1,0 +1,3 @@
+"""tokenmill: batch inference over JSONL datasets with local quantized LLMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,55 @@
+"""The Celery app. JSON only on the wire, late acks, one message prefetched, one queue per model family.
+
+The broker is only a doorbell ("chunk N of job J is ready"); correctness comes from leases in the store.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from tokenmill.config import Settings
+
+TASK_PROCESS_CHUNK = "tokenmill.process_chunk"
+
+
+def queue_for(family: str, pinned_quant: str | None = None) -> str:
+    return f"tm.{family}@{pinned_quant}" if pinned_quant else f"tm.{family}"
+
+
+def make_app(settings: Settings) -> Celery:
+    app = Celery("tokenmill", broker=settings.broker_url, set_as_current=False)
+    transport_options: dict[str, object] = {}
+    if settings.broker_url.startswith("redis"):
+        # Redis redelivers unacked messages after this; leases already stop double work, so keep it long.
+        transport_options["visibility_timeout"] = max(3600, int(settings.lease_seconds * 10))
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_default_queue="tm.default",
+        task_create_missing_queues=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_transport_options=transport_options,
+        broker_pool_limit=2,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        include=["tokenmill.workers.tasks"],
+    )
+    return app
+
+
+def __getattr__(name: str) -> Celery:
+    # `celery --app tokenmill.celery_app:app flower` is an edge: settings come from TOKENMILL_* here only.
+    if name == "app":
+        global app
+        app = make_app(Settings.from_env())
+        return app
+    raise AttributeError(name)

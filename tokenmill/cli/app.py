@@ -1,0 +1,81 @@
+"""Entry point: the typer app and the one place errors become clean one-line messages."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tokenmill import __version__
+from tokenmill.cli import fleet, jobs, models, run
+from tokenmill.cli.common import console, setup_logging
+from tokenmill.config import Settings, mask_text
+from tokenmill.errors import ConfigError, TokenmillError
+
+app = typer.Typer(
+    name="tokenmill",
+    help="Run JSONL prompt datasets through local quantized LLMs on one machine or a fleet.\n\n"
+    "Example: tokenmill run docs.jsonl --model smollm2-135m-instruct",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Embedded store and broker folder [env: TOKENMILL_DATA_DIR]")
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="SQL store URL [env: TOKENMILL_DATABASE_URL]", show_default=False)
+    ] = None,
+    broker_url: Annotated[
+        str | None, typer.Option(help="Celery broker URL [env: TOKENMILL_BROKER_URL]", show_default=False)
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens")] = False,
+) -> None:
+    setup_logging(verbose)
+    ctx.obj = Settings.from_env(data_dir=data_dir, database_url=database_url, broker_url=broker_url)
+
+
+@app.command("version")
+def version() -> None:
+    """Print tokenmill's version. Example: tokenmill version"""
+    typer.echo(__version__)
+
+
+run.register(app)
+jobs.register(app)
+fleet.register(app)
+app.add_typer(models.app, name="models")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except TokenmillError as exc:
+        console.print(f"[red]error:[/red] {mask_text(str(exc))}", markup=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(0)
+
+
+__all__ = ["ConfigError", "app", "main"]

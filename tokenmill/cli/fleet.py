@@ -1,0 +1,164 @@
+"""Fleet commands: worker, scheduler, workers, sysinfo, migrate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from tokenmill.celery_app import make_app
+from tokenmill.cli.common import console, open_store, out, settings_from
+from tokenmill.scheduler.dispatch import Dispatcher
+from tokenmill.store import workers as store_workers
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("worker")
+    def worker_cmd(
+        ctx: typer.Context,
+        model: Annotated[str, typer.Option("--model", "-m", help="Family, family:variant, or a .gguf path")] = (
+            "smollm2-135m-instruct"
+        ),
+        concurrency: Annotated[int, typer.Option(help="Worker processes on this host (one per GPU)", min=1)] = 1,
+        threads: Annotated[int | None, typer.Option(help="CPU threads per process (default: cores / processes)")] = None,
+        gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="Force GPU offload on or off")] = None,
+        n_seq: Annotated[int | None, typer.Option(help="Sequences decoded together (default 8)")] = None,
+        n_ctx: Annotated[int, typer.Option(help="Context tokens per sequence")] = 2048,
+        metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port")] = None,
+        name: Annotated[str | None, typer.Option(help="Name shown in `tokenmill workers`")] = None,
+        share: Annotated[int, typer.Option(hidden=True, min=1)] = 1,
+    ) -> None:
+        """Serve a model family's queue: detects capacity, loads the variant that fits, takes chunks.
+
+        Example: tokenmill worker --model smollm2-135m-instruct --concurrency 2
+        """
+        settings = settings_from(ctx)
+        from tokenmill.workers.main import WorkerOptions, serve, supervise
+
+        if concurrency > 1:
+            argv = ["--model", model, "--n-ctx", str(n_ctx)]
+            if gpu is not None:
+                argv.append("--gpu" if gpu else "--cpu")
+            if n_seq:
+                argv += ["--n-seq", str(n_seq)]
+            if name:
+                argv += ["--name", name]
+            raise typer.Exit(supervise(argv, concurrency, threads))
+        logging.getLogger("tokenmill").setLevel(logging.INFO)
+        opts = WorkerOptions(
+            model=model, threads=threads, gpu=gpu, n_seq=n_seq, n_ctx=n_ctx, name=name,
+            metrics_port=metrics_port, share=share,
+        )  # fmt: skip
+        raise typer.Exit(serve(settings, opts))
+
+    @app.command("scheduler")
+    def scheduler_cmd(
+        ctx: typer.Context,
+        interval: Annotated[float | None, typer.Option(help="Seconds between dispatch passes")] = None,
+    ) -> None:
+        """Run the dispatch loop: enqueue chunks progressively, reopen expired leases, finish jobs.
+
+        Example: TOKENMILL_BROKER_URL=redis://queue:6379/0 tokenmill scheduler
+        """
+        settings = settings_from(ctx)
+        if interval:
+            settings = settings.with_(dispatch_interval=interval)
+        logging.getLogger("tokenmill").setLevel(logging.INFO)
+        store = open_store(settings)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        console.print(f"scheduler: store {store.masked_url}, broker {settings.describe()['broker_url']}")
+        try:
+            Dispatcher(store, make_app(settings), settings).run(stop)
+        except KeyboardInterrupt:
+            stop.set()
+
+    @app.command("workers")
+    def workers_cmd(
+        ctx: typer.Context,
+        as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
+        all_: Annotated[bool, typer.Option("--all", help="Include stopped workers")] = False,
+    ) -> None:
+        """The fleet: host, pid, capacity, variant loaded, load, last heartbeat.
+
+        Example: tokenmill workers
+        """
+        settings = settings_from(ctx)
+        store = open_store(settings, migrate=False)
+        lost_after = max(3 * settings.heartbeat_seconds, 10.0)
+        now = time.time()
+        rows: list[dict[str, Any]] = []
+        with store.session() as s:
+            for w in store_workers.list_workers(s):
+                state = store_workers.effective_state(w, lost_after, now)
+                if state == "stopped" and not all_:
+                    continue
+                cap = w.capacity or {}
+                rows.append(
+                    {
+                        "id": w.id, "host": w.host, "pid": w.pid, "state": state, "variant": w.variant,
+                        "device": w.device, "threads": w.n_threads, "n_seq": w.n_seq,
+                        "cores": cap.get("physical_cores"), "ram_total": cap.get("ram_total_bytes"),
+                        "gpus": [g.get("name") for g in cap.get("gpus", [])],
+                        "current_job": w.current_job, "current_chunk": w.current_chunk,
+                        "rows_done": w.rows_done, "tokens_generated": w.tokens_generated,
+                        "heartbeat_age_s": round(now - w.heartbeat_at, 1), "error": w.error,
+                    }
+                )  # fmt: skip
+        if as_json:
+            out.print(json.dumps(rows))
+            return
+        table = Table(title="workers")
+        for col in ("host", "pid", "state", "variant", "device", "capacity", "load", "rows", "tokens", "heartbeat"):
+            table.add_column(col)
+        for r in rows:
+            cap = f"{r['cores']} cores, {_gib(r['ram_total'] or 0)}" + (f", {', '.join(r['gpus'])}" if r["gpus"] else "")
+            load = f"chunk {r['current_chunk']}" if r["current_chunk"] else "idle"
+            state = r["state"] + (f": {r['error']}" if r["error"] else "")
+            table.add_row(
+                r["host"], str(r["pid"]), state, r["variant"] or "-", r["device"] or "-", cap, load,
+                str(r["rows_done"]), str(r["tokens_generated"]), f"{r['heartbeat_age_s']}s ago",
+            )  # fmt: skip
+        out.print(table)
+
+    @app.command("sysinfo")
+    def sysinfo_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False) -> None:
+        """What a worker would detect and advertise on this machine.
+
+        Example: tokenmill sysinfo --json
+        """
+        from tokenmill.workers.capacity import detect
+
+        cap = detect()
+        data = cap.to_json()
+        if as_json:
+            out.print(json.dumps(data))
+            return
+        table = Table(show_header=False, title=f"sysinfo: {cap.hostname}")
+        table.add_row("cores", f"{cap.physical_cores} physical, {cap.logical_cores} logical")
+        table.add_row("memory", f"{_gib(cap.ram_total_bytes)} total, {_gib(cap.ram_available_bytes)} available")
+        for g in cap.gpus:
+            table.add_row(f"gpu {g.index}", f"{g.name}: {_gib(g.vram_total_bytes)} total, {_gib(g.vram_free_bytes)} free")
+        if not cap.gpus:
+            table.add_row("gpu", "none detected (NVML)")
+        table.add_row("llama.cpp GPU offload", "yes" if cap.gpu_offload else "no (CPU build)")
+        out.print(table)
+
+    @app.command("migrate")
+    def migrate_cmd(ctx: typer.Context) -> None:
+        """Apply the store's Alembic migrations (workers and the scheduler also do it on start).
+
+        Example: TOKENMILL_DATABASE_URL=postgresql://tm@db/tokenmill tokenmill migrate
+        """
+        store = open_store(settings_from(ctx), migrate=True)
+        console.print(f"store {store.masked_url} is at the latest schema")

@@ -1,0 +1,169 @@
+"""`tokenmill run`: the whole job on this machine — store, broker, workers, scheduler, outputs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tokenmill.celery_app import make_app
+from tokenmill.cli.common import console, default_output, open_store, out, settings_from
+from tokenmill.datasets import SamplingParams
+from tokenmill.errors import JobIncomplete, ModelError
+from tokenmill.output import export
+from tokenmill.scheduler.dispatch import Dispatcher
+from tokenmill.scheduler.submit import Submission, job_key, model_route, submit_dataset, validate
+from tokenmill.store import Store
+from tokenmill.store import jobs as store_jobs
+from tokenmill.store import workers as store_workers
+from tokenmill.workers.local import LocalFleet, default_worker_count
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Catalog name[:variant] or path to a .gguf file")]
+TemplateOpt = Annotated[
+    str | None, typer.Option(help="Prompt template with {field} placeholders, or a file holding one")
+]
+FieldOpt = Annotated[str | None, typer.Option("--field", help="Take the prompt from this field of each line")]
+MaxTokensOpt = Annotated[int | None, typer.Option(help="Default max_tokens for lines that set none", min=1)]
+TemperatureOpt = Annotated[float | None, typer.Option(help="Default temperature for lines that set none")]
+ChunkOpt = Annotated[int, typer.Option(help="Rows per chunk (the unit a worker leases)", min=1)]
+SkipOpt = Annotated[bool, typer.Option(help="Run the valid lines; write bad ones to the errors file")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Generate even when an identical answer is stored")]
+
+
+def build_submission(
+    path: Path,
+    model: str,
+    template: str | None,
+    field: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    chunk_size: int,
+    skip_invalid: bool,
+    no_cache: bool,
+) -> Submission:
+    base = SamplingParams()
+    defaults = SamplingParams(
+        max_tokens=max_tokens or base.max_tokens,
+        temperature=base.temperature if temperature is None else temperature,
+    )
+    return Submission(
+        path=path,
+        model=model,
+        template=template,
+        text_field=field,
+        defaults=defaults,
+        chunk_size=chunk_size,
+        skip_invalid=skip_invalid,
+        no_cache=no_cache,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run_cmd(
+        ctx: typer.Context,
+        path: Annotated[Path, typer.Argument(help="JSONL dataset (or a folder of .txt/.md with --template)")],
+        model: ModelOpt = "smollm2-135m-instruct",
+        output: Annotated[Path | None, typer.Option("--output", "-o", help="Results JSONL")] = None,
+        errors: Annotated[Path | None, typer.Option("--errors", help="Failed rows JSONL")] = None,
+        template: TemplateOpt = None,
+        field: FieldOpt = None,
+        max_tokens: MaxTokensOpt = None,
+        temperature: TemperatureOpt = None,
+        chunk_size: ChunkOpt = 32,
+        workers: Annotated[int | None, typer.Option(help="Local worker processes (default: by cores)")] = None,
+        threads: Annotated[int | None, typer.Option(help="Threads per worker process")] = None,
+        n_seq: Annotated[int | None, typer.Option(help="Sequences decoded together per worker")] = None,
+        skip_invalid: SkipOpt = False,
+        no_cache: NoCacheOpt = False,
+    ) -> None:
+        """Run a dataset end to end on this machine; the same command again resumes.
+
+        Example: tokenmill run docs.jsonl --model smollm2-135m-instruct -o docs.results.jsonl
+        """
+        settings = settings_from(ctx)
+        sub = build_submission(path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache)
+        output = output or default_output(path, "results")
+        errors = errors or default_output(path, "errors")
+        model_route(model)
+        rows = validate(sub, errors if skip_invalid else None)
+        store = open_store(settings)
+        key = job_key(path, model, sub.options())
+        with store.session() as s:
+            existing = store_jobs.find_resumable(s, key)
+            job_id = existing.id if existing and existing.state in ("queued", "running") else None
+        if job_id:
+            console.print(f"resuming job {job_id}")
+        else:
+            job_id = submit_dataset(store, sub)
+            console.print(f"job {job_id}: {rows} rows")
+        count, each = default_worker_count()
+        count = workers or count
+        fleet = LocalFleet(settings, model, count, threads or each, n_seq=n_seq)
+        app_ = make_app(settings)
+        dispatcher = Dispatcher(store, app_, settings)
+        stop = threading.Event()
+        loop = threading.Thread(target=dispatcher.run, args=(stop, job_id), daemon=True)
+        started = time.monotonic()
+        fleet.start()
+        loop.start()
+        try:
+            _watch(store, job_id, fleet, dispatcher)
+        finally:
+            stop.set()
+            loop.join(timeout=10)
+            fleet.stop()
+        wall = time.monotonic() - started
+        ok, bad = export(store, job_id, output, errors)
+        with store.session() as s:
+            prog = store_jobs.progress(s, store_jobs.get_job(s, job_id))
+        _summary(prog.to_json(), wall, output, errors if bad else None)
+        if bad:
+            raise JobIncomplete(f"{bad} of {ok + bad} rows failed; see {errors}")
+
+
+def _watch(store: Store, job_id: str, fleet: LocalFleet, dispatcher: Dispatcher) -> None:
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("rows", total=None, tps="0.0")
+        while True:
+            with store.session() as s:
+                job = store_jobs.get_job(s, job_id)
+                prog = store_jobs.progress(s, job)
+                state = job.state
+                failed_workers = [w for w in store_workers.list_workers(s) if w.state == "failed" and w.error]
+            info = prog.to_json()
+            bar.update(task, total=prog.total, completed=prog.done, tps=f"{info['tokens_per_second']:.1f}")
+            if state not in ("queued", "running"):
+                return
+            if fleet.alive() == 0:
+                reason = failed_workers[-1].error if failed_workers else "see .tokenmill/logs/"
+                raise ModelError(f"every local worker exited before the job finished: {reason}")
+            time.sleep(0.3)
+
+
+def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | None) -> None:
+    table = Table(title="tokenmill run", show_header=False)
+    table.add_row("job", str(info["job"]))
+    table.add_row("state", str(info["state"]))
+    table.add_row("rows", f"{info['succeeded']} succeeded, {info['failed']} failed, {info['cached']} cached")
+    table.add_row("tokens", f"{info['prompt_tokens']} prompt, {info['completion_tokens']} generated")
+    table.add_row("wall time", f"{wall:.1f} s")
+    ct = info["completion_tokens"]
+    table.add_row("throughput", f"{(ct if isinstance(ct, int) else 0) / wall:.1f} generated tok/s end to end")
+    table.add_row("results", str(output))
+    if errors:
+        table.add_row("errors", str(errors))
+    out.print(table)

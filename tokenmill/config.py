@@ -1,0 +1,135 @@
+"""Typed settings, read from the environment only at the edges (CLI, worker entry)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from tokenmill.errors import ConfigError
+
+ENV_PREFIX = "TOKENMILL_"
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@/\s]+)@")
+
+
+def mask_url(url: str) -> str:
+    """Replace the password in a URL with ``***`` so it can go in a log line or an error."""
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+            return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        pass
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+
+
+def mask_text(text: str) -> str:
+    """Mask every URL password inside free text (exception messages from drivers quote URLs)."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Pick the psycopg 3 driver for plain ``postgresql://`` URLs, the one tokenmill depends on."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _float(env: Mapping[str, str], key: str, default: float) -> float:
+    raw = env.get(ENV_PREFIX + key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{key}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ConfigError(f"{ENV_PREFIX}{key}={raw!r} must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a scheduler, worker or CLI command needs to find the store, the broker and models.
+
+    With nothing set, tokenmill is embedded: a SQLite store and a kombu-on-SQLite broker under
+    ``data_dir`` — one machine, no services.
+    """
+
+    data_dir: Path = Path(".tokenmill")
+    database_url: str = ""
+    broker_url: str = ""
+    models_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "tokenmill" / "models")
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 5.0
+    dispatch_interval: float = 0.5
+    max_inflight_per_queue: int = 8
+    max_row_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        data_dir = Path(self.data_dir)
+        object.__setattr__(self, "data_dir", data_dir)
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'tokenmill.db'}")
+        if not self.broker_url:
+            object.__setattr__(self, "broker_url", f"sqla+sqlite:///{data_dir / 'broker.db'}")
+        for name, url in (("database", self.database_url), ("broker", self.broker_url)):
+            if "://" not in url:
+                raise ConfigError(f"{name} URL {mask_url(url)!r} has no scheme (expected e.g. redis://host:6379/0)")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from ``TOKENMILL_*`` variables; explicit overrides (CLI flags) win."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        if env.get(ENV_PREFIX + "DATA_DIR"):
+            values["data_dir"] = Path(env[ENV_PREFIX + "DATA_DIR"])
+        if env.get(ENV_PREFIX + "DATABASE_URL"):
+            values["database_url"] = env[ENV_PREFIX + "DATABASE_URL"]
+        if env.get(ENV_PREFIX + "BROKER_URL"):
+            values["broker_url"] = env[ENV_PREFIX + "BROKER_URL"]
+        if env.get(ENV_PREFIX + "MODELS_DIR"):
+            values["models_dir"] = Path(env[ENV_PREFIX + "MODELS_DIR"])
+        values["lease_seconds"] = _float(env, "LEASE_SECONDS", cls.lease_seconds)
+        values["heartbeat_seconds"] = _float(env, "HEARTBEAT_SECONDS", cls.heartbeat_seconds)
+        values["dispatch_interval"] = _float(env, "DISPATCH_INTERVAL", cls.dispatch_interval)
+        values["max_inflight_per_queue"] = int(_float(env, "MAX_INFLIGHT", cls.max_inflight_per_queue))
+        values["max_row_attempts"] = int(_float(env, "MAX_ROW_ATTEMPTS", cls.max_row_attempts))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url.startswith("sqlite") and self.broker_url.startswith("sqla+sqlite")
+
+    def as_env(self) -> dict[str, str]:
+        """The variables that hand these settings to a child process (a local worker)."""
+        return {
+            ENV_PREFIX + "DATA_DIR": str(self.data_dir),
+            ENV_PREFIX + "DATABASE_URL": self.database_url,
+            ENV_PREFIX + "BROKER_URL": self.broker_url,
+            ENV_PREFIX + "MODELS_DIR": str(self.models_dir),
+            ENV_PREFIX + "LEASE_SECONDS": str(self.lease_seconds),
+            ENV_PREFIX + "HEARTBEAT_SECONDS": str(self.heartbeat_seconds),
+            ENV_PREFIX + "DISPATCH_INTERVAL": str(self.dispatch_interval),
+            ENV_PREFIX + "MAX_INFLIGHT": str(self.max_inflight_per_queue),
+            ENV_PREFIX + "MAX_ROW_ATTEMPTS": str(self.max_row_attempts),
+        }
+
+    def describe(self) -> dict[str, str]:
+        """Settings for a status view: every URL masked."""
+        return {
+            "data_dir": str(self.data_dir),
+            "database_url": mask_url(self.database_url),
+            "broker_url": mask_url(self.broker_url),
+            "models_dir": str(self.models_dir),
+        }

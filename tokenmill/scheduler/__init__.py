@@ -1,0 +1,1 @@
+"""Scheduler: submit (ingest rows, cut chunks) and the dispatch loop (enqueue, expire, finish)."""

@@ -1,0 +1,145 @@
+"""Submitting a dataset: rows are streamed into the store in one transaction, so a job is all or nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenmill.celery_app import queue_for
+from tokenmill.datasets import DatasetRow, InvalidLine, SamplingParams, error_line, read_dataset
+from tokenmill.errors import DatasetError, UnknownModelError
+from tokenmill.store import Store
+from tokenmill.store import jobs as store_jobs
+
+
+def job_key(source: Path, model: str, options: dict[str, Any]) -> str:
+    """Same file (path, size, mtime), same model and options → same key, so a re-run resumes the job."""
+    st = source.stat()
+    size = st.st_size if source.is_file() else sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+    ident = json.dumps([str(source.resolve()), size, st.st_mtime_ns, model, options], sort_keys=True)
+    return hashlib.sha256(ident.encode()).hexdigest()
+
+
+def submit_rows(
+    store: Store,
+    rows: Iterable[DatasetRow],
+    *,
+    name: str,
+    key: str,
+    family: str,
+    pinned_quant: str | None,
+    chunk_size: int,
+    options: dict[str, Any] | None = None,
+    ab_group: str | None = None,
+) -> str:
+    with store.session() as s:
+        job = store_jobs.create_job(
+            s,
+            key=key,
+            name=name,
+            family=family,
+            queue=queue_for(family, pinned_quant),
+            chunk_size=chunk_size,
+            pinned_variant=f"{family}:{pinned_quant}" if pinned_quant else None,
+            options=options,
+            ab_group=ab_group,
+        )
+        store_jobs.ingest_rows(s, job, rows)
+        return job.id
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A dataset and how to run it: everything `run` and `submit` agree on."""
+
+    path: Path
+    model: str
+    template: str | None = None
+    text_field: str | None = None
+    defaults: SamplingParams | None = None
+    chunk_size: int = 32
+    skip_invalid: bool = False
+    no_cache: bool = False
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "template": self.template,
+            "field": self.text_field,
+            "defaults": self.defaults.to_json() if self.defaults else None,
+            "chunk_size": self.chunk_size,
+            "no_cache": self.no_cache,
+        }
+
+    def rows(self) -> Iterator[DatasetRow | InvalidLine]:
+        if self.path.is_dir():
+            from tokenmill.documents import load_template, read_documents
+
+            if not self.template:
+                raise DatasetError(str(self.path), "a folder of documents needs --template")
+            yield from read_documents(self.path, load_template(self.template), defaults=self.defaults)
+            return
+        yield from read_dataset(
+            self.path,
+            template=self.template,
+            text_field=self.text_field,
+            defaults=self.defaults,
+            skip_invalid=self.skip_invalid,
+        )
+
+
+def model_route(model: str) -> tuple[str, str | None]:
+    """(family, pinned quant) for a catalog ref or a local .gguf path; unknown models fail before any work."""
+    from tokenmill.models.catalog import get_family, parse_model_ref
+
+    if model.endswith(".gguf") or "/" in model or os.sep in model:
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise UnknownModelError(f"model file {model} does not exist")
+        return f"file-{path.stem.lower()}", None
+    family, quant = parse_model_ref(model)
+    fam = get_family(family)
+    if quant is not None and quant not in {v.quant for v in fam.variants}:
+        known = ", ".join(v.quant for v in fam.variants)
+        raise UnknownModelError(f"{family} has no variant {quant!r} (known: {known})")
+    return family, quant
+
+
+def validate(sub: Submission, errors_out: Path | None) -> int:
+    """Read the whole dataset once before anything is stored; invalid lines go to the errors file."""
+    count = 0
+    invalid: list[InvalidLine] = []
+    for item in sub.rows():
+        if isinstance(item, InvalidLine):
+            invalid.append(item)
+        else:
+            count += 1
+    if invalid and errors_out is not None:
+        errors_out.parent.mkdir(parents=True, exist_ok=True)
+        with open(errors_out, "w", encoding="utf-8") as fh:
+            for bad in invalid:
+                fh.write(json.dumps(error_line(bad, str(sub.path)), ensure_ascii=False) + "\n")
+    if count == 0:
+        raise DatasetError(str(sub.path), "no valid rows to run")
+    return count
+
+
+def submit_dataset(store: Store, sub: Submission, *, ab_group: str | None = None, pin: str | None = None) -> str:
+    family, quant = model_route(pin or sub.model)
+    rows = (row for row in sub.rows() if isinstance(row, DatasetRow))
+    return submit_rows(
+        store,
+        rows,
+        name=str(sub.path),
+        key=job_key(sub.path, pin or sub.model, sub.options()),
+        family=family,
+        pinned_quant=quant,
+        chunk_size=sub.chunk_size,
+        options=sub.options(),
+        ab_group=ab_group,
+    )

@@ -1,0 +1,133 @@
+"""Engine, sessions and schema migration for the store."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from tokenmill.config import mask_text, mask_url, sqlalchemy_url
+from tokenmill.errors import ServiceUnavailable, StoreError
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+T = TypeVar("T")
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # WAL lets workers write results while the scheduler reads; busy_timeout rides out writer overlap.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class Store:
+    """A handle on the store at ``url``. Cheap to create; one per process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.masked_url = mask_url(url)
+        sa_url = sqlalchemy_url(url)
+        self.is_sqlite = sa_url.startswith("sqlite")
+        if self.is_sqlite:
+            path = sa_url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(sa_url, connect_args={"timeout": 60})
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_engine(
+                sa_url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args={"connect_timeout": 5}
+            )
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on any error."""
+        with self._sessions() as s, s.begin():
+            yield s
+
+    def unavailable(self, exc: BaseException) -> ServiceUnavailable:
+        first = mask_text(str(getattr(exc, "orig", exc)) or type(exc).__name__).strip().splitlines()
+        reason = first[0] if first else type(exc).__name__
+        return ServiceUnavailable(f"database {self.masked_url} is unreachable: {reason}")
+
+    def retrying(self, fn: Callable[[], T], *, attempts: int = 8, first_delay: float = 0.5) -> T:
+        """Run ``fn`` again with exponential backoff while the database is unreachable (restarts, failover)."""
+        delay = first_delay
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except (OperationalError, DBAPIError) as exc:
+                if not _is_connection_error(exc) or attempt == attempts - 1:
+                    if _is_connection_error(exc):
+                        raise self.unavailable(exc) from None
+                    raise
+                log.warning("database %s unavailable (%s); retrying in %.1fs", self.masked_url, type(exc).__name__, delay)
+                self.engine.dispose()
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
+
+    def ping(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except (OperationalError, DBAPIError) as exc:
+            raise self.unavailable(exc) from None
+
+    def migrate(self) -> None:
+        """Bring the schema to head with Alembic; safe when many workers start at once."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        try:
+            with self.engine.begin() as conn:
+                if not self.is_sqlite:
+                    conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except (OperationalError, DBAPIError) as exc:
+            if _is_connection_error(exc):
+                raise self.unavailable(exc) from None
+            raise StoreError(f"cannot migrate {self.masked_url}: {mask_text(str(exc.orig)).splitlines()[0]}") from None
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    msg = str(getattr(exc, "orig", exc)).lower()
+    return any(
+        s in msg
+        for s in (
+            "connection refused",
+            "could not connect",
+            "server closed the connection",
+            "terminating connection",
+            "connection is closed",
+            "the database system is",
+            "connection timed out",
+            "consuming input failed",
+            "unable to open database",
+            "connection reset",
+            "no such host",
+            "name or service not known",
+            "failed to resolve",
+            "timeout expired",
+        )
+    )

@@ -1,0 +1,248 @@
+"""Jobs and their rows: ingest (streamed, bulk), lookup, progress, cancel and retry."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from tokenmill.datasets import DatasetRow
+from tokenmill.errors import JobNotFound, StoreError
+from tokenmill.store.tables import Chunk, Job, RequestRow, Result
+
+ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = ("completed", "completed_with_errors", "cancelled")
+INSERT_BATCH = 2000
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def create_job(
+    s: Session,
+    *,
+    key: str,
+    name: str,
+    family: str,
+    queue: str,
+    chunk_size: int,
+    pinned_variant: str | None = None,
+    options: dict[str, Any] | None = None,
+    ab_group: str | None = None,
+) -> Job:
+    job = Job(
+        id=new_job_id(),
+        key=key,
+        name=name,
+        family=family,
+        pinned_variant=pinned_variant,
+        queue=queue,
+        state="ingesting",
+        chunk_size=chunk_size,
+        options=options or {},
+        ab_group=ab_group,
+        created_at=time.time(),
+        total_rows=0,
+        n_chunks=0,
+    )
+    s.add(job)
+    s.flush()
+    return job
+
+
+def ingest_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
+    """Stream rows into the store in bulk batches and cut them into chunks; memory stays bounded."""
+    batch: list[dict[str, Any]] = []
+    seq = 0
+    for row in rows:
+        payload = row.to_payload()
+        prompt_chars = len(row.prompt or "") + sum(len(m.get("content", "")) for m in row.messages or ())
+        batch.append(
+            {
+                "job_id": job.id,
+                "seq": seq,
+                "chunk_index": seq // job.chunk_size,
+                "line": row.line,
+                "custom_id": row.custom_id,
+                "payload": payload,
+                "prompt_chars": prompt_chars,
+            }
+        )
+        seq += 1
+        if len(batch) >= INSERT_BATCH:
+            s.execute(insert(RequestRow), batch)
+            batch.clear()
+    if batch:
+        s.execute(insert(RequestRow), batch)
+    n_chunks = (seq + job.chunk_size - 1) // job.chunk_size
+    chunk_rows = [
+        {
+            "job_id": job.id,
+            "idx": i,
+            "first_seq": i * job.chunk_size,
+            "last_seq": min(seq, (i + 1) * job.chunk_size) - 1,
+            "state": "pending",
+            "attempts": 0,
+        }
+        for i in range(n_chunks)
+    ]
+    for start in range(0, len(chunk_rows), INSERT_BATCH):
+        s.execute(insert(Chunk), chunk_rows[start : start + INSERT_BATCH])
+    job.total_rows = seq
+    job.n_chunks = n_chunks
+    job.state = "queued" if seq else "completed"
+    if not seq:
+        job.finished_at = time.time()
+    return seq
+
+
+def get_job(s: Session, ref: str) -> Job:
+    """A job by id or unique id prefix (like git), so people can type the first few characters."""
+    job = s.get(Job, ref)
+    if job is not None:
+        return job
+    matches = list(s.scalars(select(Job).where(Job.id.like(ref.replace("%", "") + "%")).limit(2)))
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise JobNotFound(f"no job {ref!r} (see: tokenmill jobs)")
+    raise JobNotFound(f"job id prefix {ref!r} is ambiguous; give more characters")
+
+
+def find_resumable(s: Session, key: str) -> Job | None:
+    return s.scalars(select(Job).where(Job.key == key).order_by(Job.created_at.desc()).limit(1)).first()
+
+
+def list_jobs(s: Session, limit: int = 50) -> list[Job]:
+    return list(s.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)))
+
+
+@dataclass
+class Progress:
+    job_id: str
+    state: str
+    total: int
+    done: int
+    succeeded: int
+    failed: int
+    cached: int
+    completion_tokens: int
+    prompt_tokens: int
+    chunks_total: int
+    chunks_done: int
+    chunks_running: int
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.done
+
+    def to_json(self) -> dict[str, Any]:
+        elapsed = ((self.finished_at or time.time()) - self.started_at) if self.started_at else 0.0
+        return {
+            "job": self.job_id,
+            "state": self.state,
+            "total": self.total,
+            "done": self.done,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "cached": self.cached,
+            "pending": self.remaining,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "chunks": {"total": self.chunks_total, "done": self.chunks_done, "running": self.chunks_running},
+            "elapsed_s": round(elapsed, 3),
+            "tokens_per_second": round(self.completion_tokens / elapsed, 2) if elapsed > 0 else 0.0,
+        }
+
+
+def progress(s: Session, job: Job) -> Progress:
+    res = s.execute(
+        select(
+            Result.status,
+            func.count(),
+            func.coalesce(func.sum(Result.completion_tokens), 0),
+            func.coalesce(func.sum(Result.prompt_tokens), 0),
+            func.coalesce(func.sum(case((Result.cached, 1), else_=0)), 0),
+        )
+        .where(Result.job_id == job.id)
+        .group_by(Result.status)
+    ).all()
+    counts = {status: (n, ct, pt, cached) for status, n, ct, pt, cached in res}
+    chunk_counts = dict(
+        s.execute(select(Chunk.state, func.count()).where(Chunk.job_id == job.id).group_by(Chunk.state)).all()
+    )
+    ok = counts.get("succeeded", (0, 0, 0, 0))
+    bad = counts.get("failed", (0, 0, 0, 0))
+    return Progress(
+        job_id=job.id,
+        state=job.state,
+        total=job.total_rows,
+        done=ok[0] + bad[0],
+        succeeded=ok[0],
+        failed=bad[0],
+        cached=int(ok[3]),
+        completion_tokens=int(ok[1]),
+        prompt_tokens=int(ok[2]),
+        chunks_total=job.n_chunks,
+        chunks_done=int(chunk_counts.get("done", 0)),
+        chunks_running=int(chunk_counts.get("running", 0)),
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def cancel_job(s: Session, job: Job) -> bool:
+    """Stop dispatch now; workers see the state at their next row boundary."""
+    if job.state in FINAL_STATES:
+        return False
+    job.state = "cancelled"
+    job.finished_at = time.time()
+    s.execute(
+        update(Chunk)
+        .where(Chunk.job_id == job.id, Chunk.state.in_(("pending", "queued")))
+        .values(state="cancelled")
+    )
+    return True
+
+
+def retry_failed(s: Session, job: Job) -> int:
+    """Forget failed results and reopen only the chunks that held them."""
+    if job.state in ACTIVE_STATES:
+        raise StoreError(f"job {job.id} is still {job.state}; wait for it or cancel it first")
+    failed = list(s.scalars(select(Result.seq).where(Result.job_id == job.id, Result.status == "failed")))
+    unfinished = job.state == "cancelled"
+    if not failed and not unfinished:
+        return 0
+    if failed:
+        s.execute(delete(Result).where(Result.job_id == job.id, Result.status == "failed"))
+    chunk_idx = {seq // job.chunk_size for seq in failed}
+    conditions = [Chunk.job_id == job.id]
+    if unfinished:
+        s.execute(update(Chunk).where(*conditions, Chunk.state != "done").values(state="pending"))
+    if chunk_idx:
+        s.execute(
+            update(Chunk)
+            .where(*conditions, Chunk.idx.in_(chunk_idx))
+            .values(state="pending", lease_owner=None, lease_expires_at=None)
+        )
+    job.state = "queued"
+    job.finished_at = None
+    return len(failed)
+
+
+def load_rows(s: Session, job_id: str, first_seq: int, last_seq: int) -> list[RequestRow]:
+    return list(
+        s.scalars(
+            select(RequestRow)
+            .where(RequestRow.job_id == job_id, RequestRow.seq >= first_seq, RequestRow.seq <= last_seq)
+            .order_by(RequestRow.seq)
+        )
+    )

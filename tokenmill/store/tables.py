@@ -1,0 +1,130 @@
+"""Tables. Times are epoch seconds (float) from the writer's clock: fleets are expected to run NTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(512))
+    family: Mapped[str] = mapped_column(String(128))
+    pinned_variant: Mapped[str | None] = mapped_column(String(128))
+    queue: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    total_rows: Mapped[int] = mapped_column(Integer, default=0)
+    n_chunks: Mapped[int] = mapped_column(Integer, default=0)
+    chunk_size: Mapped[int] = mapped_column(Integer)
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    ab_group: Mapped[str | None] = mapped_column(String(32), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+
+
+class RequestRow(Base):
+    """A dataset row as submitted; workers rebuild requests from ``payload``, never from the file."""
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        UniqueConstraint("job_id", "seq", name="uq_requests_job_seq"),
+        UniqueConstraint("job_id", "custom_id", name="uq_requests_job_custom_id"),
+        Index("ix_requests_job_chunk", "job_id", "chunk_index"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    chunk_index: Mapped[int] = mapped_column(Integer)
+    line: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prompt_chars: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Chunk(Base):
+    """A unit of work. ``state``: pending → queued → running (leased) → done; leases expire back to pending."""
+
+    __tablename__ = "chunks"
+    __table_args__ = (
+        UniqueConstraint("job_id", "idx", name="uq_chunks_job_idx"),
+        Index("ix_chunks_state", "state", "job_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    idx: Mapped[int] = mapped_column(Integer)
+    first_seq: Mapped[int] = mapped_column(Integer)
+    last_seq: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    enqueued_at: Mapped[float | None] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+
+
+class Result(Base):
+    """One per (job, row): the unique constraint is what makes "exactly once" hold under redelivery."""
+
+    __tablename__ = "results"
+    __table_args__ = (
+        UniqueConstraint("job_id", "seq", name="uq_results_job_seq"),
+        Index("ix_results_cache", "request_hash", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    status: Mapped[str] = mapped_column(String(16))
+    body: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    variant: Mapped[str | None] = mapped_column(String(200))
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cached: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    family: Mapped[str | None] = mapped_column(String(128))
+    variant: Mapped[str | None] = mapped_column(String(200))
+    device: Mapped[str | None] = mapped_column(String(16))
+    queues: Mapped[list[str]] = mapped_column(JSON, default=list)
+    capacity: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    choice: Mapped[str | None] = mapped_column(Text)
+    n_threads: Mapped[int] = mapped_column(Integer, default=0)
+    n_seq: Mapped[int] = mapped_column(Integer, default=1)
+    current_job: Mapped[str | None] = mapped_column(String(32))
+    current_chunk: Mapped[int | None] = mapped_column(BigId)
+    rows_done: Mapped[int] = mapped_column(BigId, default=0)
+    tokens_generated: Mapped[int] = mapped_column(BigId, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)

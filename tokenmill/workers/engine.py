@@ -1,0 +1,54 @@
+"""What a worker asks of an inference engine.
+
+The Celery task only sees this Protocol, so the control plane can be load-tested with a stub engine
+(tests/ only) while the real backend is llama.cpp (:mod:`tokenmill.workers.llama_engine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tokenmill.datasets import DatasetRow
+
+
+@dataclass
+class Generation:
+    """One finished sequence with the timings a person compares across runs (Ollama/llama-server names)."""
+
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0
+    prompt_eval_ms: float = 0.0
+    ttft_ms: float = 0.0
+    eval_ms: float = 0.0
+    total_ms: float = 0.0
+    token_ms: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / (self.eval_ms / 1000.0) if self.eval_ms > 0 else 0.0
+
+
+OnDone = Callable[[DatasetRow, "Generation | Exception"], None]
+
+
+class Engine(Protocol):
+    """A loaded model that turns dataset rows into generations.
+
+    ``generate`` calls ``on_done`` once per row, in completion order (batched engines finish rows out of
+    order). A row that cannot be served (too long for the context, sampling failure) is reported as an
+    exception for that row only; the engine keeps going. ``should_stop`` is polled between decode steps so
+    a cancelled job or a lost lease stops work at the next row boundary.
+    """
+
+    variant: str
+    n_ctx: int
+    load_ms: float
+
+    def generate(self, rows: Sequence[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool]) -> None: ...
+
+    def close(self) -> None: ...

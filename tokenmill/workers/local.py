@@ -1,0 +1,84 @@
+"""Local worker processes for `tokenmill run`: real, separate `tokenmill worker` processes on this host."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import psutil
+
+from tokenmill.config import Settings
+
+
+def default_worker_count() -> tuple[int, int]:
+    """(processes, threads each): batched decoding wants whole cores per process, ~4 per process."""
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    processes = max(1, cores // 4)
+    return processes, max(1, cores // processes)
+
+
+class LocalFleet:
+    def __init__(
+        self,
+        settings: Settings,
+        model: str,
+        count: int,
+        threads_each: int,
+        n_seq: int | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.count = count
+        self.threads_each = threads_each
+        self.n_seq = n_seq
+        self.extra_env = extra_env or {}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[bytes]] = []
+        self.log_dir = Path(settings.data_dir) / "logs"
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.settings.as_env(), **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        for i in range(self.count):
+            args = [
+                sys.executable, "-m", "tokenmill.cli", "worker",
+                "--model", self.model,
+                "--concurrency", "1",
+                "--threads", str(self.threads_each),
+                "--share", str(self.count),
+                "--name", f"local{i}",
+            ]  # fmt: skip
+            if self.n_seq:
+                args += ["--n-seq", str(self.n_seq)]
+            log = open(self.log_dir / f"worker-{i}.log", "ab")  # noqa: SIM115
+            self._logs.append(log)
+            # Own process group: a Ctrl-C in the terminal reaches `run`, which stops workers in order.
+            self.procs.append(
+                subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+
+    def alive(self) -> int:
+        return sum(1 for p in self.procs if p.poll() is None)
+
+    def exit_codes(self) -> list[int | None]:
+        return [p.poll() for p in self.procs]
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for log in self._logs:
+            log.close()
