@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -117,3 +118,56 @@ def run_cli(
     return subprocess.run(
         tokenmill_cmd(*args), env=full_env, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO
     )
+
+
+class Procs:
+    """Real `tokenmill` processes started by a test; all killed (whole process groups) at teardown."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.items: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, settings: Settings, *args: str, env: dict[str, str] | None = None, name: str = "p"
+    ) -> subprocess.Popen[bytes]:
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.logdir / f"{name}-{len(self.items)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            tokenmill_cmd(*args),
+            env={**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1", **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        self.items.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logdir.glob("*.log"))
+        )
+
+    def stop_all(self) -> None:
+        import signal
+
+        for p in self.items:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in self.items:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path / "logs")
+    yield p
+    p.stop_all()
+
+
+STUB_ENV = {"TOKENMILL_ENGINE": "tests.stub_engine:StubEngine"}

@@ -30,7 +30,9 @@ def register(app: typer.Typer) -> None:
             "smollm2-135m-instruct"
         ),
         concurrency: Annotated[int, typer.Option(help="Worker processes on this host (one per GPU)", min=1)] = 1,
-        threads: Annotated[int | None, typer.Option(help="CPU threads per process (default: cores / processes)")] = None,
+        threads: Annotated[
+            int | None, typer.Option(help="CPU threads per process (default: cores / processes)")
+        ] = None,
         gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="Force GPU offload on or off")] = None,
         n_seq: Annotated[int | None, typer.Option(help="Sequences decoded together (default 8)")] = None,
         n_ctx: Annotated[int, typer.Option(help="Context tokens per sequence")] = 2048,
@@ -122,7 +124,9 @@ def register(app: typer.Typer) -> None:
         for col in ("host", "pid", "state", "variant", "device", "capacity", "load", "rows", "tokens", "heartbeat"):
             table.add_column(col)
         for r in rows:
-            cap = f"{r['cores']} cores, {_gib(r['ram_total'] or 0)}" + (f", {', '.join(r['gpus'])}" if r["gpus"] else "")
+            cap = f"{r['cores']} cores, {_gib(r['ram_total'] or 0)}" + (
+                f", {', '.join(r['gpus'])}" if r["gpus"] else ""
+            )
             load = f"chunk {r['current_chunk']}" if r["current_chunk"] else "idle"
             state = r["state"] + (f": {r['error']}" if r["error"] else "")
             table.add_row(
@@ -148,7 +152,9 @@ def register(app: typer.Typer) -> None:
         table.add_row("cores", f"{cap.physical_cores} physical, {cap.logical_cores} logical")
         table.add_row("memory", f"{_gib(cap.ram_total_bytes)} total, {_gib(cap.ram_available_bytes)} available")
         for g in cap.gpus:
-            table.add_row(f"gpu {g.index}", f"{g.name}: {_gib(g.vram_total_bytes)} total, {_gib(g.vram_free_bytes)} free")
+            table.add_row(
+                f"gpu {g.index}", f"{g.name}: {_gib(g.vram_total_bytes)} total, {_gib(g.vram_free_bytes)} free"
+            )
         if not cap.gpus:
             table.add_row("gpu", "none detected (NVML)")
         table.add_row("llama.cpp GPU offload", "yes" if cap.gpu_offload else "no (CPU build)")

@@ -55,7 +55,9 @@ def register(app: typer.Typer) -> None:
         Example: tokenmill submit docs.jsonl --model smollm2-135m-instruct --chunk-size 32
         """
         settings = settings_from(ctx)
-        sub = build_submission(path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache)
+        sub = build_submission(
+            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache
+        )
         pins: list[str | None] = [None]
         if ab:
             family = model.split(":", 1)[0]
@@ -77,7 +79,9 @@ def register(app: typer.Typer) -> None:
     def status_cmd(
         ctx: typer.Context,
         job: Annotated[str | None, typer.Argument(help="Job id; all recent jobs when omitted")] = None,
-        wait: Annotated[bool, typer.Option(help="Block until the job ends; exit 0 only if every row succeeded")] = False,
+        wait: Annotated[
+            bool, typer.Option(help="Block until the job ends; exit 0 only if every row succeeded")
+        ] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
         watch: Annotated[bool, typer.Option(help="Live view of jobs and workers (Ctrl-C to leave)")] = False,
         interval: Annotated[float, typer.Option(help="Seconds between polls")] = 1.0,

@@ -87,7 +87,9 @@ def register(app: typer.Typer) -> None:
         Example: tokenmill run docs.jsonl --model smollm2-135m-instruct -o docs.results.jsonl
         """
         settings = settings_from(ctx)
-        sub = build_submission(path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache)
+        sub = build_submission(
+            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache
+        )
         output = output or default_output(path, "results")
         errors = errors or default_output(path, "errors")
         model_route(model)

@@ -18,8 +18,7 @@ from sqlalchemy.orm import Session
 
 from tokenmill.celery_app import TASK_PROCESS_CHUNK
 from tokenmill.config import Settings, mask_text
-from tokenmill.store import Store
-from tokenmill.store import leases
+from tokenmill.store import Store, leases
 from tokenmill.store.tables import Chunk, Job, Result
 from tokenmill.store.workers import live_serving
 
@@ -41,9 +40,7 @@ class Dispatcher:
             if expired or stale:
                 log.info("reopened %d expired and %d stale chunks", expired, stale)
             self._finish_jobs(s)
-            active = list(
-                s.scalars(select(Job).where(Job.state.in_(("queued", "running"))).order_by(Job.created_at))
-            )
+            active = list(s.scalars(select(Job).where(Job.state.in_(("queued", "running"))).order_by(Job.created_at)))
             inflight = leases.inflight_by_queue(s)
             to_send: list[tuple[str, str, int]] = []
             by_queue: dict[str, list[Job]] = defaultdict(list)
@@ -118,5 +115,5 @@ def _is_broker_error(exc: BaseException) -> bool:
     try:
         from redis.exceptions import ConnectionError as RedisConnectionError
     except ImportError:  # pragma: no cover
-        RedisConnectionError = OSError  # type: ignore[misc,assignment]  # noqa: N806
+        RedisConnectionError = OSError  # type: ignore[misc,assignment]
     return isinstance(exc, KombuOperationalError | RedisConnectionError | ConnectionError | OSError)

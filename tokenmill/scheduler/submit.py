@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +83,11 @@ class Submission:
                 raise DatasetError(str(self.path), "a folder of documents needs --template")
             yield from read_documents(self.path, load_template(self.template), defaults=self.defaults)
             return
+        from tokenmill.documents import load_template
+
         yield from read_dataset(
             self.path,
-            template=self.template,
+            template=load_template(self.template) if self.template else None,
             text_field=self.text_field,
             defaults=self.defaults,
             skip_invalid=self.skip_invalid,
@@ -96,34 +97,35 @@ class Submission:
 def model_route(model: str) -> tuple[str, str | None]:
     """(family, pinned quant) for a catalog ref or a local .gguf path; unknown models fail before any work."""
     from tokenmill.models.catalog import get_family, parse_model_ref
+    from tokenmill.models.resolve import looks_like_path
 
-    if model.endswith(".gguf") or "/" in model or os.sep in model:
+    if looks_like_path(model):
         path = Path(model).expanduser()
         if not path.is_file():
             raise UnknownModelError(f"model file {model} does not exist")
         return f"file-{path.stem.lower()}", None
-    family, quant = parse_model_ref(model)
-    fam = get_family(family)
-    if quant is not None and quant not in {v.quant for v in fam.variants}:
-        known = ", ".join(v.quant for v in fam.variants)
-        raise UnknownModelError(f"{family} has no variant {quant!r} (known: {known})")
-    return family, quant
+    family_name, quant = parse_model_ref(model)
+    family = get_family(family_name)
+    return family.name, family.variant(quant).quant if quant else None
 
 
 def validate(sub: Submission, errors_out: Path | None) -> int:
-    """Read the whole dataset once before anything is stored; invalid lines go to the errors file."""
+    """Read the whole dataset once before anything is stored; invalid lines stream to the errors file."""
     count = 0
-    invalid: list[InvalidLine] = []
-    for item in sub.rows():
-        if isinstance(item, InvalidLine):
-            invalid.append(item)
-        else:
-            count += 1
-    if invalid and errors_out is not None:
-        errors_out.parent.mkdir(parents=True, exist_ok=True)
-        with open(errors_out, "w", encoding="utf-8") as fh:
-            for bad in invalid:
-                fh.write(json.dumps(error_line(bad, str(sub.path)), ensure_ascii=False) + "\n")
+    fh = None
+    try:
+        for item in sub.rows():
+            if isinstance(item, InvalidLine):
+                if errors_out is not None:
+                    if fh is None:
+                        errors_out.parent.mkdir(parents=True, exist_ok=True)
+                        fh = open(errors_out, "w", encoding="utf-8")  # noqa: SIM115
+                    fh.write(json.dumps(error_line(item, str(sub.path)), ensure_ascii=False) + "\n")
+            else:
+                count += 1
+    finally:
+        if fh is not None:
+            fh.close()
     if count == 0:
         raise DatasetError(str(sub.path), "no valid rows to run")
     return count

@@ -76,7 +76,9 @@ class Store:
                     if _is_connection_error(exc):
                         raise self.unavailable(exc) from None
                     raise
-                log.warning("database %s unavailable (%s); retrying in %.1fs", self.masked_url, type(exc).__name__, delay)
+                log.warning(
+                    "database %s unavailable (%s); retrying in %.1fs", self.masked_url, type(exc).__name__, delay
+                )
                 self.engine.dispose()
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)

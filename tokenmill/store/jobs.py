@@ -206,9 +206,7 @@ def cancel_job(s: Session, job: Job) -> bool:
     job.state = "cancelled"
     job.finished_at = time.time()
     s.execute(
-        update(Chunk)
-        .where(Chunk.job_id == job.id, Chunk.state.in_(("pending", "queued")))
-        .values(state="cancelled")
+        update(Chunk).where(Chunk.job_id == job.id, Chunk.state.in_(("pending", "queued"))).values(state="cancelled")
     )
     return True
 

@@ -112,10 +112,7 @@ def inflight_by_queue(s: Session) -> dict[str, int]:
 def pending_chunks(s: Session, job_id: str, limit: int) -> list[Chunk]:
     return list(
         s.scalars(
-            select(Chunk)
-            .where(Chunk.job_id == job_id, Chunk.state == "pending")
-            .order_by(Chunk.idx)
-            .limit(limit)
+            select(Chunk).where(Chunk.job_id == job_id, Chunk.state == "pending").order_by(Chunk.idx).limit(limit)
         )
     )
 

@@ -50,6 +50,5 @@ def iter_results(s: Session, job_id: str, batch: int = 1000) -> Iterator[tuple[R
         ).all()
         if not rows:
             return
-        for result, request in rows:
-            yield result, request
+        yield from ((result, request) for result, request in rows)
         last = rows[-1][0].seq

@@ -26,6 +26,7 @@ from tokenmill.store import Store
 from tokenmill.store import workers as store_workers
 from tokenmill.workers import runtime as worker_runtime
 from tokenmill.workers.engine import Engine
+from tokenmill.workers.metrics import WorkerMetrics, start_metrics_server
 
 log = logging.getLogger(__name__)
 EXIT_MODEL_FAILED = 4
@@ -58,26 +59,44 @@ def _engine_factory() -> Any:
 def load_engine(settings: Settings, opts: WorkerOptions, capacity: Any) -> tuple[Engine, str, str, Any]:
     """Resolve, verify and load the best variant that fits; (engine, model_id, family, choice)."""
     from tokenmill.models.catalog import get_family, parse_model_ref
-    from tokenmill.models.resolve import resolve_model
+    from tokenmill.models.resolve import looks_like_path, obtainable_predicate, resolve_model
     from tokenmill.models.sizing import choose_variant
 
-    family_name, quant = parse_model_ref(opts.model)
     n_seq = opts.n_seq or 8
     choice = None
-    ref = opts.model
-    try:
-        family = get_family(family_name)
-    except TokenmillError:
-        family = None
-    if family is not None:
+    if looks_like_path(opts.model):
+        resolved = resolve_model(opts.model, settings.models_dir, fetch=False)
+    else:
+        family_name, quant = parse_model_ref(opts.model)
         if opts.gpu is False:
             capacity = capacity.without_gpus()
-        choice = choose_variant(
-            family, capacity, share=opts.share, n_ctx=opts.n_ctx, n_seq=n_seq, pinned=quant,
-            obtainable=lambda v: v.obtainable_offline() or v.local_path(settings.models_dir) is not None,
-        )
-        ref = f"{family_name}:{choice.variant.quant}"
-    resolved = resolve_model(ref, settings.models_dir, fetch=True)
+        sources = ("local", "registry") if os.environ.get("HF_HUB_OFFLINE") in ("1", "true") else None
+        can_get = obtainable_predicate(settings.models_dir, **({"sources": sources} if sources else {}))
+        failed: dict[str, str] = {}
+        while True:
+            try:
+                choice = choose_variant(
+                    get_family(family_name),
+                    capacity,
+                    share=opts.share,
+                    n_ctx=opts.n_ctx,
+                    n_seq=n_seq,
+                    pinned=quant,
+                    obtainable=lambda v: v.label not in failed and can_get(v),
+                )
+            except ModelError:
+                if not failed:
+                    raise
+                raise ModelError("; ".join(f"{label}: {why}" for label, why in failed.items())) from None
+            try:
+                resolved = resolve_model(choice.variant.label, settings.models_dir, fetch=True)
+                break
+            except ModelError as exc:
+                # The best fit may be unreachable (no hub access, corrupt download): take the next best.
+                if quant is not None:
+                    raise
+                failed[choice.variant.label] = str(exc)
+                log.warning("cannot obtain %s (%s); trying the next variant", choice.variant.label, exc)
     threads = opts.threads or (choice.n_threads if choice is not None else max(1, (os.cpu_count() or 1) // opts.share))
     gpu_layers = choice.n_gpu_layers if choice is not None else (-1 if opts.gpu else 0)
     factory = _engine_factory()
@@ -90,7 +109,8 @@ def load_engine(settings: Settings, opts: WorkerOptions, capacity: Any) -> tuple
         n_gpu_layers=gpu_layers,
     )
     model_id = resolved.sha256 or resolved.variant_label
-    return engine, model_id, resolved.family, choice
+    family_queue = resolved.family if choice is not None else f"file-{resolved.family}"
+    return engine, model_id, family_queue, choice
 
 
 def serve(settings: Settings, opts: WorkerOptions) -> int:
@@ -139,15 +159,15 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
         queues=queues,
         error=None,
     )
+    metrics = WorkerMetrics()
     rt = worker_runtime.WorkerRuntime(
-        settings=settings, store=store, engine=engine, worker_id=worker_id, model_id=model_id
+        settings=settings, store=store, engine=engine, worker_id=worker_id, model_id=model_id, metrics=metrics
     )
     worker_runtime.install(rt)
     rt.start()
     if opts.metrics_port:
-        from tokenmill.workers.metrics import start_metrics_server
-
-        start_metrics_server(opts.metrics_port, store, worker_id)
+        metrics.bind_queue_depth(store, worker_id)
+        start_metrics_server(opts.metrics_port, metrics)
     app = make_app(settings)
     log.info("worker %s serving %s on %s", worker_id, engine.variant, ", ".join(queues))
     try:

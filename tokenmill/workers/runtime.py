@@ -20,13 +20,13 @@ from tokenmill.config import Settings, mask_text
 from tokenmill.datasets import DatasetRow
 from tokenmill.errors import RequestTooLong
 from tokenmill.output import response_body, timings
-from tokenmill.store import Store
+from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
-from tokenmill.store import leases
 from tokenmill.store import results as store_results
 from tokenmill.store import workers as store_workers
 from tokenmill.store.tables import Chunk, Job
 from tokenmill.workers.engine import Engine, Generation
+from tokenmill.workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ class WorkerRuntime:
         engine: Engine,
         worker_id: str,
         model_id: str,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or WorkerMetrics()
         self.settings = settings
         self.store = store
         self.engine = engine
@@ -136,6 +138,8 @@ class WorkerRuntime:
             return chunk, job
 
     def _run(self, job: Job, chunk: Chunk, cur: _Current) -> ChunkOutcome:
+        started = time.monotonic()
+        tokens = 0
         outcome = ChunkOutcome(claimed=True)
         enqueued_at = chunk.enqueued_at or chunk.started_at or time.time()
 
@@ -143,9 +147,7 @@ class WorkerRuntime:
             with self.store.session() as s:
                 done = store_results.done_seqs(s, job.id, chunk.first_seq, chunk.last_seq)
                 reqs = store_jobs.load_rows(s, job.id, chunk.first_seq, chunk.last_seq)
-            return [
-                (r.seq, DatasetRow.from_payload(r.line, r.custom_id, r.payload)) for r in reqs if r.seq not in done
-            ]
+            return [(r.seq, DatasetRow.from_payload(r.line, r.custom_id, r.payload)) for r in reqs if r.seq not in done]
 
         pending = self.store.retrying(load)
         seq_of = {row.custom_id: seq for seq, row in pending}
@@ -165,6 +167,7 @@ class WorkerRuntime:
             return cur.stop_reason is not None
 
         def on_done(row: DatasetRow, res: Generation | Exception) -> None:
+            nonlocal tokens
             seq = seq_of[row.custom_id]
             attempt = cur.attempts.get(seq, 0) + 1
             cur.attempts[seq] = attempt
@@ -174,15 +177,22 @@ class WorkerRuntime:
                     retry.append(row)
                     return
                 outcome.failed += 1
+                self.metrics.observe_failure(type(res).__name__)
                 self._write_failure(job, row, seq, res, attempt)
                 return
             outcome.generated += 1
+            tokens += res.completion_tokens
+            self.metrics.observe(res)
             queue_ms = max(0.0, (time.time() - res.total_ms / 1000.0 - enqueued_at) * 1000.0)
             self._write_success(job, row, seq, res, queue_ms, attempt, request_hash(self.model_id, row))
 
+        self.metrics.processing.set(len(todo))
         while todo and not should_stop():
             self.engine.generate(todo, on_done, should_stop)
             todo, retry[:] = list(retry), []
+        self.metrics.processing.set(0)
+        self.metrics.observe_chunk(time.monotonic() - started, tokens)
+        self.metrics.cached.inc(outcome.cached)
 
         outcome.stopped = cur.stop_reason
         with self.store.session() as s:

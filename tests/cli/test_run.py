@@ -1,0 +1,81 @@
+"""`tokenmill run` end to end: real CLI process, real Celery worker processes, real model, real SQLite."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tokenmill.config import Settings
+
+pytestmark = pytest.mark.model
+
+
+def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_run_generates_every_row_with_timings(tmp_path: Path, settings: Settings, smollm2_path: Path) -> None:
+    long_prompt = "word " * 3000  # cannot fit a 2048-token context: must fail alone
+    data = write_jsonl(
+        tmp_path / "docs.jsonl",
+        [
+            {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 12, "temperature": 0}},
+            {"id": "b", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 10, "temperature": 0},
+            {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "stop": ["."]},
+            {"custom_id": "d", "method": "POST", "url": "/v1/completions",
+             "body": {"prompt": "One, two, three,", "max_tokens": 6, "temperature": 0}},
+            {"id": "too-long", "prompt": long_prompt, "max_tokens": 8},
+        ],
+    )  # fmt: skip
+    out, err = tmp_path / "docs.results.jsonl", tmp_path / "docs.errors.jsonl"
+    proc = run_cli(settings, "run", str(data), "--model", "smollm2-135m-instruct", "-o", str(out), "--errors", str(err),
+                   "--workers", "1", "--threads", "2")  # fmt: skip
+    assert proc.returncode == 7, proc.stderr  # JobIncomplete: one row failed, the rest succeeded
+    assert "1 of 5 rows failed" in proc.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["custom_id"] for line in lines] == ["a", "b", "line-3", "d"]
+    for line in lines:
+        assert line["response"]["status_code"] == 200
+        body = line["response"]["body"]
+        assert body["usage"]["completion_tokens"] >= 1
+        tm = line["tokenmill"]
+        assert tm["model"] == "smollm2-135m-instruct:q4_1"
+        assert tm["worker"].startswith("local0:")
+        t = tm["timings"]
+        assert len(t["token_ms"]) == body["usage"]["completion_tokens"]
+        assert t["ttft_ms"] > 0 and t["total_ms"] >= t["ttft_ms"] and t["tokens_per_second"] > 0
+        assert t["queue_ms"] >= 0 and t["ollama"]["eval_count"] == body["usage"]["completion_tokens"]
+    assert lines[0]["response"]["body"]["object"] == "chat.completion"
+    assert lines[0]["response"]["body"]["choices"][0]["message"]["content"].strip()
+    assert lines[2]["response"]["body"]["object"] == "text_completion"
+    assert "." not in lines[2]["response"]["body"]["choices"][0]["text"]
+    errors = [json.loads(line) for line in err.read_text().splitlines()]
+    assert len(errors) == 1 and errors[0]["custom_id"] == "too-long"
+    assert errors[0]["error"]["code"] == "context_length_exceeded" and errors[0]["error"]["line"] == 5
+    db = sqlite3.connect(settings.data_dir / "tokenmill.db")
+    assert db.execute("select count(*), count(distinct seq) from results").fetchone() == (5, 5)
+    assert db.execute("select state from jobs").fetchone() == ("completed_with_errors",)
+
+
+def test_run_rejects_bad_input_before_loading_anything(tmp_path: Path, settings: Settings) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "ok"}\n{"prompt": "x", "max_tokens": -3}\n', encoding="utf-8")
+    proc = run_cli(settings, "run", str(data), timeout=60)
+    assert proc.returncode == 3
+    assert "Traceback" not in proc.stderr
+    message = " ".join(proc.stderr.split())
+    assert f"{data}:2" in message and "max_tokens" in message
+    assert not (settings.data_dir / "tokenmill.db").exists()
+
+
+def test_run_unknown_model_is_a_clean_error(tmp_path: Path, settings: Settings) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi"}])
+    proc = run_cli(settings, "run", str(data), "--model", "smollm3-9000b", timeout=60)
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr
+    assert "smollm3-9000b" in proc.stderr

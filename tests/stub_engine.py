@@ -1,0 +1,62 @@
+"""A stand-in engine for control-plane load tests only: deterministic text, a configurable delay.
+
+Selected with TOKENMILL_ENGINE=tests.stub_engine:StubEngine; never used outside tests/.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tokenmill.datasets import DatasetRow
+from tokenmill.errors import RequestTooLong
+from tokenmill.workers.engine import Generation, OnDone
+
+
+class StubEngine:
+    def __init__(
+        self,
+        model_path: Path,
+        variant: str,
+        *,
+        n_ctx_per_seq: int = 2048,
+        n_seq: int = 8,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+    ) -> None:
+        self.variant = variant
+        self.n_ctx = n_ctx_per_seq
+        self.n_seq = n_seq
+        self.n_threads = n_threads or 1
+        self.load_ms = 1.0
+        self.delay = float(os.environ.get("TOKENMILL_STUB_DELAY", "0.01"))
+
+    def generate(self, rows: Sequence[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool]) -> None:
+        for row in rows:
+            if should_stop():
+                return
+            text = row.prompt if row.prompt is not None else (row.messages or ({"content": ""},))[-1]["content"]
+            if len(text) > self.n_ctx:
+                on_done(row, RequestTooLong(f"prompt is {len(text)} tokens; the model context is {self.n_ctx}"))
+                continue
+            time.sleep(self.delay)
+            n = min(row.params.max_tokens, 4)
+            on_done(
+                row,
+                Generation(
+                    text=f"echo:{row.custom_id}",
+                    finish_reason="length",
+                    prompt_tokens=len(text.split()),
+                    completion_tokens=n,
+                    prompt_eval_ms=1.0,
+                    ttft_ms=1.0,
+                    eval_ms=self.delay * 1000,
+                    total_ms=self.delay * 1000 + 1,
+                    token_ms=[self.delay * 1000 / n] * n,
+                ),
+            )
+
+    def close(self) -> None:
+        pass

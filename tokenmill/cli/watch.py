@@ -1,0 +1,75 @@
+"""`tokenmill status --watch`: a live view of jobs and workers, refreshed from the store."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+
+from tokenmill.cli.common import out
+from tokenmill.config import Settings
+from tokenmill.store import Store
+from tokenmill.store import jobs as store_jobs
+from tokenmill.store import workers as store_workers
+
+
+def _eta(remaining: int, rows_per_s: float) -> str:
+    if remaining <= 0:
+        return "-"
+    if rows_per_s <= 0:
+        return "?"
+    secs = int(remaining / rows_per_s)
+    return f"{secs // 3600}h{secs % 3600 // 60:02d}m" if secs >= 3600 else f"{secs // 60}m{secs % 60:02d}s"
+
+
+class WatchState:
+    """Remembers the previous poll so rates are over the refresh interval, not the whole run."""
+
+    def __init__(self) -> None:
+        self.worker_tokens: dict[str, tuple[float, int]] = {}
+
+    def render(self, store: Store, settings: Settings, job_ref: str | None) -> Group:
+        now = time.time()
+        lost_after = max(3 * settings.heartbeat_seconds, 10.0)
+        jobs_t = Table(title="jobs", expand=True)
+        for col in ("job", "state", "model", "done", "failed", "total", "tok/s", "ETA"):
+            jobs_t.add_column(col)
+        workers_t = Table(title="workers", expand=True)
+        for col in ("host", "pid", "state", "variant", "chunk", "tok/s", "rows", "heartbeat"):
+            workers_t.add_column(col)
+        with store.session() as s:
+            jobs = [store_jobs.get_job(s, job_ref)] if job_ref else store_jobs.list_jobs(s, limit=15)
+            for j in jobs:
+                p = store_jobs.progress(s, j)
+                info = p.to_json()
+                elapsed = float(info["elapsed_s"])  # type: ignore[arg-type]
+                rate = p.done / elapsed if elapsed > 0 else 0.0
+                jobs_t.add_row(
+                    j.id, j.state, j.pinned_variant or j.family, str(p.done), str(p.failed), str(p.total),
+                    f"{info['tokens_per_second']:.1f}", _eta(p.remaining, rate) if j.state == "running" else "-",
+                )  # fmt: skip
+            for w in store_workers.list_workers(s):
+                state = store_workers.effective_state(w, lost_after, now)
+                if state == "stopped":
+                    continue
+                prev_t, prev_tokens = self.worker_tokens.get(w.id, (now, w.tokens_generated))
+                tps = (w.tokens_generated - prev_tokens) / (now - prev_t) if now > prev_t else 0.0
+                self.worker_tokens[w.id] = (now, w.tokens_generated)
+                workers_t.add_row(
+                    w.host, str(w.pid), state + (f" ({w.error})" if w.error else ""), w.variant or "-",
+                    str(w.current_chunk or "-"), f"{tps:.1f}", str(w.rows_done), f"{now - w.heartbeat_at:.0f}s ago",
+                )  # fmt: skip
+        return Group(jobs_t, workers_t)
+
+
+def watch_view(store: Store, settings: Settings, job_ref: str | None, interval: float) -> None:
+    state = WatchState()
+    with Live(state.render(store, settings, job_ref), console=out, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(state.render(store, settings, job_ref))
+        except KeyboardInterrupt:
+            return

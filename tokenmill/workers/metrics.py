@@ -1,0 +1,83 @@
+"""Prometheus metrics for one worker process, named after llama-server's under a ``tokenmill_`` prefix."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from sqlalchemy import func, select
+
+from tokenmill.store import Store
+from tokenmill.store.tables import Chunk, Job, Worker
+from tokenmill.workers.engine import Generation
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.prompt_tokens = Counter("tokenmill_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.tokens_predicted = Counter("tokenmill_tokens_predicted", "Tokens generated", registry=r)
+        self.requests = Counter("tokenmill_requests", "Rows finished", ["status"], registry=r)
+        self.failures = Counter("tokenmill_request_failures", "Rows failed", ["reason"], registry=r)
+        self.cached = Counter("tokenmill_cached_requests", "Rows served from the result cache", registry=r)
+        self.chunk_seconds = Histogram(
+            "tokenmill_chunk_duration_seconds", "Wall time per chunk", registry=r,
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "tokenmill_time_to_first_token_seconds", "Time to first token per row", registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+        )  # fmt: skip
+        self.predicted_tps = Gauge(
+            "tokenmill_predicted_tokens_seconds", "Generation throughput over the last chunk (tok/s)", registry=r
+        )
+        self.prompt_tps = Gauge("tokenmill_prompt_tokens_seconds", "Prompt throughput of the last row", registry=r)
+        self.processing = Gauge("tokenmill_requests_processing", "Rows in the current chunk", registry=r)
+        self.queue_depth = Gauge(
+            "tokenmill_queue_depth", "Chunks waiting (pending or queued) on this worker's queues", registry=r
+        )
+
+    def observe(self, gen: Generation) -> None:
+        self.prompt_tokens.inc(gen.prompt_tokens)
+        self.tokens_predicted.inc(gen.completion_tokens)
+        self.requests.labels(status="succeeded").inc()
+        self.ttft.observe(gen.ttft_ms / 1000.0)
+        if gen.prompt_eval_ms > 0:
+            self.prompt_tps.set(gen.prompt_tokens / (gen.prompt_eval_ms / 1000.0))
+
+    def observe_failure(self, reason: str) -> None:
+        self.requests.labels(status="failed").inc()
+        self.failures.labels(reason=reason).inc()
+
+    def observe_chunk(self, seconds: float, tokens: int) -> None:
+        self.chunk_seconds.observe(seconds)
+        if seconds > 0:
+            self.predicted_tps.set(tokens / seconds)
+
+    def bind_queue_depth(self, store: Store, worker_id: str) -> None:
+        """Read lazily at scrape time, so an idle worker costs the store nothing."""
+        last: dict[str, float] = {"at": 0.0, "value": 0.0}
+
+        def depth() -> float:
+            if time.monotonic() - last["at"] < 2.0:
+                return last["value"]
+            try:
+                with store.session() as s:
+                    queues = s.scalar(select(Worker.queues).where(Worker.id == worker_id)) or []
+                    value = s.scalar(
+                        select(func.count())
+                        .select_from(Chunk)
+                        .join(Job, Job.id == Chunk.job_id)
+                        .where(Job.queue.in_(queues), Chunk.state.in_(("pending", "queued")))
+                    )
+                last.update(at=time.monotonic(), value=float(value or 0))
+            except Exception:  # a scrape must not fail because the store blinked
+                pass
+            return last["value"]
+
+        self.queue_depth.set_function(depth)
+
+
+def start_metrics_server(port: int, metrics: WorkerMetrics) -> None:
+    start_http_server(port, registry=metrics.registry)
