@@ -46,10 +46,14 @@ def make_app(settings: Settings) -> Celery:
     return app
 
 
+_edge_app: Celery | None = None
+
+
 def __getattr__(name: str) -> Celery:
     # `celery --app tokenmill.celery_app:app flower` is an edge: settings come from TOKENMILL_* here only.
+    global _edge_app
     if name == "app":
-        global app
-        app = make_app(Settings.from_env())
-        return app
+        if _edge_app is None:
+            _edge_app = make_app(Settings.from_env())
+        return _edge_app
     raise AttributeError(name)

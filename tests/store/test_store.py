@@ -9,9 +9,8 @@ from sqlalchemy import func, select
 
 from tokenmill.datasets import CHAT, DatasetRow, SamplingParams
 from tokenmill.errors import JobNotFound, ServiceUnavailable
-from tokenmill.store import Store
+from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
-from tokenmill.store import leases
 from tokenmill.store import results as store_results
 from tokenmill.store import workers as store_workers
 from tokenmill.store.tables import Chunk, RequestRow, Result

@@ -124,13 +124,13 @@ def register(app: typer.Typer) -> None:
         for col in ("host", "pid", "state", "variant", "device", "capacity", "load", "rows", "tokens", "heartbeat"):
             table.add_column(col)
         for r in rows:
-            cap = f"{r['cores']} cores, {_gib(r['ram_total'] or 0)}" + (
+            cap_text = f"{r['cores']} cores, {_gib(r['ram_total'] or 0)}" + (
                 f", {', '.join(r['gpus'])}" if r["gpus"] else ""
             )
             load = f"chunk {r['current_chunk']}" if r["current_chunk"] else "idle"
             state = r["state"] + (f": {r['error']}" if r["error"] else "")
             table.add_row(
-                r["host"], str(r["pid"]), state, r["variant"] or "-", r["device"] or "-", cap, load,
+                r["host"], str(r["pid"]), state, r["variant"] or "-", r["device"] or "-", cap_text, load,
                 str(r["rows_done"]), str(r["tokens_generated"]), f"{r['heartbeat_age_s']}s ago",
             )  # fmt: skip
         out.print(table)

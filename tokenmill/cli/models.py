@@ -98,14 +98,11 @@ def recommend_cmd(
     cap = detect()
     recs = recommend(cap, n_ctx=n_ctx, n_seq=n_seq, share=share)
     if as_json:
-        out.print(
-            json.dumps(
-                [
-                    {"family": r.family.name, "choice": r.choice.to_json() if r.choice else None, "error": r.error}
-                    for r in recs
-                ]  # fmt: skip
-            )
-        )
+        data = [
+            {"family": r.family.name, "choice": r.choice.to_json() if r.choice else None, "error": r.error}
+            for r in recs
+        ]
+        out.print(json.dumps(data))
         return
     console.print(cap.describe())
     table = Table(title="recommendation")

@@ -44,7 +44,7 @@ class WatchState:
             for j in jobs:
                 p = store_jobs.progress(s, j)
                 info = p.to_json()
-                elapsed = float(info["elapsed_s"])  # type: ignore[arg-type]
+                elapsed = float(info["elapsed_s"])
                 rate = p.done / elapsed if elapsed > 0 else 0.0
                 jobs_t.add_row(
                     j.id, j.state, j.pinned_variant or j.family, str(p.done), str(p.failed), str(p.total),

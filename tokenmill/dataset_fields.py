@@ -1,0 +1,332 @@
+"""Checks for the fields inside one dataset line, and prompt templates.
+
+Validators raise :class:`FieldError` carrying a dotted field path and no location: the reader adds file
+and line, so the same checks serve JSONL lines, OpenAI batch bodies and document rows. User-supplied
+values reach messages only through :func:`show` and :func:`describe`, so a stray newline, a lone surrogate
+or a megabyte-long string can never break the one-line error contract.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.errors import UsageError
+
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "developer": "system"}
+TEXT_PART_TYPES = frozenset({"text", "input_text"})
+MAX_STOP = 4
+MAX_TOKENS_LIMIT = 2**31 - 1
+SEED_LIMIT = 2**32 - 1  # llama.cpp seeds are unsigned 32-bit
+MAX_ID_LENGTH = 512  # the store's custom_id column
+
+
+class FieldError(Exception):
+    """A problem with one field (or the whole object when ``field`` is None), location added by the caller."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """Quote a user value for a message: escaped, surrogate-safe, truncated."""
+    if not isinstance(value, str):
+        return describe(value)
+    text = json.dumps(value, ensure_ascii=False)[1:-1]
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return f"'{text}'"
+
+
+def describe(value: Any) -> str:
+    """Name a JSON value the way a person reading the file would, never as a Python repr."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        digits = str(value)
+        return digits if len(digits) <= 24 else digits[:24] + "…"
+    if isinstance(value, float):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def check_encodable(text: str, field: str | None) -> str:
+    """JSON escapes can smuggle lone surrogates into a str; they would fail later, at store or output."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = f"\\u{ord(text[exc.start]):04x}"
+            raise FieldError(f"contains an unpaired UTF-16 surrogate ({bad})", field) from None
+    return text
+
+
+def text_value(value: Any, field: str, *, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise FieldError(f"must be a string, got {describe(value)}", field)
+    if not allow_empty and not value.strip():
+        raise FieldError("is empty", field)
+    return check_encodable(value, field)
+
+
+def integer(value: Any, field: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldError(f"must be an integer, got {describe(value)}", field)
+    if value < low:
+        raise FieldError(f"must be at least {low}, got {describe(value)}", field)
+    if value > high:
+        raise FieldError(f"must be at most {high}, got {describe(value)}", field)
+    return value
+
+
+def number(value: Any, field: str, low: float, high: float, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FieldError(f"must be a number, got {describe(value)}", field)
+    too_low = value <= low if low_open else value < low
+    if not math.isfinite(value) or too_low or value > high:
+        bound = f"greater than {low:g}" if low_open else f"at least {low:g}"
+        raise FieldError(f"must be {bound} and at most {high:g}, got {describe(value)}", field)
+    return float(value)
+
+
+def sampling_overrides(src: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The sampling parameters a line sets, as keyword arguments for ``SamplingParams``; null means unset."""
+    _refuse_unsupported(src, prefix)
+    out: dict[str, Any] = {}
+    max_tokens = None
+    for key in ("max_tokens", "max_completion_tokens"):
+        if src.get(key) is not None:
+            value = integer(src[key], prefix + key, 1, MAX_TOKENS_LIMIT)
+            if max_tokens is not None and value != max_tokens:
+                raise FieldError(f"is {value} but max_tokens is {max_tokens}; set one of them", prefix + key)
+            max_tokens = value
+    if max_tokens is not None:
+        out["max_tokens"] = max_tokens
+    if src.get("temperature") is not None:
+        out["temperature"] = number(src["temperature"], prefix + "temperature", 0.0, 2.0)
+    if src.get("top_p") is not None:
+        out["top_p"] = number(src["top_p"], prefix + "top_p", 0.0, 1.0, low_open=True)
+    if src.get("stop") is not None:
+        out["stop"] = _stop(src["stop"], prefix + "stop")
+    if src.get("seed") is not None:
+        out["seed"] = integer(src["seed"], prefix + "seed", 0, SEED_LIMIT)
+    return out
+
+
+def _refuse_unsupported(src: Mapping[str, Any], prefix: str) -> None:
+    """Silently answering one completion where n were asked for would look like success; refuse instead."""
+    n = src.get("n")
+    if n is not None and integer(n, prefix + "n", 1, MAX_TOKENS_LIMIT) > 1:
+        raise FieldError(
+            f"n={n} is not supported: one completion per line (repeat the line with another custom_id)",
+            prefix + "n",
+        )
+    stream = src.get("stream")
+    if stream is True:
+        raise FieldError("streaming is not supported in batch jobs; remove it", prefix + "stream")
+    if stream is not None and stream is not False:
+        raise FieldError(f"must be true or false, got {describe(stream)}", prefix + "stream")
+
+
+def _stop(value: Any, field: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (_stop_text(value, field),)
+    if not isinstance(value, list):
+        raise FieldError(f"must be a string or an array of strings, got {describe(value)}", field)
+    if len(value) > MAX_STOP:
+        raise FieldError(f"has {len(value)} stop sequences; at most {MAX_STOP} are allowed", field)
+    return tuple(_stop_text(item, f"{field}[{i}]") for i, item in enumerate(value))
+
+
+def _stop_text(value: Any, field: str) -> str:
+    """Whitespace such as a blank line is a useful stop sequence; only the empty string is meaningless."""
+    if value == "":
+        raise FieldError("is empty", field)
+    return text_value(value, field)
+
+
+def messages(value: Any, field: str) -> tuple[dict[str, str], ...]:
+    """Text-only chat messages, normalized to ``{"role", "content"}`` with developer mapped to system."""
+    if not isinstance(value, list):
+        raise FieldError(f"must be an array of messages, got {describe(value)}", field)
+    if not value:
+        raise FieldError("must not be empty", field)
+    out = []
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise FieldError(f"must be an object with 'role' and 'content', got {describe(message)}", where)
+        if "role" not in message:
+            raise FieldError("missing", f"{where}.role")
+        role = message["role"]
+        if not isinstance(role, str):
+            raise FieldError(f"must be a string, got {describe(role)}", f"{where}.role")
+        if role not in ROLES:
+            raise FieldError(
+                f"unsupported role {show(role)} (text chat only: system, user, assistant, developer)",
+                f"{where}.role",
+            )
+        if message.get("tool_calls") or message.get("function_call"):
+            key = "tool_calls" if message.get("tool_calls") else "function_call"
+            raise FieldError("tool calls are not supported (text chat only)", f"{where}.{key}")
+        if "content" not in message:
+            raise FieldError("missing", f"{where}.content")
+        out.append({"role": ROLES[role], "content": _content(message["content"], f"{where}.content")})
+    return tuple(out)
+
+
+def _content(value: Any, field: str) -> str:
+    if isinstance(value, str):
+        return check_encodable(value, field)
+    if not isinstance(value, list):
+        raise FieldError(f"must be a string or an array of text parts, got {describe(value)}", field)
+    if not value:
+        raise FieldError("must not be an empty array", field)
+    texts = []
+    for j, part in enumerate(value):
+        where = f"{field}[{j}]"
+        if not isinstance(part, dict):
+            raise FieldError(f"must be a text part object, got {describe(part)}", where)
+        kind = part.get("type")
+        if kind not in TEXT_PART_TYPES:
+            raise FieldError(f"content part type {show(kind)} is not supported (text only)", where)
+        if "text" not in part:
+            raise FieldError("missing", f"{where}.text")
+        texts.append(text_value(part["text"], f"{where}.text"))
+    return "\n".join(texts)
+
+
+def prompt(value: Any, field: str) -> str:
+    if isinstance(value, list):
+        if value and all(_is_tokens(item) for item in value):
+            raise FieldError("token arrays are not supported; send the prompt as text", field)
+        raise FieldError("a list of prompts is not supported; put each prompt on its own line", field)
+    return text_value(value, field, allow_empty=False)
+
+
+def _is_tokens(item: Any) -> bool:
+    if isinstance(item, list):
+        return all(_is_tokens(x) for x in item) if item else True
+    return isinstance(item, int) and not isinstance(item, bool)
+
+
+def id_key(obj: Mapping[str, Any]) -> str | None:
+    """Which key supplies the row id: ``custom_id`` wins over ``id``; None means one is generated."""
+    for key in ("custom_id", "id"):
+        if obj.get(key) is not None:
+            return key
+    return None
+
+
+def row_id(obj: Mapping[str, Any], line: int) -> str:
+    key = id_key(obj)
+    if key is None:
+        return f"line-{line}"
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise FieldError(f"must be a string or an integer, got {describe(value)}", key)
+    text = value if isinstance(value, str) else str(value)
+    if not text.strip():
+        raise FieldError("must not be empty", key)
+    if len(text) > MAX_ID_LENGTH:
+        raise FieldError(f"is {len(text)} characters long; at most {MAX_ID_LENGTH} are allowed", key)
+    if any(ord(c) < 32 or c == "\x7f" for c in text):
+        raise FieldError("must not contain control characters (newlines, tabs)", key)
+    return check_encodable(text, key)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A prompt template compiled once; only plain ``{field}`` placeholders, looked up as top-level keys.
+
+    ``str.format_map`` would let ``{a.__class__}`` or ``{a[0]}`` walk Python objects; this never does:
+    placeholders are parsed by :class:`string.Formatter` and substituted here by plain key lookup.
+    """
+
+    text: str
+    pieces: tuple[tuple[str, str | None], ...]
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name for _, name in self.pieces if name is not None))
+
+    def render(self, values: Mapping[str, Any]) -> str:
+        out = []
+        for literal, name in self.pieces:
+            out.append(literal)
+            if name is None:
+                continue
+            if name not in values:
+                raise FieldError(f"missing (the template uses {{{name}}})", name)
+            out.append(template_value(values[name], name))
+        return "".join(out)
+
+
+def template_value(value: Any, field: str) -> str:
+    """Strings go in as they are; other JSON values as compact JSON, so nothing renders as a Python repr."""
+    if isinstance(value, str):
+        return check_encodable(value, field)
+    if value is None:
+        raise FieldError("is null (the template needs a value)", field)
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (RecursionError, ValueError):
+        raise FieldError("cannot be rendered into the template (nested too deeply)", field) from None
+    return check_encodable(text, field)
+
+
+def compile_template(text: str) -> Template:
+    """Reject a bad template once, up front, rather than on every line."""
+    try:
+        text.encode("utf-8")
+        parsed = list(string.Formatter().parse(text))
+    except UnicodeEncodeError:
+        raise UsageError("invalid template: it is not valid UTF-8") from None
+    except ValueError as exc:
+        raise UsageError(f"invalid template: {exc}") from None
+    pieces: list[tuple[str, str | None]] = []
+    for literal, name, spec, conversion in parsed:
+        if name is not None:
+            shown = "{" + name + "}"
+            if not name or name.isdigit():
+                raise UsageError("invalid template: placeholders need a field name, e.g. {text}")
+            if "." in name or "[" in name:
+                raise UsageError(
+                    f"invalid template: {shown} — only top-level fields are allowed, no attributes or indexes"
+                )
+            if spec or conversion:
+                raise UsageError(f"invalid template: {shown} — format specs and conversions are unsupported")
+        pieces.append((literal, name))
+    template = Template(text, tuple(pieces))
+    if not template.fields:
+        raise UsageError("invalid template: no {field} placeholders, so every row would get the same prompt")
+    return template

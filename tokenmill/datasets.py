@@ -1,0 +1,360 @@
+"""Streaming JSONL reader: dataset lines → validated :class:`DatasetRow` objects.
+
+Every problem is a :class:`~tokenmill.errors.DatasetError` naming file, line and field, raised before
+any model loads. Rows are streamed so a million-line file never sits in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tokenmill import dataset_fields as fields
+from tokenmill.dataset_fields import FieldError, Template, compile_template, describe, show
+from tokenmill.errors import DatasetError, UsageError
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stop": list(self.stop),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SamplingParams:
+        return cls(
+            max_tokens=int(data["max_tokens"]),
+            temperature=float(data["temperature"]),
+            top_p=float(data["top_p"]),
+            stop=tuple(data.get("stop") or ()),
+            seed=data.get("seed"),
+        )
+
+
+@dataclass(frozen=True)
+class DatasetRow:
+    """One request. ``line`` is the 1-based line in the source file; ``custom_id`` is unique per job."""
+
+    line: int
+    custom_id: str
+    endpoint: str  # CHAT or COMPLETIONS
+    messages: tuple[dict[str, str], ...] | None = None
+    prompt: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    source: str | None = None  # file name a document row came from
+
+    def to_payload(self) -> dict[str, Any]:
+        """The JSON stored for this row; workers rebuild the row from it, never from the file."""
+        return {
+            "endpoint": self.endpoint,
+            "messages": list(self.messages) if self.messages is not None else None,
+            "prompt": self.prompt,
+            "params": self.params.to_json(),
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_payload(cls, line: int, custom_id: str, payload: dict[str, Any]) -> DatasetRow:
+        messages = payload.get("messages")
+        return cls(
+            line=line,
+            custom_id=custom_id,
+            endpoint=payload["endpoint"],
+            messages=tuple(messages) if messages is not None else None,
+            prompt=payload.get("prompt"),
+            params=SamplingParams.from_json(payload["params"]),
+            source=payload.get("source"),
+        )
+
+
+@dataclass(frozen=True)
+class InvalidLine:
+    """A rejected line, yielded instead of raised when the caller asked to skip invalid lines.
+
+    ``custom_id`` is the line's own id when it could be read before the line was rejected.
+    """
+
+    line: int
+    error: DatasetError
+    custom_id: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What a validation pass found; ``invalid`` keeps the first few, ``invalid_count`` counts them all."""
+
+    rows: int
+    invalid: list[InvalidLine]
+    invalid_dropped: int = 0
+
+    @property
+    def invalid_count(self) -> int:
+        return len(self.invalid) + self.invalid_dropped
+
+
+MAX_LINE_BYTES = 32 * 2**20
+_SNIFF_BYTES = 8192
+_BOM = b"\xef\xbb\xbf"
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "a gzip file (decompress it first)"),
+    (b"PK\x03\x04", "a zip archive (extract it first)"),
+    (b"\x28\xb5\x2f\xfd", "a zstd file (decompress it first)"),
+    (b"\xfd7zXZ\x00", "an xz file (decompress it first)"),
+    (b"PAR1", "a Parquet file (convert it to JSONL)"),
+    (b"\xff\xfe", "UTF-16 text (save it as UTF-8)"),
+    (b"\xfe\xff", "UTF-16 text (save it as UTF-8)"),
+)
+
+
+class _NonStandardNumber(ValueError):
+    pass
+
+
+def read_dataset(
+    path: str | Path,
+    *,
+    template: str | None = None,
+    text_field: str | None = None,
+    defaults: SamplingParams | None = None,
+    skip_invalid: bool = False,
+) -> Iterator[DatasetRow | InvalidLine]:
+    """Yield rows of a JSONL file in order. Raises DatasetError on the first bad line unless skip_invalid.
+
+    File-level problems (missing, unreadable, binary, empty) and a bad template are raised at call time,
+    not at the first ``next()``, so a caller fails before it has started anything. With a template or
+    ``text_field`` the object is data, not a request: its sampling-looking keys are ignored and every row
+    gets ``defaults``. With both, ``{text}`` in the template reads ``text_field``.
+    """
+    name = str(path)
+    if text_field is not None and not text_field:
+        raise UsageError("--field needs a field name")
+    builder = _RowBuilder(
+        compile_template(template) if template is not None else None, text_field, defaults or SamplingParams()
+    )
+    _check_file(Path(path), name)
+    return _rows(Path(path), name, builder, skip_invalid)
+
+
+def validate_dataset(
+    path: str | Path,
+    *,
+    template: str | None = None,
+    text_field: str | None = None,
+    defaults: SamplingParams | None = None,
+    keep_invalid: int = 1000,
+) -> DatasetSummary:
+    """Read the whole file before any model loads; memory stays bounded however many lines are bad."""
+    rows = 0
+    invalid: list[InvalidLine] = []
+    dropped = 0
+    items = read_dataset(path, template=template, text_field=text_field, defaults=defaults, skip_invalid=True)
+    for item in items:
+        if isinstance(item, DatasetRow):
+            rows += 1
+        elif len(invalid) < keep_invalid:
+            invalid.append(item)
+        else:
+            dropped += 1
+    return DatasetSummary(rows=rows, invalid=invalid, invalid_dropped=dropped)
+
+
+def error_line(invalid: InvalidLine, path: str | Path) -> dict[str, Any]:
+    """The errors-file line for a rejected input line, in OpenAI batch error form."""
+    err = invalid.error
+    message = str(DatasetError(str(path), err.reason, invalid.line, err.field))
+    return {
+        "id": None,
+        "custom_id": invalid.custom_id or f"line-{invalid.line}",
+        "response": None,
+        "error": {"code": "invalid_request", "message": message, "line": invalid.line},
+    }
+
+
+def _check_file(path: Path, name: str) -> None:
+    with _open(path, name) as fh:
+        try:
+            head = fh.read(_SNIFF_BYTES)
+        except OSError as exc:
+            raise DatasetError(name, f"read failed: {exc.strerror or type(exc).__name__}") from None
+    if not head:
+        raise DatasetError(name, "the file is empty (no rows)")
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            raise DatasetError(name, f"looks like {what}, expected JSONL text")
+    if head.startswith(b"BZh") and head[4:10] == b"1AY&SY":
+        raise DatasetError(name, "looks like a bzip2 file (decompress it first), expected JSONL text")
+    if b"\x00" in head:
+        raise DatasetError(name, "looks like a binary file, expected JSONL text")
+
+
+def _open(path: Path, name: str) -> BinaryIO:
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise DatasetError(name, "file not found") from None
+    except IsADirectoryError:
+        raise DatasetError(name, "is a directory, expected a JSONL file") from None
+    except PermissionError:
+        raise DatasetError(name, "permission denied") from None
+    except OSError as exc:
+        raise DatasetError(name, f"cannot open: {exc.strerror or type(exc).__name__}") from None
+
+
+def _rows(path: Path, name: str, builder: _RowBuilder, skip_invalid: bool) -> Iterator[DatasetRow | InvalidLine]:
+    seen: dict[str, int] = {}
+    produced = 0
+    with _open(path, name) as fh:
+        for line, raw in _lines(fh, name):
+            if raw is not None and not raw.strip():
+                continue
+            produced += 1
+            own_id = None
+            try:
+                obj = _parse(raw)
+                custom_id = fields.row_id(obj, line)
+                first = seen.get(custom_id)
+                if first is not None:
+                    dup = f"duplicate id {show(custom_id)} (first used on line {first})"
+                    raise FieldError(dup, fields.id_key(obj))
+                own_id = custom_id if fields.id_key(obj) else None
+                row = builder.build(line, custom_id, obj)
+            except FieldError as exc:
+                err = DatasetError(name, exc.message, line, exc.field)
+                if not skip_invalid:
+                    raise err from None
+                yield InvalidLine(line, err, own_id)
+                continue
+            seen[row.custom_id] = line
+            yield row
+    if not produced:
+        raise DatasetError(name, "has no rows (only blank lines)")
+
+
+def _lines(fh: BinaryIO, name: str) -> Iterator[tuple[int, bytes | None]]:
+    """Physical lines, 1-based; None stands for a line too long to hold, which is skipped unread."""
+    line = 0
+    try:
+        while raw := fh.readline(MAX_LINE_BYTES + 1):
+            line += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):
+                    raw = fh.readline(2**20)
+                yield line, None
+            else:
+                yield line, raw
+    except OSError as exc:
+        raise DatasetError(name, f"read failed: {exc.strerror or type(exc).__name__}", line + 1) from None
+
+
+def _parse(raw: bytes | None) -> dict[str, Any]:
+    if raw is None:
+        raise FieldError(f"line is longer than {MAX_LINE_BYTES // 2**20} MiB")
+    if raw.startswith(_BOM):
+        raw = raw[len(_BOM) :]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start]
+        raise FieldError(f"invalid UTF-8: byte 0x{bad:02x} at byte column {exc.start + 1}") from None
+    try:
+        obj = json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise FieldError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    except _NonStandardNumber as exc:
+        raise FieldError(f"invalid JSON: {exc} is not a JSON value (use a number or null)") from None
+    except RecursionError:
+        raise FieldError("invalid JSON: nested too deeply") from None
+    except ValueError:
+        raise FieldError("invalid JSON: a number has too many digits") from None
+    if not isinstance(obj, dict):
+        raise FieldError(f"expected a JSON object, got {fields.json_type(obj)}")
+    return obj
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonStandardNumber(name)
+
+
+class _RowBuilder:
+    """Turns one parsed object into a row; all choices that depend on the read options live here."""
+
+    def __init__(self, template: Template | None, text_field: str | None, defaults: SamplingParams) -> None:
+        self.template = template
+        self.text_field = text_field
+        self.defaults = defaults
+
+    def build(self, line: int, custom_id: str, obj: dict[str, Any]) -> DatasetRow:
+        if self.template is not None or self.text_field is not None:
+            return self._from_data(line, custom_id, obj)
+        if "body" in obj or "url" in obj or "method" in obj:
+            return self._batch(line, custom_id, obj)
+        if "messages" in obj and "prompt" in obj:
+            raise FieldError("has both 'messages' and 'prompt'; keep one")
+        if "messages" in obj:
+            chat = fields.messages(obj["messages"], "messages")
+            return DatasetRow(line, custom_id, CHAT, messages=chat, params=self._params(obj, ""))
+        if "prompt" in obj:
+            text = fields.prompt(obj["prompt"], "prompt")
+            return DatasetRow(line, custom_id, COMPLETIONS, prompt=text, params=self._params(obj, ""))
+        keys = ", ".join(show(k, 30) for k in list(obj)[:6]) or "none"
+        raise FieldError(
+            "no 'messages', 'prompt' or 'body' — use --template or --field to build prompts from other fields"
+            f" (keys: {keys})"
+        )
+
+    def _params(self, src: dict[str, Any], prefix: str) -> SamplingParams:
+        overrides = fields.sampling_overrides(src, prefix)
+        return replace(self.defaults, **overrides) if overrides else self.defaults
+
+    def _from_data(self, line: int, custom_id: str, obj: dict[str, Any]) -> DatasetRow:
+        values: dict[str, Any] = obj
+        if self.text_field is not None:
+            if self.text_field not in obj:
+                raise FieldError("missing (chosen with --field)", self.text_field)
+            text = fields.text_value(obj[self.text_field], self.text_field, allow_empty=False)
+            values = {**obj, "text": text}
+        content = self.template.render(values) if self.template is not None else values["text"]
+        message = {"role": "user", "content": content}
+        return DatasetRow(line, custom_id, CHAT, messages=(message,), params=self.defaults)
+
+    def _batch(self, line: int, custom_id: str, obj: dict[str, Any]) -> DatasetRow:
+        method = obj.get("method")
+        if method is not None and method != "POST":
+            raise FieldError(f"unsupported method {show(method)} (batch lines use POST)", "method")
+        if "body" not in obj:
+            raise FieldError("missing (batch lines need 'custom_id', 'method', 'url' and 'body')", "body")
+        body = obj["body"]
+        if not isinstance(body, dict):
+            raise FieldError(f"must be an object, got {describe(body)}", "body")
+        url = obj.get("url")
+        if url is None:
+            url = COMPLETIONS if "prompt" in body and "messages" not in body else CHAT
+        elif url not in (CHAT, COMPLETIONS):
+            served = f"tokenmill serves {CHAT} and {COMPLETIONS}"
+            raise FieldError(f"unsupported endpoint {show(url)} ({served})", "url")
+        if url == CHAT:
+            if "messages" not in body:
+                raise FieldError(f"missing ({CHAT} needs messages)", "body.messages")
+            chat = fields.messages(body["messages"], "body.messages")
+            return DatasetRow(line, custom_id, CHAT, messages=chat, params=self._params(body, "body."))
+        if "prompt" not in body:
+            raise FieldError(f"missing ({COMPLETIONS} needs a prompt)", "body.prompt")
+        text = fields.prompt(body["prompt"], "body.prompt")
+        return DatasetRow(line, custom_id, COMPLETIONS, prompt=text, params=self._params(body, "body."))

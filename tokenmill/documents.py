@@ -1,0 +1,270 @@
+"""Document workflows: a folder of ``.txt``/``.md`` files becomes dataset rows through a prompt template.
+
+One row per document, or per part when a document is longer than the token budget, so an overnight run
+over a folder of reports yields exactly one result (or one error) per file or part. The folder is listed
+and every symlink checked before the first row is produced; a symlink that leads outside the folder is
+refused, because a dataset must not become a way to read files its author could not put there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+
+from tokenmill.dataset_fields import MAX_ID_LENGTH, FieldError, Template, compile_template
+from tokenmill.datasets import CHAT, DatasetRow, SamplingParams
+from tokenmill.errors import DatasetError, UsageError
+
+DOCUMENT_SUFFIXES = frozenset({".txt", ".md"})
+DOCUMENT_FIELDS = ("text", "name", "stem", "part", "parts")
+_TEMPLATE_SUFFIXES = frozenset({".txt", ".md", ".tmpl", ".template", ".prompt"})
+_SNIFF_BYTES = 8192
+
+CountTokens = Callable[[str], int]
+
+_LEVELS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\n[ \t]*\n\s*"), "\n\n"),  # paragraphs
+    (re.compile(r"\n"), "\n"),  # lines (lists, tables)
+    (re.compile("(?<=[.!?\u2026\u3002\uff01\uff1f])\\s+"), " "),  # sentences, incl. CJK
+    (re.compile(r"\s+"), " "),  # words
+)
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters per token: close enough to budget parts without loading a tokenizer."""
+    return (len(text) + 3) // 4
+
+
+def load_template(arg: str) -> str:
+    """``--template`` takes the template itself or a file holding it; an existing file wins."""
+    path = Path(arg)
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except (OSError, ValueError):
+        is_file = is_dir = False
+    if is_dir:
+        raise DatasetError(arg, "is a directory, expected a template file or template text")
+    if not is_file:
+        if "{" not in arg and path.suffix.lower() in _TEMPLATE_SUFFIXES:
+            raise DatasetError(arg, "template file not found")
+        return arg
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(arg, f"cannot read template: {exc.strerror or type(exc).__name__}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(arg, f"template is not valid UTF-8 (byte offset {exc.start})") from None
+    return text.replace("\r\n", "\n").rstrip("\n")
+
+
+def read_documents(
+    folder: Path,
+    template: str,
+    *,
+    token_budget: int | None = None,
+    count_tokens: CountTokens | None = None,
+    defaults: SamplingParams | None = None,
+) -> Iterator[DatasetRow]:
+    """Yield one chat row per document (or document part), in sorted relative-path order.
+
+    Template, budget and folder problems raise at call time; a document that cannot be read or decoded
+    raises :class:`DatasetError` naming it when its turn comes. Template fields: ``{text}`` (the document
+    or part), ``{name}`` (relative POSIX path), ``{stem}``, ``{part}`` and ``{parts}`` (1 and 1 when not
+    split). ``DatasetRow.line`` is the row's 1-based position, since documents have no lines.
+    """
+    compiled = compile_template(template)
+    unknown = [name for name in compiled.fields if name not in DOCUMENT_FIELDS]
+    if unknown:
+        allowed = ", ".join("{" + name + "}" for name in DOCUMENT_FIELDS)
+        raise UsageError(f"template field {{{unknown[0]}}} is not available for documents (use {allowed})")
+    if "text" not in compiled.fields:
+        raise UsageError("a document template must contain {text}")
+    if token_budget is not None and token_budget < 1:
+        raise UsageError(f"token budget must be at least 1, got {token_budget}")
+    files = list_documents(Path(folder))
+    return _rows(files, compiled, token_budget, count_tokens or estimate_tokens, defaults or SamplingParams())
+
+
+def list_documents(folder: Path) -> list[tuple[str, Path]]:
+    """``(relative POSIX path, path)`` of every document, sorted; hidden files and folders are skipped.
+
+    A symlinked folder inside the tree is not descended (its files are listed where they really are,
+    and a link cycle cannot loop); one that points outside is refused like an outside file link.
+    """
+    name = str(folder)
+    if not folder.exists():
+        raise DatasetError(name, "folder not found")
+    if not folder.is_dir():
+        raise DatasetError(name, "is not a folder")
+    root = folder.resolve()
+    found: list[tuple[str, Path]] = []
+
+    def refuse(exc: OSError) -> None:
+        raise DatasetError(str(exc.filename or name), f"cannot list: {exc.strerror or type(exc).__name__}")
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=refuse):
+        here = Path(dirpath)
+        kept = []
+        for sub in dirnames:
+            if sub.startswith("."):
+                continue
+            if (here / sub).is_symlink():
+                _check_link(here / sub, root)
+                continue
+            kept.append(sub)
+        dirnames[:] = sorted(kept)
+        for file in filenames:
+            path = here / file
+            if file.startswith(".") or path.suffix.lower() not in DOCUMENT_SUFFIXES:
+                continue
+            if path.is_symlink():
+                _check_link(path, root)
+            elif not path.is_file():
+                continue
+            found.append((_relative(path, folder), path))
+    if not found:
+        raise DatasetError(name, f"no documents ({', '.join(sorted(DOCUMENT_SUFFIXES))}) in this folder")
+    return sorted(found)
+
+
+def _check_link(link: Path, root: Path) -> None:
+    target = link.resolve()
+    if not target.is_relative_to(root):
+        raise DatasetError(str(link), "symlink points outside the document folder; refusing to follow it")
+    if not target.exists():
+        raise DatasetError(str(link), "broken symlink")
+
+
+def _relative(path: Path, folder: Path) -> str:
+    rel = path.relative_to(folder).as_posix()
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "backslashreplace").decode()
+        raise DatasetError(shown, "file name is not valid UTF-8") from None
+    if any(ord(c) < 32 or c == "\x7f" for c in rel):
+        raise DatasetError(repr(str(path))[1:-1], "file name contains control characters (newline, tab)")
+    return rel
+
+
+def read_document(path: Path) -> str:
+    """The document as text with newlines normalized; empty, binary or non-UTF-8 files are errors."""
+    name = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(name, f"cannot read: {exc.strerror or type(exc).__name__}") from None
+    if b"\x00" in data[:_SNIFF_BYTES]:
+        raise DatasetError(name, "looks like a binary file, expected UTF-8 text")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        bad = data[exc.start]
+        raise DatasetError(name, f"not valid UTF-8: byte 0x{bad:02x} at offset {exc.start}") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
+    if not text:
+        raise DatasetError(name, "document is empty")
+    return text
+
+
+def split_text(text: str, token_budget: int, count_tokens: CountTokens = estimate_tokens) -> list[str]:
+    """Cut text into parts of at most ``token_budget`` tokens, at the coarsest boundary that fits.
+
+    Paragraphs first, then lines, sentences, words; only a single word longer than the budget is cut
+    mid-word. Each piece is counted once and groups are re-counted, so a tokenizer whose counts are not
+    additive still never yields an over-budget part.
+    """
+    if token_budget < 1:
+        raise ValueError("token_budget must be at least 1")
+    text = text.strip()
+    return _split(text, token_budget, count_tokens, 0) if text else []
+
+
+def _split(text: str, budget: int, count: CountTokens, level: int) -> list[str]:
+    if count(text) <= budget:
+        return [text]
+    if level == len(_LEVELS):
+        return _hard_split(text, budget, count)
+    pattern, joiner = _LEVELS[level]
+    pieces = [piece for piece in (raw.strip() for raw in pattern.split(text)) if piece]
+    if len(pieces) <= 1:
+        return _split(text, budget, count, level + 1)
+    parts: list[str] = []
+    group: list[str] = []
+    used = 0
+    for piece in pieces:
+        size = count(piece)
+        if size > budget:
+            _flush(group, joiner, budget, count, parts)
+            group, used = [], 0
+            parts.extend(_split(piece, budget, count, level + 1))
+            continue
+        if group and used + size > budget:
+            _flush(group, joiner, budget, count, parts)
+            group, used = [], 0
+        group.append(piece)
+        used += size
+    _flush(group, joiner, budget, count, parts)
+    return parts
+
+
+def _flush(group: list[str], joiner: str, budget: int, count: CountTokens, parts: list[str]) -> None:
+    """Joiners cost tokens too; a group that overflows because of them is halved until it fits."""
+    if not group:
+        return
+    joined = joiner.join(group)
+    if len(group) == 1 or count(joined) <= budget:
+        parts.append(joined)
+        return
+    half = len(group) // 2
+    _flush(group[:half], joiner, budget, count, parts)
+    _flush(group[half:], joiner, budget, count, parts)
+
+
+def _hard_split(text: str, budget: int, count: CountTokens) -> list[str]:
+    parts = []
+    rest = text
+    while rest:
+        if count(rest) <= budget:
+            parts.append(rest)
+            break
+        low, high = 1, min(len(rest), budget * 64)
+        while low < high:
+            mid = (low + high + 1) // 2
+            if count(rest[:mid]) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        parts.append(rest[:low])
+        rest = rest[low:]
+    return parts
+
+
+def _rows(
+    files: list[tuple[str, Path]],
+    template: Template,
+    budget: int | None,
+    count: CountTokens,
+    params: SamplingParams,
+) -> Iterator[DatasetRow]:
+    seq = 0
+    for rel, path in files:
+        text = read_document(path)
+        parts = split_text(text, budget, count) if budget is not None else [text]
+        for k, part in enumerate(parts, 1):
+            seq += 1
+            custom_id = rel if len(parts) == 1 else f"{rel}#part-{k}"
+            if len(custom_id) > MAX_ID_LENGTH:
+                raise DatasetError(str(path), f"relative path too long for a row id (over {MAX_ID_LENGTH})")
+            stem = PurePosixPath(rel).stem
+            values = {"text": part, "name": rel, "stem": stem, "part": k, "parts": len(parts)}
+            try:
+                prompt = template.render(values)
+            except FieldError as exc:
+                raise DatasetError(str(path), exc.message, field=exc.field) from None
+            message = {"role": "user", "content": prompt}
+            yield DatasetRow(seq, custom_id, CHAT, messages=(message,), params=params, source=rel)

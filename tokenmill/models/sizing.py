@@ -1,0 +1,282 @@
+"""How much memory a variant needs, and which variant a worker should load.
+
+Memory model (bytes), for ``n_ctx`` tokens per sequence and ``n_seq`` parallel sequences:
+
+- weights: the GGUF file size (llama.cpp maps it; every byte ends up in RAM or VRAM);
+- KV cache: ``2 x n_layers x n_kv_heads x head_dim x 2 (f16) x n_ctx x n_seq``;
+- overhead: llama.cpp's compute buffer plus a fixed runtime allowance. The compute buffer is sized for
+  a worst-case micro-batch of ``u = min(512, n_ctx x n_seq)`` tokens, and its largest tensors are either
+  the logits (``u x n_vocab`` f32) or, without flash attention, the attention scores
+  (``u x (n_heads + 1) x n_ctx`` f32), whichever is larger; plus ``u x 4 x n_embd`` f32 activations,
+  ``n_seq x n_vocab`` f32 output logits and 64 MiB for the runtime (CUDA/ggml scratch, graph metadata).
+  Measured on SmolLM2 135M with llama.cpp 0.3.36 (flash attention off): n_ctx 2048 → 99 MiB,
+  8192 → 166 MiB, 32768 → 646 MiB compute buffer; the formula gives 100, 164 and 644 MiB.
+
+Choice rules, best quality first (:data:`~tokenmill.models.catalog.QUALITY_ORDER`):
+
+1. Full GPU offload with the best variant whose total fits the chosen GPU's free VRAM minus a margin
+   (512 MiB + 3 % of the card: the CUDA context and allocator fragmentation are not in "free").
+2. Partial offload with the best variant that puts at least half its layers on the GPU while the rest
+   (non-layer tensors, remaining layers and their KV, a CPU compute buffer) fits the RAM share.
+   Below half the layers the CPU does most of the work, so a smaller variant that runs mostly on the
+   GPU is the better trade; that is why a 14B model on an 8 GB card lands on Q6_K, not Q8_0.
+3. Otherwise the CPU rules: only variants up to ``cpu_max_bpw`` (Q8_0 by default; F16 on a CPU doubles
+   the memory read per token for no measurable quality), each with as many layers on a GPU as fit,
+   else none. The RAM share is ``available / share - 1 GiB`` and threads are ``physical cores / share``,
+   so N workers on one host split it instead of fighting over it.
+
+A pinned variant skips the choice but not the fit check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.models.catalog import CATALOG, QUANT_BPW, Family, Variant, get_family
+from tokenmill.workers.capacity import Capacity, GpuInfo
+
+MiB = 1024**2
+GiB = 1024**3
+N_UBATCH = 512
+RUNTIME_OVERHEAD = 64 * MiB
+VRAM_MARGIN_FIXED = 512 * MiB
+VRAM_MARGIN_FRACTION = 0.03
+RAM_MARGIN = 1 * GiB
+MIN_OFFLOAD_FRACTION = 0.5
+CPU_MAX_BPW = QUANT_BPW["q8_0"]
+
+Device = Literal["cuda", "cpu"]
+Obtainable = Callable[[Variant], bool]
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if abs(n) >= 0.1 * GiB else f"{n / MiB:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    kv_bytes: int
+    overhead_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.overhead_bytes
+
+    def describe(self) -> str:
+        return (f"{fmt_bytes(self.weights_bytes)} weights + {fmt_bytes(self.kv_bytes)} KV + "
+                f"{fmt_bytes(self.overhead_bytes)} overhead = {fmt_bytes(self.total_bytes)}")
+
+    def to_json(self) -> dict[str, int]:
+        return {"weights_bytes": self.weights_bytes, "kv_bytes": self.kv_bytes,
+                "overhead_bytes": self.overhead_bytes, "total_bytes": self.total_bytes}
+
+
+def _family_of(variant: Variant, family: Family | None) -> Family:
+    return family if family is not None else get_family(variant.family, CATALOG)
+
+
+def estimate_memory(variant: Variant, n_ctx: int, n_seq: int = 1, *, family: Family | None = None) -> MemoryEstimate:
+    """Weights + KV cache + compute overhead for ``n_seq`` sequences of ``n_ctx`` tokens (module doc)."""
+    if n_ctx < 1 or n_seq < 1:
+        raise ValueError(f"n_ctx and n_seq must be positive (got {n_ctx}, {n_seq})")
+    fam = _family_of(variant, family)
+    cells = n_ctx * n_seq
+    kv = fam.kv_bytes_per_token * cells
+    u = min(N_UBATCH, cells)
+    compute = 4 * u * (max(fam.n_vocab, (fam.n_heads + 1) * n_ctx) + 4 * fam.n_embd)
+    overhead = compute + 4 * n_seq * fam.n_vocab + RUNTIME_OVERHEAD
+    return MemoryEstimate(weights_bytes=variant.size_bytes, kv_bytes=kv, overhead_bytes=overhead)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a worker loads and how. ``n_gpu_layers``: -1 all layers, k partial, 0 none."""
+
+    variant: Variant
+    device: Device
+    n_gpu_layers: int
+    n_threads: int
+    memory: MemoryEstimate
+    reason: str
+    n_ctx: int
+    n_seq: int
+    gpu_index: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.variant.label
+
+    def to_json(self) -> dict[str, Any]:
+        return {"variant": self.variant.label, "device": self.device, "n_gpu_layers": self.n_gpu_layers,
+                "n_threads": self.n_threads, "n_ctx": self.n_ctx, "n_seq": self.n_seq,
+                "gpu_index": self.gpu_index, "memory": self.memory.to_json(), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class _Budget:
+    ram: int
+    ram_note: str
+    threads: int
+    gpu: GpuInfo | None
+    vram: int
+
+
+def _budget(capacity: Capacity, share: int, gpu_index: int | None) -> _Budget:
+    if share < 1:
+        raise ValueError(f"share must be >= 1 (got {share})")
+    ram = max(0, capacity.ram_available_bytes // share - RAM_MARGIN)
+    note = f"{fmt_bytes(ram)} RAM" + (f" (1/{share} of {fmt_bytes(capacity.ram_available_bytes)} available)"
+                                      if share > 1 else "")
+    threads = max(1, capacity.physical_cores // share)
+    gpus = capacity.usable_gpus
+    gpu: GpuInfo | None = None
+    if gpu_index is not None:
+        gpu = next((g for g in gpus if g.index == gpu_index), None)
+        if gpu is None:
+            raise ModelLoadError(f"GPU {gpu_index} is not usable on {capacity.hostname} "
+                                 f"(usable: {[g.index for g in gpus] or 'none'})")
+    elif gpus:
+        gpu = max(gpus, key=lambda g: g.vram_free_bytes)
+    vram = 0
+    if gpu is not None:
+        margin = VRAM_MARGIN_FIXED + int(VRAM_MARGIN_FRACTION * gpu.vram_total_bytes)
+        vram = max(0, gpu.vram_free_bytes - margin)
+    return _Budget(ram, note, threads, gpu, vram)
+
+
+def _split(fam: Family, variant: Variant, est: MemoryEstimate, vram: int) -> tuple[int, int, int]:
+    """(layers on GPU, bytes on GPU, bytes in RAM) for a partial offload into ``vram`` bytes.
+
+    Token embeddings and the output head stay in RAM; each offloaded layer takes its weights and its
+    KV with it; both sides get a compute buffer.
+    """
+    non_layer = min(est.weights_bytes // 2, int(2 * fam.n_vocab * fam.n_embd * variant.bits_per_weight / 8))
+    per_layer = (est.weights_bytes - non_layer) / fam.n_layers + est.kv_bytes / fam.n_layers
+    k = 0 if vram <= est.overhead_bytes else min(fam.n_layers, int((vram - est.overhead_bytes) // per_layer))
+    gpu_bytes = int(k * per_layer) + est.overhead_bytes
+    ram_bytes = non_layer + int((fam.n_layers - k) * per_layer) + est.overhead_bytes
+    return k, gpu_bytes, ram_bytes
+
+
+def choose_variant(
+    family: Family | str,
+    capacity: Capacity,
+    *,
+    share: int = 1,
+    n_ctx: int,
+    n_seq: int = 1,
+    pinned: str | None = None,
+    obtainable: Obtainable | None = None,
+    gpu_index: int | None = None,
+    cpu_max_bpw: float | None = CPU_MAX_BPW,
+) -> Choice:
+    """The variant this worker should load (module doc for the rules); ModelLoadError when none fits."""
+    fam = family if isinstance(family, Family) else get_family(family)
+    budget = _budget(capacity, share, gpu_index)
+    if pinned is not None:
+        candidates: Sequence[Variant] = [fam.variant(pinned)]
+        if obtainable is not None and not obtainable(candidates[0]):
+            raise ModelLoadError(f"pinned variant {candidates[0].label} cannot be obtained on {capacity.hostname}")
+    else:
+        candidates = [v for v in fam.variants if obtainable is None or obtainable(v)]
+        if not candidates:
+            raise ModelLoadError(f"no variant of {fam.name} can be obtained on {capacity.hostname} "
+                                 f"(catalog variants: {', '.join(fam.quants)})")
+    estimates = {v.quant: estimate_memory(v, n_ctx, n_seq, family=fam) for v in candidates}
+
+    def make(v: Variant, device: Device, layers: int, reason: str) -> Choice:
+        return Choice(v, device, layers, budget.threads, estimates[v.quant], f"{v.quant}: {reason}",
+                      n_ctx, n_seq, budget.gpu.index if device == "cuda" and budget.gpu else None)
+
+    gpu = budget.gpu
+    if gpu is not None:
+        where = f"{fmt_bytes(budget.vram)} usable VRAM on GPU{gpu.index} {gpu.name}"
+        for v in candidates:
+            est = estimates[v.quant]
+            if est.total_bytes <= budget.vram:
+                return make(v, "cuda", -1, f"{est.describe()} fits {where} (full offload)")
+        need = math.ceil(MIN_OFFLOAD_FRACTION * fam.n_layers)
+        for v in candidates:
+            k, gpu_bytes, ram_bytes = _split(fam, v, estimates[v.quant], budget.vram)
+            if k >= need and ram_bytes <= budget.ram:
+                return make(v, "cuda", k, f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on {where}, "
+                                          f"rest ({fmt_bytes(ram_bytes)}) in {budget.ram_note} (partial offload)")
+
+    skipped_for_cpu = []
+    for v in candidates:
+        if pinned is None and cpu_max_bpw is not None and v.bits_per_weight > cpu_max_bpw:
+            skipped_for_cpu.append(v.quant)
+            continue
+        est = estimates[v.quant]
+        if gpu is not None:
+            k, gpu_bytes, ram_bytes = _split(fam, v, est, budget.vram)
+            if k >= 1 and ram_bytes <= budget.ram:
+                return make(v, "cuda", k, f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on GPU{gpu.index} "
+                                          f"{gpu.name}, rest ({fmt_bytes(ram_bytes)}) in {budget.ram_note} "
+                                          f"(mostly CPU; {fmt_bytes(budget.vram)} usable VRAM)")
+        if est.total_bytes <= budget.ram:
+            why = _no_gpu_reason(capacity, gpu)
+            capped = f"; {'/'.join(skipped_for_cpu)} skipped on CPU" if skipped_for_cpu else ""
+            return make(v, "cpu", 0, f"{est.describe()} fits {budget.ram_note}, {budget.threads} threads "
+                                     f"({why}{capped})")
+
+    smallest = min(candidates, key=lambda v: estimates[v.quant].total_bytes)
+    est = estimates[smallest.quant]
+    what = (f"pinned variant {smallest.label}" if pinned
+            else f"no variant of {fam.name} fits; the smallest, {smallest.label},")
+    have = f"this worker has {budget.ram_note}"
+    if gpu is not None:
+        have += f" and {fmt_bytes(budget.vram)} usable VRAM on GPU{gpu.index} {gpu.name}"
+    raise ModelLoadError(f"{what} needs {est.describe()} at n_ctx={n_ctx} x {n_seq} sequences; {have}. "
+                         "Lower --n-ctx/--parallel, pin a smaller variant, or run fewer workers on this host")
+
+
+def _no_gpu_reason(capacity: Capacity, gpu: GpuInfo | None) -> str:
+    if gpu is not None:
+        return f"too large for GPU{gpu.index}"
+    if capacity.gpus and not capacity.gpu_offload:
+        return "llama.cpp here is built without GPU offload"
+    return "no GPU"
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """What this machine would load for one family, or why it cannot."""
+
+    family: Family
+    choice: Choice | None
+    error: str | None = None
+
+    def describe(self) -> str:
+        if self.choice is None:
+            return f"{self.family.name}: does not fit ({self.error})"
+        c = self.choice
+        where = "CPU" if c.device == "cpu" else ("GPU" if c.n_gpu_layers == -1 else f"GPU {c.n_gpu_layers} layers")
+        return f"{c.label} on {where} — {c.reason}"
+
+
+def recommend(
+    capacity: Capacity,
+    families: Iterable[Family | str] | None = None,
+    *,
+    n_ctx: int = 4096,
+    n_seq: int = 1,
+    share: int = 1,
+    obtainable: Obtainable | None = None,
+) -> list[Recommendation]:
+    """For each family, what :func:`choose_variant` would pick here (for ``tokenmill models recommend``)."""
+    out: list[Recommendation] = []
+    for f in (CATALOG.values() if families is None else families):
+        fam = f if isinstance(f, Family) else get_family(f)
+        try:
+            choice = choose_variant(fam, capacity, share=share, n_ctx=n_ctx, n_seq=n_seq, obtainable=obtainable)
+        except ModelLoadError as exc:
+            out.append(Recommendation(fam, None, str(exc)))
+        else:
+            out.append(Recommendation(fam, choice))
+    return out

@@ -1,0 +1,247 @@
+"""What this host can give a worker: cores, RAM, GPUs and whether llama.cpp can offload to them.
+
+Detection must be safe in a parent process that later forks (DESIGN decision 4): NVML reads memory
+without creating a CUDA context, and llama.cpp is only asked about GPU offload in a short-lived
+subprocess unless this process has already loaded it. Container limits (cgroup CPU quota and memory
+limit) cap what psutil reports for the whole machine, since a pod sized for 4 GB on a 256 GB node must
+not pick a 14B model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+GiB = 1024**3
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_NO_LIMIT = 1 << 60
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as NVML sees it. ``index`` is the NVML (PCI bus order) index."""
+
+    index: int
+    name: str
+    vram_total_bytes: int
+    vram_free_bytes: int
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """A snapshot of a host's resources, as reported to the store by a worker at registration."""
+
+    hostname: str
+    physical_cores: int
+    logical_cores: int
+    ram_total_bytes: int
+    ram_available_bytes: int
+    gpus: tuple[GpuInfo, ...] = field(default_factory=tuple)
+    gpu_offload: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gpus", tuple(self.gpus))
+
+    @property
+    def usable_gpus(self) -> tuple[GpuInfo, ...]:
+        """GPUs llama.cpp can actually use: none when this llama.cpp build has no GPU backend."""
+        return self.gpus if self.gpu_offload else ()
+
+    def without_gpus(self) -> Capacity:
+        """The same host as a CPU-only worker sees it (``tokenmill worker --no-gpu``)."""
+        return replace(self, gpus=(), gpu_offload=False)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["gpus"] = [asdict(g) for g in self.gpus]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | str) -> Capacity:
+        raw: Mapping[str, Any] = json.loads(data) if isinstance(data, str) else data
+        gpus = tuple(GpuInfo(**g) for g in raw.get("gpus", ()))
+        return cls(
+            hostname=str(raw["hostname"]),
+            physical_cores=int(raw["physical_cores"]),
+            logical_cores=int(raw["logical_cores"]),
+            ram_total_bytes=int(raw["ram_total_bytes"]),
+            ram_available_bytes=int(raw["ram_available_bytes"]),
+            gpus=gpus,
+            gpu_offload=bool(raw.get("gpu_offload", False)),
+        )
+
+    def describe(self) -> str:
+        """One line for logs and ``tokenmill workers``."""
+        parts = [
+            f"{self.hostname}: {self.physical_cores} cores ({self.logical_cores} threads)",
+            f"{self.ram_available_bytes / GiB:.1f}/{self.ram_total_bytes / GiB:.1f} GiB RAM free",
+        ]
+        for g in self.gpus:
+            parts.append(f"GPU{g.index} {g.name} {g.vram_free_bytes / GiB:.1f}/{g.vram_total_bytes / GiB:.1f} GiB free")
+        if self.gpus and not self.gpu_offload:
+            parts.append("llama.cpp built without GPU offload")
+        return ", ".join(parts)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cgroup_cpu_limit(root: Path) -> float | None:
+    """CPUs allowed by a cgroup quota (v2 ``cpu.max`` or v1 ``cfs_quota_us``), None when unlimited."""
+    v2 = _read(root / "cpu.max")
+    if v2:
+        quota, _, period = v2.partition(" ")
+        if quota != "max" and period:
+            return int(quota) / int(period)
+        return None
+    quota_s = _read(root / "cpu" / "cpu.cfs_quota_us")
+    period_s = _read(root / "cpu" / "cpu.cfs_period_us")
+    if quota_s and period_s and int(quota_s) > 0:
+        return int(quota_s) / int(period_s)
+    return None
+
+
+def _cgroup_memory(root: Path) -> tuple[int, int] | None:
+    """(limit, current usage) of a cgroup memory limit, None when unlimited."""
+    for limit_name, usage_name in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        limit_s = _read(root / limit_name)
+        if limit_s is None:
+            continue
+        if limit_s == "max" or int(limit_s) >= _NO_LIMIT:
+            return None
+        usage_s = _read(root / usage_name)
+        return int(limit_s), int(usage_s) if usage_s else 0
+    return None
+
+
+def _visible_filter() -> set[str] | None:
+    """The CUDA_VISIBLE_DEVICES entries (indices or UUIDs), None when unset (all visible)."""
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return None
+    return {item.strip() for item in raw.split(",") if item.strip()}
+
+
+def detect_gpus() -> tuple[GpuInfo, ...]:
+    """GPUs with their free VRAM from NVML; no driver (NVMLError) means no GPUs.
+
+    NVML does not create a CUDA context, so this is safe before forking. CUDA_VISIBLE_DEVICES is
+    honoured when it lists NVML indices or GPU UUIDs (assumes CUDA_DEVICE_ORDER=PCI_BUS_ID).
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return ()
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        log.debug("NVML unavailable (%s): no GPUs", exc)
+        return ()
+    visible = _visible_filter()
+    gpus: list[GpuInfo] = []
+    try:
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            if visible is not None:
+                uuid = pynvml.nvmlDeviceGetUUID(handle)
+                uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+                if str(index) not in visible and not any(uuid.startswith(v) for v in visible if v.startswith("GPU")):
+                    continue
+            name = pynvml.nvmlDeviceGetName(handle)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            gpus.append(
+                GpuInfo(
+                    index=index,
+                    name=name.decode() if isinstance(name, bytes) else str(name),
+                    vram_total_bytes=int(mem.total),
+                    vram_free_bytes=int(mem.free),
+                )
+            )
+    except pynvml.NVMLError as exc:
+        log.warning("NVML failed while listing GPUs (%s); treating this host as having no GPUs", exc)
+        return ()
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+    return tuple(gpus)
+
+
+_PROBE = "import llama_cpp, sys; sys.stdout.write('1' if llama_cpp.llama_supports_gpu_offload() else '0')"
+
+
+def llama_gpu_offload(timeout: float = 120.0) -> bool:
+    """Whether the installed llama.cpp build can offload layers to a GPU.
+
+    Loading llama.cpp's CUDA backend may initialise the driver, so unless this process already
+    imported llama_cpp the question is asked in a throwaway interpreter.
+    """
+    module = sys.modules.get("llama_cpp")
+    if module is not None:
+        try:
+            return bool(module.llama_supports_gpu_offload())
+        except Exception:  # an incompatible or half-loaded binding is "no offload", never a crash
+            return False
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("could not probe llama.cpp for GPU offload (%s); assuming CPU only", exc)
+        return False
+    if out.returncode != 0:
+        log.warning("llama_cpp failed to import (%s); assuming CPU only", out.stderr.strip()[-300:])
+        return False
+    return out.stdout.strip().endswith("1")
+
+
+def detect(*, probe_llama: bool = True, cgroup_root: Path = _CGROUP_ROOT) -> Capacity:
+    """Measure this host now. ``probe_llama=False`` skips the llama.cpp subprocess (reports no offload)."""
+    import psutil
+
+    logical_total = psutil.cpu_count(logical=True) or os.cpu_count() or 1
+    physical_total = psutil.cpu_count(logical=False) or logical_total
+    try:
+        logical = len(os.sched_getaffinity(0))
+    except AttributeError:
+        logical = logical_total
+    quota = _cgroup_cpu_limit(cgroup_root)
+    if quota is not None:
+        logical = min(logical, max(1, math.ceil(quota)))
+    physical = max(1, min(physical_total, round(physical_total * logical / logical_total)))
+
+    vm = psutil.virtual_memory()
+    ram_total, ram_available = int(vm.total), int(vm.available)
+    limit = _cgroup_memory(cgroup_root)
+    if limit is not None:
+        limit_bytes, usage = limit
+        ram_total = min(ram_total, limit_bytes)
+        ram_available = max(0, min(ram_available, limit_bytes - usage))
+
+    gpus = detect_gpus()
+    offload = llama_gpu_offload() if probe_llama else False
+    return Capacity(
+        hostname=socket.gethostname(),
+        physical_cores=physical,
+        logical_cores=logical,
+        ram_total_bytes=ram_total,
+        ram_available_bytes=ram_available,
+        gpus=gpus,
+        gpu_offload=offload,
+    )
