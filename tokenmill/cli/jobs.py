@@ -25,7 +25,7 @@ from tokenmill.cli.run import (
 )
 from tokenmill.errors import JobIncomplete, UsageError
 from tokenmill.output import export
-from tokenmill.scheduler.submit import model_route, submit_dataset, validate
+from tokenmill.scheduler.submit import model_route, submit_dataset
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 
@@ -67,11 +67,14 @@ def register(app: typer.Typer) -> None:
             pins = [p if ":" in p else f"{family}:{p}" for p in parts]
         for pin in pins:
             model_route(pin or model)
-        rows = validate(sub, errors if skip_invalid else None)
         store = open_store(settings)
         group = uuid.uuid4().hex[:12] if ab else None
-        ids = [submit_dataset(store, sub, ab_group=group, pin=pin) for pin in pins]
-        console.print(f"{rows} rows stored" + (f" twice (A/B group {group})" if group else ""))
+        ids = []
+        for pin in pins:
+            job_id, rows, invalid = submit_dataset(store, sub, errors_out=errors, ab_group=group, pin=pin)
+            ids.append(job_id)
+        skipped = f", {invalid} invalid lines skipped" + (f" → {errors}" if errors else "") if invalid else ""
+        console.print(f"{rows} rows stored" + (f" twice (A/B group {group})" if group else "") + skipped)
         for job_id in ids:
             out.print(job_id)
 

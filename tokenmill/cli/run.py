@@ -14,10 +14,10 @@ from rich.table import Table
 from tokenmill.celery_app import make_app
 from tokenmill.cli.common import console, default_output, open_store, out, settings_from
 from tokenmill.datasets import SamplingParams
-from tokenmill.errors import JobIncomplete, ModelError
+from tokenmill.errors import DatasetError, JobIncomplete, ModelError
 from tokenmill.output import export
 from tokenmill.scheduler.dispatch import Dispatcher
-from tokenmill.scheduler.submit import Submission, job_key, model_route, submit_dataset, validate
+from tokenmill.scheduler.submit import Submission, job_key, model_route, submit_dataset
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
@@ -93,7 +93,8 @@ def register(app: typer.Typer) -> None:
         output = output or default_output(path, "results")
         errors = errors or default_output(path, "errors")
         model_route(model)
-        rows = validate(sub, errors if skip_invalid else None)
+        if not path.exists():
+            raise DatasetError(str(path), "no such file or directory")
         store = open_store(settings)
         key = job_key(path, model, sub.options())
         with store.session() as s:
@@ -102,8 +103,8 @@ def register(app: typer.Typer) -> None:
         if job_id:
             console.print(f"resuming job {job_id}")
         else:
-            job_id = submit_dataset(store, sub)
-            console.print(f"job {job_id}: {rows} rows")
+            job_id, rows, invalid = submit_dataset(store, sub, errors_out=errors)
+            console.print(f"job {job_id}: {rows} rows" + (f", {invalid} invalid lines → {errors}" if invalid else ""))
         count, each = default_worker_count()
         count = workers or count
         fleet = LocalFleet(settings, model, count, threads or each, n_seq=n_seq)

@@ -109,34 +109,54 @@ def model_route(model: str) -> tuple[str, str | None]:
     return family.name, family.variant(quant).quant if quant else None
 
 
-def validate(sub: Submission, errors_out: Path | None) -> int:
-    """Read the whole dataset once before anything is stored; invalid lines stream to the errors file."""
-    count = 0
-    fh = None
-    try:
-        for item in sub.rows():
-            if isinstance(item, InvalidLine):
-                if errors_out is not None:
-                    if fh is None:
-                        errors_out.parent.mkdir(parents=True, exist_ok=True)
-                        fh = open(errors_out, "w", encoding="utf-8")  # noqa: SIM115
-                    fh.write(json.dumps(error_line(item, str(sub.path)), ensure_ascii=False) + "\n")
-            else:
-                count += 1
-    finally:
-        if fh is not None:
-            fh.close()
-    if count == 0:
-        raise DatasetError(str(sub.path), "no valid rows to run")
-    return count
+class _Ingest:
+    """One pass over the dataset: valid rows stream to the store, invalid ones to the errors file.
+
+    The whole ingest is one transaction, so a bad line (without --skip-invalid) rolls it back and
+    nothing is stored: validation before any work, at the cost of parsing the file once, not twice.
+    """
+
+    def __init__(self, sub: Submission, errors_out: Path | None) -> None:
+        self.sub = sub
+        self.errors_out = errors_out
+        self.rows = 0
+        self.invalid = 0
+
+    def __iter__(self) -> Iterator[DatasetRow]:
+        fh = None
+        try:
+            for item in self.sub.rows():
+                if isinstance(item, InvalidLine):
+                    self.invalid += 1
+                    if self.errors_out is not None:
+                        if fh is None:
+                            self.errors_out.parent.mkdir(parents=True, exist_ok=True)
+                            fh = open(self.errors_out, "w", encoding="utf-8")  # noqa: SIM115
+                        fh.write(json.dumps(error_line(item, str(self.sub.path)), ensure_ascii=False) + "\n")
+                else:
+                    self.rows += 1
+                    yield item
+        finally:
+            if fh is not None:
+                fh.close()
+        if self.rows == 0:
+            raise DatasetError(str(self.sub.path), "no valid rows to run")
 
 
-def submit_dataset(store: Store, sub: Submission, *, ab_group: str | None = None, pin: str | None = None) -> str:
+def submit_dataset(
+    store: Store,
+    sub: Submission,
+    *,
+    errors_out: Path | None = None,
+    ab_group: str | None = None,
+    pin: str | None = None,
+) -> tuple[str, int, int]:
+    """Store a dataset as a job; returns (job id, rows stored, invalid lines skipped)."""
     family, quant = model_route(pin or sub.model)
-    rows = (row for row in sub.rows() if isinstance(row, DatasetRow))
-    return submit_rows(
+    ingest = _Ingest(sub, errors_out if sub.skip_invalid else None)
+    job_id = submit_rows(
         store,
-        rows,
+        ingest,
         name=str(sub.path),
         key=job_key(sub.path, pin or sub.model, sub.options()),
         family=family,
@@ -145,3 +165,4 @@ def submit_dataset(store: Store, sub: Submission, *, ab_group: str | None = None
         options=sub.options(),
         ab_group=ab_group,
     )
+    return job_id, ingest.rows, ingest.invalid

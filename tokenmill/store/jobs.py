@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterable
@@ -56,44 +57,69 @@ def create_job(
     return job
 
 
-def ingest_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
-    """Stream rows into the store in bulk batches and cut them into chunks; memory stays bounded."""
+def _row_record(job: Job, seq: int, row: DatasetRow) -> dict[str, Any]:
+    prompt_chars = len(row.prompt or "") + sum(len(m.get("content", "")) for m in row.messages or ())
+    return {
+        "job_id": job.id,
+        "seq": seq,
+        "chunk_index": seq // job.chunk_size,
+        "line": row.line,
+        "custom_id": row.custom_id,
+        "payload": row.to_payload(),
+        "prompt_chars": prompt_chars,
+    }
+
+
+def _copy_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
+    """Postgres: COPY inside the session's transaction — several times faster than batched INSERTs."""
+    raw = s.connection().connection.driver_connection
+    columns = ("job_id", "seq", "chunk_index", "line", "custom_id", "payload", "prompt_chars")
+    seq = 0
+    with raw.cursor() as cur, cur.copy(f"COPY requests ({', '.join(columns)}) FROM STDIN") as copy:  # type: ignore[union-attr]
+        for row in rows:
+            rec = _row_record(job, seq, row)
+            rec["payload"] = json.dumps(rec["payload"], ensure_ascii=False)
+            copy.write_row([rec[c] for c in columns])
+            seq += 1
+    return seq
+
+
+def _insert_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
     batch: list[dict[str, Any]] = []
     seq = 0
     for row in rows:
-        payload = row.to_payload()
-        prompt_chars = len(row.prompt or "") + sum(len(m.get("content", "")) for m in row.messages or ())
-        batch.append(
-            {
-                "job_id": job.id,
-                "seq": seq,
-                "chunk_index": seq // job.chunk_size,
-                "line": row.line,
-                "custom_id": row.custom_id,
-                "payload": payload,
-                "prompt_chars": prompt_chars,
-            }
-        )
+        batch.append(_row_record(job, seq, row))
         seq += 1
         if len(batch) >= INSERT_BATCH:
             s.execute(insert(RequestRow), batch)
             batch.clear()
     if batch:
         s.execute(insert(RequestRow), batch)
+    return seq
+
+
+def ingest_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
+    """Stream rows into the store and cut them into chunks; memory stays bounded whatever the file size."""
+    if s.get_bind().dialect.name == "postgresql":
+        seq = _copy_rows(s, job, rows)
+    else:
+        seq = _insert_rows(s, job, rows)
     n_chunks = (seq + job.chunk_size - 1) // job.chunk_size
-    chunk_rows = [
-        {
-            "job_id": job.id,
-            "idx": i,
-            "first_seq": i * job.chunk_size,
-            "last_seq": min(seq, (i + 1) * job.chunk_size) - 1,
-            "state": "pending",
-            "attempts": 0,
-        }
-        for i in range(n_chunks)
-    ]
-    for start in range(0, len(chunk_rows), INSERT_BATCH):
-        s.execute(insert(Chunk), chunk_rows[start : start + INSERT_BATCH])
+    for start in range(0, n_chunks, INSERT_BATCH):
+        s.execute(
+            insert(Chunk),
+            [
+                {
+                    "job_id": job.id,
+                    "idx": i,
+                    "first_seq": i * job.chunk_size,
+                    "last_seq": min(seq, (i + 1) * job.chunk_size) - 1,
+                    "state": "pending",
+                    "attempts": 0,
+                }
+                for i in range(start, min(n_chunks, start + INSERT_BATCH))
+            ],
+        )
     job.total_rows = seq
     job.n_chunks = n_chunks
     job.state = "queued" if seq else "completed"
