@@ -8,8 +8,9 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -126,12 +127,14 @@ class Procs:
     def __init__(self, logdir: Path) -> None:
         self.logdir = logdir
         self.items: list[subprocess.Popen[bytes]] = []
+        self._files: list[IO[bytes]] = []
 
     def start(
         self, settings: Settings, *args: str, env: dict[str, str] | None = None, name: str = "p"
     ) -> subprocess.Popen[bytes]:
         self.logdir.mkdir(parents=True, exist_ok=True)
         log = open(self.logdir / f"{name}-{len(self.items)}.log", "wb")  # noqa: SIM115
+        self._files.append(log)
         proc = subprocess.Popen(
             tokenmill_cmd(*args),
             env={**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1", **(env or {})},
@@ -161,6 +164,8 @@ class Procs:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+        for f in self._files:
+            f.close()
 
 
 @pytest.fixture
@@ -171,3 +176,23 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
 
 
 STUB_ENV = {"TOKENMILL_ENGINE": "tests.stub_engine:StubEngine"}
+
+
+@pytest.fixture
+def fleet_settings(settings: Settings, pg_url: str, redis_url: str) -> Settings:
+    """The fleet setup: Postgres store, Redis broker (both real, local)."""
+    return settings.with_(database_url=pg_url, broker_url=redis_url)
+
+
+WORKER_ENV = {"HF_HUB_OFFLINE": "1"}
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, procs: Procs | None = None) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f"\n{procs.logs()}" if procs else ""))

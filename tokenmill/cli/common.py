@@ -16,17 +16,24 @@ console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 
 
+def print_plain(text: str) -> None:
+    """Machine-readable output (JSON, ids, paths) verbatim: rich markup would eat a ``[draft]`` in a
+    job name or a path, and a stray ``[/x]`` would raise MarkupError instead of printing."""
+    out.print(text, markup=False, emoji=False, highlight=False)
+
+
 def settings_from(ctx: typer.Context) -> Settings:
     return ctx.obj if isinstance(ctx.obj, Settings) else Settings.from_env()
 
 
-def open_store(settings: Settings, migrate: bool = True) -> Store:
-    """Connect (and migrate) with backoff; an unreachable store becomes one clean line with a masked URL."""
+def open_store(settings: Settings) -> Store:
+    """Connect and bring the schema to head (a no-op when it is), with backoff.
+
+    Every command migrates, so `tokenmill workers` against a brand-new database shows an empty fleet
+    instead of a missing-table error; an unreachable store becomes one clean line with a masked URL.
+    """
     store = Store(settings.database_url)
-    if migrate:
-        store.retrying(store.migrate, attempts=3)
-    else:
-        store.retrying(store.ping, attempts=3)
+    store.retrying(store.migrate, attempts=3)
     return store
 
 

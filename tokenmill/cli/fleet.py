@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from tokenmill.celery_app import make_app
-from tokenmill.cli.common import console, open_store, out, settings_from
+from tokenmill.cli.common import console, open_store, out, print_plain, settings_from
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.store import workers as store_workers
 
@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
         Example: tokenmill workers
         """
         settings = settings_from(ctx)
-        store = open_store(settings, migrate=False)
+        store = open_store(settings)
         lost_after = max(3 * settings.heartbeat_seconds, 10.0)
         now = time.time()
         rows: list[dict[str, Any]] = []
@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
                     }
                 )  # fmt: skip
         if as_json:
-            out.print(json.dumps(rows))
+            print_plain(json.dumps(rows))
             return
         table = Table(title="workers")
         for col in ("host", "pid", "state", "variant", "device", "capacity", "load", "rows", "tokens", "heartbeat"):
@@ -146,7 +146,7 @@ def register(app: typer.Typer) -> None:
         cap = detect()
         data = cap.to_json()
         if as_json:
-            out.print(json.dumps(data))
+            print_plain(json.dumps(data))
             return
         table = Table(show_header=False, title=f"sysinfo: {cap.hostname}")
         table.add_row("cores", f"{cap.physical_cores} physical, {cap.logical_cores} logical")

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tokenmill.cli.common import console, open_store, out, settings_from
+from tokenmill.cli.common import console, open_store, out, print_plain, settings_from
 from tokenmill.cli.run import (
     ChunkOpt,
     FieldOpt,
@@ -21,6 +21,7 @@ from tokenmill.cli.run import (
     SkipOpt,
     TemperatureOpt,
     TemplateOpt,
+    TokenBudgetOpt,
     build_submission,
 )
 from tokenmill.errors import JobIncomplete, UsageError
@@ -46,6 +47,7 @@ def register(app: typer.Typer) -> None:
         errors: Annotated[Path | None, typer.Option("--errors", help="Where rejected lines go")] = None,
         skip_invalid: SkipOpt = False,
         no_cache: NoCacheOpt = False,
+        token_budget: TokenBudgetOpt = None,
         ab: Annotated[
             str | None, typer.Option("--ab", help="Run every row on two variants: VARIANT_A,VARIANT_B")
         ] = None,
@@ -56,7 +58,7 @@ def register(app: typer.Typer) -> None:
         """
         settings = settings_from(ctx)
         sub = build_submission(
-            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache
+            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget
         )
         pins: list[str | None] = [None]
         if ab:
@@ -76,7 +78,7 @@ def register(app: typer.Typer) -> None:
         skipped = f", {invalid} invalid lines skipped" + (f" → {errors}" if errors else "") if invalid else ""
         console.print(f"{rows} rows stored" + (f" twice (A/B group {group})" if group else "") + skipped)
         for job_id in ids:
-            out.print(job_id)
+            print_plain(job_id)
 
     @app.command("status")
     def status_cmd(
@@ -94,7 +96,7 @@ def register(app: typer.Typer) -> None:
         Example: tokenmill status 3f2a --wait
         """
         settings = settings_from(ctx)
-        store = open_store(settings, migrate=False)
+        store = open_store(settings)
         if watch:
             from tokenmill.cli.watch import watch_view
 
@@ -113,7 +115,7 @@ def register(app: typer.Typer) -> None:
                 break
             time.sleep(interval)
         if as_json:
-            out.print(json.dumps(info))
+            print_plain(json.dumps(info))
         else:
             table = Table(show_header=False, title=f"job {info['job']}")
             for k in ("name", "model", "state", "total", "done", "succeeded", "failed", "cached", "pending",
@@ -126,7 +128,7 @@ def register(app: typer.Typer) -> None:
     @app.command("jobs")
     def jobs_cmd(ctx: typer.Context) -> None:
         """List recent jobs. Example: tokenmill jobs"""
-        _jobs_table(open_store(settings_from(ctx), migrate=False))
+        _jobs_table(open_store(settings_from(ctx)))
 
     @app.command("results")
     def results_cmd(
@@ -139,7 +141,7 @@ def register(app: typer.Typer) -> None:
 
         Example: tokenmill results 3f2a -o out.jsonl --errors err.jsonl
         """
-        store = open_store(settings_from(ctx), migrate=False)
+        store = open_store(settings_from(ctx))
         with store.session() as s:
             job_id = store_jobs.get_job(s, job).id
         ok, bad = export(store, job_id, output, errors)
@@ -151,7 +153,7 @@ def register(app: typer.Typer) -> None:
 
         Example: tokenmill cancel 3f2a
         """
-        store = open_store(settings_from(ctx), migrate=False)
+        store = open_store(settings_from(ctx))
         with store.session() as s:
             j = store_jobs.get_job(s, job)
             changed = store_jobs.cancel_job(s, j)
@@ -163,7 +165,7 @@ def register(app: typer.Typer) -> None:
 
         Example: tokenmill retry 3f2a
         """
-        store = open_store(settings_from(ctx), migrate=False)
+        store = open_store(settings_from(ctx))
         with store.session() as s:
             j = store_jobs.get_job(s, job)
             n = store_jobs.retry_failed(s, j)

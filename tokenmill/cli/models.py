@@ -8,12 +8,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tokenmill.cli.common import console, out, settings_from
+from tokenmill.cli.common import console, out, print_plain, settings_from
 from tokenmill.models.catalog import CATALOG
 from tokenmill.models.resolve import PullSource, list_local, present, pull, remove, resolve_model
 from tokenmill.models.sizing import fmt_bytes, recommend
 
-app = typer.Typer(help="Model catalog and local GGUF files.", no_args_is_help=True)
+app = typer.Typer(
+    help="Model catalog and local GGUF files.\n\nExample: tokenmill models recommend",
+    no_args_is_help=True,
+)
 
 
 @app.command("list")
@@ -69,7 +72,7 @@ def path_cmd(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="family
     Example: llama-cli -m "$(tokenmill models path smollm2-135m-instruct)"
     """
     settings = settings_from(ctx)
-    out.print(str(resolve_model(ref, settings.models_dir, fetch=True, progress=True).path))
+    print_plain(str(resolve_model(ref, settings.models_dir, fetch=True, progress=True).path))
 
 
 @app.command("rm")
@@ -102,7 +105,7 @@ def recommend_cmd(
             {"family": r.family.name, "choice": r.choice.to_json() if r.choice else None, "error": r.error}
             for r in recs
         ]
-        out.print(json.dumps(data))
+        print_plain(json.dumps(data))
         return
     console.print(cap.describe())
     table = Table(title="recommendation")

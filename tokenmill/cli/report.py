@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         job: Annotated[str, typer.Argument(help="Job id (or a unique prefix)")],
         output: Annotated[
             Path | None,
-            typer.Option("--output", "-o", help="HTML report to write [default: report.html unless --png is given]"),
+            typer.Option("--output", "-o", help="HTML report to write (default report.html, unless only --png is given)"),
         ] = None,
         png: Annotated[
             Path | None, typer.Option("--png", help="Also (or only) write each plot as a PNG file into this folder")
@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
 
         if output is None and png is None:
             output = Path("report.html")
-        store = open_store(settings_from(ctx), migrate=False)
+        store = open_store(settings_from(ctx))
         try:
             written = write_report(
                 store, job, output=output, png_dir=png, cost_per_hour=cost_per_hour, api_price=api_price, ab=ab

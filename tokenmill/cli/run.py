@@ -33,6 +33,16 @@ TemperatureOpt = Annotated[float | None, typer.Option(help="Default temperature 
 ChunkOpt = Annotated[int, typer.Option(help="Rows per chunk (the unit a worker leases)", min=1)]
 SkipOpt = Annotated[bool, typer.Option(help="Run the valid lines; write bad ones to the errors file")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Generate even when an identical answer is stored")]
+TokenBudgetOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Documents only: split files longer than this many tokens (about 4 characters each) into "
+        "'FILE#part-K' rows (default: what a 2048-token context leaves after max_tokens and 256 for the "
+        "template, 1536 with the default max_tokens)",
+        show_default=False,
+    ),
+]
 
 
 def build_submission(
@@ -45,6 +55,7 @@ def build_submission(
     chunk_size: int,
     skip_invalid: bool,
     no_cache: bool,
+    token_budget: int | None = None,
 ) -> Submission:
     base = SamplingParams()
     defaults = SamplingParams(
@@ -60,6 +71,7 @@ def build_submission(
         chunk_size=chunk_size,
         skip_invalid=skip_invalid,
         no_cache=no_cache,
+        token_budget=token_budget,
     )
 
 
@@ -81,6 +93,7 @@ def register(app: typer.Typer) -> None:
         n_seq: Annotated[int | None, typer.Option(help="Sequences decoded together per worker")] = None,
         skip_invalid: SkipOpt = False,
         no_cache: NoCacheOpt = False,
+        token_budget: TokenBudgetOpt = None,
     ) -> None:
         """Run a dataset end to end on this machine; the same command again resumes.
 
@@ -88,7 +101,7 @@ def register(app: typer.Typer) -> None:
         """
         settings = settings_from(ctx)
         sub = build_submission(
-            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache
+            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget
         )
         output = output or default_output(path, "results")
         errors = errors or default_output(path, "errors")
