@@ -78,6 +78,10 @@ class JobNotFound(StoreError):
     """No job with that id (or unique id prefix) exists."""
 
 
+class NoResultsYet(StoreError):
+    """The job exists but no row has finished, so a report has nothing to measure yet."""
+
+
 class RequestTooLong(TokenmillError):
     """A single row cannot fit the model's context window; the row fails, the job goes on."""
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from tokenmill import __version__
-from tokenmill.cli import fleet, jobs, models, run
+from tokenmill.cli import fleet, jobs, models, report, run
 from tokenmill.cli.common import console, setup_logging
 from tokenmill.config import Settings, mask_text
 from tokenmill.errors import ConfigError, TokenmillError
@@ -51,6 +51,7 @@ def version() -> None:
 run.register(app)
 jobs.register(app)
 fleet.register(app)
+report.register(app)
 app.add_typer(models.app, name="models")
 
 

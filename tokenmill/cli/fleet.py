@@ -166,5 +166,5 @@ def register(app: typer.Typer) -> None:
 
         Example: TOKENMILL_DATABASE_URL=postgresql://tm@db/tokenmill tokenmill migrate
         """
-        store = open_store(settings_from(ctx), migrate=True)
+        store = open_store(settings_from(ctx))
         console.print(f"store {store.masked_url} is at the latest schema")

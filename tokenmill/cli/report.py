@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
         job: Annotated[str, typer.Argument(help="Job id (or a unique prefix)")],
         output: Annotated[
             Path | None,
-            typer.Option("--output", "-o", help="HTML report to write (default report.html, unless only --png is given)"),
+            typer.Option(
+                "--output", "-o", help="HTML report to write (default report.html, unless only --png is given)"
+            ),
         ] = None,
         png: Annotated[
             Path | None, typer.Option("--png", help="Also (or only) write each plot as a PNG file into this folder")

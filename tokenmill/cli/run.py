@@ -11,6 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tokenmill.cache import close_answered_chunks, prefill
 from tokenmill.celery_app import make_app
 from tokenmill.cli.common import console, default_output, open_store, out, settings_from
 from tokenmill.datasets import SamplingParams
@@ -18,10 +19,12 @@ from tokenmill.errors import DatasetError, JobIncomplete, ModelError
 from tokenmill.output import export
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.scheduler.submit import Submission, job_key, model_route, submit_dataset
-from tokenmill.store import Store
+from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
+from tokenmill.workers.capacity import detect
 from tokenmill.workers.local import LocalFleet, default_worker_count
+from tokenmill.workers.selection import WorkerOptions, select_model
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Catalog name[:variant] or path to a .gguf file")]
 TemplateOpt = Annotated[
@@ -109,6 +112,7 @@ def register(app: typer.Typer) -> None:
         if not path.exists():
             raise DatasetError(str(path), "no such file or directory")
         store = open_store(settings)
+        started = time.monotonic()
         key = job_key(path, model, sub.options())
         with store.session() as s:
             existing = store_jobs.find_resumable(s, key)
@@ -120,16 +124,26 @@ def register(app: typer.Typer) -> None:
             console.print(f"job {job_id}: {rows} rows" + (f", {invalid} invalid lines → {errors}" if invalid else ""))
         count, each = default_worker_count()
         count = workers or count
+        # Resolve (fetch, verify) the model once here, so local workers do not race for it, and answer
+        # rows an identical earlier request already answered before any worker starts.
+        sel = select_model(settings, WorkerOptions(model=model, n_seq=n_seq, share=count), detect())
+        if not no_cache:
+            served = prefill(store, job_id, sel.model_id)
+            if served:
+                close_answered_chunks(store, job_id)
+                console.print(f"{served} rows answered from the result cache")
+        with store.session() as s:
+            fleet_needed = leases.unfinished_chunks(s, job_id) > 0
         fleet = LocalFleet(settings, model, count, threads or each, n_seq=n_seq)
         app_ = make_app(settings)
         dispatcher = Dispatcher(store, app_, settings)
         stop = threading.Event()
         loop = threading.Thread(target=dispatcher.run, args=(stop, job_id), daemon=True)
-        started = time.monotonic()
-        fleet.start()
+        if fleet_needed:
+            fleet.start()
         loop.start()
         try:
-            _watch(store, job_id, fleet, dispatcher)
+            _watch(store, job_id, fleet if fleet_needed else None)
         finally:
             stop.set()
             loop.join(timeout=10)
@@ -143,7 +157,7 @@ def register(app: typer.Typer) -> None:
             raise JobIncomplete(f"{bad} of {ok + bad} rows failed; see {errors}")
 
 
-def _watch(store: Store, job_id: str, fleet: LocalFleet, dispatcher: Dispatcher) -> None:
+def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -164,7 +178,7 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet, dispatcher: Dispatcher)
             bar.update(task, total=prog.total, completed=prog.done, tps=f"{info['tokens_per_second']:.1f}")
             if state not in ("queued", "running"):
                 return
-            if fleet.alive() == 0:
+            if fleet is not None and fleet.alive() == 0:
                 reason = failed_workers[-1].error if failed_workers else "see .tokenmill/logs/"
                 raise ModelError(f"every local worker exited before the job finished: {reason}")
             time.sleep(0.3)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.celery_app import make_app, queue_for
@@ -25,24 +24,15 @@ from tokenmill.errors import ModelError, TokenmillError
 from tokenmill.store import Store
 from tokenmill.store import workers as store_workers
 from tokenmill.workers import runtime as worker_runtime
+from tokenmill.workers.capacity import Capacity
 from tokenmill.workers.engine import Engine
 from tokenmill.workers.metrics import WorkerMetrics, start_metrics_server
+from tokenmill.workers.selection import DEFAULT_N_SEQ, ModelSelection, WorkerOptions, select_model
+
+__all__ = ["WorkerOptions", "load_engine", "serve", "supervise"]
 
 log = logging.getLogger(__name__)
 EXIT_MODEL_FAILED = 4
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    model: str = "smollm2-135m-instruct"
-    concurrency: int = 1
-    threads: int | None = None
-    n_seq: int | None = None
-    n_ctx: int = 2048
-    gpu: bool | None = None
-    name: str | None = None
-    metrics_port: int | None = None
-    share: int = 1  # how many tokenmill worker processes split this host
 
 
 def _engine_factory() -> Any:
@@ -56,61 +46,22 @@ def _engine_factory() -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def load_engine(settings: Settings, opts: WorkerOptions, capacity: Any) -> tuple[Engine, str, str, Any]:
-    """Resolve, verify and load the best variant that fits; (engine, model_id, family, choice)."""
-    from tokenmill.models.catalog import get_family, parse_model_ref
-    from tokenmill.models.resolve import looks_like_path, obtainable_predicate, resolve_model
-    from tokenmill.models.sizing import choose_variant
-
-    n_seq = opts.n_seq or 8
-    choice = None
-    if looks_like_path(opts.model):
-        resolved = resolve_model(opts.model, settings.models_dir, fetch=False)
-    else:
-        family_name, quant = parse_model_ref(opts.model)
-        if opts.gpu is False:
-            capacity = capacity.without_gpus()
-        sources = ("local", "registry") if os.environ.get("HF_HUB_OFFLINE") in ("1", "true") else None
-        can_get = obtainable_predicate(settings.models_dir, **({"sources": sources} if sources else {}))
-        failed: dict[str, str] = {}
-        while True:
-            try:
-                choice = choose_variant(
-                    get_family(family_name),
-                    capacity,
-                    share=opts.share,
-                    n_ctx=opts.n_ctx,
-                    n_seq=n_seq,
-                    pinned=quant,
-                    obtainable=lambda v: v.label not in failed and can_get(v),
-                )
-            except ModelError:
-                if not failed:
-                    raise
-                raise ModelError("; ".join(f"{label}: {why}" for label, why in failed.items())) from None
-            try:
-                resolved = resolve_model(choice.variant.label, settings.models_dir, fetch=True)
-                break
-            except ModelError as exc:
-                # The best fit may be unreachable (no hub access, corrupt download): take the next best.
-                if quant is not None:
-                    raise
-                failed[choice.variant.label] = str(exc)
-                log.warning("cannot obtain %s (%s); trying the next variant", choice.variant.label, exc)
+def load_engine(settings: Settings, opts: WorkerOptions, capacity: Capacity) -> tuple[Engine, ModelSelection]:
+    """Choose, fetch, verify and load the variant that fits this worker."""
+    sel = select_model(settings, opts, capacity)
+    choice = sel.choice
     threads = opts.threads or (choice.n_threads if choice is not None else max(1, (os.cpu_count() or 1) // opts.share))
     gpu_layers = choice.n_gpu_layers if choice is not None else (-1 if opts.gpu else 0)
     factory = _engine_factory()
     engine = factory(
-        resolved.path,
-        resolved.variant_label,
+        sel.resolved.path,
+        sel.resolved.variant_label,
         n_ctx_per_seq=opts.n_ctx,
-        n_seq=n_seq,
+        n_seq=opts.n_seq or DEFAULT_N_SEQ,
         n_threads=threads,
         n_gpu_layers=gpu_layers,
     )
-    model_id = resolved.sha256 or resolved.variant_label
-    family_queue = resolved.family if choice is not None else f"file-{resolved.family}"
-    return engine, model_id, family_queue, choice
+    return engine, sel
 
 
 def serve(settings: Settings, opts: WorkerOptions) -> int:
@@ -138,7 +89,7 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
         queues=[],
     )
     try:
-        engine, model_id, family, choice = load_engine(settings, opts, capacity)
+        engine, sel = load_engine(settings, opts, capacity)
     except (TokenmillError, OSError, ValueError, RuntimeError) as exc:
         message = mask_text(str(exc))
         log.error("worker %s cannot load %s: %s", worker_id, opts.model, message)
@@ -146,6 +97,7 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
             store_workers.set_state(s, worker_id, "failed", error=message)
         return EXIT_MODEL_FAILED if isinstance(exc, ModelError | OSError | ValueError) else 1
 
+    choice, family, model_id = sel.choice, sel.family_queue, sel.model_id
     quant = engine.variant.split(":", 1)[1] if ":" in engine.variant else None
     queues = [queue_for(family)] + ([queue_for(family, quant)] if quant else [])
     register(

@@ -6,8 +6,6 @@ worker whose model fails to load never takes work.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -16,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from tokenmill.cache import copy_cached, request_hash
 from tokenmill.config import Settings, mask_text
 from tokenmill.datasets import DatasetRow
 from tokenmill.errors import RequestTooLong
@@ -29,15 +28,6 @@ from tokenmill.workers.engine import Engine, Generation
 from tokenmill.workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
-
-
-def request_hash(model_id: str, row: DatasetRow) -> str | None:
-    """Identity of a deterministic request; only temperature-0 rows are cacheable."""
-    if row.params.temperature != 0:
-        return None
-    payload = {k: v for k, v in row.to_payload().items() if k != "source"}
-    blob = json.dumps([model_id, payload], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 @dataclass
@@ -203,32 +193,7 @@ class WorkerRuntime:
         return outcome
 
     def _serve_cached(self, job: Job, row: DatasetRow, seq: int, h: str) -> bool:
-        def attempt() -> bool:
-            with self.store.session() as s:
-                hit = store_results.cached(s, h)
-                if hit is None or hit.job_id == job.id:
-                    return False
-                store_results.write_result(
-                    s,
-                    {
-                        "job_id": job.id,
-                        "seq": seq,
-                        "custom_id": row.custom_id,
-                        "status": "succeeded",
-                        "body": hit.body,
-                        "worker_id": self.worker_id,
-                        "variant": hit.variant,
-                        "timings": {**(hit.timings or {}), "cached_from": hit.job_id, "queue_ms": 0.0},
-                        "prompt_tokens": hit.prompt_tokens,
-                        "completion_tokens": hit.completion_tokens,
-                        "cached": True,
-                        "attempts": 0,
-                        "request_hash": h,
-                    },
-                )
-                return True
-
-        return self.store.retrying(attempt)
+        return self.store.retrying(lambda: copy_cached(self.store, job.id, seq, row, h, self.worker_id))
 
     def _write_success(
         self, job: Job, row: DatasetRow, seq: int, gen: Generation, queue_ms: float, attempt: int, h: str | None

@@ -1,0 +1,107 @@
+"""A/B agreement: how often two variants, run on the same rows, say the same thing.
+
+Exact match is what a pipeline that parses outputs cares about; the difflib ratio says how far apart
+the rest are, and the most different rows are what a person should read before choosing a variant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import heapq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tokenmill.store.tables import Result
+
+if TYPE_CHECKING:
+    from tokenmill.report.data import JobReport
+
+PAGE = 2000
+MOST_DIFFERENT = 10
+
+
+@dataclass
+class ABRow:
+    seq: int
+    custom_id: str
+    a_text: str
+    b_text: str
+    similarity: float
+
+
+@dataclass
+class ABReport:
+    a: JobReport
+    b: JobReport
+    compared: int
+    exact: int
+    mean_similarity: float
+    most_different: list[ABRow]
+    note: str | None = None
+
+    @property
+    def exact_rate(self) -> float:
+        return self.exact / self.compared if self.compared else 0.0
+
+
+def response_text(body: dict[str, Any] | None) -> str:
+    """The generated text of a chat or completions body; empty when the shape is unexpected."""
+    try:
+        choice = (body or {})["choices"][0]
+    except (KeyError, IndexError, TypeError):
+        return ""
+    if not isinstance(choice, dict):
+        return ""
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def _succeeded_texts(s: Session, job_id: str, lo: int, hi: int) -> dict[int, str]:
+    rows = s.execute(
+        select(Result.seq, Result.body).where(
+            Result.job_id == job_id, Result.status == "succeeded", Result.seq >= lo, Result.seq <= hi
+        )
+    ).all()
+    return {seq: response_text(body) for seq, body in rows}
+
+
+def compare_outputs(s: Session, a: JobReport, b: JobReport, *, limit: int = MOST_DIFFERENT) -> ABReport:
+    """Agreement of two jobs' outputs over rows (same seq) that both answered."""
+    compared = exact = 0
+    similarity = 0.0
+    worst: list[tuple[float, int, ABRow]] = []
+    last = -1
+    while True:
+        page = s.execute(
+            select(Result.seq, Result.custom_id, Result.body)
+            .where(Result.job_id == a.job_id, Result.status == "succeeded", Result.seq > last)
+            .order_by(Result.seq)
+            .limit(PAGE)
+        ).all()
+        if not page:
+            break
+        last = page[-1].seq
+        others = _succeeded_texts(s, b.job_id, page[0].seq, last)
+        for seq, custom_id, body in page:
+            if seq not in others:
+                continue
+            ta, tb = response_text(body), others[seq]
+            compared += 1
+            if ta == tb:
+                exact += 1
+                similarity += 1.0
+                continue
+            ratio = difflib.SequenceMatcher(None, ta, tb).ratio()
+            similarity += ratio
+            item = (-ratio, -seq, ABRow(seq, custom_id, ta, tb, ratio))
+            if len(worst) < limit:
+                heapq.heappush(worst, item)
+            elif item > worst[0]:
+                heapq.heapreplace(worst, item)
+    most_different = sorted((row for _, _, row in worst), key=lambda r: (r.similarity, r.seq))
+    note = None if compared else "no row succeeded in both jobs yet, so outputs cannot be compared"
+    return ABReport(a, b, compared, exact, similarity / compared if compared else 0.0, most_different, note)

@@ -1,0 +1,86 @@
+"""Which model file a worker serves: capacity → variant → a verified local file.
+
+Shared by the worker and by `tokenmill run`, which resolves the model once before starting local
+workers (so they do not race to fetch it) and needs the file's identity to answer cached rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from tokenmill.config import Settings
+from tokenmill.errors import ModelError
+from tokenmill.models.catalog import get_family, parse_model_ref
+from tokenmill.models.resolve import ResolvedModel, looks_like_path, obtainable_predicate, resolve_model
+from tokenmill.models.sizing import Choice, choose_variant
+from tokenmill.workers.capacity import Capacity
+
+log = logging.getLogger(__name__)
+DEFAULT_N_SEQ = 8
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    model: str = "smollm2-135m-instruct"
+    concurrency: int = 1
+    threads: int | None = None
+    n_seq: int | None = None
+    n_ctx: int = 2048
+    gpu: bool | None = None
+    name: str | None = None
+    metrics_port: int | None = None
+    share: int = 1  # how many tokenmill worker processes split this host
+
+
+@dataclass(frozen=True)
+class ModelSelection:
+    resolved: ResolvedModel
+    choice: Choice | None  # None for a bare .gguf path: nothing to choose
+
+    @property
+    def model_id(self) -> str:
+        """Identity of the weights for the result cache: the file's sha256 when known."""
+        return self.resolved.sha256 or self.resolved.variant_label
+
+    @property
+    def family_queue(self) -> str:
+        return self.resolved.family if self.choice is not None else f"file-{self.resolved.family}"
+
+
+def select_model(settings: Settings, opts: WorkerOptions, capacity: Capacity) -> ModelSelection:
+    """The best variant that fits and can be obtained; falls back when the best cannot be fetched."""
+    if looks_like_path(opts.model):
+        return ModelSelection(resolve_model(opts.model, settings.models_dir, fetch=False), None)
+    family_name, quant = parse_model_ref(opts.model)
+    if opts.gpu is False:
+        capacity = capacity.without_gpus()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    can_get = obtainable_predicate(
+        settings.models_dir, sources=("local", "registry") if offline else ("local", "registry", "hub")
+    )
+    failed: dict[str, str] = {}
+    while True:
+        try:
+            choice = choose_variant(
+                get_family(family_name),
+                capacity,
+                share=opts.share,
+                n_ctx=opts.n_ctx,
+                n_seq=opts.n_seq or DEFAULT_N_SEQ,
+                pinned=quant,
+                obtainable=lambda v: v.label not in failed and can_get(v),
+            )
+        except ModelError:
+            if not failed:
+                raise
+            raise ModelError("; ".join(f"{label}: {why}" for label, why in failed.items())) from None
+        try:
+            return ModelSelection(resolve_model(choice.variant.label, settings.models_dir, fetch=True), choice)
+        except ModelError as exc:
+            # The best fit may be unreachable (no hub access, corrupt download): take the next best.
+            if quant is not None:
+                raise
+            failed[choice.variant.label] = str(exc)
+            log.warning("cannot obtain %s (%s); trying the next variant", choice.variant.label, exc)
