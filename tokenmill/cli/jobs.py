@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         field: FieldOpt = None,
         max_tokens: MaxTokensOpt = None,
         temperature: TemperatureOpt = None,
-        chunk_size: ChunkOpt = 32,
+        chunk_size: ChunkOpt = None,
         errors: Annotated[Path | None, typer.Option("--errors", help="Where rejected lines go")] = None,
         skip_invalid: SkipOpt = False,
         no_cache: NoCacheOpt = False,

@@ -33,7 +33,9 @@ TemplateOpt = Annotated[
 FieldOpt = Annotated[str | None, typer.Option("--field", help="Take the prompt from this field of each line")]
 MaxTokensOpt = Annotated[int | None, typer.Option(help="Default max_tokens for lines that set none", min=1)]
 TemperatureOpt = Annotated[float | None, typer.Option(help="Default temperature for lines that set none")]
-ChunkOpt = Annotated[int, typer.Option(help="Rows per chunk (the unit a worker leases)", min=1)]
+ChunkOpt = Annotated[
+    int | None, typer.Option(help="Rows per chunk, the unit a worker leases [default: from the data]", min=1)
+]
 SkipOpt = Annotated[bool, typer.Option(help="Run the valid lines; write bad ones to the errors file")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Generate even when an identical answer is stored")]
 TokenBudgetOpt = Annotated[
@@ -55,7 +57,7 @@ def build_submission(
     field: str | None,
     max_tokens: int | None,
     temperature: float | None,
-    chunk_size: int,
+    chunk_size: int | None,
     skip_invalid: bool,
     no_cache: bool,
     token_budget: int | None = None,
@@ -90,7 +92,7 @@ def register(app: typer.Typer) -> None:
         field: FieldOpt = None,
         max_tokens: MaxTokensOpt = None,
         temperature: TemperatureOpt = None,
-        chunk_size: ChunkOpt = 32,
+        chunk_size: ChunkOpt = None,
         workers: Annotated[int | None, typer.Option(help="Local worker processes (default: by cores)")] = None,
         threads: Annotated[int | None, typer.Option(help="Threads per worker process")] = None,
         n_seq: Annotated[int | None, typer.Option(help="Sequences decoded together per worker")] = None,

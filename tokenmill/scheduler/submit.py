@@ -52,6 +52,19 @@ def submit_rows(
         return job.id
 
 
+DEFAULT_CONTEXT = 2048  # a worker's default --n-ctx
+TEMPLATE_ALLOWANCE = 256  # chat markup and the template's own words around {text}
+
+
+def document_token_budget(max_tokens: int, n_ctx: int = DEFAULT_CONTEXT) -> int:
+    """Tokens of document text per row: what is left of the context after the answer and the template.
+
+    A part that fits this budget fits a default worker's context, so a long document becomes several
+    rows that succeed instead of one row that fails with context_length_exceeded.
+    """
+    return max(64, n_ctx - max_tokens - TEMPLATE_ALLOWANCE)
+
+
 @dataclass(frozen=True)
 class Submission:
     """A dataset and how to run it: everything `run` and `submit` agree on."""
@@ -61,9 +74,15 @@ class Submission:
     template: str | None = None
     text_field: str | None = None
     defaults: SamplingParams | None = None
-    chunk_size: int = 32
+    chunk_size: int | None = None  # None: chosen from the dataset's size and line lengths
     skip_invalid: bool = False
     no_cache: bool = False
+    token_budget: int | None = None  # documents only; None: derived from the context and max_tokens
+
+    def document_budget(self) -> int:
+        if self.token_budget is not None:
+            return self.token_budget
+        return document_token_budget((self.defaults or SamplingParams()).max_tokens)
 
     def options(self) -> dict[str, Any]:
         return {
@@ -73,6 +92,7 @@ class Submission:
             "defaults": self.defaults.to_json() if self.defaults else None,
             "chunk_size": self.chunk_size,
             "no_cache": self.no_cache,
+            "token_budget": self.document_budget() if self.path.is_dir() else None,
         }
 
     def rows(self) -> Iterator[DatasetRow | InvalidLine]:
@@ -81,7 +101,9 @@ class Submission:
 
             if not self.template:
                 raise DatasetError(str(self.path), "a folder of documents needs --template")
-            yield from read_documents(self.path, load_template(self.template), defaults=self.defaults)
+            yield from read_documents(
+                self.path, load_template(self.template), token_budget=self.document_budget(), defaults=self.defaults
+            )
             return
         from tokenmill.documents import load_template
 
@@ -107,6 +129,22 @@ def model_route(model: str) -> tuple[str, str | None]:
     family_name, quant = parse_model_ref(model)
     family = get_family(family_name)
     return family.name, family.variant(quant).quant if quant else None
+
+
+def auto_chunk_size(path: Path) -> int:
+    """Rows per chunk from a cheap look at the file: enough chunks to spread a big job over many workers
+    (about 64+), at least 16 rows so a batched worker keeps its sequences full, and fewer rows per chunk
+    when prompts are long so one chunk stays minutes, not hours, of work."""
+    if path.is_dir():
+        return 16
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(256 * 1024)
+    lines = max(1, head.count(b"\n"))
+    mean_line = len(head) / lines
+    rows = size / max(mean_line, 1.0)
+    cap = 256 if mean_line < 1000 else (64 if mean_line < 8000 else 16)
+    return int(max(16, min(cap, rows // 64)))
 
 
 class _Ingest:
@@ -161,7 +199,7 @@ def submit_dataset(
         key=job_key(sub.path, pin or sub.model, sub.options()),
         family=family,
         pinned_quant=quant,
-        chunk_size=sub.chunk_size,
+        chunk_size=sub.chunk_size or auto_chunk_size(sub.path),
         options=sub.options(),
         ab_group=ab_group,
     )
