@@ -1,6 +1,16 @@
 """A stand-in engine for control-plane load tests only: deterministic text, a configurable delay.
 
 Selected with TOKENMILL_ENGINE=tests.stub_engine:StubEngine; never used outside tests/.
+
+Knobs (environment of the worker process), all optional:
+
+- ``TOKENMILL_STUB_DELAY``: seconds per row (default 0.01).
+- ``TOKENMILL_STUB_LOG``: a file that gets one line per generation attempt, ``pid custom_id outcome``
+  (appended with O_APPEND, so several worker processes can share it): lets a test count how often a row
+  was *generated*, not only how often it was *stored*.
+- ``TOKENMILL_STUB_FAIL``: rows whose prompt contains this text raise ``RuntimeError`` (a retryable
+  generation failure) ...
+- ``TOKENMILL_STUB_HEAL``: ... unless this file exists (so a later `tokenmill retry` can succeed).
 """
 
 from __future__ import annotations
@@ -32,6 +42,23 @@ class StubEngine:
         self.n_threads = n_threads or 1
         self.load_ms = 1.0
         self.delay = float(os.environ.get("TOKENMILL_STUB_DELAY", "0.01"))
+        self.log_path = os.environ.get("TOKENMILL_STUB_LOG") or None
+        self.fail_mark = os.environ.get("TOKENMILL_STUB_FAIL") or None
+        self.heal_path = os.environ.get("TOKENMILL_STUB_HEAL") or None
+
+    def _log(self, row: DatasetRow, outcome: str) -> None:
+        if self.log_path is None:
+            return
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{os.getpid()} {row.custom_id} {outcome}\n".encode())
+        finally:
+            os.close(fd)
+
+    def _should_fail(self, text: str) -> bool:
+        if self.fail_mark is None or self.fail_mark not in text:
+            return False
+        return self.heal_path is None or not os.path.exists(self.heal_path)
 
     def generate(self, rows: Sequence[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool]) -> None:
         for row in rows:
@@ -42,6 +69,11 @@ class StubEngine:
                 on_done(row, RequestTooLong(f"prompt is {len(text)} tokens; the model context is {self.n_ctx}"))
                 continue
             time.sleep(self.delay)
+            if self._should_fail(text):
+                self._log(row, "failed")
+                on_done(row, RuntimeError(f"stub engine failure for {row.custom_id}"))
+                continue
+            self._log(row, "generated")
             n = min(row.params.max_tokens, 4)
             on_done(
                 row,

@@ -7,13 +7,28 @@ from __future__ import annotations
 
 from celery import Celery
 
-from tokenmill.config import Settings
+from tokenmill.config import Settings, mask_text, mask_url
+from tokenmill.errors import ServiceUnavailable
 
 TASK_PROCESS_CHUNK = "tokenmill.process_chunk"
 
 
 def queue_for(family: str, pinned_quant: str | None = None) -> str:
     return f"tm.{family}@{pinned_quant}" if pinned_quant else f"tm.{family}"
+
+
+def check_broker(app: Celery, settings: Settings) -> None:
+    """Fail fast, as one clean line with the password masked, when the broker cannot be reached.
+
+    Long-running processes (worker, scheduler) ride out broker outages with backoff; a command a person
+    waits on (`tokenmill run`) must not sit forever behind a wrong URL.
+    """
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5, timeout=5)
+    except Exception as exc:
+        reason = " ".join(mask_text(str(exc) or type(exc).__name__).split())
+        raise ServiceUnavailable(f"broker {mask_url(settings.broker_url)} is unreachable: {reason}") from None
 
 
 def make_app(settings: Settings) -> Celery:
@@ -36,6 +51,7 @@ def make_app(settings: Settings) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         broker_transport_options=transport_options,
@@ -55,5 +71,9 @@ def __getattr__(name: str) -> Celery:
     if name == "app":
         if _edge_app is None:
             _edge_app = make_app(Settings.from_env())
+            # Flower holds one pooled connection for its event receiver and runs its inspect calls
+            # (`/api/workers?refresh=1`, the dashboard) in parallel threads: with the worker's limit of 2
+            # they wait forever for a free connection. Celery's default limit is enough for any edge tool.
+            _edge_app.conf.broker_pool_limit = 10
         return _edge_app
     raise AttributeError(name)

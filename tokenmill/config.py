@@ -71,6 +71,10 @@ class Settings:
     dispatch_interval: float = 0.5
     max_inflight_per_queue: int = 8
     max_row_attempts: int = 3
+    # A chunk marked queued this long without being claimed is queued again: its message may be gone
+    # (a worker killed between receiving and claiming it, a broker that lost messages). None: the default
+    # below, long enough that a healthy queue never triggers it; a duplicate message is harmless anyway.
+    requeue_seconds: float | None = None
 
     def __post_init__(self) -> None:
         data_dir = Path(self.data_dir)
@@ -101,6 +105,8 @@ class Settings:
         values["dispatch_interval"] = _float(env, "DISPATCH_INTERVAL", cls.dispatch_interval)
         values["max_inflight_per_queue"] = int(_float(env, "MAX_INFLIGHT", cls.max_inflight_per_queue))
         values["max_row_attempts"] = int(_float(env, "MAX_ROW_ATTEMPTS", cls.max_row_attempts))
+        if env.get(ENV_PREFIX + "REQUEUE_SECONDS"):
+            values["requeue_seconds"] = _float(env, "REQUEUE_SECONDS", 0.0)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
@@ -108,12 +114,17 @@ class Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
 
     @property
+    def requeue_after(self) -> float:
+        """Seconds before a queued, unclaimed chunk is sent again (see ``requeue_seconds``)."""
+        return self.requeue_seconds or max(4 * self.lease_seconds, 120.0)
+
+    @property
     def embedded(self) -> bool:
         return self.database_url.startswith("sqlite") and self.broker_url.startswith("sqla+sqlite")
 
     def as_env(self) -> dict[str, str]:
         """The variables that hand these settings to a child process (a local worker)."""
-        return {
+        env = {
             ENV_PREFIX + "DATA_DIR": str(self.data_dir),
             ENV_PREFIX + "DATABASE_URL": self.database_url,
             ENV_PREFIX + "BROKER_URL": self.broker_url,
@@ -124,6 +135,9 @@ class Settings:
             ENV_PREFIX + "MAX_INFLIGHT": str(self.max_inflight_per_queue),
             ENV_PREFIX + "MAX_ROW_ATTEMPTS": str(self.max_row_attempts),
         }
+        if self.requeue_seconds:
+            env[ENV_PREFIX + "REQUEUE_SECONDS"] = str(self.requeue_seconds)
+        return env
 
     def describe(self) -> dict[str, str]:
         """Settings for a status view: every URL masked."""

@@ -49,8 +49,16 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
 
 
 def timings(gen: Generation, *, queue_ms: float, load_ms: float) -> dict[str, Any]:
-    """Per-request timings in ms, plus the names people know from Ollama (ns) and llama-server."""
+    """Per-request timings in ms, plus the names people know from Ollama (ns) and llama-server.
+
+    Both servers count only the prompt tokens they actually evaluated (a reused prefix is not
+    evaluated), and ``prompt_eval_ms`` covers exactly those; so ``prompt_eval_count``/``prompt_n`` are
+    the evaluated tokens, ``cache_n`` the reused ones, and their sum is ``usage.prompt_tokens``.
+    Counting the cached tokens too would inflate ``prompt_per_second`` on every prefix-cache hit.
+    """
     ns = 1_000_000
+    cached = min(max(gen.cached_prompt_tokens, 0), gen.prompt_tokens)
+    evaluated = gen.prompt_tokens - cached
     return {
         "queue_ms": round(queue_ms, 3),
         "load_ms": round(load_ms, 3),
@@ -59,22 +67,21 @@ def timings(gen: Generation, *, queue_ms: float, load_ms: float) -> dict[str, An
         "eval_ms": round(gen.eval_ms, 3),
         "total_ms": round(gen.total_ms, 3),
         "tokens_per_second": round(gen.tokens_per_second, 3),
-        "cached_prompt_tokens": gen.cached_prompt_tokens,
+        "cached_prompt_tokens": cached,
         "token_ms": [round(t, 3) for t in gen.token_ms],
         "ollama": {
             "load_duration": int(load_ms * ns),
-            "prompt_eval_count": gen.prompt_tokens,
+            "prompt_eval_count": evaluated,
             "prompt_eval_duration": int(gen.prompt_eval_ms * ns),
             "eval_count": gen.completion_tokens,
             "eval_duration": int(gen.eval_ms * ns),
             "total_duration": int(gen.total_ms * ns),
         },
         "llama_server": {
-            "prompt_n": gen.prompt_tokens,
+            "cache_n": cached,
+            "prompt_n": evaluated,
             "prompt_ms": round(gen.prompt_eval_ms, 3),
-            "prompt_per_second": round(gen.prompt_tokens / (gen.prompt_eval_ms / 1000), 3)
-            if gen.prompt_eval_ms > 0
-            else 0.0,
+            "prompt_per_second": round(evaluated / (gen.prompt_eval_ms / 1000), 3) if gen.prompt_eval_ms > 0 else 0.0,
             "predicted_n": gen.completion_tokens,
             "predicted_ms": round(gen.eval_ms, 3),
             "predicted_per_second": round(gen.tokens_per_second, 3),

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from tokenmill import __version__
 from tokenmill.cli import fleet, jobs, models, report, run
@@ -55,11 +56,34 @@ report.register(app)
 app.add_typer(models.app, name="models")
 
 
+def one_line(message: str) -> str:
+    """An error as exactly one line for stderr: URL passwords masked, newlines folded, rich markup escaped
+    (a file named ``data[x].jsonl`` must not be read as a style, nor break the message)."""
+    return escape(" ".join(mask_text(message).split()))
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Usage errors (unknown option, ``--chunk-size 0``): typer >= 0.2x raises its vendored copy of click's
+    ClickException (``typer._click``), which is not ``click.ClickException``; both must print one usage line,
+    not a traceback."""
+    import click
+
+    found: list[type[Exception]] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+    except ImportError:  # a typer that uses the click package itself
+        pass
+    else:
+        found.append(VendoredClickException)
+    return tuple(found)
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except TokenmillError as exc:
-        console.print(f"[red]error:[/red] {mask_text(str(exc))}", markup=True)
+        # soft_wrap: never folded at the terminal width (80 columns when stderr is a file or a pipe).
+        console.print(f"[red]error:[/red] {one_line(str(exc))}", markup=True, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted")
@@ -70,13 +94,12 @@ def main() -> None:
         console.print("aborted")
         sys.exit(130)
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+        if isinstance(exc, _click_errors()):
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         raise
-    sys.exit(0)
+    # Without standalone mode, click hands back `raise typer.Exit(code)` as a return value (worker exit codes).
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["ConfigError", "app", "main"]

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from tokenmill.cli.common import console, open_store, out, print_plain, settings_from
 from tokenmill.cli.run import (
@@ -24,7 +25,8 @@ from tokenmill.cli.run import (
     TokenBudgetOpt,
     build_submission,
 )
-from tokenmill.errors import JobIncomplete, UsageError
+from tokenmill.cli.watch import add_id_column
+from tokenmill.errors import DatasetError, JobIncomplete, UsageError
 from tokenmill.output import export
 from tokenmill.scheduler.submit import model_route, submit_dataset
 from tokenmill.store import Store
@@ -69,6 +71,8 @@ def register(app: typer.Typer) -> None:
             pins = [p if ":" in p else f"{family}:{p}" for p in parts]
         for pin in pins:
             model_route(pin or model)
+        if not path.exists():  # before the store is touched, as `run` does
+            raise DatasetError(str(path), "no such file or directory")
         store = open_store(settings)
         group = uuid.uuid4().hex[:12] if ab else None
         ids = []
@@ -174,13 +178,14 @@ def register(app: typer.Typer) -> None:
 
 def _jobs_table(store: Store) -> None:
     table = Table(title="jobs")
-    for col in ("id", "state", "model", "rows", "done", "failed", "tok/s", "name"):
-        table.add_column(col)
+    add_id_column(table, "id")
+    for col in ("state", "model", "rows", "done", "failed", "tok/s", "name"):
+        table.add_column(col, overflow="fold")
     with store.session() as s:
         for j in store_jobs.list_jobs(s):
             info = store_jobs.progress(s, j).to_json()
             table.add_row(
                 j.id, j.state, j.pinned_variant or j.family, str(j.total_rows), str(info["done"]),
-                str(info["failed"]), f"{info['tokens_per_second']:.1f}", j.name,
+                str(info["failed"]), f"{info['tokens_per_second']:.1f}", Text(j.name),  # a path, not markup
             )  # fmt: skip
     out.print(table)

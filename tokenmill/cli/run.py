@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tokenmill.cache import close_answered_chunks, prefill
-from tokenmill.celery_app import make_app
+from tokenmill.celery_app import check_broker, make_app
 from tokenmill.cli.common import console, default_output, open_store, out, settings_from
 from tokenmill.datasets import SamplingParams
 from tokenmill.errors import DatasetError, JobIncomplete, ModelError
@@ -114,6 +114,8 @@ def register(app: typer.Typer) -> None:
         if not path.exists():
             raise DatasetError(str(path), "no such file or directory")
         store = open_store(settings)
+        app_ = make_app(settings)
+        check_broker(app_, settings)
         started = time.monotonic()
         key = job_key(path, model, sub.options())
         with store.session() as s:
@@ -137,7 +139,6 @@ def register(app: typer.Typer) -> None:
         with store.session() as s:
             fleet_needed = leases.unfinished_chunks(s, job_id) > 0
         fleet = LocalFleet(settings, model, count, threads or each, n_seq=n_seq)
-        app_ = make_app(settings)
         dispatcher = Dispatcher(store, app_, settings)
         stop = threading.Event()
         loop = threading.Thread(target=dispatcher.run, args=(stop, job_id), daemon=True)

@@ -7,6 +7,7 @@ import time
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from tokenmill.cli.common import out
 from tokenmill.config import Settings
@@ -24,6 +25,12 @@ def _eta(remaining: int, rows_per_s: float) -> str:
     return f"{secs // 3600}h{secs % 3600 // 60:02d}m" if secs >= 3600 else f"{secs // 60}m{secs % 60:02d}s"
 
 
+def add_id_column(table: Table, name: str) -> None:
+    """Job ids are what people copy into the next command: never cut them to "8a5778ebc…" on a narrow
+    terminal; the other columns fold instead."""
+    table.add_column(name, no_wrap=True, min_width=16)
+
+
 class WatchState:
     """Remembers the previous poll so rates are over the refresh interval, not the whole run."""
 
@@ -34,11 +41,12 @@ class WatchState:
         now = time.time()
         lost_after = max(3 * settings.heartbeat_seconds, 10.0)
         jobs_t = Table(title="jobs", expand=True)
-        for col in ("job", "state", "model", "done", "failed", "total", "tok/s", "ETA"):
-            jobs_t.add_column(col)
+        add_id_column(jobs_t, "job")
+        for col in ("state", "model", "done", "failed", "total", "tok/s", "ETA"):
+            jobs_t.add_column(col, overflow="fold")
         workers_t = Table(title="workers", expand=True)
         for col in ("host", "pid", "state", "variant", "chunk", "tok/s", "rows", "heartbeat"):
-            workers_t.add_column(col)
+            workers_t.add_column(col, overflow="fold")
         with store.session() as s:
             jobs = [store_jobs.get_job(s, job_ref)] if job_ref else store_jobs.list_jobs(s, limit=15)
             for j in jobs:
@@ -58,7 +66,7 @@ class WatchState:
                 tps = (w.tokens_generated - prev_tokens) / (now - prev_t) if now > prev_t else 0.0
                 self.worker_tokens[w.id] = (now, w.tokens_generated)
                 workers_t.add_row(
-                    w.host, str(w.pid), state + (f" ({w.error})" if w.error else ""), w.variant or "-",
+                    w.host, str(w.pid), Text(state + (f" ({w.error})" if w.error else "")), w.variant or "-",
                     str(w.current_chunk or "-"), f"{tps:.1f}", str(w.rows_done), f"{now - w.heartbeat_at:.0f}s ago",
                 )  # fmt: skip
         return Group(jobs_t, workers_t)

@@ -6,23 +6,61 @@ once, and jobs on the same queue share the fleet (the job with the fewest chunks
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from collections import defaultdict
+from typing import Any
 
 from celery import Celery
-from sqlalchemy import exists, select
+from sqlalchemy import exists, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from tokenmill.celery_app import TASK_PROCESS_CHUNK
-from tokenmill.config import Settings, mask_text
+from tokenmill.config import Settings, mask_text, mask_url
 from tokenmill.store import Store, leases
 from tokenmill.store.tables import Chunk, Job, Result
 from tokenmill.store.workers import live_serving
 
 log = logging.getLogger(__name__)
+
+
+class BrokerWatch:
+    """Notices a Redis broker that lost its data: restarted without persistence, flushed, failed over to
+    an empty replica. Every message in it is gone then, and chunks the store marks queued would wait for
+    ``requeue_after`` (minutes) before anyone sent them again.
+
+    A marker key is set in the broker's database; when it is missing, the data is gone (or this is the
+    first scheduler ever to use this broker, when nothing is queued anyway). SET NX tells exactly one
+    scheduler per store (the key names the store, should two deployments share a Redis database).
+    Brokers that keep their messages (kombu's SQL transport) need no watch.
+    """
+
+    def __init__(self, broker_url: str, database_url: str) -> None:
+        self.broker_url = broker_url
+        self.enabled = broker_url.startswith(("redis://", "rediss://"))
+        self.key = "tokenmill:broker-marker:" + hashlib.sha256(database_url.encode()).hexdigest()[:16]
+        self._client: Any = None
+
+    def lost_messages(self) -> bool:
+        """True once per loss of the broker's data; False when it is unreachable (the send will say so)."""
+        if not self.enabled:
+            return False
+        import redis
+
+        try:
+            if self._client is None:
+                self._client = redis.Redis.from_url(self.broker_url, socket_timeout=5, socket_connect_timeout=5)
+            return bool(self._client.set(self.key, str(time.time()), nx=True))
+        except (redis.RedisError, OSError) as exc:
+            log.debug("broker watch: %s", mask_text(str(exc)))
+            return False
+        except ValueError as exc:  # a URL redis-py cannot parse (kombu may still): no watch, not no scheduler
+            log.warning("cannot watch broker %s for lost messages: %s", mask_url(self.broker_url), mask_text(str(exc)))
+            self.enabled = False
+            return False
 
 
 class Dispatcher:
@@ -31,13 +69,21 @@ class Dispatcher:
         self.app = app
         self.settings = settings
         self.lost_after = max(3 * settings.heartbeat_seconds, 10.0)
+        self.broker_watch = BrokerWatch(settings.broker_url, settings.database_url)
+        self._broker_emptied = False  # set until a pass has committed the requeue (the store may be down too)
 
     def tick(self) -> int:
         """One pass; returns how many chunks were sent."""
+        self._broker_emptied = self.broker_watch.lost_messages() or self._broker_emptied
+        broker_emptied = self._broker_emptied
         with self.store.session() as s:
             expired = leases.expire(s, self.lost_after)
-            stale = leases.requeue_stale(s, older_than=max(4 * self.settings.lease_seconds, 120.0))
-            if expired or stale:
+            # After the broker lost its messages, every queued chunk is sent again now (duplicates of
+            # messages that did survive are harmless: a chunk is claimed once); otherwise only old ones.
+            stale = leases.requeue_stale(s, older_than=0.0 if broker_emptied else self.settings.requeue_after)
+            if broker_emptied and stale:
+                log.warning("broker %s lost its messages; queueing %d chunks again", self._masked_broker(), stale)
+            elif expired or stale:
                 log.info("reopened %d expired and %d stale chunks", expired, stale)
             self._finish_jobs(s)
             active = list(s.scalars(select(Job).where(Job.state.in_(("queued", "running"))).order_by(Job.created_at)))
@@ -56,9 +102,30 @@ class Dispatcher:
                     if job.state == "queued" and any(j == job.id for _, j, _ in to_send):
                         job.state = "running"
                         job.started_at = job.started_at or time.time()
-        for queue, job_id, chunk_id in to_send:
-            self.app.send_task(TASK_PROCESS_CHUNK, args=[job_id, chunk_id], queue=queue)
+        self._broker_emptied = False
+        for i, (queue, job_id, chunk_id) in enumerate(to_send):
+            try:
+                self.app.send_task(TASK_PROCESS_CHUNK, args=[job_id, chunk_id], queue=queue)
+            except Exception:
+                # Marked queued but never sent: hand them back now rather than after requeue_after.
+                self._unqueue([c for _, _, c in to_send[i:]])
+                raise
         return len(to_send)
+
+    def _unqueue(self, chunk_ids: list[int]) -> None:
+        try:
+            with self.store.session() as s:
+                s.execute(
+                    update(Chunk)
+                    .where(Chunk.id.in_(chunk_ids), Chunk.state == "queued")
+                    .values(state="pending")
+                    .execution_options(synchronize_session=False)
+                )
+        except (OperationalError, DBAPIError) as exc:  # the stale requeue will get them later
+            log.warning("could not reopen unsent chunks: %s", mask_text(str(exc.orig)).splitlines()[0])
+
+    def _masked_broker(self) -> str:
+        return self.settings.describe()["broker_url"]
 
     def _fair_share(self, s: Session, queue: str, jobs: list[Job], slots: int) -> list[tuple[str, str, int]]:
         """Round-robin the free slots over the queue's jobs, oldest first."""

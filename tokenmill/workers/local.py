@@ -14,6 +14,9 @@ import psutil
 
 from tokenmill.config import Settings
 
+# Set by a parent that starts workers (`run`, `worker --concurrency N`): the worker stops when it dies.
+PARENT_PID_ENV = "TOKENMILL_PARENT_PID"
+
 
 def default_worker_count() -> tuple[int, int]:
     """(processes, threads each): batched decoding wants whole cores per process, ~4 per process."""
@@ -44,7 +47,10 @@ class LocalFleet:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.settings.as_env(), **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ, **self.settings.as_env(), **self.extra_env,
+            "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid()),
+        }  # fmt: skip
         for i in range(self.count):
             args = [
                 sys.executable, "-m", "tokenmill.cli", "worker",

@@ -14,9 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from typing import Any
+
+from celery import signals
 
 from tokenmill.celery_app import make_app, queue_for
 from tokenmill.config import Settings, mask_text
@@ -26,6 +29,7 @@ from tokenmill.store import workers as store_workers
 from tokenmill.workers import runtime as worker_runtime
 from tokenmill.workers.capacity import Capacity
 from tokenmill.workers.engine import Engine
+from tokenmill.workers.local import PARENT_PID_ENV
 from tokenmill.workers.metrics import WorkerMetrics, start_metrics_server
 from tokenmill.workers.selection import DEFAULT_N_SEQ, ModelSelection, WorkerOptions, select_model
 
@@ -68,6 +72,7 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
     """Run one worker process until it is told to stop; the exit code says how it ended."""
     from tokenmill.workers.capacity import detect
 
+    _exit_with_parent()
     store = Store(settings.database_url)
     store.retrying(store.migrate)
     capacity = detect()
@@ -117,6 +122,9 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
     )
     worker_runtime.install(rt)
     rt.start()
+    # A warm shutdown (SIGTERM, Ctrl-C, the parent gone) stops the chunk at the next row and reopens it
+    # at once; Celery alone would wait for the whole chunk, often past the grace period before SIGKILL.
+    signals.worker_shutting_down.connect(lambda **_: rt.stop_current("shutdown"), weak=False)
     if opts.metrics_port:
         metrics.bind_queue_depth(store, worker_id)
         start_metrics_server(opts.metrics_port, metrics)
@@ -146,14 +154,37 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
         engine.close()
 
 
+def _exit_with_parent() -> None:
+    """Stop this worker when the process that started it dies (``TOKENMILL_PARENT_PID``).
+
+    `tokenmill run` starts its local workers in their own process groups (so Ctrl-C reaches `run`, which
+    stops them in order) and `worker --concurrency N` supervises its children; if that parent is killed
+    (kill -9, OOM killer, a closed terminal), the children would live on as orphans holding a model and
+    taking chunks forever, and the next `run` would start a second set beside them. Orphans notice the
+    new parent pid within a second and send themselves SIGTERM: a warm shutdown that reopens their chunk.
+    """
+    raw = os.environ.get(PARENT_PID_ENV, "")
+    if not raw.isdigit() or int(raw) != os.getppid():
+        return  # not started by a tokenmill parent (or started through a wrapper): nothing to watch
+
+    def watch(parent: int) -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.warning("parent process %d is gone; stopping this worker", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, args=(int(raw),), name="tokenmill-parent-watch", daemon=True).start()
+
+
 def supervise(argv: list[str], count: int, threads_each: int | None) -> int:
     """Start ``count`` single-process workers and pass signals on; ends when they all have."""
     children: list[subprocess.Popen[bytes]] = []
+    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
     for _ in range(count):
         args = [sys.executable, "-m", "tokenmill.cli", "worker", *argv, "--concurrency", "1", "--share", str(count)]
         if threads_each:
             args += ["--threads", str(threads_each)]
-        children.append(subprocess.Popen(args))
+        children.append(subprocess.Popen(args, env=env))
 
     def forward(signum: int, _frame: Any) -> None:
         for child in children:

@@ -36,7 +36,7 @@ class ChunkOutcome:
     generated: int = 0
     cached: int = 0
     failed: int = 0
-    stopped: str | None = None  # "cancelled" | "lease_lost"
+    stopped: str | None = None  # "cancelled" | "lease_lost" | "shutdown"
 
 
 @dataclass
@@ -76,6 +76,17 @@ class WorkerRuntime:
         self._closing.set()
         self._beat.join(timeout=5)
 
+    def stop_current(self, reason: str = "shutdown") -> None:
+        """Stop the chunk in progress at the next row boundary and hand its lease back (warm shutdown).
+
+        Called from a signal handler (SIGTERM, or a local worker whose parent died), so it only sets a flag:
+        the rows already written stay, the rest of the chunk is reopened at once instead of waiting for the
+        lease to run out, and shutdown does not wait for a long chunk to finish.
+        """
+        cur = self._current
+        if cur is not None and cur.stop_reason is None:
+            cur.stop_reason = reason
+
     def _heartbeat_loop(self) -> None:
         """Keep the worker visible, keep the current lease alive, and notice cancel or a lost lease."""
         interval = min(self.settings.heartbeat_seconds, 1.0)
@@ -102,10 +113,14 @@ class WorkerRuntime:
             except (OperationalError, DBAPIError) as exc:
                 log.warning("heartbeat failed: %s", mask_text(str(exc.orig)).splitlines()[0])
                 self.store.engine.dispose()
+            except Exception as exc:  # this thread must outlive any error, or our leases expire under us
+                log.warning("heartbeat failed: %s: %s", type(exc).__name__, mask_text(str(exc)))
+                self.store.engine.dispose()
 
     def process_chunk(self, job_id: str, chunk_id: int) -> ChunkOutcome:
         chunk, job = self.store.retrying(lambda: self._claim(chunk_id, job_id))
         if chunk is None or job is None:
+            log.info("chunk %s of job %s not claimed (done, cancelled, or leased by another worker)", chunk_id, job_id)
             return ChunkOutcome(claimed=False)
         cur = _Current(job_id=job_id, chunk_id=chunk_id)
         with self._lock:
@@ -185,11 +200,15 @@ class WorkerRuntime:
         self.metrics.cached.inc(outcome.cached)
 
         outcome.stopped = cur.stop_reason
-        with self.store.session() as s:
-            if cur.stop_reason is None:
-                leases.complete(s, chunk.id, self.worker_id)
-            elif cur.stop_reason == "cancelled":
-                leases.release(s, chunk.id, self.worker_id)
+
+        def finish() -> None:
+            with self.store.session() as s:
+                if cur.stop_reason is None:
+                    leases.complete(s, chunk.id, self.worker_id)
+                elif cur.stop_reason in ("cancelled", "shutdown"):
+                    leases.release(s, chunk.id, self.worker_id)
+
+        self.store.retrying(finish)
         return outcome
 
     def _serve_cached(self, job: Job, row: DatasetRow, seq: int, h: str) -> bool:

@@ -1,0 +1,496 @@
+"""The llama.cpp engine: continuous batching over one llama_context with one KV stream per sequence.
+
+llama-cpp-python's ``Llama`` decodes a single sequence, so this engine drives the low-level API the way
+llama.cpp's ``examples/parallel`` does: up to ``n_seq`` rows are in flight, every ``llama_decode`` call
+feeds one token per generating row plus prompt chunks of newly admitted rows, and a finished row's slot
+is cleared and refilled at once.
+
+KV layout: the context is created with ``kv_unified = False`` and ``n_seq_max = n_seq (+1)``, which
+gives every sequence its own KV stream of ``n_ctx_per_seq`` cells (llama.cpp splits ``n_ctx`` evenly,
+rounded up to 256), so attention only spans a row's own tokens and every row really has the full
+per-request context. The extra stream holds the shared prompt prefix (see :mod:`.prefix`); copying it
+into a row is a whole-stream buffer copy, much cheaper than re-evaluating the prefix. llama.cpp only
+puts consecutive seq_ids in one forward pass, so once nothing is left to admit, rows are moved down to
+close the gaps finished rows leave (see ``_compact``).
+
+``llama_cpp`` is imported in the constructor only: importing this module in a parent that forks must
+not initialise ggml backends (or CUDA).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenmill.datasets import CHAT, DatasetRow
+from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong
+from tokenmill.workers.engine import Generation, OnDone
+from tokenmill.workers.prefix import best_shared_prefix, common_prefix_len
+from tokenmill.workers.sampling import TextAccumulator, make_sampler
+
+log = logging.getLogger(__name__)
+
+MIN_SHARED_PREFIX = 16  # below this, copying a whole KV stream costs about what re-evaluating would
+
+
+@dataclass
+class _Seq:
+    """One row in flight in KV stream ``seq_id``."""
+
+    seq_id: int
+    row: DatasetRow
+    prompt: list[int]
+    max_tokens: int
+    sampler: Any
+    text: TextAccumulator
+    cached: int
+    n_past: int
+    feed: list[int]  # tokens still to decode: the prompt's remainder, then the last sampled token
+    admitted: float
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    prompt_eval_ms: float = 0.0
+    n_generated: int = 0
+    token_ms: list[float] = field(default_factory=list)
+    out_idx: int = -1  # batch index whose logits this sequence samples from after the current decode
+    n_fed: int = 0  # tokens of ``feed`` placed in the current batch
+
+
+class LlamaEngine:
+    """A GGUF model loaded once per worker process, serving rows with continuous batching.
+
+    ``n_ctx`` is the context one row gets (prompt + max_tokens), capped at the model's training context.
+    A row whose prompt + ``max_tokens`` does not fit is refused with :class:`RequestTooLong`, as
+    OpenAI and vLLM refuse it (HTTP 400) rather than silently truncating the completion: a batch result
+    cut short by the context would look like a model answer.
+
+    ``prefix_cache`` costs one more KV stream (memory for ``n_seq + 1`` streams of ``n_ctx`` tokens) and
+    saves re-evaluating a shared prompt head for every row. ``flash_attn`` defaults to on because it is
+    the faster kernel on CPU; llama-cpp-python's ``Llama`` defaults to off, and at temperature 0 the two
+    kernels can pick different tokens, so pass ``flash_attn=False`` to reproduce a default ``Llama``.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        variant: str,
+        *,
+        n_ctx_per_seq: int = 2048,
+        n_seq: int = 8,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        n_batch: int = 512,
+        prefix_cache: bool = True,
+        flash_attn: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        started = time.perf_counter()
+        if n_seq < 1 or n_ctx_per_seq < 16:
+            raise ValueError("n_seq must be >= 1 and n_ctx_per_seq >= 16")
+        self.variant = variant
+        self.n_seq = n_seq
+        self._ctx: Any = None
+        self._model: Any = None
+        self._batch: Any = None
+        self._prefix: list[int] = []
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
+        self._formatter: Any = None
+        path = Path(model_path)
+        if not path.is_file():
+            raise ModelLoadError(f"model file {path} does not exist")
+        if not verbose:
+            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        L: Any = importlib.import_module("llama_cpp")
+        self._L = L
+        L.llama_backend_init()
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self._model = L.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
+        if not self._model:
+            raise ModelLoadError(f"llama.cpp could not load {path} (not a GGUF file, or not enough memory)")
+        if L.llama_model_has_encoder(self._model):
+            self.close()
+            raise ModelLoadError(f"{path} is an encoder-decoder model; tokenmill serves decoder-only models")
+        if L.llama_model_is_recurrent(self._model) or L.llama_model_is_hybrid(self._model):
+            prefix_cache = False  # recurrent state cannot be cut back to a prefix
+        self.prefix_cache = prefix_cache
+        self._vocab = L.llama_model_get_vocab(self._model)
+        self.n_ctx = min(n_ctx_per_seq, int(L.llama_model_n_ctx_train(self._model)) or n_ctx_per_seq)
+        self._prefix_seq = n_seq if prefix_cache else -1
+        n_streams = n_seq + (1 if prefix_cache else 0)
+        self._n_batch = max(n_batch, n_seq)
+        threads = n_threads or _physical_cores()
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = _round_up(self.n_ctx, 256) * n_streams
+        cparams.n_seq_max = n_streams
+        cparams.kv_unified = False
+        cparams.n_batch = self._n_batch
+        cparams.n_ubatch = min(self._n_batch, 512)
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        # AUTO: flash attention wherever the backend has the kernel (every CPU does), off elsewhere.
+        cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._ctx = L.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {n_streams} x {self.n_ctx} tokens for {path}; "
+                "lower n_seq or n_ctx_per_seq"
+            )
+        if int(L.llama_n_ctx_seq(self._ctx)) < self.n_ctx:
+            self.close()
+            raise ModelLoadError(f"llama.cpp gave each sequence fewer than {self.n_ctx} context tokens")
+        self._mem = L.llama_get_memory(self._ctx)
+        self._batch = L.llama_batch_init(self._n_batch, 0, 1)
+        self._piece_buf = (ctypes.c_char * 256)()
+        self._init_special_tokens()
+        self.load_ms = (time.perf_counter() - started) * 1000.0
+
+    def _init_special_tokens(self) -> None:
+        L, vocab = self._L, self._vocab
+        self._bos = int(L.llama_vocab_bos(vocab))
+        self._eos = int(L.llama_vocab_eos(vocab))
+        sep = int(L.llama_vocab_sep(vocab))
+        # Same rules as Llama._create_completion, so completion prompts tokenize identically.
+        self._prompt_head = [self._bos] if L.llama_vocab_get_add_bos(vocab) and self._bos != -1 else []
+        tail = sep if sep != -1 else self._eos
+        add_tail = L.llama_vocab_get_add_eos(vocab) or sep != -1
+        self._prompt_tail = [tail] if add_tail and tail != -1 else []
+
+    # -- tokens and prompts ------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        """Tokens of ``text`` with special-token markup parsed, as llama-cpp-python does for prompts."""
+        L = self._L
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        buf = (L.llama_token * size)()
+        n = L.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, True)
+        if n < 0:
+            size = -n
+            buf = (L.llama_token * size)()
+            n = L.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, True)
+        return list(buf[:n])
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` adds to a prompt (no BOS), for chunk sizing and document splitting."""
+        return len(self.tokenize(text))
+
+    def format_prompt(self, row: DatasetRow) -> list[int]:
+        """The prompt tokens of a row exactly as ``create_chat_completion``/``create_completion`` build them."""
+        if row.endpoint == CHAT:
+            text = self._chat_formatter()(messages=[dict(m) for m in row.messages or ()]).prompt
+            return self.tokenize(text)
+        prompt = row.prompt or ""
+        tokens = self._prompt_head + (self.tokenize(prompt) if prompt else []) + self._prompt_tail
+        if not tokens and self._bos == -1:
+            raise ValueError("the prompt is empty and the model has no BOS token to start from")
+        return tokens or [self._bos]
+
+    def _chat_formatter(self) -> Any:
+        if self._formatter is None:
+            L = self._L
+            raw = L.llama_model_chat_template(self._model, None)
+            if not raw:
+                raise ModelError(f"model {self.variant} has no chat template; send prompt rows instead")
+            chat_format = importlib.import_module("llama_cpp.llama_chat_format")
+            self._formatter = chat_format.Jinja2ChatFormatter(
+                template=raw.decode("utf-8"),
+                eos_token=self._token_text(self._eos),
+                bos_token=self._token_text(self._bos),
+                add_generation_prompt=True,
+                stop_token_ids=[self._eos],
+            )
+        return self._formatter
+
+    def _token_text(self, token: int) -> str:
+        if token == -1:
+            return ""
+        return bytes(self._L.llama_vocab_get_text(self._vocab, token)).decode("utf-8", errors="replace")
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            L, buf = self._L, self._piece_buf
+            n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = (ctypes.c_char * -n)()
+                n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[:n]
+            self._pieces[token] = piece
+        return piece
+
+    def _is_eog(self, token: int) -> bool:
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(self._L.llama_vocab_is_eog(self._vocab, token))
+        return eog
+
+    # -- generation --------------------------------------------------------------------------------
+
+    def generate(self, rows: Sequence[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool]) -> None:
+        """Serve ``rows`` with up to ``n_seq`` in flight; ``on_done`` once per row, as each finishes.
+
+        Rows are tokenized up front so the shared prefix can be chosen over the whole call; a row that
+        fails to format (or is too long) is reported when its turn to be admitted comes, so a stop
+        request leaves later rows unreported. The prefix's own evaluation is not charged to any row.
+        """
+        prepared: deque[tuple[DatasetRow, list[int] | Exception]] = deque()
+        for row in rows:
+            try:
+                prepared.append((row, self.format_prompt(row)))
+            except Exception as exc:
+                prepared.append((row, exc))
+        if self.prefix_cache:
+            fits = [t for _, t in prepared if isinstance(t, list) and len(t) < self.n_ctx]
+            self._set_prefix(best_shared_prefix(fits, min_tokens=MIN_SHARED_PREFIX, max_tokens=self.n_ctx - 1))
+        slots: list[_Seq | None] = [None] * self.n_seq
+        try:
+            while True:
+                for sid in range(self.n_seq):
+                    if slots[sid] is None:
+                        slots[sid] = self._admit(sid, prepared, on_done)
+                if not prepared:
+                    self._compact(slots)
+                active = [s for s in slots if s is not None]
+                if not active or should_stop():
+                    return
+                self._decode_step(active)
+                now = time.perf_counter()
+                for seq in active:
+                    if seq.out_idx < 0:
+                        continue
+                    result: Generation | Exception | None
+                    try:
+                        result = self._advance(seq, now)
+                    except Exception as exc:
+                        result = exc
+                    if result is not None:
+                        slots[seq.seq_id] = None
+                        self._release(seq)
+                        on_done(seq.row, result)
+                if should_stop():
+                    return
+        finally:
+            for left in slots:
+                if left is not None:
+                    self._release(left)
+
+    def _admit(
+        self, seq_id: int, prepared: deque[tuple[DatasetRow, list[int] | Exception]], on_done: OnDone
+    ) -> _Seq | None:
+        """Start the next servable row in stream ``seq_id``; rows that cannot be served are reported."""
+        while prepared:
+            row, tokens = prepared.popleft()
+            try:
+                if isinstance(tokens, Exception):
+                    raise tokens
+                return self._start(seq_id, row, tokens)
+            except Exception as exc:
+                on_done(row, exc)
+        return None
+
+    def _start(self, seq_id: int, row: DatasetRow, tokens: list[int]) -> _Seq:
+        n_prompt, params = len(tokens), row.params
+        if n_prompt + 1 > self.n_ctx:
+            raise RequestTooLong(f"prompt is {n_prompt} tokens; the model context is {self.n_ctx} per request")
+        max_tokens = params.max_tokens if params.max_tokens > 0 else self.n_ctx - n_prompt
+        if n_prompt + max_tokens > self.n_ctx:
+            raise RequestTooLong(
+                f"prompt is {n_prompt} tokens and max_tokens is {max_tokens}; "
+                f"the model context is {self.n_ctx} per request"
+            )
+        stops = list(params.stop)
+        if row.endpoint == CHAT and self._eos != -1:
+            stops.append(self._token_text(self._eos))  # what create_chat_completion adds
+        text = TextAccumulator(stops)
+        cached = 0
+        if self._prefix:
+            shared = min(common_prefix_len(tokens, self._prefix), n_prompt - 1)
+            cached = shared if shared >= MIN_SHARED_PREFIX else 0
+        seq = _Seq(
+            seq_id=seq_id,
+            row=row,
+            prompt=tokens,
+            max_tokens=max_tokens,
+            sampler=make_sampler(self._L, params),
+            text=text,
+            cached=cached,
+            n_past=cached,
+            feed=tokens[cached:],
+            admitted=time.perf_counter(),
+        )
+        if cached:
+            # Cross-stream copy: queued here, done by the next llama_decode before it places any token.
+            self._L.llama_memory_seq_cp(self._mem, self._prefix_seq, seq_id, -1, -1)
+            if cached < len(self._prefix):
+                self._L.llama_memory_seq_rm(self._mem, seq_id, cached, -1)
+        return seq
+
+    def _compact(self, slots: list[_Seq | None]) -> None:
+        """Move the highest rows into free lower slots so in-flight seq_ids stay contiguous.
+
+        With one KV stream per sequence llama.cpp only batches consecutive seq_ids into one forward pass;
+        a gap (a finished row with nothing left to admit) would split every later step in two. Moving a row
+        is one KV-stream copy, paid once, against a slower forward pass on every remaining step.
+        """
+        L = self._L
+        while True:
+            free = [i for i, s in enumerate(slots) if s is None]
+            busy = [i for i, s in enumerate(slots) if s is not None]
+            if not free or not busy or free[0] > busy[-1]:
+                return
+            lo, hi = free[0], busy[-1]
+            seq = slots[hi]
+            assert seq is not None
+            L.llama_memory_seq_cp(self._mem, hi, lo, -1, -1)
+            L.llama_memory_seq_rm(self._mem, hi, -1, -1)
+            seq.seq_id, slots[lo], slots[hi] = lo, seq, None
+
+    def _decode_step(self, active: list[_Seq]) -> None:
+        """One llama_decode: the next token of every generating row, then prompt chunks up to n_batch.
+
+        Tokens are laid out by ascending seq_id with each sequence's tokens together: with split KV
+        streams llama.cpp cuts a batch into ubatches of consecutive seq_ids, so this order lets all
+        generating rows share one forward pass.
+        """
+        budget = self._n_batch
+        for seq in active:
+            seq.n_fed = 1 if seq.n_generated else 0
+            budget -= seq.n_fed
+        for seq in sorted(active, key=lambda s: s.admitted):
+            if not seq.n_generated:
+                seq.n_fed = min(len(seq.feed), budget)
+                budget -= seq.n_fed
+        batch, n = self._batch, 0
+        for seq in sorted(active, key=lambda s: s.seq_id):
+            last = seq.n_fed > 0 and seq.n_fed == len(seq.feed)
+            seq.out_idx = -1
+            for j in range(seq.n_fed):
+                batch.token[n] = seq.feed[j]
+                batch.pos[n] = seq.n_past + j
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.seq_id
+                batch.logits[n] = last and j == seq.n_fed - 1
+                if last and j == seq.n_fed - 1:
+                    seq.out_idx = n
+                n += 1
+        batch.n_tokens = n
+        rc = self._L.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with status {rc} on a batch of {n} tokens")
+        for seq in active:
+            seq.n_past += seq.n_fed
+            del seq.feed[: seq.n_fed]
+
+    def _advance(self, seq: _Seq, now: float) -> Generation | None:
+        """Sample the sequence's next token; a Generation when the row is finished, else None."""
+        if seq.n_generated == 0:
+            seq.prompt_eval_ms = (now - seq.admitted) * 1000.0
+        token = int(self._L.llama_sampler_sample(seq.sampler, self._ctx, seq.out_idx))
+        now = time.perf_counter()
+        if self._is_eog(token):
+            return self._finish(seq, "stop", now)
+        seq.token_ms.append((now - (seq.last_token_at or seq.admitted)) * 1000.0)
+        if seq.n_generated == 0:
+            seq.first_token_at = now
+        seq.last_token_at = now
+        seq.n_generated += 1
+        if seq.text.add(self._piece(token)):
+            return self._finish(seq, "stop", now)
+        if seq.n_generated >= seq.max_tokens:
+            return self._finish(seq, "length", now)
+        seq.feed.append(token)
+        return None
+
+    def _finish(self, seq: _Seq, reason: str, now: float) -> Generation:
+        ttft = seq.token_ms[0] if seq.token_ms else 0.0
+        return Generation(
+            text=seq.text.text(),
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=seq.n_generated,
+            cached_prompt_tokens=seq.cached,
+            prompt_eval_ms=seq.prompt_eval_ms,
+            ttft_ms=ttft,
+            eval_ms=(seq.last_token_at - seq.first_token_at) * 1000.0 if seq.n_generated else 0.0,
+            total_ms=(now - seq.admitted) * 1000.0,
+            token_ms=seq.token_ms,
+        )
+
+    def _release(self, seq: _Seq) -> None:
+        self._L.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
+        if seq.sampler:
+            self._L.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+
+    def _set_prefix(self, prefix: list[int]) -> None:
+        """Make the reserved stream hold ``prefix``, re-evaluating only what differs from what it holds.
+
+        An empty choice keeps the previous prefix: rows of this call may still share it (the usual case
+        when one job's chunks arrive one generate() call at a time).
+        """
+        if not prefix or prefix == self._prefix:
+            return
+        keep = common_prefix_len(prefix, self._prefix)
+        L, batch = self._L, self._batch
+        L.llama_memory_seq_rm(self._mem, self._prefix_seq, keep, -1)
+        self._prefix = prefix[:keep]
+        for start in range(keep, len(prefix), self._n_batch):
+            chunk = prefix[start : start + self._n_batch]
+            for j, token in enumerate(chunk):
+                batch.token[j] = token
+                batch.pos[j] = start + j
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = self._prefix_seq
+                batch.logits[j] = False
+            batch.n_tokens = len(chunk)
+            if L.llama_decode(self._ctx, batch) != 0:
+                L.llama_memory_seq_rm(self._mem, self._prefix_seq, -1, -1)
+                self._prefix = []
+                log.warning("could not evaluate the shared prompt prefix; continuing without it")
+                return
+            self._prefix = prefix[: start + len(chunk)]
+
+    def close(self) -> None:
+        """Free the batch, context and model; safe to call twice."""
+        L = getattr(self, "_L", None)
+        if L is None:
+            return
+        if self._batch is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            L.llama_free(self._ctx)
+        self._ctx = None
+        if self._model:
+            L.llama_model_free(self._model)
+        self._model = None
+
+    def __enter__(self) -> LlamaEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except ImportError:
+        return os.cpu_count() or 1
