@@ -139,3 +139,20 @@ def test_workers_register_capacity_and_show_lost(tmp_path: Path, fleet_settings:
     with store.session() as s:
         assert s.scalar(select(Worker.state).where(Worker.name == "probe")) in ("ready", "busy")
     store.dispose()
+
+
+@pytest.mark.timeout(120)
+def test_concurrency_starts_processes_that_split_the_cores(fleet_settings: Settings, procs: Procs) -> None:
+    import psutil
+
+    procs.start(fleet_settings, "worker", "--concurrency", "2", "--name", "pair", env={**STUB_ENV, **WORKER_ENV})
+
+    def pair() -> list[dict[str, object]]:
+        proc = run_cli(fleet_settings, "workers", "--json")
+        return [w for w in json.loads(proc.stdout) if str(w["id"]).startswith("pair:") and w["state"] == "ready"]
+
+    wait_for(lambda: len(pair()) == 2, 60, "two worker processes", procs)
+    workers = pair()
+    cores = psutil.cpu_count(logical=False) or 1
+    assert len({w["pid"] for w in workers}) == 2
+    assert sum(int(str(w["threads"])) for w in workers) <= max(2, cores)  # never more threads than cores

@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
                 argv += ["--n-seq", str(n_seq)]
             if name:
                 argv += ["--name", name]
-            raise typer.Exit(supervise(argv, concurrency, threads))
+            raise typer.Exit(supervise(argv, concurrency, threads, use_gpus=gpu, metrics_port=metrics_port))
         logging.getLogger("tokenmill").setLevel(logging.INFO)
         opts = WorkerOptions(
             model=model, threads=threads, gpu=gpu, n_seq=n_seq, n_ctx=n_ctx, name=name,

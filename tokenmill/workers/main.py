@@ -176,14 +176,32 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, args=(int(raw),), name="tokenmill-parent-watch", daemon=True).start()
 
 
-def supervise(argv: list[str], count: int, threads_each: int | None) -> int:
-    """Start ``count`` single-process workers and pass signals on; ends when they all have."""
+def supervise(
+    argv: list[str],
+    count: int,
+    threads_each: int | None,
+    *,
+    use_gpus: bool | None = None,
+    metrics_port: int | None = None,
+) -> int:
+    """Start ``count`` single-process workers and pass signals on; ends when they all have.
+
+    On a GPU host each process is pinned to one GPU (CUDA_VISIBLE_DEVICES, round-robin), which is the
+    "one process per GPU" layout; child ``i`` serves metrics on ``metrics_port + i``.
+    """
+    from tokenmill.workers.capacity import detect_gpus
+
+    gpus = detect_gpus() if use_gpus is not False else ()
     children: list[subprocess.Popen[bytes]] = []
-    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
-    for _ in range(count):
+    for i in range(count):
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpus[i % len(gpus)].index)
         args = [sys.executable, "-m", "tokenmill.cli", "worker", *argv, "--concurrency", "1", "--share", str(count)]
         if threads_each:
             args += ["--threads", str(threads_each)]
+        if metrics_port:
+            args += ["--metrics-port", str(metrics_port + i)]
         children.append(subprocess.Popen(args, env=env))
 
     def forward(signum: int, _frame: Any) -> None:
