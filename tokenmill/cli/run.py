@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -150,7 +151,9 @@ def register(app: typer.Typer) -> None:
         finally:
             stop.set()
             loop.join(timeout=10)
-            fleet.stop()
+            killed = fleet.stop(grace=1.0)
+            with store.session() as s:
+                store_workers.mark_stopped(s, socket.gethostname(), killed)
         wall = time.monotonic() - started
         ok, bad = export(store, job_id, output, errors)
         with store.session() as s:

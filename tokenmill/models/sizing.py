@@ -233,7 +233,7 @@ def choose_variant(
     if gpu is not None:
         have += f" and {fmt_bytes(budget.vram)} usable VRAM on GPU{gpu.index} {gpu.name}"
     raise ModelLoadError(f"{what} needs {est.describe()} at n_ctx={n_ctx} x {n_seq} sequences; {have}. "
-                         "Lower --n-ctx/--parallel, pin a smaller variant, or run fewer workers on this host")
+                         "Lower --n-ctx/--n-seq, pin a smaller variant, or run fewer workers on this host")
 
 
 def _no_gpu_reason(capacity: Capacity, gpu: GpuInfo | None) -> str:

@@ -62,3 +62,14 @@ def live_serving(s: Session, queue: str, lost_after: float) -> int:
         select(Worker).where(Worker.state.in_(("ready", "busy")), Worker.heartbeat_at >= now - lost_after)
     )
     return sum(1 for w in workers if queue in (w.queues or []))
+
+
+def mark_stopped(s: Session, host: str, pids: list[int]) -> None:
+    """Record processes this host killed itself, so they show as stopped rather than lost."""
+    if pids:
+        s.execute(
+            update(Worker)
+            .where(Worker.host == host, Worker.pid.in_(pids), Worker.state != "failed")
+            .values(state="stopped")
+            .execution_options(synchronize_session=False)
+        )

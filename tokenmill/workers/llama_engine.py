@@ -129,6 +129,7 @@ class LlamaEngine:
         n_streams = n_seq + (1 if prefix_cache else 0)
         self._n_batch = max(n_batch, n_seq)
         threads = n_threads or _physical_cores()
+        self.n_threads = threads
         cparams = L.llama_context_default_params()
         cparams.n_ctx = _round_up(self.n_ctx, 256) * n_streams
         cparams.n_seq_max = n_streams

@@ -75,16 +75,24 @@ class LocalFleet:
     def exit_codes(self) -> list[int | None]:
         return [p.poll() for p in self.procs]
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, grace: float = 15.0) -> list[int]:
+        """SIGTERM, then SIGKILL whoever is still up after ``grace`` seconds; returns the killed pids.
+
+        Killing is safe at any point (leases and the unique result constraint see to that); an idle
+        Celery worker's warm shutdown takes seconds, which `tokenmill run` need not wait for.
+        """
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + grace
+        killed: list[int] = []
         for p in self.procs:
             try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                p.wait(timeout=max(0.05, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+                killed.append(p.pid)
         for log in self._logs:
             log.close()
+        return killed

@@ -31,7 +31,7 @@ from tokenmill.workers.capacity import Capacity
 from tokenmill.workers.engine import Engine
 from tokenmill.workers.local import PARENT_PID_ENV
 from tokenmill.workers.metrics import WorkerMetrics, start_metrics_server
-from tokenmill.workers.selection import DEFAULT_N_SEQ, ModelSelection, WorkerOptions, select_model
+from tokenmill.workers.selection import ModelSelection, WorkerOptions, select_model
 
 __all__ = ["WorkerOptions", "load_engine", "serve", "supervise"]
 
@@ -61,7 +61,7 @@ def load_engine(settings: Settings, opts: WorkerOptions, capacity: Capacity) -> 
         sel.resolved.path,
         sel.resolved.variant_label,
         n_ctx_per_seq=opts.n_ctx,
-        n_seq=opts.n_seq or DEFAULT_N_SEQ,
+        n_seq=sel.n_seq,
         n_threads=threads,
         n_gpu_layers=gpu_layers,
     )

@@ -65,6 +65,7 @@ class WorkerRuntime:
         self.worker_id = worker_id
         self.model_id = model_id
         self._current: _Current | None = None
+        self._stopping: str | None = None
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, name="tokenmill-heartbeat", daemon=True)
@@ -83,6 +84,7 @@ class WorkerRuntime:
         the rows already written stay, the rest of the chunk is reopened at once instead of waiting for the
         lease to run out, and shutdown does not wait for a long chunk to finish.
         """
+        self._stopping = reason
         cur = self._current
         if cur is not None and cur.stop_reason is None:
             cur.stop_reason = reason
@@ -122,7 +124,8 @@ class WorkerRuntime:
         if chunk is None or job is None:
             log.info("chunk %s of job %s not claimed (done, cancelled, or leased by another worker)", chunk_id, job_id)
             return ChunkOutcome(claimed=False)
-        cur = _Current(job_id=job_id, chunk_id=chunk_id)
+        # A shutdown that arrived while we were claiming: hand the chunk straight back.
+        cur = _Current(job_id=job_id, chunk_id=chunk_id, stop_reason=self._stopping)
         with self._lock:
             self._current = cur
         try:

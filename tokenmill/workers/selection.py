@@ -19,6 +19,7 @@ from tokenmill.workers.capacity import Capacity
 
 log = logging.getLogger(__name__)
 DEFAULT_N_SEQ = 8
+N_SEQ_CHOICES = (16, 8, 4, 2, 1)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class WorkerOptions:
 class ModelSelection:
     resolved: ResolvedModel
     choice: Choice | None  # None for a bare .gguf path: nothing to choose
+    n_seq: int = DEFAULT_N_SEQ
 
     @property
     def model_id(self) -> str:
@@ -52,7 +54,9 @@ class ModelSelection:
 def select_model(settings: Settings, opts: WorkerOptions, capacity: Capacity) -> ModelSelection:
     """The best variant that fits and can be obtained; falls back when the best cannot be fetched."""
     if looks_like_path(opts.model):
-        return ModelSelection(resolve_model(opts.model, settings.models_dir, fetch=False), None)
+        return ModelSelection(
+            resolve_model(opts.model, settings.models_dir, fetch=False), None, opts.n_seq or DEFAULT_N_SEQ
+        )
     family_name, quant = parse_model_ref(opts.model)
     if opts.gpu is False:
         capacity = capacity.without_gpus()
@@ -68,7 +72,7 @@ def select_model(settings: Settings, opts: WorkerOptions, capacity: Capacity) ->
                 capacity,
                 share=opts.share,
                 n_ctx=opts.n_ctx,
-                n_seq=opts.n_seq or DEFAULT_N_SEQ,
+                n_seq=(opts.n_seq or DEFAULT_N_SEQ) + 1,  # the engine keeps one extra KV stream for shared prefixes
                 pinned=quant,
                 obtainable=lambda v: v.label not in failed and can_get(v),
             )
@@ -76,11 +80,34 @@ def select_model(settings: Settings, opts: WorkerOptions, capacity: Capacity) ->
             if not failed:
                 raise
             raise ModelError("; ".join(f"{label}: {why}" for label, why in failed.items())) from None
+        n_seq = opts.n_seq or _widest_batch(choice, capacity, opts)
         try:
-            return ModelSelection(resolve_model(choice.variant.label, settings.models_dir, fetch=True), choice)
+            return ModelSelection(resolve_model(choice.variant.label, settings.models_dir, fetch=True), choice, n_seq)
         except ModelError as exc:
             # The best fit may be unreachable (no hub access, corrupt download): take the next best.
             if quant is not None:
                 raise
             failed[choice.variant.label] = str(exc)
             log.warning("cannot obtain %s (%s); trying the next variant", choice.variant.label, exc)
+
+
+def _widest_batch(choice: Choice, capacity: Capacity, opts: WorkerOptions) -> int:
+    """The most sequences decoded together whose KV cache still fits beside the chosen variant.
+
+    Batched decoding is where CPU throughput comes from (about 2x at 16 sequences on a small model),
+    but KV grows with every sequence: a 7B model on a small box gets fewer, SmolLM2 gets 16.
+    """
+    for n_seq in N_SEQ_CHOICES:
+        try:
+            choose_variant(
+                choice.variant.family,
+                capacity,
+                share=opts.share,
+                n_ctx=opts.n_ctx,
+                n_seq=n_seq + 1,
+                pinned=choice.variant.quant,
+            )
+            return n_seq
+        except ModelError:
+            continue
+    return 1
