@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from tests.conftest import run_cli
 from tokenmill.config import Settings
@@ -38,6 +39,15 @@ class Case:
     command: str = "submit"
     make: Callable[[Path], None] | None = None
     names_file: bool = True
+
+
+def _documents_with_escape(folder: Path) -> None:
+    """A folder of documents where one is a symlink to a file outside it (a dataset must not read it)."""
+    folder.mkdir()
+    (folder / "a.txt").write_text("a document", encoding="utf-8")
+    outside = folder.parent / "secret.txt"
+    outside.write_text("not yours", encoding="utf-8")
+    (folder / "b.txt").symlink_to(outside)
 
 
 CASES = [
@@ -88,21 +98,22 @@ CASES = [
         command="run",
         names_file=False,
     ),
+    Case(
+        "document-symlink-escape",
+        None,
+        3,
+        words=("symlink", "outside"),
+        args=("--template", "Summarize: {text}"),
+        make=lambda p: _documents_with_escape(p),
+    ),
     Case("run-malformed-json", (GOOD + "{nope\n").encode(), 3, 2, command="run"),
 ]
-
-
-@dataclass
-class Snapshot:
-    counts: dict[str, int] = field(default_factory=dict)
 
 
 def store_snapshot(settings: Settings) -> dict[str, object]:
     store = Store(settings.database_url)
     try:
         with store.session() as s:
-            from sqlalchemy import text
-
             counts = {t: s.execute(text(f"SELECT count(*) FROM {t}")).scalar() for t in ("jobs", "requests", "results")}
             jobs = s.execute(text("SELECT id, state, total_rows FROM jobs ORDER BY id")).all()
         return {"counts": counts, "jobs": [tuple(j) for j in jobs]}
@@ -122,8 +133,6 @@ def completed_store(settings: Settings) -> Iterator[dict[str, object]]:
         for i, row in enumerate(rows):
             store_results.write_result(s, {"job_id": job, "seq": i, "custom_id": row.custom_id,
                                            "status": "succeeded", "body": {"x": i}})  # fmt: skip
-        from sqlalchemy import text
-
         s.execute(text("UPDATE chunks SET state = 'done' WHERE job_id = :j"), {"j": job})
         s.execute(text("UPDATE jobs SET state = 'completed' WHERE id = :j"), {"j": job})
     store.dispose()
@@ -185,8 +194,6 @@ def test_skip_invalid_runs_good_lines_and_reports_bad_ones(
     store = Store(settings.database_url)
     try:
         with store.session() as s:
-            from sqlalchemy import text
-
             stored = s.execute(text("SELECT custom_id, line FROM requests WHERE job_id = :j ORDER BY seq"),
                                {"j": job}).all()  # fmt: skip
     finally:

@@ -68,16 +68,22 @@ def test_failed_rows_are_retried_recorded_and_retried_again_on_request(fleet: St
 
 
 def test_cancel_stops_dispatch_and_running_chunks(fleet: Stack) -> None:
-    n = 600
-    job = fleet.submit(write_dataset(fleet.tmp / "d.jsonl", n), "--chunk-size", "10")
+    n, size = 600, 60  # 3 s per chunk at 0.05 s per row: a cancel lands inside running chunks
+    job = fleet.submit(write_dataset(fleet.tmp / "d.jsonl", n), "--chunk-size", str(size))
     fleet.scheduler()
-    fleet.worker(env={"TOKENMILL_STUB_DELAY": "0.05"})
-    fleet.worker(env={"TOKENMILL_STUB_DELAY": "0.05"})
-    fleet.wait_results(job, 40)
+    fleet.worker(name="c1", env={"TOKENMILL_STUB_DELAY": "0.05"})
+    fleet.worker(name="c2", env={"TOKENMILL_STUB_DELAY": "0.05"})
+    wait_for(
+        lambda: fleet.running_chunk_of("c1", 5) and fleet.running_chunk_of("c2", 5),
+        60,
+        "both workers in the middle of a chunk",
+        fleet.logs,
+    )
     cancel = fleet.cli("cancel", job)
     assert cancel.returncode == 0 and "cancelled" in cancel.stderr
     at_cancel = fleet.results(job)
     assert fleet.state(job) == "cancelled"
+    assert fleet.chunk_states(job)["queued"] == 0  # dispatch stopped at once: nothing left in the queue
 
     def settled() -> int | None:
         first = fleet.results(job)
@@ -97,6 +103,13 @@ def test_cancel_stops_dispatch_and_running_chunks(fleet: Stack) -> None:
     assert final == stopped_at < n
     assert stopped_at - at_cancel <= 2 * 25  # at most ~1 s of rows per worker
     assert set(chunks) <= {"done", "cancelled", "pending"} and chunks["cancelled"] > 0
+    # The two running chunks stopped at a row boundary, part done, and were handed back (not left leased).
+    partial = fleet.query(
+        "SELECT (SELECT count(*) FROM results r WHERE r.job_id = c.job_id AND r.seq BETWEEN c.first_seq"
+        " AND c.last_seq), c.lease_owner FROM chunks c WHERE c.job_id = :j AND c.state = 'pending'",
+        j=job,
+    )
+    assert len(partial) == 2 and all(0 < done < size and owner is None for done, owner in partial), partial
     assert counts.duplicated == 0
     assert fleet.state(job) == "cancelled"
     assert all(p.poll() is None for p in fleet.procs.items)  # workers idle, not dead

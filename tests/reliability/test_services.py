@@ -9,6 +9,8 @@ without persistence here (as in CI): a restart loses every queued message, and t
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,10 +18,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import port_open
+from tests.conftest import IN_CI, need, port_open
 from tests.reliability.conftest import Stack, wait_for, write_dataset
 
-pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
+# Restarting a developer's own Redis and Postgres (the CI start command, root) is not something a plain
+# `pytest` may do to a laptop: these run in CI, or where TOKENMILL_TEST_RESTART_SERVICES=1 says so.
+RESTART_ALLOWED = IN_CI or os.environ.get("TOKENMILL_TEST_RESTART_SERVICES") == "1"
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.postgres,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not RESTART_ALLOWED, reason="restarts the local Redis and Postgres; set TOKENMILL_TEST_RESTART_SERVICES=1"
+    ),
+]
 
 REDIS_START = [
     "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
@@ -73,6 +85,8 @@ def assert_nothing_half_written(stack: Stack, job: str) -> None:
 
 
 def _start(fleet: Stack, n: int) -> str:
+    for tool in ("redis-cli", "redis-server", "pg_ctlcluster"):
+        need(shutil.which(tool) is not None, f"{tool} (to restart the service)")
     job = fleet.submit(write_dataset(fleet.tmp / "d.jsonl", n), "--chunk-size", "10")
     fleet.scheduler()
     fleet.worker(env={"TOKENMILL_STUB_DELAY": "0.05"})
