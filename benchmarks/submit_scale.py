@@ -92,9 +92,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        print(
-            f"{'rows':>10} {'wall s':>8} {'rows/s':>9} {'peak RSS MB':>12} {'msgs after submit':>18} {'after dispatch':>15}"
-        )
+        cols = ("rows", "wall s", "rows/s", "peak RSS MB", "msgs after submit", "after dispatch")
+        widths = (10, 8, 9, 12, 18, 15)
+        print(" ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)))
         for n in args.rows:
             res = run(n, Path(tmp))
             print(f"{n:>10} {res['wall_s']:>8.1f} {res['rows_per_s']:>9.0f} {res['peak_rss_mb']:>12.0f} "
