@@ -19,7 +19,7 @@ from tokenmill.datasets import SamplingParams
 from tokenmill.errors import DatasetError, JobIncomplete, ModelError
 from tokenmill.output import export
 from tokenmill.scheduler.dispatch import Dispatcher
-from tokenmill.scheduler.submit import Submission, job_key, model_route, submit_dataset
+from tokenmill.scheduler.submit import Submission, auto_chunk_size, job_key, model_route, submit_dataset
 from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
@@ -106,6 +106,8 @@ def register(app: typer.Typer) -> None:
         Example: tokenmill run docs.jsonl --model smollm2-135m-instruct -o docs.results.jsonl
         """
         settings = settings_from(ctx)
+        count, each = default_worker_count()
+        count = workers or count
         sub = build_submission(
             path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget
         )
@@ -125,10 +127,9 @@ def register(app: typer.Typer) -> None:
         if job_id:
             console.print(f"resuming job {job_id}")
         else:
-            job_id, rows, invalid = submit_dataset(store, sub, errors_out=errors)
+            local_chunks = auto_chunk_size(path, workers=count) if chunk_size is None and path.is_file() else None
+            job_id, rows, invalid = submit_dataset(store, sub, errors_out=errors, chunk_size=local_chunks)
             console.print(f"job {job_id}: {rows} rows" + (f", {invalid} invalid lines → {errors}" if invalid else ""))
-        count, each = default_worker_count()
-        count = workers or count
         # Resolve (fetch, verify) the model once here, so local workers do not race for it, and answer
         # rows an identical earlier request already answered before any worker starts.
         sel = select_model(settings, WorkerOptions(model=model, n_seq=n_seq, share=count), detect())

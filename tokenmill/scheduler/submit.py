@@ -131,20 +131,29 @@ def model_route(model: str) -> tuple[str, str | None]:
     return family.name, family.variant(quant).quant if quant else None
 
 
-def auto_chunk_size(path: Path) -> int:
-    """Rows per chunk from a cheap look at the file: enough chunks to spread a big job over many workers
-    (about 64+), at least 16 rows so a batched worker keeps its sequences full, and fewer rows per chunk
-    when prompts are long so one chunk stays minutes, not hours, of work."""
-    if path.is_dir():
-        return 16
+def _estimate(path: Path) -> tuple[float, float]:
+    """(rows, mean line bytes) from the file size and its first 256 KiB — no full read."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(256 * 1024)
-    lines = max(1, head.count(b"\n"))
-    mean_line = len(head) / lines
-    rows = size / max(mean_line, 1.0)
+    mean_line = len(head) / max(1, head.count(b"\n"))
+    return size / max(mean_line, 1.0), mean_line
+
+
+def auto_chunk_size(path: Path, workers: int | None = None) -> int:
+    """Rows per chunk from a cheap look at the file.
+
+    A fleet of unknown size gets about 64+ chunks to spread; a known number of local workers gets one
+    chunk per worker where that fits, because a worker's batch drains at each chunk's end. Never under
+    16 rows (a batched worker keeps its sequences full), and fewer rows when prompts are long, so one
+    chunk stays minutes, not hours, of work.
+    """
+    if path.is_dir():
+        return 16
+    rows, mean_line = _estimate(path)
     cap = 256 if mean_line < 1000 else (64 if mean_line < 8000 else 16)
-    return int(max(16, min(cap, rows // 64)))
+    target = rows / workers if workers else rows / 64
+    return int(max(16, min(cap, -(-target // 1))))
 
 
 class _Ingest:
@@ -188,8 +197,13 @@ def submit_dataset(
     errors_out: Path | None = None,
     ab_group: str | None = None,
     pin: str | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[str, int, int]:
-    """Store a dataset as a job; returns (job id, rows stored, invalid lines skipped)."""
+    """Store a dataset as a job; returns (job id, rows stored, invalid lines skipped).
+
+    ``chunk_size`` overrides the automatic choice without becoming part of the job's identity, so the
+    same command resumes the same job.
+    """
     family, quant = model_route(pin or sub.model)
     ingest = _Ingest(sub, errors_out if sub.skip_invalid else None)
     job_id = submit_rows(
@@ -199,7 +213,7 @@ def submit_dataset(
         key=job_key(sub.path, pin or sub.model, sub.options()),
         family=family,
         pinned_quant=quant,
-        chunk_size=sub.chunk_size or auto_chunk_size(sub.path),
+        chunk_size=sub.chunk_size or chunk_size or auto_chunk_size(sub.path),
         options=sub.options(),
         ab_group=ab_group,
     )
