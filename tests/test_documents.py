@@ -208,8 +208,18 @@ def test_bad_template_or_budget(docs: Path, template: str, budget: int | None, f
     assert fragment in str(exc.value)
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads everything")
-def test_unreadable_file(docs: Path) -> None:
-    (docs / "a.txt").chmod(0)
+def test_unreadable_file(docs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = docs / "a.txt"
+    if os.geteuid() == 0:  # root reads a chmod-0 file, so make the read fail as it would for a user
+        real = Path.read_bytes
+
+        def denied(self: Path) -> bytes:
+            if self == target:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", denied)
+    else:
+        target.chmod(0)
     with pytest.raises(DatasetError, match="cannot read: Permission denied"):
         list(read_documents(docs, "{text}"))
