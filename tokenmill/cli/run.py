@@ -188,7 +188,7 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
             if fleet is not None and fleet.alive() == 0:
                 reason = failed_workers[-1].error if failed_workers else "see .tokenmill/logs/"
                 raise ModelError(f"every local worker exited before the job finished: {reason}")
-            time.sleep(0.3)
+            time.sleep(0.5)
 
 
 def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | None) -> None:
