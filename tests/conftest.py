@@ -132,12 +132,16 @@ class Procs:
     def start(
         self, settings: Settings, *args: str, env: dict[str, str] | None = None, name: str = "p"
     ) -> subprocess.Popen[bytes]:
+        return self.spawn(tokenmill_cmd(*args), {**settings.as_env(), **(env or {})}, name)
+
+    def spawn(self, argv: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+        """Any command, logged to ``logdir`` and in its own process group (so teardown kills its children)."""
         self.logdir.mkdir(parents=True, exist_ok=True)
         log = open(self.logdir / f"{name}-{len(self.items)}.log", "wb")  # noqa: SIM115
         self._files.append(log)
         proc = subprocess.Popen(
-            tokenmill_cmd(*args),
-            env={**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1", **(env or {})},
+            argv,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,

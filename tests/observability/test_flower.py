@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, Procs
+from tests.conftest import Procs
 from tests.observability.helpers import free_port, http_get, start_stub_worker, submit, wait_job, write_prompts
 from tokenmill.celery_app import TASK_PROCESS_CHUNK
 from tokenmill.config import Settings
@@ -29,19 +28,11 @@ pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
 def start_flower(procs: Procs, settings: Settings, port: int) -> subprocess.Popen[bytes]:
     celery = Path(sys.executable).with_name("celery")
-    procs.logdir.mkdir(parents=True, exist_ok=True)
-    with open(procs.logdir / "flower.log", "wb") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(
-            [str(celery), "--app", "tokenmill.celery_app:app", "flower", f"--port={port}", "--address=127.0.0.1"],
-            # Only TOKENMILL_BROKER_URL: `celery --app` is an edge that reads the environment, nothing else.
-            env={**os.environ, "TOKENMILL_BROKER_URL": settings.broker_url, "FLOWER_UNAUTHENTICATED_API": "true"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            start_new_session=True,
-        )
-    procs.items.append(proc)
-    return proc
+    argv = [str(celery), "--app", "tokenmill.celery_app:app", "flower", f"--port={port}", "--address=127.0.0.1"]
+    # Only TOKENMILL_BROKER_URL: `celery --app` is an edge that reads the environment, nothing else.
+    return procs.spawn(
+        argv, {"TOKENMILL_BROKER_URL": settings.broker_url, "FLOWER_UNAUTHENTICATED_API": "true"}, "flower"
+    )
 
 
 def poll_json(url: str, ok: Any, timeout: float, procs: Procs) -> Any:
