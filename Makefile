@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-MODEL ?= smollm2-135m-instruct
+MODEL ?= smollm2-135m-instruct:q4_1
 
 .PHONY: install model demo test lint typecheck pytest bench clean
 
