@@ -197,7 +197,8 @@ class WorkerRuntime:
         self.metrics.processing.set(len(todo))
         while todo and not should_stop():
             self.engine.generate(todo, on_done, should_stop)
-            todo, retry[:] = list(retry), []
+            todo = list(retry)  # rows that failed but have attempts left go round again
+            retry.clear()
         self.metrics.processing.set(0)
         self.metrics.observe_chunk(time.monotonic() - started, tokens)
         self.metrics.cached.inc(outcome.cached)
