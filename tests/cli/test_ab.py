@@ -72,8 +72,8 @@ def test_ab_submit_routes_each_variant_to_its_own_workers(
         store.dispose()
     assert queues["wb"] == (f"{FAMILY}:q8_0", {f"tm.{FAMILY}", f"tm.{FAMILY}@q8_0"})
     assert queues["wa"] == (f"{FAMILY}:q4_1", {f"tm.{FAMILY}", f"tm.{FAMILY}@q4_1"})
-    assert {(v, w.split(":")[0]) for v, w in served[ids[0]]} == {(f"{FAMILY}:q4_1", "wa")}
-    assert {(v, w.split(":")[0]) for v, w in served[ids[1]]} == {(f"{FAMILY}:q8_0", "wb")}
+    assert {(v, str(w).split(":")[0]) for v, w in served[ids[0]]} == {(f"{FAMILY}:q4_1", "wa")}
+    assert {(v, str(w).split(":")[0]) for v, w in served[ids[1]]} == {(f"{FAMILY}:q8_0", "wb")}
 
     for job_id, quant in zip(ids, ("q4_1", "q8_0"), strict=True):
         out = tmp_path / f"{quant}.jsonl"

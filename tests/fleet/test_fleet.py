@@ -39,7 +39,7 @@ def results_by_worker(settings: Settings, job: str) -> Counter[str]:
             rows = s.execute(
                 select(Result.worker_id, func.count()).where(Result.job_id == job).group_by(Result.worker_id)
             )
-            return Counter({w.split(":")[0]: n for w, n in rows})
+            return Counter({str(w).split(":")[0]: n for w, n in rows})
     finally:
         store.dispose()
 

@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 from sqlalchemy import text
@@ -110,19 +111,24 @@ CASES = [
 ]
 
 
-def store_snapshot(settings: Settings) -> dict[str, object]:
+class Snapshot(TypedDict):
+    counts: dict[str, int | None]
+    jobs: list[tuple[object, ...]]
+
+
+def store_snapshot(settings: Settings) -> Snapshot:
     store = Store(settings.database_url)
     try:
         with store.session() as s:
             counts = {t: s.execute(text(f"SELECT count(*) FROM {t}")).scalar() for t in ("jobs", "requests", "results")}
             jobs = s.execute(text("SELECT id, state, total_rows FROM jobs ORDER BY id")).all()
-        return {"counts": counts, "jobs": [tuple(j) for j in jobs]}
+        return Snapshot(counts=counts, jobs=[tuple(j) for j in jobs])
     finally:
         store.dispose()
 
 
 @pytest.fixture
-def completed_store(settings: Settings) -> Iterator[dict[str, object]]:
+def completed_store(settings: Settings) -> Iterator[Snapshot]:
     """The embedded store with one completed job of 3 answered rows in it."""
     store = Store(settings.database_url)
     store.migrate()
@@ -143,7 +149,7 @@ def completed_store(settings: Settings) -> Iterator[dict[str, object]]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_one_clean_line_and_loses_nothing(
-    case: Case, tmp_path: Path, settings: Settings, completed_store: dict[str, object]
+    case: Case, tmp_path: Path, settings: Settings, completed_store: Snapshot
 ) -> None:
     path = tmp_path / ("bad[x].jsonl" if case.name == "bracketed-name" else f"{case.name}.jsonl")
     if case.content is not None:
@@ -175,7 +181,7 @@ def test_bad_input_is_one_clean_line_and_loses_nothing(
 
 
 def test_skip_invalid_runs_good_lines_and_reports_bad_ones(
-    tmp_path: Path, settings: Settings, completed_store: dict[str, object]
+    tmp_path: Path, settings: Settings, completed_store: Snapshot
 ) -> None:
     good = [{"id": f"g{i}", "prompt": f"good {i}"} for i in range(4)]
     lines = [
@@ -201,4 +207,4 @@ def test_skip_invalid_runs_good_lines_and_reports_bad_ones(
     assert [tuple(r) for r in stored] == [("g0", 1), ("g1", 3), ("g2", 5), ("g3", 7)]
     after = store_snapshot(settings)
     assert after["counts"] == {"jobs": 2, "requests": 3 + 4, "results": 3}
-    assert completed_store["jobs"][0] in after["jobs"]  # type: ignore[index]
+    assert completed_store["jobs"][0] in after["jobs"]

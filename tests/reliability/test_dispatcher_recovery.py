@@ -36,7 +36,7 @@ def _states(store: Store, job: str) -> list[str]:
 
 def test_chunks_marked_queued_but_not_sent_go_back_to_pending(settings: Settings, store: Store) -> None:
     job = _job(store)
-    dispatcher = Dispatcher(store, DeadBroker(), settings)  # type: ignore[arg-type]
+    dispatcher = Dispatcher(store, DeadBroker(), settings)
     with pytest.raises(ConnectionError):
         dispatcher.tick()
     # Nothing reached the broker, so nothing may wait as "queued" for the minutes-long stale requeue.

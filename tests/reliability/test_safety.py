@@ -74,9 +74,9 @@ def test_passwords_are_masked_in_output_logs_and_errors(secret_fleet: Stack) -> 
     outputs = [fleet.logs()]
     for args in (("workers",), ("workers", "--json"), ("status", job), ("status", job, "--json"), ("jobs",),
                  ("status", job, "--wait")):  # fmt: skip
-        proc = fleet.cli(*args, env=wide)
-        assert proc.returncode == 0, proc.stderr
-        outputs.append(proc.stdout + proc.stderr)
+        shown = fleet.cli(*args, env=wide)
+        assert shown.returncode == 0, shown.stderr
+        outputs.append(shown.stdout + shown.stderr)
     # Error paths: unreachable services, with the password in the URL.
     dead_db = fleet.settings.with_(database_url=f"postgresql://postgres:{SECRET}@127.0.0.1:1/nothing")
     dead_broker = fleet.settings.with_(broker_url=f"redis://:{SECRET}@127.0.0.1:1/0")
@@ -84,9 +84,9 @@ def test_passwords_are_masked_in_output_logs_and_errors(secret_fleet: Stack) -> 
 
     for settings, args in ((dead_db, ("status", job)), (dead_db, ("workers",)), (dead_db, ("worker",)),
                            (dead_broker, ("run", str(fleet.tmp / "d.jsonl")))):  # fmt: skip
-        proc = run_cli(settings, *args, env={**wide, **fleet.worker_env()}, timeout=90)
-        assert proc.returncode == 5, proc.stderr
-        outputs.append(proc.stdout + proc.stderr)
+        failed = run_cli(settings, *args, env={**wide, **fleet.worker_env()}, timeout=90)
+        assert failed.returncode == 5, failed.stderr
+        outputs.append(failed.stdout + failed.stderr)
     # A scheduler whose broker is down, with work to send (and no other scheduler), logs its retries.
     for proc in (scheduler, worker):
         proc.terminate()
@@ -109,7 +109,7 @@ def test_no_path_is_derived_from_dataset_content(embedded: Stack) -> None:
     """custom_id and every other field are data: stored and echoed, never joined into a path on disk."""
     evil = ["../../escape-up", "/tmp/escape-abs", "~/escape-home", "sub/dir/escape-nested", "..", "C:\\escape-win",
             "%2e%2e%2fescape-encoded", "escape.jsonl"]  # fmt: skip
-    rows = [
+    rows: list[dict[str, object]] = [
         {
             "custom_id": cid,
             "method": "POST",

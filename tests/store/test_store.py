@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from tokenmill.datasets import CHAT, DatasetRow, SamplingParams
 from tokenmill.errors import JobNotFound, ServiceUnavailable
@@ -99,7 +99,7 @@ def test_expire_reopens_chunks_of_silent_workers(any_store: Store) -> None:
         assert leases.expire(s, lost_after=60) == 0
         store_workers.heartbeat(s, "dead")
     with any_store.session() as s:
-        s.execute(Chunk.__table__.update().values(lease_expires_at=time.time() - 1))
+        s.execute(update(Chunk).values(lease_expires_at=time.time() - 1))
         assert leases.expire(s, lost_after=60) == 1
         assert s.get(Chunk, ids[0]).state == "pending"  # type: ignore[union-attr]
 
@@ -110,7 +110,7 @@ def test_cancel_and_retry_reopen_only_what_they_should(any_store: Store) -> None
         for seq in range(6):
             status = "failed" if seq == 3 else "succeeded"
             store_results.write_result(s, {"job_id": job_id, "seq": seq, "custom_id": f"r{seq}", "status": status})
-        s.execute(Chunk.__table__.update().values(state="done"))
+        s.execute(update(Chunk).values(state="done"))
         job = store_jobs.get_job(s, job_id)
         job.state = "completed_with_errors"
     with any_store.session() as s:

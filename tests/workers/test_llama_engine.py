@@ -26,7 +26,7 @@ SYSTEM = (
 
 
 def chat(cid: str, text: str, *, system: str | None = None, **params: Any) -> DatasetRow:
-    messages = ({"role": "system", "content": system},) if system else ()
+    messages: tuple[dict[str, str], ...] = ({"role": "system", "content": system},) if system else ()
     messages += ({"role": "user", "content": text},)
     return DatasetRow(line=0, custom_id=cid, endpoint=CHAT, messages=messages, params=SamplingParams(**params))
 
