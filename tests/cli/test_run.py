@@ -61,6 +61,8 @@ def test_run_generates_every_row_with_timings(tmp_path: Path, settings: Settings
     db = sqlite3.connect(settings.data_dir / "tokenmill.db")
     assert db.execute("select count(*), count(distinct seq) from results").fetchone() == (5, 5)
     assert db.execute("select state from jobs").fetchone() == ("completed_with_errors",)
+    # run killed its idle worker once the job was done and recorded it as stopped, not lost
+    assert db.execute("select state from workers").fetchall() == [("stopped",)]
 
 
 def test_run_rejects_bad_input_before_loading_anything(tmp_path: Path, settings: Settings) -> None:

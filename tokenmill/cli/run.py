@@ -147,12 +147,16 @@ def register(app: typer.Typer) -> None:
         if fleet_needed:
             fleet.start()
         loop.start()
+        finished = False
         try:
             _watch(store, job_id, fleet if fleet_needed else None)
+            finished = True
         finally:
             stop.set()
             loop.join(timeout=10)
-            killed = fleet.stop(grace=1.0)
+            # A finished job leaves its workers idle with every result committed, and an idle Celery
+            # worker needs ~4 s to wind down; after an interrupt they get a moment to let go of a row.
+            killed = fleet.stop(grace=0.0 if finished else 1.0)
             with store.session() as s:
                 store_workers.mark_stopped(s, socket.gethostname(), killed)
         wall = time.monotonic() - started
@@ -188,7 +192,7 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
             if fleet is not None and fleet.alive() == 0:
                 reason = failed_workers[-1].error if failed_workers else "see .tokenmill/logs/"
                 raise ModelError(f"every local worker exited before the job finished: {reason}")
-            time.sleep(0.5)
+            time.sleep(0.25)
 
 
 def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -78,18 +79,21 @@ class LocalFleet:
     def stop(self, grace: float = 15.0) -> list[int]:
         """SIGTERM, then SIGKILL whoever is still up after ``grace`` seconds; returns the killed pids.
 
-        Killing is safe at any point (leases and the unique result constraint see to that); an idle
-        Celery worker's warm shutdown takes seconds, which `tokenmill run` need not wait for.
+        ``grace=0`` kills at once. Killing is safe at any point (leases and the unique result constraint
+        see to that); an idle Celery worker's warm shutdown takes seconds, which `tokenmill run` need
+        not wait for once its job is done.
         """
-        for p in self.procs:
-            if p.poll() is None:
+        running = [p for p in self.procs if p.poll() is None]
+        if grace > 0:
+            for p in running:
                 p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
+            deadline = time.monotonic() + grace
+            for p in running:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=max(0.05, deadline - time.monotonic()))
         killed: list[int] = []
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        for p in running:
+            if p.poll() is None:
                 p.kill()
                 p.wait()
                 killed.append(p.pid)
