@@ -9,7 +9,7 @@ import sys
 from tokenmill.config import Settings
 from tokenmill.workers.local import LocalFleet
 
-# Exits cleanly on SIGTERM; the parent waits for "ready" so the handler is in place before signalling.
+# The parent waits for "ready" so each child's SIGTERM handler is in place before it is signalled.
 READY = "print('ready', flush=True); import time; time.sleep(60)"
 POLITE = "import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); " + READY
 STUBBORN = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " + READY
