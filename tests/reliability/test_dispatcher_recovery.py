@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import update
 
+from tokenmill.celery_app import make_app, queue_for
 from tokenmill.config import Settings
 from tokenmill.datasets import COMPLETIONS, DatasetRow, SamplingParams
 from tokenmill.scheduler.dispatch import BrokerWatch, Dispatcher
@@ -41,6 +45,68 @@ def test_chunks_marked_queued_but_not_sent_go_back_to_pending(settings: Settings
         dispatcher.tick()
     # Nothing reached the broker, so nothing may wait as "queued" for the minutes-long stale requeue.
     assert _states(store, job) == ["pending"] * 5
+
+
+# A consumer that takes every waiting message without acking it, then dies as under kill -9: no clean
+# shutdown hands its messages back.
+TAKE_AND_DIE = """
+import os, signal, sys
+from kombu import Connection
+with Connection(sys.argv[1]) as conn:
+    taken = 0
+    while conn.default_channel.basic_get(sys.argv[2], no_ack=False) is not None:
+        taken += 1
+    print(taken, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _depth(app: Any, queue: str) -> int:
+    with app.connection_for_write() as conn:
+        return int(conn.default_channel.queue_declare(queue=queue, durable=True, auto_delete=False)[1])
+
+
+def _age_queued(store: Store, seconds: float) -> None:
+    with store.session() as s:
+        s.execute(update(Chunk).where(Chunk.state == "queued").values(enqueued_at=Chunk.enqueued_at - seconds))
+
+
+@pytest.mark.parametrize("broker", ["redis", "sql"])
+def test_chunks_whose_message_died_with_a_worker_are_sent_again(
+    settings: Settings, store: Store, broker: str, request: pytest.FixtureRequest
+) -> None:
+    """A worker killed between taking a message and claiming its chunk: the message sits unacked in Redis
+    for an hour (in kombu's SQL transport, forever). Once the queue is drained the chunk is sent again
+    after ``lost_after``, not after the minutes of the stale requeue."""
+    if broker == "redis":
+        settings = settings.with_(broker_url=request.getfixturevalue("redis_url"))
+    app = make_app(settings)
+    queue = queue_for("fam")
+    job = _job(store, rows=4, chunk_size=2)
+    dispatcher = Dispatcher(store, app, settings)
+    try:
+        assert dispatcher.tick() == 2
+        taker = subprocess.run(
+            [sys.executable, "-c", TAKE_AND_DIE, settings.broker_url, queue], capture_output=True, text=True, timeout=60
+        )
+        assert taker.returncode == -9 and taker.stdout.strip() == "2", taker.stderr
+        assert _depth(app, queue) == 0 and _states(store, job) == ["queued", "queued"]
+        assert dispatcher.tick() == 0  # just queued: a worker may be about to claim them
+
+        _age_queued(store, dispatcher.lost_after + 1)
+        assert dispatcher.lost_after + 1 < settings.requeue_after  # not the stale requeue at work
+        assert dispatcher.tick() == 2
+        assert _depth(app, queue) == 2 and _states(store, job) == ["queued", "queued"]
+
+        # Messages still waiting in the broker are not lost, however long they wait: nothing is resent.
+        dispatcher._next_orphan_check = 0.0
+        _age_queued(store, dispatcher.lost_after + 1)
+        assert dispatcher.tick() == 0
+        assert _depth(app, queue) == 2
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue)
+        app.close()
 
 
 def test_requeue_seconds_is_a_setting_handed_to_children() -> None:

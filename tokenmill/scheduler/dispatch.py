@@ -71,6 +71,7 @@ class Dispatcher:
         self.lost_after = max(3 * settings.heartbeat_seconds, 10.0)
         self.broker_watch = BrokerWatch(settings.broker_url, settings.database_url)
         self._broker_emptied = False  # set until a pass has committed the requeue (the store may be down too)
+        self._next_orphan_check = 0.0
 
     def tick(self) -> int:
         """One pass; returns how many chunks were sent."""
@@ -85,6 +86,9 @@ class Dispatcher:
                 log.warning("broker %s lost its messages; queueing %d chunks again", self._masked_broker(), stale)
             elif expired or stale:
                 log.info("reopened %d expired and %d stale chunks", expired, stale)
+            orphaned = self._requeue_orphaned(s)
+            if orphaned:
+                log.info("sending %d chunks again: queued, but their messages are no longer in the broker", orphaned)
             self._finish_jobs(s)
             active = list(s.scalars(select(Job).where(Job.state.in_(("queued", "running"))).order_by(Job.created_at)))
             inflight = leases.inflight_by_queue(s)
@@ -111,6 +115,42 @@ class Dispatcher:
                 self._unqueue([c for _, _, c in to_send[i:]])
                 raise
         return len(to_send)
+
+    def _requeue_orphaned(self, s: Session) -> int:
+        """Reopen chunks whose message a worker took and never claimed, because it died holding it.
+
+        Redis keeps such a message unacked for its visibility timeout (an hour), kombu's SQL transport
+        forever, and the stale requeue waits minutes. A live worker claims a chunk the moment it receives
+        its message, so once the broker holds no message for a queue, a chunk there still marked queued
+        after ``lost_after`` has no message left to be delivered. (If a worker did just take it, the
+        second message is harmless: a chunk is claimed once.) At most one broker look per heartbeat.
+        """
+        now = time.monotonic()
+        if now < self._next_orphan_check:
+            return 0
+        queues = leases.queues_with_queued_since(s, self.lost_after)
+        if not queues:
+            return 0
+        self._next_orphan_check = now + self.settings.heartbeat_seconds
+        drained = [q for q, depth in self._broker_depths(queues).items() if depth == 0]
+        return leases.requeue_stale(s, self.lost_after, drained) if drained else 0
+
+    def _broker_depths(self, queues: list[str]) -> dict[str, int]:
+        """Messages waiting (not yet delivered) per queue; empty when the broker cannot tell us."""
+        try:
+            with self.app.pool.acquire(block=True, timeout=5) as conn:
+                channel = conn.default_channel
+                try:
+                    return {q: int(channel.queue_declare(queue=q, durable=True, auto_delete=False)[1]) for q in queues}
+                finally:
+                    session = getattr(channel, "_session", None)
+                    if session is not None:  # kombu's SQL channel: end the read, keep no transaction open
+                        session.commit()
+        except Exception as exc:
+            if not _is_broker_error(exc):
+                raise
+            log.debug("broker depth: %s", mask_text(str(exc)))
+            return {}
 
     def _unqueue(self, chunk_ids: list[int]) -> None:
         try:

@@ -88,15 +88,27 @@ def expire(s: Session, lost_after: float) -> int:
     return int(res.rowcount)  # type: ignore[attr-defined]
 
 
-def requeue_stale(s: Session, older_than: float) -> int:
-    """Messages can vanish (kombu's SQL transport never redelivers); a duplicate is harmless, a loss is not."""
-    res = s.execute(
-        update(Chunk)
-        .where(Chunk.state == "queued", Chunk.enqueued_at < time.time() - older_than)
-        .values(state="pending")
-        .execution_options(synchronize_session=False)
-    )
+def requeue_stale(s: Session, older_than: float, queues: list[str] | None = None) -> int:
+    """Messages can vanish (kombu's SQL transport never redelivers); a duplicate is harmless, a loss is not.
+
+    ``queues`` limits this to chunks of jobs on those queues.
+    """
+    where = [Chunk.state == "queued", Chunk.enqueued_at < time.time() - older_than]
+    if queues is not None:
+        where.append(Chunk.job_id.in_(select(Job.id).where(Job.queue.in_(queues))))
+    res = s.execute(update(Chunk).where(*where).values(state="pending").execution_options(synchronize_session=False))
     return int(res.rowcount)  # type: ignore[attr-defined]
+
+
+def queues_with_queued_since(s: Session, older_than: float) -> list[str]:
+    """Queues holding chunks marked queued for longer than ``older_than`` seconds."""
+    rows = s.execute(
+        select(Job.queue)
+        .join(Chunk, Chunk.job_id == Job.id)
+        .where(Chunk.state == "queued", Chunk.enqueued_at < time.time() - older_than)
+        .distinct()
+    ).all()
+    return sorted(q for (q,) in rows)
 
 
 def inflight_by_queue(s: Session) -> dict[str, int]:
