@@ -23,6 +23,7 @@ from tokenmill.datasets import CHAT, DatasetRow, SamplingParams
 from tokenmill.models.resolve import resolve_model
 from tokenmill.workers.engine import Generation
 from tokenmill.workers.llama_engine import LlamaEngine
+from tokenmill.workers.llama_guard import plain_llama
 
 DEFAULT_MODEL = "smollm2-135m-instruct:q4_1"
 
@@ -51,9 +52,7 @@ def prompts(n: int, max_tokens: int) -> list[DatasetRow]:
 
 
 def sequential(model: Path, rows: list[DatasetRow], threads: int, flash_attn: bool) -> tuple[int, float]:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(
+    llm = plain_llama(
         str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn, verbose=False
     )
     started = time.perf_counter()

@@ -61,13 +61,13 @@ def build(kind: str, rows: int, path: Path) -> list[dict[str, object]]:
 
 def sequential(model: str, items: list[dict[str, object]], threads: int) -> tuple[float, int]:
     started = time.perf_counter()
-    from llama_cpp import Llama
+    from tokenmill.workers.llama_guard import plain_llama
 
-    llm = Llama(model_path=model, n_ctx=2048, n_threads=threads, verbose=False)
+    llm = plain_llama(model, n_ctx=2048, n_threads=threads, verbose=False)
     tokens = 0
     for it in items:
-        out = llm.create_chat_completion(messages=it["messages"], max_tokens=it["max_tokens"], temperature=0)  # type: ignore[arg-type]
-        tokens += out["usage"]["completion_tokens"]  # type: ignore[index]
+        out = llm.create_chat_completion(messages=it["messages"], max_tokens=it["max_tokens"], temperature=0)
+        tokens += out["usage"]["completion_tokens"]
     llm.close()
     return time.perf_counter() - started, tokens
 

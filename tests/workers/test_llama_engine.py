@@ -12,6 +12,7 @@ from tokenmill.datasets import CHAT, COMPLETIONS, DatasetRow, SamplingParams
 from tokenmill.errors import RequestTooLong
 from tokenmill.workers.engine import Generation
 from tokenmill.workers.llama_engine import LlamaEngine
+from tokenmill.workers.llama_guard import plain_llama
 from tokenmill.workers.prefix import best_shared_prefix
 from tokenmill.workers.sampling import TextAccumulator
 
@@ -69,9 +70,7 @@ def engine(smollm2_path: Path) -> Iterator[LlamaEngine]:
 @pytest.fixture(scope="module")
 def llm(smollm2_path: Path) -> Any:
     """The plain llama-cpp-python path the engine must agree with (same attention kernel as the engine)."""
-    import llama_cpp
-
-    model = llama_cpp.Llama(str(smollm2_path), n_ctx=N_CTX, n_threads=THREADS, flash_attn=True, verbose=False)
+    model = plain_llama(str(smollm2_path), n_ctx=N_CTX, n_threads=THREADS, flash_attn=True, verbose=False)
     yield model
     model.close()
 
@@ -114,12 +113,10 @@ def test_greedy_output_matches_llama_cpp_python_one_at_a_time(engine: LlamaEngin
 
 
 def test_greedy_output_matches_default_llama_without_flash_attention(smollm2_path: Path) -> None:
-    import llama_cpp
-
     rows = [GREEDY_ROWS[0], GREEDY_ROWS[6]]
     with LlamaEngine(smollm2_path, "Q4_1", n_ctx_per_seq=N_CTX, n_seq=2, n_threads=THREADS, flash_attn=False) as eng:
         results, _ = run(eng, rows)
-    plain = llama_cpp.Llama(str(smollm2_path), n_ctx=N_CTX, n_threads=THREADS, verbose=False)
+    plain = plain_llama(str(smollm2_path), n_ctx=N_CTX, n_threads=THREADS, verbose=False)
     try:
         for row in rows:
             text, finish, _, completion_tokens = reference(plain, row)

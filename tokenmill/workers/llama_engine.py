@@ -32,6 +32,7 @@ from typing import Any
 
 from tokenmill.datasets import CHAT, DatasetRow
 from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong
+from tokenmill.workers import llama_guard
 from tokenmill.workers.engine import Generation, OnDone
 from tokenmill.workers.prefix import best_shared_prefix, common_prefix_len
 from tokenmill.workers.sampling import TextAccumulator, make_sampler
@@ -112,7 +113,7 @@ class LlamaEngine:
         L: Any = importlib.import_module("llama_cpp")
         self._L = L
         L.llama_backend_init()
-        mparams = L.llama_model_default_params()
+        mparams = llama_guard.model_params(L)
         mparams.n_gpu_layers = n_gpu_layers
         self._model = L.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
         if not self._model:
