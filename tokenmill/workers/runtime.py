@@ -71,11 +71,13 @@ class WorkerRuntime:
         self._beat = threading.Thread(target=self._heartbeat_loop, name="tokenmill-heartbeat", daemon=True)
 
     def start(self) -> None:
-        self._beat.start()
+        if self._beat.ident is None:  # once, however often Celery says it is ready
+            self._beat.start()
 
     def close(self) -> None:
         self._closing.set()
-        self._beat.join(timeout=5)
+        if self._beat.is_alive():
+            self._beat.join(timeout=5)
 
     def stop_current(self, reason: str = "shutdown") -> None:
         """Stop the chunk in progress at the next row boundary and hand its lease back (warm shutdown).

@@ -1,0 +1,35 @@
+"""`tokenmill worker`: what it tells the store about itself while it starts."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import select
+
+from tests.conftest import REPO, STUB_ENV, WORKER_ENV, Procs, wait_for
+from tokenmill.config import Settings
+from tokenmill.store import Store
+from tokenmill.store.tables import Worker
+
+
+def _worker(store: Store, name: str) -> Worker | None:
+    with store.session() as s:
+        return s.scalars(select(Worker).where(Worker.name == name)).first()
+
+
+def _start(procs: Procs, settings: Settings, name: str) -> None:
+    env = {**STUB_ENV, **WORKER_ENV, "PYTHONPATH": str(REPO)}
+    args = ("worker", "--model", "smollm2-135m-instruct", "--threads", "1", "--name", name)
+    procs.start(settings, *args, env=env, name=name)
+
+
+def test_worker_is_ready_only_once_celery_consumes(settings: Settings, store: Store, procs: Procs) -> None:
+    """A loaded model is not yet a worker taking messages: Celery needs its broker first."""
+    _start(procs, settings.with_(broker_url="redis://127.0.0.1:1/0"), "no-broker")  # nothing listens there
+    wait_for(lambda: (w := _worker(store, "no-broker")) is not None and w.variant is not None, 60, "the load", procs)
+    time.sleep(3)  # Celery starts in about a second against a broker it can reach
+    w = _worker(store, "no-broker")
+    assert w is not None and w.state == "starting", w and w.state
+
+    _start(procs, settings, "with-broker")  # the embedded SQL broker
+    wait_for(lambda: (w := _worker(store, "with-broker")) is not None and w.state == "ready", 60, "ready", procs)
