@@ -106,7 +106,7 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
     quant = engine.variant.split(":", 1)[1] if ":" in engine.variant else None
     queues = [queue_for(family)] + ([queue_for(family, quant)] if quant else [])
     register(
-        state="starting",  # loaded; "ready" once Celery consumes (see on_consuming)
+        state="starting",  # loaded; "ready" once Celery consumes (WorkerRuntime.mark_consuming)
         family=family,
         variant=engine.variant,
         device=getattr(choice, "device", "cpu") if choice is not None else "cpu",
@@ -121,18 +121,8 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
         settings=settings, store=store, engine=engine, worker_id=worker_id, model_id=model_id, metrics=metrics
     )
     worker_runtime.install(rt)
-
-    def on_consuming(**_: Any) -> None:
-        # Celery needs a second or more after the model is loaded before it takes messages; a worker shown
-        # ready before then is one a person (or a test) would expect to be sharing work that it cannot yet.
-        rt.start()
-        try:
-            with store.session() as s:
-                store_workers.set_state(s, worker_id, "ready")
-        except Exception as exc:  # the first heartbeat, a second from now, says it again
-            log.warning("could not mark worker ready: %s", mask_text(str(exc)))
-
-    signals.worker_ready.connect(on_consuming, weak=False)
+    rt.start()
+    signals.worker_ready.connect(lambda **_: rt.mark_consuming(), weak=False)
     # A warm shutdown (SIGTERM, Ctrl-C, the parent gone) stops the chunk at the next row and reopens it
     # at once; Celery alone would wait for the whole chunk, often past the grace period before SIGKILL.
     signals.worker_shutting_down.connect(lambda **_: rt.stop_current("shutdown"), weak=False)

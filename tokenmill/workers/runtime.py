@@ -66,18 +66,26 @@ class WorkerRuntime:
         self.model_id = model_id
         self._current: _Current | None = None
         self._stopping: str | None = None
+        self._consuming = False  # Celery takes messages only a second or more after the model is loaded
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, name="tokenmill-heartbeat", daemon=True)
 
     def start(self) -> None:
-        if self._beat.ident is None:  # once, however often Celery says it is ready
-            self._beat.start()
+        self._beat.start()
+
+    def mark_consuming(self) -> None:
+        """Celery now takes messages: from here on the worker is ``ready`` (``starting`` until then)."""
+        self._consuming = True
+        try:
+            with self.store.session() as s:
+                store_workers.set_state(s, self.worker_id, "ready")
+        except Exception as exc:  # the next heartbeat says it again
+            log.warning("could not mark worker ready: %s", mask_text(str(exc)))
 
     def close(self) -> None:
         self._closing.set()
-        if self._beat.is_alive():
-            self._beat.join(timeout=5)
+        self._beat.join(timeout=5)
 
     def stop_current(self, reason: str = "shutdown") -> None:
         """Stop the chunk in progress at the next row boundary and hand its lease back (warm shutdown).
@@ -109,7 +117,7 @@ class WorkerRuntime:
                         store_workers.heartbeat(
                             s,
                             self.worker_id,
-                            state="busy" if cur else "ready",
+                            state="busy" if cur else "ready" if self._consuming else "starting",
                             current_job=cur.job_id if cur else None,
                             current_chunk=cur.chunk_id if cur else None,
                         )
