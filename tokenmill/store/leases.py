@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from tokenmill.store.tables import Chunk, Job, Worker
@@ -93,7 +93,7 @@ def requeue_stale(s: Session, older_than: float, queues: list[str] | None = None
 
     ``queues`` limits this to chunks of jobs on those queues.
     """
-    where = [Chunk.state == "queued", Chunk.enqueued_at < time.time() - older_than]
+    where = _queued_longer_than(older_than)
     if queues is not None:
         where.append(Chunk.job_id.in_(select(Job.id).where(Job.queue.in_(queues))))
     res = s.execute(update(Chunk).where(*where).values(state="pending").execution_options(synchronize_session=False))
@@ -105,10 +105,14 @@ def queues_with_queued_since(s: Session, older_than: float) -> list[str]:
     rows = s.execute(
         select(Job.queue)
         .join(Chunk, Chunk.job_id == Job.id)
-        .where(Chunk.state == "queued", Chunk.enqueued_at < time.time() - older_than)
+        .where(*_queued_longer_than(older_than))
         .distinct()
     ).all()
     return sorted(q for (q,) in rows)
+
+
+def _queued_longer_than(seconds: float) -> list[ColumnElement[bool]]:
+    return [Chunk.state == "queued", Chunk.enqueued_at < time.time() - seconds]
 
 
 def inflight_by_queue(s: Session) -> dict[str, int]:
