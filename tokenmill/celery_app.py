@@ -5,9 +5,12 @@ The broker is only a doorbell ("chunk N of job J is ready"); correctness comes f
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as kombu_sqla
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from tokenmill.config import Settings, mask_text, mask_url
 from tokenmill.errors import ServiceUnavailable
@@ -33,14 +36,41 @@ def check_broker(app: Celery, settings: Settings) -> None:
         raise ServiceUnavailable(f"broker {mask_url(settings.broker_url)} is unreachable: {reason}") from None
 
 
+class SQLChannel(kombu_sqla.Channel):
+    """kombu's SQL channel, safe when several processes create its tables or declare a queue at once.
+
+    kombu guards "look for it, create it if missing" with a lock that only spans the threads of one
+    process. Two local workers starting together both miss the queue row, and the second insert breaks
+    the name's unique constraint: an IntegrityError, which Celery does not count as a connection error,
+    so that worker died at start-up (and the channel's session was unusable from then on). Both also
+    race to create the tables ("already exists"). Either way the thing exists by then: use it.
+    """
+
+    def _open(self) -> Any:
+        try:
+            return super()._open()
+        except OperationalError as exc:
+            if "already exists" not in str(exc):
+                raise
+            return super()._open()
+
+    def _get_or_create(self, queue: str) -> Any:
+        try:
+            return super()._get_or_create(queue)
+        except IntegrityError:
+            self.session.rollback()
+            return self.session.query(self.queue_cls).filter(self.queue_cls.name == queue).one()
+
+
 class SQLTransport(kombu_sqla.Transport):
-    """kombu's SQL transport, polling every 0.1 s instead of 1 s.
+    """kombu's SQL transport with :class:`SQLChannel`, polling every 0.1 s instead of 1 s.
 
     With the default, every message waits up to a second before a worker sees it and every worker
     shutdown waits a second per loop — seconds of a short embedded run. (kombu hands transport options
     to ``create_engine``, so ``polling_interval`` cannot simply go in broker_transport_options.)
     """
 
+    Channel = SQLChannel
     polling_interval = 0.1
 
 
