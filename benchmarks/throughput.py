@@ -5,8 +5,9 @@
 For each dataset, on the same file and the same model (SmolLM2-135M-Instruct Q4_1, temperature 0):
   (a) sequential: one `Llama` and a `create_chat_completion` loop, model load included;
   (b) embedded:   `tokenmill run` (SQLite store + broker, local worker processes), start to exit;
-  (c) fleet:      Redis + Postgres, `tokenmill scheduler` + two `tokenmill worker` processes, from
-                  starting them to `status --wait` returning;
+  (c) fleet:      Redis + Postgres, `tokenmill scheduler` + one worker of all the threads, then two
+                  workers of half each, from starting them to `status --wait` returning; the rows each
+                  worker answered are printed;
   (d) cached:     (b) again on the same file: answered from the result cache.
 Datasets are built from text that ships with Python: "gen" = short prompts, up to 160 new tokens;
 "doc" = stdlib documentation excerpts of a few hundred tokens to summarise, up to 64 new tokens.
@@ -92,7 +93,8 @@ def embedded(data: Path, workdir: Path, threads: int, cached: bool = False) -> t
     return time.perf_counter() - started, tokens_in(out)
 
 
-def fleet(data: Path, workdir: Path) -> tuple[float, int]:
+def fleet(data: Path, workdir: Path, workers: int, threads: int) -> tuple[float, int, dict[str, int]]:
+    """Wall time, generated tokens, and rows answered by each worker."""
     import psycopg
     import redis
 
@@ -110,14 +112,15 @@ def fleet(data: Path, workdir: Path) -> tuple[float, int]:
         tm("migrate", env=env)
         started = time.perf_counter()
         procs.append(subprocess.Popen([*base, "scheduler"], env=env, stderr=subprocess.DEVNULL))
-        for name in ("b1", "b2"):
-            procs.append(subprocess.Popen([*base, "worker", "--name", name, "--threads", "1"], env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+        for i in range(workers):
+            procs.append(subprocess.Popen([*base, "worker", "--name", f"b{i + 1}", "--threads", str(threads)],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
         job = tm("submit", str(data), "--no-cache", "--chunk-size", "8", env=env).stdout.split()[-1]
         tm("status", job, "--wait", "--interval", "0.2", env=env)
         wall = time.perf_counter() - started
         tm("results", job, "-o", str(out), env=env)
-        return wall, tokens_in(out)
+        fleet_rows = json.loads(tm("workers", "--all", "--json", env=env).stdout)
+        return wall, tokens_in(out), {w["id"].split(":")[0]: w["rows_done"] for w in fleet_rows}
     finally:
         for p in procs:
             p.terminate()
@@ -145,17 +148,23 @@ def main() -> None:
             items = build(kind, args.rows, data)
             runs = {"sequential": sequential(model, items, args.threads)}
             runs["embedded"] = embedded(data, work, args.threads)
+            shares: dict[str, dict[str, int]] = {}
             if not args.skip_fleet:
-                runs["fleet-2w"] = fleet(data, work)
+                for n in (1, 2):
+                    wall, tokens, shares[f"fleet-{n}w"] = fleet(data, work, n, max(1, args.threads // n))
+                    runs[f"fleet-{n}w"] = (wall, tokens)
             runs["cached"] = embedded(data, work, args.threads, cached=True)
             print(header)
             base = runs["sequential"][0]
             for mode, (wall, tokens) in runs.items():
                 print(f"{kind:<4} {mode:<11} {wall:>8.1f} {tokens:>10} {tokens / wall:>8.1f} {base / wall:>13.2f}x",
                       flush=True)  # fmt: skip
+            for mode, rows_by_worker in shares.items():
+                print(f"{kind:<4} {mode} rows per worker: " + ", ".join(f"{w} {n}" for w, n in rows_by_worker.items()))
             if "fleet-2w" in runs:
                 delta = (runs["fleet-2w"][0] - runs["embedded"][0]) / runs["embedded"][0] * 100
                 print(f"{kind:<4} fleet-2w vs embedded wall time: {delta:+.1f}%")
+                print(f"{kind:<4} fleet-2w vs fleet-1w wall time: {runs['fleet-1w'][0] / runs['fleet-2w'][0]:.2f}x")
             print(f"{kind:<4} cached re-run speed-up over embedded: {runs['embedded'][0] / runs['cached'][0]:.1f}x\n")
 
 
