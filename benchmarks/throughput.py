@@ -115,7 +115,7 @@ def fleet(data: Path, workdir: Path, workers: int, threads: int) -> tuple[float,
         for i in range(workers):
             procs.append(subprocess.Popen([*base, "worker", "--name", f"b{i + 1}", "--threads", str(threads)],
                                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
-        job = tm("submit", str(data), "--no-cache", "--chunk-size", "8", env=env).stdout.split()[-1]
+        job = tm("submit", str(data), "--no-cache", env=env).stdout.split()[-1]
         tm("status", job, "--wait", "--interval", "0.2", env=env)
         wall = time.perf_counter() - started
         tm("results", job, "-o", str(out), env=env)
