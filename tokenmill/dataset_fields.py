@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ MAX_STOP = 4
 MAX_TOKENS_LIMIT = 2**31 - 1
 SEED_LIMIT = 2**32 - 1  # llama.cpp seeds are unsigned 32-bit
 MAX_ID_LENGTH = 512  # the store's custom_id column
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class FieldError(Exception):
@@ -259,7 +261,7 @@ def row_id(obj: Mapping[str, Any], line: int) -> str:
         raise FieldError("must not be empty", key)
     if len(text) > MAX_ID_LENGTH:
         raise FieldError(f"is {len(text)} characters long; at most {MAX_ID_LENGTH} are allowed", key)
-    if any(ord(c) < 32 or c == "\x7f" for c in text):
+    if _CONTROL.search(text):
         raise FieldError("must not contain control characters (newlines, tabs)", key)
     return check_encodable(text, key)
 

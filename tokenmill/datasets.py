@@ -274,7 +274,7 @@ def _parse(raw: bytes | None) -> dict[str, Any]:
         bad = raw[exc.start]
         raise FieldError(f"invalid UTF-8: byte 0x{bad:02x} at byte column {exc.start + 1}") from None
     try:
-        obj = json.loads(text, parse_constant=_refuse_constant)
+        obj = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise FieldError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
     except _NonStandardNumber as exc:
@@ -292,6 +292,9 @@ def _refuse_constant(name: str) -> Any:
     raise _NonStandardNumber(name)
 
 
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # json.loads with options builds one per call
+
+
 class _RowBuilder:
     """Turns one parsed object into a row; all choices that depend on the read options live here."""
 
@@ -299,6 +302,7 @@ class _RowBuilder:
         self.template = template
         self.text_field = text_field
         self.defaults = defaults
+        self._params_seen: dict[tuple[tuple[str, Any], ...], SamplingParams] = {}
 
     def build(self, line: int, custom_id: str, obj: dict[str, Any]) -> DatasetRow:
         if self.template is not None or self.text_field is not None:
@@ -320,8 +324,17 @@ class _RowBuilder:
         )
 
     def _params(self, src: dict[str, Any], prefix: str) -> SamplingParams:
+        """Rows of one file mostly set the same few parameters: build each distinct set once."""
         overrides = fields.sampling_overrides(src, prefix)
-        return replace(self.defaults, **overrides) if overrides else self.defaults
+        if not overrides:
+            return self.defaults
+        key = tuple(overrides.items())
+        params = self._params_seen.get(key)
+        if params is None:
+            if len(self._params_seen) >= 4096:  # every row different (seeds): keep memory bounded
+                self._params_seen.clear()
+            params = self._params_seen[key] = replace(self.defaults, **overrides)
+        return params
 
     def _from_data(self, line: int, custom_id: str, obj: dict[str, Any]) -> DatasetRow:
         values: dict[str, Any] = obj

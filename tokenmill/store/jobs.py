@@ -70,6 +70,9 @@ def _row_record(job: Job, seq: int, row: DatasetRow) -> dict[str, Any]:
     }
 
 
+_PAYLOAD_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps with options builds one per call
+
+
 def _copy_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
     """Postgres: COPY inside the session's transaction — several times faster than batched INSERTs."""
     raw = s.connection().connection.driver_connection
@@ -78,7 +81,7 @@ def _copy_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
     with raw.cursor() as cur, cur.copy(f"COPY requests ({', '.join(columns)}) FROM STDIN") as copy:  # type: ignore[union-attr]
         for row in rows:
             rec = _row_record(job, seq, row)
-            rec["payload"] = json.dumps(rec["payload"], ensure_ascii=False)
+            rec["payload"] = _PAYLOAD_JSON.encode(rec["payload"])
             copy.write_row([rec[c] for c in columns])
             seq += 1
     return seq
