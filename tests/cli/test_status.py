@@ -73,6 +73,11 @@ def test_status_jobs_and_wait_exit_codes(tmp_path: Path, settings: Settings, pro
     assert str(good) in rows[good_id]  # the name is a path, printed as is: "[draft]" is not markup
     narrow = run_cli(settings, "jobs", env={"COLUMNS": "80"})  # other columns fold; ids stay whole to copy
     assert all(job in narrow.stdout for job in (good_id, bad_id, gemma_id)), narrow.stdout
+    listed = json.loads(run_cli(settings, "jobs", "--json").stdout)
+    assert [j["job"] for j in listed] == [gemma_id, bad_id, good_id]  # newest first
+    assert [(j["state"], j["done"], j["failed"]) for j in listed] == [
+        ("cancelled", 0, 0), ("completed_with_errors", 3, 1), ("completed", 5, 0)
+    ]
 
 
 def test_status_of_unknown_job_is_one_clean_line(settings: Settings, store: Store) -> None:

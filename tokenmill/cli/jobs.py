@@ -130,9 +130,20 @@ def register(app: typer.Typer) -> None:
             raise JobIncomplete(f"job {info['job']} ended {info['state']} ({info['failed']} failed rows)")
 
     @app.command("jobs")
-    def jobs_cmd(ctx: typer.Context) -> None:
-        """List recent jobs. Example: tokenmill jobs"""
-        _jobs_table(open_store(settings_from(ctx)))
+    def jobs_cmd(
+        ctx: typer.Context,
+        as_json: Annotated[bool, typer.Option("--json", help="Machine-readable, as `status JOB --json`")] = False,
+    ) -> None:
+        """List recent jobs, newest first.
+
+        Example: tokenmill jobs --json
+        """
+        store = open_store(settings_from(ctx))
+        if as_json:
+            with store.session() as s:
+                print_plain(json.dumps([store_jobs.progress(s, j).to_json() for j in store_jobs.list_jobs(s)]))
+            return
+        _jobs_table(store)
 
     @app.command("results")
     def results_cmd(
