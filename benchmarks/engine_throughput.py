@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, cast
 
 from tokenmill.config import Settings
-from tokenmill.datasets import CHAT, DatasetRow, SamplingParams
+from tokenmill.engine import Generation
+from tokenmill.engines.llama import LlamaEngine
+from tokenmill.engines.llama_guard import plain_llama
 from tokenmill.models.resolve import resolve_model
-from tokenmill.workers.engine import Generation
-from tokenmill.workers.llama_engine import LlamaEngine
-from tokenmill.workers.llama_guard import plain_llama
+from tokenmill.rows import CHAT, DatasetRow, SamplingParams
 
 DEFAULT_MODEL = "smollm2-135m-instruct:q4_1"
 

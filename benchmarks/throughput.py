@@ -62,7 +62,7 @@ def build(kind: str, rows: int, path: Path) -> list[dict[str, object]]:
 
 def sequential(model: str, items: list[dict[str, object]], threads: int) -> tuple[float, int]:
     started = time.perf_counter()
-    from tokenmill.workers.llama_guard import plain_llama
+    from tokenmill.engines.llama_guard import plain_llama
 
     llm = plain_llama(model, n_ctx=2048, n_threads=threads, verbose=False)
     tokens = 0

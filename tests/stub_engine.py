@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tokenmill.datasets import DatasetRow
+from tokenmill.engine import Generation, OnDone
 from tokenmill.errors import RequestTooLong
-from tokenmill.workers.engine import Generation, OnDone
+from tokenmill.rows import DatasetRow
 
 
 class StubEngine:

@@ -10,18 +10,9 @@ from typing import Any
 import pytest
 
 from tokenmill import datasets
-from tokenmill.datasets import (
-    CHAT,
-    COMPLETIONS,
-    DatasetRow,
-    DatasetSummary,
-    InvalidLine,
-    SamplingParams,
-    error_line,
-    read_dataset,
-    validate_dataset,
-)
+from tokenmill.datasets import DatasetSummary, InvalidLine, error_line, read_dataset, validate_dataset
 from tokenmill.errors import DatasetError, UsageError
+from tokenmill.rows import CHAT, COMPLETIONS, DatasetRow, SamplingParams
 
 USER = {"role": "user", "content": "hi"}
 

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenmill.datasets import CHAT, COMPLETIONS, DatasetRow, SamplingParams, error_line, read_dataset, validate_dataset
+from tokenmill.datasets import error_line, read_dataset, validate_dataset
 from tokenmill.errors import DatasetError
+from tokenmill.rows import CHAT, COMPLETIONS, DatasetRow, SamplingParams
 
 KEYS = [
     "custom_id", "id", "method", "url", "body", "messages", "prompt", "role", "content", "type", "text",

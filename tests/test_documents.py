@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenmill.datasets import CHAT, SamplingParams
 from tokenmill.documents import (
     estimate_tokens,
     list_documents,
@@ -18,6 +17,7 @@ from tokenmill.documents import (
     split_text,
 )
 from tokenmill.errors import DatasetError, UsageError
+from tokenmill.rows import CHAT, SamplingParams
 
 
 def words(text: str) -> int:

@@ -12,7 +12,7 @@ import time
 
 from sqlalchemy import func, select, update
 
-from tokenmill.datasets import DatasetRow
+from tokenmill.rows import DatasetRow
 from tokenmill.store import Store
 from tokenmill.store import results as store_results
 from tokenmill.store.tables import Chunk, RequestRow, Result

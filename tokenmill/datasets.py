@@ -8,80 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from tokenmill import dataset_fields as fields
 from tokenmill.dataset_fields import FieldError, Template, compile_template, describe, show
 from tokenmill.errors import DatasetError, UsageError
-
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "stop": list(self.stop),
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SamplingParams:
-        return cls(
-            max_tokens=int(data["max_tokens"]),
-            temperature=float(data["temperature"]),
-            top_p=float(data["top_p"]),
-            stop=tuple(data.get("stop") or ()),
-            seed=data.get("seed"),
-        )
-
-
-@dataclass(frozen=True)
-class DatasetRow:
-    """One request. ``line`` is the 1-based line in the source file; ``custom_id`` is unique per job."""
-
-    line: int
-    custom_id: str
-    endpoint: str  # CHAT or COMPLETIONS
-    messages: tuple[dict[str, str], ...] | None = None
-    prompt: str | None = None
-    params: SamplingParams = field(default_factory=SamplingParams)
-    source: str | None = None  # file name a document row came from
-
-    def to_payload(self) -> dict[str, Any]:
-        """The JSON stored for this row; workers rebuild the row from it, never from the file."""
-        return {
-            "endpoint": self.endpoint,
-            "messages": list(self.messages) if self.messages is not None else None,
-            "prompt": self.prompt,
-            "params": self.params.to_json(),
-            "source": self.source,
-        }
-
-    @classmethod
-    def from_payload(cls, line: int, custom_id: str, payload: dict[str, Any]) -> DatasetRow:
-        messages = payload.get("messages")
-        return cls(
-            line=line,
-            custom_id=custom_id,
-            endpoint=payload["endpoint"],
-            messages=tuple(messages) if messages is not None else None,
-            prompt=payload.get("prompt"),
-            params=SamplingParams.from_json(payload["params"]),
-            source=payload.get("source"),
-        )
+from tokenmill.rows import CHAT, COMPLETIONS, DatasetRow, SamplingParams
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from tokenmill.dataset_fields import MAX_ID_LENGTH, FieldError, Template, compile_template
-from tokenmill.datasets import CHAT, DatasetRow, SamplingParams
 from tokenmill.errors import DatasetError, UsageError
+from tokenmill.rows import CHAT, DatasetRow, SamplingParams
 
 DOCUMENT_SUFFIXES = frozenset({".txt", ".md"})
 DOCUMENT_FIELDS = ("text", "name", "stem", "part", "parts")

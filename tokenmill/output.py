@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from tokenmill.datasets import CHAT, DatasetRow
+from tokenmill.engine import Generation
+from tokenmill.rows import CHAT, DatasetRow
 from tokenmill.store import Store
 from tokenmill.store.results import iter_results
 from tokenmill.store.tables import RequestRow, Result
-from tokenmill.workers.engine import Generation
 
 
 def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.host import Capacity, GpuInfo
 from tokenmill.models.catalog import get_family
 from tokenmill.models.sizing import (
     RAM_MARGIN,
@@ -12,7 +13,6 @@ from tokenmill.models.sizing import (
     estimate_memory,
     recommend,
 )
-from tokenmill.workers.capacity import Capacity, GpuInfo
 
 GiB = 1024**3
 MiB = 1024**2

@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import run_cli
 from tokenmill.config import Settings
+from tokenmill.engine import Generation
 from tokenmill.output import timings
-from tokenmill.workers.engine import Generation
 
 OLLAMA = {"load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration", "total_duration"}
 LLAMA_SERVER = {"prompt_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms", "predicted_per_second"}

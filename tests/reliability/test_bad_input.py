@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from tests.conftest import run_cli
 from tokenmill.config import Settings
-from tokenmill.datasets import COMPLETIONS, DatasetRow, SamplingParams
+from tokenmill.rows import COMPLETIONS, DatasetRow, SamplingParams
 from tokenmill.scheduler.submit import submit_rows
 from tokenmill.store import Store
 from tokenmill.store import results as store_results

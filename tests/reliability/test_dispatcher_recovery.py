@@ -12,7 +12,7 @@ from sqlalchemy import update
 
 from tokenmill.celery_app import make_app, queue_for
 from tokenmill.config import Settings
-from tokenmill.datasets import COMPLETIONS, DatasetRow, SamplingParams
+from tokenmill.rows import COMPLETIONS, DatasetRow, SamplingParams
 from tokenmill.scheduler.dispatch import BrokerWatch, Dispatcher
 from tokenmill.scheduler.submit import submit_rows
 from tokenmill.store import Store

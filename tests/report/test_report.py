@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 from tests.conftest import REPO, need
 from tokenmill.cli.report import register
-from tokenmill.datasets import CHAT, COMPLETIONS, DatasetRow, SamplingParams
 from tokenmill.errors import JobNotFound
 from tokenmill.report import write_report
 from tokenmill.report.ab import response_text
 from tokenmill.report.data import NoResultsYet, Reservoir, load_report
+from tokenmill.rows import CHAT, COMPLETIONS, DatasetRow, SamplingParams
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import results as store_results

@@ -7,8 +7,8 @@ import time
 import pytest
 from sqlalchemy import func, select, update
 
-from tokenmill.datasets import CHAT, DatasetRow, SamplingParams
 from tokenmill.errors import JobNotFound, ServiceUnavailable
+from tokenmill.rows import CHAT, DatasetRow, SamplingParams
 from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import results as store_results

@@ -10,8 +10,9 @@ from typing import Any
 import psutil
 import pytest
 
+from tokenmill.host import Capacity, GpuInfo
 from tokenmill.workers import capacity as capmod
-from tokenmill.workers.capacity import Capacity, GpuInfo, detect, detect_gpus, llama_gpu_offload
+from tokenmill.workers.capacity import detect, detect_gpus, llama_gpu_offload
 
 GiB = 1024**3
 

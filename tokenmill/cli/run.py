@@ -15,9 +15,9 @@ from rich.table import Table
 from tokenmill.cache import close_answered_chunks, prefill
 from tokenmill.celery_app import check_broker, make_app
 from tokenmill.cli.common import console, default_output, open_store, out, settings_from
-from tokenmill.datasets import SamplingParams
 from tokenmill.errors import DatasetError, JobIncomplete, ModelError
 from tokenmill.output import export
+from tokenmill.rows import SamplingParams
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.scheduler.submit import Submission, auto_chunk_size, job_key, model_route, submit_dataset
 from tokenmill.store import Store, leases

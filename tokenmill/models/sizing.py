@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.host import Capacity, GpuInfo
 from tokenmill.models.catalog import CATALOG, QUANT_BPW, Family, Variant, get_family
-from tokenmill.workers.capacity import Capacity, GpuInfo
 
 MiB = 1024**2
 GiB = 1024**3

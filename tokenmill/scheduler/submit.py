@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.celery_app import queue_for
-from tokenmill.datasets import DatasetRow, InvalidLine, SamplingParams, error_line, read_dataset
+from tokenmill.datasets import InvalidLine, error_line, read_dataset
 from tokenmill.errors import DatasetError, UnknownModelError
+from tokenmill.rows import DatasetRow, SamplingParams
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 

@@ -12,8 +12,8 @@ from typing import Any
 from sqlalchemy import case, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from tokenmill.datasets import DatasetRow
 from tokenmill.errors import JobNotFound, StoreError
+from tokenmill.rows import DatasetRow
 from tokenmill.store.tables import Chunk, Job, RequestRow, Result
 
 ACTIVE_STATES = ("queued", "running")

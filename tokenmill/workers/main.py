@@ -23,12 +23,12 @@ from celery import signals
 
 from tokenmill.celery_app import make_app, queue_for
 from tokenmill.config import Settings, mask_text
+from tokenmill.engine import Engine
 from tokenmill.errors import ModelError, TokenmillError
+from tokenmill.host import Capacity
 from tokenmill.store import Store
 from tokenmill.store import workers as store_workers
 from tokenmill.workers import runtime as worker_runtime
-from tokenmill.workers.capacity import Capacity
-from tokenmill.workers.engine import Engine
 from tokenmill.workers.local import PARENT_PID_ENV
 from tokenmill.workers.metrics import WorkerMetrics, start_metrics_server
 from tokenmill.workers.selection import ModelSelection, WorkerOptions, select_model
@@ -43,7 +43,7 @@ def _engine_factory() -> Any:
     """The real llama.cpp engine, unless TOKENMILL_ENGINE names another (control-plane load tests only)."""
     spec = os.environ.get("TOKENMILL_ENGINE")
     if not spec:
-        from tokenmill.workers.llama_engine import LlamaEngine
+        from tokenmill.engines.llama import LlamaEngine
 
         return LlamaEngine
     module, _, attr = spec.partition(":")

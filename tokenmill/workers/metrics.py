@@ -7,9 +7,9 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from sqlalchemy import func, select
 
+from tokenmill.engine import Generation
 from tokenmill.store import Store
 from tokenmill.store.tables import Chunk, Job, Worker
-from tokenmill.workers.engine import Generation
 
 
 class WorkerMetrics:

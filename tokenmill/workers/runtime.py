@@ -16,15 +16,15 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from tokenmill.cache import copy_cached, request_hash
 from tokenmill.config import Settings, mask_text
-from tokenmill.datasets import DatasetRow
+from tokenmill.engine import Engine, Generation
 from tokenmill.errors import RequestTooLong
 from tokenmill.output import response_body, timings
+from tokenmill.rows import DatasetRow
 from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import results as store_results
 from tokenmill.store import workers as store_workers
 from tokenmill.store.tables import Chunk, Job
-from tokenmill.workers.engine import Engine, Generation
 from tokenmill.workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)

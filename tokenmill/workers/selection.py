@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from tokenmill.config import Settings
 from tokenmill.errors import ModelError
+from tokenmill.host import Capacity
 from tokenmill.models.catalog import get_family, parse_model_ref
 from tokenmill.models.resolve import ResolvedModel, looks_like_path, obtainable_predicate, resolve_model
 from tokenmill.models.sizing import Choice, choose_variant
-from tokenmill.workers.capacity import Capacity
 
 log = logging.getLogger(__name__)
 DEFAULT_N_SEQ = 8

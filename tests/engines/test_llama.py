@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from tokenmill.datasets import CHAT, COMPLETIONS, DatasetRow, SamplingParams
+from tokenmill.engine import Generation
+from tokenmill.engines.llama import LlamaEngine
+from tokenmill.engines.llama_guard import plain_llama
+from tokenmill.engines.prefix import best_shared_prefix
+from tokenmill.engines.sampling import TextAccumulator
 from tokenmill.errors import RequestTooLong
-from tokenmill.workers.engine import Generation
-from tokenmill.workers.llama_engine import LlamaEngine
-from tokenmill.workers.llama_guard import plain_llama
-from tokenmill.workers.prefix import best_shared_prefix
-from tokenmill.workers.sampling import TextAccumulator
+from tokenmill.rows import CHAT, COMPLETIONS, DatasetRow, SamplingParams
 
 pytestmark = pytest.mark.model
 

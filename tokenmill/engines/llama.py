@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenmill.datasets import CHAT, DatasetRow
+from tokenmill.engine import Generation, OnDone
+from tokenmill.engines import llama_guard
+from tokenmill.engines.prefix import best_shared_prefix, common_prefix_len
+from tokenmill.engines.sampling import TextAccumulator, make_sampler
 from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong
-from tokenmill.workers import llama_guard
-from tokenmill.workers.engine import Generation, OnDone
-from tokenmill.workers.prefix import best_shared_prefix, common_prefix_len
-from tokenmill.workers.sampling import TextAccumulator, make_sampler
+from tokenmill.rows import CHAT, DatasetRow
 
 log = logging.getLogger(__name__)
 

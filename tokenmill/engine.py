@@ -1,7 +1,8 @@
 """What a worker asks of an inference engine.
 
-The Celery task only sees this Protocol, so the control plane can be load-tested with a stub engine
-(tests/ only) while the real backend is llama.cpp (:mod:`tokenmill.workers.llama_engine`).
+Bottom layer: the worker runtime drives an engine through this Protocol and the output writer turns a
+:class:`Generation` into an OpenAI body, so neither depends on a backend. The backends are named in
+:mod:`tokenmill.engines` (docs/architecture.md, "Adding an engine").
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tokenmill.datasets import DatasetRow
+from tokenmill.rows import DatasetRow
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Per-sequence sampling and stop-string detection for the batched llama.cpp engine.
 
-Kept apart from :mod:`tokenmill.workers.llama_engine` so the text-side rules (stop strings over raw
+Kept apart from :mod:`tokenmill.engines.llama` so the text-side rules (stop strings over raw
 bytes, UTF-8 tails) can be unit-tested without a model, and so the engine module stays about batching.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenmill.datasets import SamplingParams
+from tokenmill.rows import SamplingParams
 
 DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: "pick a random seed"
 

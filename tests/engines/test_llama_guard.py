@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tokenmill.workers import llama_guard
+from tokenmill.engines import llama_guard
 
 AMX_INFO = b"CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | OPENMP = 1 | REPACK = 1 | "
 PLAIN_INFO = b"CPU : SSE3 = 1 | AVX2 = 1 | FMA = 1 | OPENMP = 1 | REPACK = 1 | "

@@ -1,0 +1,1 @@
+"""Inference backends behind :class:`tokenmill.engine.Engine`: ``llama`` (llama.cpp) and ``stub`` (no model)."""

@@ -1,0 +1,1 @@
+"""The HTTP doors into the store: the OpenAI-compatible Files + Batches API and the web dashboard."""
