@@ -6,7 +6,7 @@ import pytest
 
 from tokenmill.host import Capacity, GpuInfo
 from tokenmill.models.catalog import get_family
-from tokenmill.models.sizing import choose_variant, order_candidates
+from tokenmill.models.sizing import Prefer, choose_variant, order_candidates
 
 GiB = 1024**3
 
@@ -47,8 +47,9 @@ EXPECTED = {
 @pytest.mark.parametrize(("tier", "family"), sorted(EXPECTED))
 def test_each_preference_on_each_tier(tier: str, family: str) -> None:
     got = []
-    for prefer in ("quality", "balanced", "speed"):
-        c = choose_variant(family, TIERS[tier], n_ctx=4096, prefer=prefer)  # type: ignore[arg-type]
+    prefs: tuple[Prefer, ...] = ("quality", "balanced", "speed")
+    for prefer in prefs:
+        c = choose_variant(family, TIERS[tier], n_ctx=4096, prefer=prefer)
         got.append(f"{c.variant.quant}/{c.device}/{c.n_gpu_layers}")
     assert tuple(got) == EXPECTED[(tier, family)]
 

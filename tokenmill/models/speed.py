@@ -7,8 +7,10 @@ by arithmetic instead, so the CPU rate is the roofline combination of both bound
 Each bound is scaled by an efficiency factor measured with the real model on the development machines
 (``benchmarks/predict_speed.py`` prints predicted against measured for every local variant).
 
-The probe takes well under a second (a 64 MiB copy and a small float32 matmul, best of a few runs) and
-is cached per host in the models folder, so a worker pays it once.
+The probe takes well under a second (a 64 MiB copy, and vectorised multiply-adds over an array that
+stays in the L2 cache; best of a few runs) and is cached per host in the models folder, so a worker pays
+it once. It uses numpy's own loops, not BLAS, so it measures the core rather than whichever BLAS
+(and OpenBLAS core type) is installed.
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ from tokenmill.models.catalog import Family, Variant
 log = logging.getLogger(__name__)
 
 PROBE_BYTES = 64 * 1024**2
-PROBE_MATMUL = 384
-PROBE_VERSION = 1
+PROBE_CACHE_FLOATS = 32 * 1024  # 128 KiB of float32: stays in L2, so the loop measures arithmetic
+PROBE_CACHE_REPEATS = 200
+PROBE_VERSION = 2
 
 # Efficiency factors: measured tok/s divided by the bound computed from the probe. Calibrated on
 # SmolLM2-135M Q4_1 with llama-cpp-python 0.3.36 on the 2-core development hosts (see module doc).
-CPU_GEN_EFFICIENCY = 0.55
-CPU_PROMPT_EFFICIENCY = 2.2  # llama.cpp's quantized SIMD kernels beat numpy's one-thread float32 matmul
+CPU_GEN_EFFICIENCY = 0.8
+CPU_PROMPT_EFFICIENCY = 0.75
+# llama.cpp's quantized dot products (fused multiply-adds over int8 blocks) do about this many times the
+# arithmetic per second of numpy's two-pass float32 loop the probe times.
+CPU_KERNEL_SPEEDUP = 8.0
 GPU_GEN_EFFICIENCY = 0.7  # typical share of peak VRAM bandwidth llama.cpp's CUDA decode reaches
 GPU_PROMPT_FLOPS_PER_BYTE = 40.0  # prompt throughput relative to decode on a GPU (batched, compute-bound)
 
@@ -97,13 +103,21 @@ def run_probe(threads: int = 1) -> HostSpeed:
     src = np.ones(PROBE_BYTES // 8, dtype=np.float64)
     dst = np.empty_like(src)
     copy_s = _best_of(lambda: np.copyto(dst, src), 5)
-    a = np.random.default_rng(0).standard_normal((PROBE_MATMUL, PROBE_MATMUL), dtype=np.float32)
-    matmul_s = _best_of(lambda: a @ a, 5)
+    a = np.full(PROBE_CACHE_FLOATS, 1.0001, dtype=np.float32)
+    b = np.full(PROBE_CACHE_FLOATS, 0.9999, dtype=np.float32)
+    c = np.zeros_like(a)
+
+    def fma_loop() -> None:
+        for _ in range(PROBE_CACHE_REPEATS):
+            np.multiply(a, b, out=c)
+            np.add(c, a, out=c)
+
+    fma_s = _best_of(fma_loop, 3)
     return HostSpeed(
         hostname=socket.gethostname(),
         cpu=_cpu_name(),
         mem_bandwidth_bytes=2 * PROBE_BYTES / copy_s,  # read + write
-        flops=2 * PROBE_MATMUL**3 / matmul_s,
+        flops=2 * PROBE_CACHE_FLOATS * PROBE_CACHE_REPEATS / fma_s,
         threads=threads,
     )
 
@@ -156,7 +170,7 @@ def predict(
     threads = max(1, threads)
     # Memory bandwidth scales far less than compute with cores; one more core adds a third.
     bw = speed.mem_bandwidth_bytes * (1 + (threads - 1) / 3)
-    compute = speed.flops * threads
+    compute = speed.flops * threads * CPU_KERNEL_SPEEDUP
     gen = CPU_GEN_EFFICIENCY / (weight_bytes / bw + flops_per_token / compute)
     prompt = CPU_PROMPT_EFFICIENCY * compute / flops_per_token
     return Prediction(prompt, gen, "cpu", f"{bw / 1e9:.1f} GB/s, {compute / 1e9:.0f} GFLOP/s, {threads} threads")
