@@ -157,20 +157,45 @@ def gpu_bandwidth(gpu: GpuInfo) -> float:
     return 300e9  # an unknown card: assume an entry-level one rather than promise speed
 
 
-def predict(
-    variant: Variant, family: Family, *, speed: HostSpeed, threads: int = 1, gpu: GpuInfo | None = None
-) -> Prediction:
-    """Prompt and generation tok/s of ``variant`` on the CPU (``threads`` cores) or fully on ``gpu``."""
+def _step_costs(
+    variant: Variant, family: Family, speed: HostSpeed, threads: int, gpu: GpuInfo | None
+) -> tuple[float, float, str]:
+    """(seconds to stream the weights once, seconds of arithmetic per token, basis) for one decode step."""
     weight_bytes = float(variant.size_bytes)
     flops_per_token = 2.0 * family.params_b * 1e9
     if gpu is not None:
         bw = gpu_bandwidth(gpu)
-        gen = GPU_GEN_EFFICIENCY * bw / weight_bytes
-        return Prediction(gen * GPU_PROMPT_FLOPS_PER_BYTE, gen, "cuda", f"{bw / 1e9:.0f} GB/s VRAM")
+        return weight_bytes / bw, flops_per_token / (bw * GPU_PROMPT_FLOPS_PER_BYTE * 2.0), f"{bw / 1e9:.0f} GB/s VRAM"
     threads = max(1, threads)
     # Memory bandwidth scales far less than compute with cores; one more core adds a third.
     bw = speed.mem_bandwidth_bytes * (1 + (threads - 1) / 3)
     compute = speed.flops * threads * CPU_KERNEL_SPEEDUP
-    gen = CPU_GEN_EFFICIENCY / (weight_bytes / bw + flops_per_token / compute)
-    prompt = CPU_PROMPT_EFFICIENCY * compute / flops_per_token
-    return Prediction(prompt, gen, "cpu", f"{bw / 1e9:.1f} GB/s, {compute / 1e9:.0f} GFLOP/s, {threads} threads")
+    basis = f"{bw / 1e9:.1f} GB/s, {compute / 1e9:.0f} GFLOP/s, {threads} threads"
+    return weight_bytes / bw, flops_per_token / compute, basis
+
+
+def predict(
+    variant: Variant, family: Family, *, speed: HostSpeed, threads: int = 1, gpu: GpuInfo | None = None
+) -> Prediction:
+    """Prompt and single-sequence generation tok/s of ``variant`` on the CPU (``threads``) or fully on ``gpu``."""
+    t_mem, t_flop, basis = _step_costs(variant, family, speed, threads, gpu)
+    if gpu is not None:
+        gen = GPU_GEN_EFFICIENCY / t_mem
+        return Prediction(gen * GPU_PROMPT_FLOPS_PER_BYTE, gen, "cuda", basis)
+    gen = CPU_GEN_EFFICIENCY / (t_mem + t_flop)
+    return Prediction(CPU_PROMPT_EFFICIENCY / t_flop, gen, "cpu", basis)
+
+
+def predict_batched(
+    variant: Variant, family: Family, *, speed: HostSpeed, threads: int = 1, n_seq: int = 1,
+    gpu: GpuInfo | None = None,
+) -> float:
+    """Generated tok/s summed over ``n_seq`` sequences decoded together (the worker's batch).
+
+    One step streams the weights once for all sequences and does each sequence's arithmetic, so a
+    bandwidth-bound model gains almost ``n_seq`` times and a compute-bound one little (roofline).
+    """
+    t_mem, t_flop, _ = _step_costs(variant, family, speed, threads, gpu)
+    eff = GPU_GEN_EFFICIENCY if gpu is not None else CPU_GEN_EFFICIENCY
+    n = max(1, n_seq)
+    return eff * n / (t_mem + n * t_flop)
