@@ -165,5 +165,5 @@ def _clock(epoch: float) -> str:
 
 
 def _dur(seconds: float) -> str:
-    m = int(round(seconds / 60))
+    m = round(seconds / 60)
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{max(m, 1)} min" if seconds >= 30 else f"{seconds:.0f} s"
