@@ -39,10 +39,11 @@ def process_chunk(ctx: ChunkContext, job_id: str, chunk_id: int) -> dict[str, An
 def register(app: Celery, ctx: ChunkContext) -> Task:
     """Register ``tokenmill.process_chunk`` on ``app`` only, bound to ``ctx``.
 
-    ``shared=False``: a shared task would be added to every Celery app this process ever finalizes.
+    ``shared=False``: a shared task would be added to every Celery app this process ever finalizes;
+    ``lazy=False``: registered now and returned as the task itself, not a proxy resolved later.
     """
 
-    @app.task(name=TASK_PROCESS_CHUNK, ignore_result=True, shared=False)
+    @app.task(name=TASK_PROCESS_CHUNK, ignore_result=True, shared=False, lazy=False)
     def process_chunk_task(job_id: str, chunk_id: int) -> dict[str, Any]:
         return process_chunk(ctx, job_id, chunk_id)
 
