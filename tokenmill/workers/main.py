@@ -99,8 +99,8 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
         state="starting",  # loaded; "ready" once Celery consumes (WorkerRuntime.mark_consuming)
         family=family,
         variant=engine.variant,
-        device=getattr(choice, "device", "cpu") if choice is not None else "cpu",
-        choice=getattr(choice, "reason", None),
+        device=choice.device if choice is not None else "cpu",
+        choice=choice.reason if choice is not None else None,
         n_threads=engine.n_threads,
         n_seq=engine.n_seq,
         queues=queues,
