@@ -1,1 +1,1 @@
-"""Worker side: capacity detection, the worker runtime, its Celery task and the worker entry (engines: tokenmill.engines)."""
+"""Worker side: capacity detection, the worker runtime, its Celery task, the entry point (backends: engines/)."""
