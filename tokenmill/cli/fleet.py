@@ -38,29 +38,25 @@ def register(app: typer.Typer) -> None:
         n_ctx: Annotated[int, typer.Option(help="Context tokens per sequence")] = 2048,
         metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port")] = None,
         name: Annotated[str | None, typer.Option(help="Name shown in `tokenmill workers`")] = None,
+        engine: Annotated[
+            str | None, typer.Option(help="Backend: llama, stub (no model) or a plugin's [env: TOKENMILL_ENGINE]")
+        ] = None,
         share: Annotated[int, typer.Option(hidden=True, min=1)] = 1,
     ) -> None:
         """Serve a model family's queue: detects capacity, loads the variant that fits, takes chunks.
 
         Example: tokenmill worker --model smollm2-135m-instruct --concurrency 2
         """
-        settings = settings_from(ctx)
+        settings = settings_from(ctx).with_(engine=engine) if engine else settings_from(ctx)
         from tokenmill.workers.main import WorkerOptions, serve, supervise
 
-        if concurrency > 1:
-            argv = ["--model", model, "--n-ctx", str(n_ctx)]
-            if gpu is not None:
-                argv.append("--gpu" if gpu else "--cpu")
-            if n_seq:
-                argv += ["--n-seq", str(n_seq)]
-            if name:
-                argv += ["--name", name]
-            raise typer.Exit(supervise(argv, concurrency, threads, use_gpus=gpu, metrics_port=metrics_port))
-        logging.getLogger("tokenmill").setLevel(logging.INFO)
         opts = WorkerOptions(
             model=model, threads=threads, gpu=gpu, n_seq=n_seq, n_ctx=n_ctx, name=name,
             metrics_port=metrics_port, share=share,
         )  # fmt: skip
+        if concurrency > 1:
+            raise typer.Exit(supervise(settings, opts, concurrency, use_gpus=gpu, metrics_port=metrics_port))
+        logging.getLogger("tokenmill").setLevel(logging.INFO)
         raise typer.Exit(serve(settings, opts))
 
     @app.command("scheduler")
