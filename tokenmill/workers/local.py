@@ -26,6 +26,40 @@ def default_worker_count() -> tuple[int, int]:
     return processes, max(1, cores // processes)
 
 
+def worker_args(
+    model: str,
+    *,
+    n_ctx: int | None = None,
+    gpu: bool | None = None,
+    n_seq: int | None = None,
+    name: str | None = None,
+    threads: int | None = None,
+    share: int | None = None,
+) -> list[str]:
+    """The `tokenmill worker` options for one child worker process. `run`'s local fleet and
+    `worker --concurrency N` both start children from this, so an option a child needs is passed on in
+    one place; None (or 0) leaves the worker's own default."""
+    args = ["--model", model]
+    if n_ctx:
+        args += ["--n-ctx", str(n_ctx)]
+    if gpu is not None:
+        args.append("--gpu" if gpu else "--cpu")
+    if n_seq:
+        args += ["--n-seq", str(n_seq)]
+    if name:
+        args += ["--name", name]
+    if threads:
+        args += ["--threads", str(threads)]
+    if share:
+        args += ["--share", str(share)]
+    return args
+
+
+def worker_command(args: list[str]) -> list[str]:
+    """The command line of one single-process `tokenmill worker` with ``args`` (see worker_args)."""
+    return [sys.executable, "-m", "tokenmill.cli", "worker", *args, "--concurrency", "1"]
+
+
 class LocalFleet:
     def __init__(
         self,
@@ -53,16 +87,9 @@ class LocalFleet:
             "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid()),
         }  # fmt: skip
         for i in range(self.count):
-            args = [
-                sys.executable, "-m", "tokenmill.cli", "worker",
-                "--model", self.model,
-                "--concurrency", "1",
-                "--threads", str(self.threads_each),
-                "--share", str(self.count),
-                "--name", f"local{i}",
-            ]  # fmt: skip
-            if self.n_seq:
-                args += ["--n-seq", str(self.n_seq)]
+            args = worker_command(
+                worker_args(self.model, n_seq=self.n_seq, name=f"local{i}", threads=self.threads_each, share=self.count)
+            )
             log = open(self.log_dir / f"worker-{i}.log", "ab")  # noqa: SIM115
             self._logs.append(log)
             # Own process group: a Ctrl-C in the terminal reaches `run`, which stops workers in order.
@@ -72,9 +99,6 @@ class LocalFleet:
 
     def alive(self) -> int:
         return sum(1 for p in self.procs if p.poll() is None)
-
-    def exit_codes(self) -> list[int | None]:
-        return [p.poll() for p in self.procs]
 
     def stop(self, grace: float = 15.0) -> list[int]:
         """SIGTERM, then SIGKILL whoever is still up after ``grace`` seconds; returns the killed pids.

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -29,7 +28,7 @@ from tokenmill.host import Capacity
 from tokenmill.store import Store
 from tokenmill.store import workers as store_workers
 from tokenmill.workers import runtime as worker_runtime
-from tokenmill.workers.local import PARENT_PID_ENV
+from tokenmill.workers.local import PARENT_PID_ENV, worker_command
 from tokenmill.workers.metrics import WorkerMetrics, start_metrics_server
 from tokenmill.workers.selection import ModelSelection, WorkerOptions, select_model
 
@@ -185,7 +184,8 @@ def supervise(
     use_gpus: bool | None = None,
     metrics_port: int | None = None,
 ) -> int:
-    """Start ``count`` single-process workers and pass signals on; ends when they all have.
+    """Start ``count`` single-process workers with the options ``argv`` (from local.worker_args) and pass
+    signals on; ends when they all have.
 
     On a GPU host each process is pinned to one GPU (CUDA_VISIBLE_DEVICES, round-robin), which is the
     "one process per GPU" layout; child ``i`` serves metrics on ``metrics_port + i``.
@@ -198,7 +198,7 @@ def supervise(
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(gpus[i % len(gpus)].index)
-        args = [sys.executable, "-m", "tokenmill.cli", "worker", *argv, "--concurrency", "1", "--share", str(count)]
+        args = worker_command([*argv, "--share", str(count)])
         if threads_each:
             args += ["--threads", str(threads_each)]
         if metrics_port:
