@@ -1,8 +1,8 @@
 """Worker entry: detect capacity, choose and load a variant, register, then consume the family's queue.
 
-Decision 4 of DESIGN.md: the model is loaded in the process that serves it, and that process never
-forks afterwards (Celery's thread pool, one task at a time). ``--concurrency N`` starts N such
-processes, each with its share of the cores.
+One model per worker process (docs/architecture.md, "Decisions worth knowing"): the model is loaded in
+the process that serves it, and that process never forks afterwards (Celery's thread pool, one task at a
+time). ``--concurrency N`` starts N such processes, each with its share of the cores.
 """
 
 from __future__ import annotations
