@@ -13,8 +13,11 @@ from rich.table import Table
 from tokenmill.config import Settings
 from tokenmill.store import Store
 
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+# Markup and emoji codes off by default: what commands print is mostly data (paths, job names, worker
+# errors, model references), and a "[/x]" in it would raise MarkupError; styling is asked for explicitly
+# (markup=True) on a literal the code controls.
+console = Console(stderr=True, highlight=False, markup=False, emoji=False)
+out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 def print_plain(text: str) -> None:
