@@ -31,6 +31,18 @@ class Generation:
     token_ms: list[float] = field(default_factory=list)
 
     @property
+    def reused_prompt_tokens(self) -> int:
+        """Prompt tokens served from a reused prefix, clamped to the prompt (an engine's count is trusted
+        no further than that)."""
+        return min(max(self.cached_prompt_tokens, 0), self.prompt_tokens)
+
+    @property
+    def evaluated_prompt_tokens(self) -> int:
+        """Prompt tokens actually evaluated, the ones ``prompt_eval_ms`` covers; llama-server and Ollama
+        count these, so prompt throughput is not inflated by a prefix-cache hit."""
+        return self.prompt_tokens - self.reused_prompt_tokens
+
+    @property
     def tokens_per_second(self) -> float:
         return self.completion_tokens / (self.eval_ms / 1000.0) if self.eval_ms > 0 else 0.0
 

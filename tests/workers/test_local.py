@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 
+from tokenmill.cli.app import app
 from tokenmill.config import Settings
 from tokenmill.workers import local
 from tokenmill.workers.local import LocalFleet, worker_argv
@@ -89,3 +91,28 @@ def test_supervised_children_get_every_option_once() -> None:
         "--model", "m", "--engine", "llama", "--concurrency", "1", "--share", "3",
         "--n-ctx", "512", "--metrics-port", "9100", "--cpu",
     ]  # fmt: skip
+
+
+WORKER_DEFAULTS = {"model": "smollm2-135m-instruct", "concurrency": 1, "threads": None, "gpu": None, "n_seq": None,
+                   "n_ctx": 2048, "metrics_port": None, "name": None, "share": 1, "engine": None}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"share": 1}, {}),
+        ({"share": 1, "gpu": True}, {"gpu": True}),
+        (
+            {"n_ctx": 4096, "gpu": False, "n_seq": 3, "name": "local1", "threads": 2, "share": 4, "metrics_port": 9},
+            {"n_ctx": 4096, "gpu": False, "n_seq": 3, "name": "local1", "threads": 2, "share": 4, "metrics_port": 9},
+        ),
+    ],
+)
+def test_worker_args_are_what_the_worker_command_parses(kwargs: dict[str, object], expected: dict[str, object]) -> None:
+    """`run`'s local fleet and `worker --concurrency N` start children from worker_argv; each option it
+    writes must reach the child's `tokenmill worker` as the value given (a renamed option fails here)."""
+    argv = worker_argv(model="m", engine="stub", **kwargs)  # type: ignore[arg-type]
+    assert argv[:4] == [sys.executable, "-m", "tokenmill.cli", "worker"]
+    worker = typer.main.get_command(app).commands["worker"]  # type: ignore[attr-defined]
+    assert worker.make_context("worker", argv[4:]).params == {**WORKER_DEFAULTS, "model": "m", "engine": "stub",
+                                                              **expected}

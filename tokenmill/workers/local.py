@@ -98,9 +98,6 @@ class LocalFleet:
     def alive(self) -> int:
         return sum(1 for p in self.procs if p.poll() is None)
 
-    def exit_codes(self) -> list[int | None]:
-        return [p.poll() for p in self.procs]
-
     def stop(self, grace: float = 15.0) -> list[int]:
         """SIGTERM, then SIGKILL whoever is still up after ``grace`` seconds; returns the killed pids.
 

@@ -1,8 +1,8 @@
 """Worker entry: detect capacity, choose and load a variant, register, then consume the family's queue.
 
-Decision 4 of DESIGN.md: the model is loaded in the process that serves it, and that process never
-forks afterwards (Celery's thread pool, one task at a time). ``--concurrency N`` starts N such
-processes, each with its share of the cores.
+One model per worker process (docs/architecture.md, "Decisions worth knowing"): the model is loaded in
+the process that serves it, and that process never forks afterwards (Celery's thread pool, one task at a
+time). ``--concurrency N`` starts N such processes, each with its share of the cores.
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ def supervise(
     use_gpus: bool | None = None,
     metrics_port: int | None = None,
 ) -> int:
-    """Start ``count`` single-process workers and pass signals on; ends when they all have.
+    """Start ``count`` single-process workers with the options ``argv`` (from local.worker_args) and pass
+    signals on; ends when they all have.
 
     On a GPU host each process is pinned to one GPU (CUDA_VISIBLE_DEVICES, round-robin), which is the
     "one process per GPU" layout; child ``i`` serves metrics on ``metrics_port + i``. The children get
