@@ -9,7 +9,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from tokenmill.cli.common import out
+from tokenmill.cli.common import add_id_column, out
 from tokenmill.config import Settings
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
@@ -23,12 +23,6 @@ def _eta(remaining: int, rows_per_s: float) -> str:
         return "?"
     secs = int(remaining / rows_per_s)
     return f"{secs // 3600}h{secs % 3600 // 60:02d}m" if secs >= 3600 else f"{secs // 60}m{secs % 60:02d}s"
-
-
-def add_id_column(table: Table, name: str) -> None:
-    """Job ids are what people copy into the next command: never cut them to "8a5778ebc…" on a narrow
-    terminal; the other columns fold instead."""
-    table.add_column(name, no_wrap=True, min_width=16)
 
 
 class WatchState:
