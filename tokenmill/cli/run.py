@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -19,20 +20,26 @@ from tokenmill.cli.options import (
     DEFAULT_MODEL,
     ChunkOpt,
     DatasetArg,
+    DeadlineOpt,
     FailedRowsOpt,
     FieldOpt,
     MaxTokensOpt,
     ModelOpt,
     NoCacheOpt,
     OutputOpt,
+    PreferChoice,
+    PreferOpt,
     SkipOpt,
     TemperatureOpt,
     TemplateOpt,
     TokenBudgetOpt,
     build_submission,
+    prefer_value,
 )
+from tokenmill.cli.planning import choose_for_job, this_host
 from tokenmill.config import Settings
 from tokenmill.errors import DatasetError, JobIncomplete, ModelError
+from tokenmill.models.sizing import Prefer
 from tokenmill.output import export
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.scheduler.submit import Submission, auto_chunk_size, job_key, model_route, submit_dataset
@@ -61,6 +68,8 @@ def run_cmd(
     skip_invalid: SkipOpt = False,
     no_cache: NoCacheOpt = False,
     token_budget: TokenBudgetOpt = None,
+    prefer: PreferOpt = PreferChoice.balanced,
+    deadline: DeadlineOpt = None,
 ) -> None:
     """Run a dataset end to end on this machine; the same command again resumes.
 
@@ -81,9 +90,13 @@ def run_cmd(
     app_ = make_app(settings)
     check_broker(app_, settings)
     started = time.monotonic()
-    job_id = _resume_or_submit(store, sub, errors, count)
-    fleet_needed = _answer_from_cache(store, settings, job_id, sub, n_seq, count)
-    fleet = LocalFleet(settings, model, count, threads or each, n_seq=n_seq)
+    pref = prefer_value(prefer)
+    choice = choose_for_job(settings, sub, pref, deadline, this_host(settings, detect(), count, threads or each))
+    if choice.pin:
+        sub = replace(sub, model=choice.pin)
+    job_id = _resume_or_submit(store, sub, errors, count, choice.deadline)
+    fleet_needed = _answer_from_cache(store, settings, job_id, sub, n_seq, count, pref)
+    fleet = LocalFleet(settings, sub.model, count, threads or each, n_seq=n_seq, prefer=pref)
     _drive(store, Dispatcher(store, app_, settings), job_id, fleet if fleet_needed else None)
     _finish(store, job_id, output, errors, time.monotonic() - started)
 
@@ -92,7 +105,7 @@ def register(app: typer.Typer) -> None:
     app.command("run")(run_cmd)
 
 
-def _resume_or_submit(store: Store, sub: Submission, errors: Path, workers: int) -> str:
+def _resume_or_submit(store: Store, sub: Submission, errors: Path, workers: int, deadline: float | None) -> str:
     """The same command again resumes its unfinished job instead of storing the dataset twice."""
     key = job_key(sub.path, sub.model, sub.options())
     with store.session() as s:
@@ -103,17 +116,17 @@ def _resume_or_submit(store: Store, sub: Submission, errors: Path, workers: int)
         return job_id
     path = sub.path
     local_chunks = auto_chunk_size(path, workers=workers) if sub.chunk_size is None and path.is_file() else None
-    job_id, rows, invalid = submit_dataset(store, sub, errors_out=errors, chunk_size=local_chunks)
+    job_id, rows, invalid = submit_dataset(store, sub, errors_out=errors, chunk_size=local_chunks, deadline=deadline)
     console.print(f"job {job_id}: {rows} rows" + (f", {invalid} invalid lines → {errors}" if invalid else ""))
     return job_id
 
 
 def _answer_from_cache(
-    store: Store, settings: Settings, job_id: str, sub: Submission, n_seq: int | None, workers: int
+    store: Store, settings: Settings, job_id: str, sub: Submission, n_seq: int | None, workers: int, prefer: Prefer
 ) -> bool:
     """Resolve (fetch, verify) the model once here, so local workers do not race for it, and answer rows an
     identical earlier request already answered before any worker starts. True when rows are left to run."""
-    sel = select_model(settings, WorkerOptions(model=sub.model, n_seq=n_seq, share=workers), detect())
+    sel = select_model(settings, WorkerOptions(model=sub.model, n_seq=n_seq, share=workers, prefer=prefer), detect())
     if not sub.no_cache:
         served = prefill(store, job_id, sel.model_id)
         if served:

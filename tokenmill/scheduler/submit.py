@@ -200,11 +200,12 @@ def submit_dataset(
     ab_group: str | None = None,
     pin: str | None = None,
     chunk_size: int | None = None,
+    deadline: float | None = None,
 ) -> tuple[str, int, int]:
     """Store a dataset as a job; returns (job id, rows stored, invalid lines skipped).
 
-    ``chunk_size`` overrides the automatic choice without becoming part of the job's identity, so the
-    same command resumes the same job.
+    ``chunk_size`` overrides the automatic choice and ``deadline`` (epoch seconds, shown by ``status``) is
+    recorded, neither becoming part of the job's identity, so the same command resumes the same job.
     """
     family, quant = model_route(pin or sub.model)
     ingest = _Ingest(sub, errors_out if sub.skip_invalid else None)
@@ -216,7 +217,7 @@ def submit_dataset(
         family=family,
         pinned_quant=quant,
         chunk_size=sub.chunk_size or chunk_size or auto_chunk_size(sub.path),
-        options=sub.options(),
+        options={**sub.options(), **({"deadline": deadline} if deadline else {})},
         ab_group=ab_group,
     )
     return job_id, ingest.rows, ingest.invalid
