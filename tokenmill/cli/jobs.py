@@ -37,6 +37,7 @@ from tokenmill.cli.options import (
 from tokenmill.cli.planning import JobChoice, choose_for_job, deadline_note, live_fleet
 from tokenmill.config import Settings
 from tokenmill.errors import DatasetError, JobIncomplete, UsageError
+from tokenmill.models.quantize import catalog_with_local
 from tokenmill.output import export
 from tokenmill.scheduler.submit import model_route, submit_dataset
 from tokenmill.store import Store
@@ -71,8 +72,9 @@ def submit_cmd(
         path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget
     )
     pins = _ab_pins(model, ab)
+    catalog = catalog_with_local(settings.models_dir)
     for pin in pins:
-        model_route(pin or model)
+        model_route(pin or model, catalog)
     if not path.exists():  # before the store is touched, as `run` does
         raise DatasetError(str(path), "no such file or directory")
     store = open_store(settings)
@@ -88,7 +90,7 @@ def submit_cmd(
     ids = []
     for pin in pins:
         job_id, rows, invalid = submit_dataset(
-            store, sub, errors_out=errors, ab_group=group, pin=pin, deadline=choice.deadline
+            store, sub, errors_out=errors, ab_group=group, pin=pin, deadline=choice.deadline, catalog=catalog
         )
         ids.append(job_id)
     skipped = f", {invalid} invalid lines skipped" + (f" → {errors}" if errors else "") if invalid else ""
@@ -104,7 +106,7 @@ def _warn_if_unserved(store: Store, settings: Settings, pin: str) -> None:
         serving = [w for w in store_workers.list_workers(s)
                    if w.variant == pin and store_workers.effective_state(w, lost_after) in ("ready", "busy")]
     if not serving:
-        console.print(f"no live worker serves {pin} yet: start one with `tokenmill worker --model {pin}`")
+        console.print(f"no live worker serves {pin} yet: start one with `tokenmill worker --model {pin}`", soft_wrap=True)
 
 
 def _ab_pins(model: str, ab: str | None) -> list[str | None]:

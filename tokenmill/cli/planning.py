@@ -54,10 +54,17 @@ def live_fleet(store: Store, settings: Settings, fallback: Capacity) -> list[Fle
 
 
 def choose_for_job(
-    settings: Settings, sub: Submission, prefer: Prefer, deadline_text: str | None, fleet: list[FleetMember]
+    settings: Settings,
+    sub: Submission,
+    prefer: Prefer,
+    deadline_text: str | None,
+    fleet: list[FleetMember],
+    *,
+    sources: tuple[str, ...] = ("local", "registry", "hub"),
 ) -> JobChoice:
     """The pin (and deadline) `--prefer`/`--deadline` give a job; no pin when the model names a variant
-    or a file, or when neither flag asks for one."""
+    or a file, or when neither flag asks for one. ``sources``: where the variants may come from (`run`
+    pins only what this host has or a package registry gives: a pinned variant does not fall back)."""
     if deadline_text is None and prefer == "balanced":
         return JobChoice(None, None)
     if looks_like_path(sub.model) or parse_model_ref(sub.model)[1] is not None:
@@ -66,14 +73,14 @@ def choose_for_job(
         return JobChoice(None, None)
     catalog = catalog_with_local(settings.models_dir)
     family = get_family(parse_model_ref(sub.model, catalog)[0], catalog)
-    can_get = obtainable_predicate(settings.models_dir)
+    can_get = obtainable_predicate(settings.models_dir, sources=sources)
     if deadline_text is None:
         return JobChoice(_preferred(family, prefer, fleet, can_get), None)
     deadline = parse_deadline(deadline_text)
     workload = Workload.of_rows(r for r in sub.rows() if isinstance(r, DatasetRow))
     plan = plan_job(family, workload, fleet, deadline, now=time.time(), obtainable=can_get)
     for line in plan.lines():
-        console.print(line)
+        console.print(line, soft_wrap=True)
     picked = plan.chosen or fastest(plan)
     if picked is None:
         raise UsageError(f"no variant of {family.name} fits any worker of this fleet")
@@ -88,7 +95,7 @@ def _preferred(family: Family, prefer: Prefer, fleet: list[FleetMember], can_get
     smallest = min(fleet, key=memory)
     c = choose_variant(family, smallest.capacity, share=smallest.share, n_ctx=smallest.n_ctx,
                        n_seq=smallest.n_seq + 1, obtainable=can_get, prefer=prefer)
-    console.print(f"--prefer {prefer}: {c.variant.label} ({c.reason})")
+    console.print(f"--prefer {prefer}: {c.variant.label} ({c.reason})", soft_wrap=True)
     return c.variant.label
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -39,6 +40,8 @@ from tokenmill.cli.options import (
 from tokenmill.cli.planning import choose_for_job, this_host
 from tokenmill.config import Settings
 from tokenmill.errors import DatasetError, JobIncomplete, ModelError
+from tokenmill.models.catalog import Family
+from tokenmill.models.quantize import catalog_with_local
 from tokenmill.models.sizing import Prefer
 from tokenmill.output import export
 from tokenmill.scheduler.dispatch import Dispatcher
@@ -83,7 +86,8 @@ def run_cmd(
     )
     output = output or default_output(path, "results")
     errors = errors or default_output(path, "errors")
-    model_route(model)
+    catalog = catalog_with_local(settings.models_dir)
+    model_route(model, catalog)
     if not path.exists():
         raise DatasetError(str(path), "no such file or directory")
     store = open_store(settings)
@@ -91,10 +95,11 @@ def run_cmd(
     check_broker(app_, settings)
     started = time.monotonic()
     pref = prefer_value(prefer)
-    choice = choose_for_job(settings, sub, pref, deadline, this_host(settings, detect(), count, threads or each))
+    here = this_host(settings, detect(), count, threads or each)
+    choice = choose_for_job(settings, sub, pref, deadline, here, sources=("local", "registry"))
     if choice.pin:
         sub = replace(sub, model=choice.pin)
-    job_id = _resume_or_submit(store, sub, errors, count, choice.deadline)
+    job_id = _resume_or_submit(store, sub, errors, count, choice.deadline, catalog)
     fleet_needed = _answer_from_cache(store, settings, job_id, sub, n_seq, count, pref)
     fleet = LocalFleet(settings, sub.model, count, threads or each, n_seq=n_seq, prefer=pref)
     _drive(store, Dispatcher(store, app_, settings), job_id, fleet if fleet_needed else None)
@@ -105,7 +110,9 @@ def register(app: typer.Typer) -> None:
     app.command("run")(run_cmd)
 
 
-def _resume_or_submit(store: Store, sub: Submission, errors: Path, workers: int, deadline: float | None) -> str:
+def _resume_or_submit(
+    store: Store, sub: Submission, errors: Path, workers: int, deadline: float | None, catalog: Mapping[str, Family]
+) -> str:
     """The same command again resumes its unfinished job instead of storing the dataset twice."""
     key = job_key(sub.path, sub.model, sub.options())
     with store.session() as s:
@@ -116,7 +123,9 @@ def _resume_or_submit(store: Store, sub: Submission, errors: Path, workers: int,
         return job_id
     path = sub.path
     local_chunks = auto_chunk_size(path, workers=workers) if sub.chunk_size is None and path.is_file() else None
-    job_id, rows, invalid = submit_dataset(store, sub, errors_out=errors, chunk_size=local_chunks, deadline=deadline)
+    job_id, rows, invalid = submit_dataset(
+        store, sub, errors_out=errors, chunk_size=local_chunks, deadline=deadline, catalog=catalog
+    )
     console.print(f"job {job_id}: {rows} rows" + (f", {invalid} invalid lines → {errors}" if invalid else ""))
     return job_id
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ from typing import Any
 from tokenmill.celery_app import queue_for
 from tokenmill.datasets import InvalidLine, read_dataset
 from tokenmill.errors import DatasetError, UnknownModelError
+from tokenmill.models.catalog import Family
 from tokenmill.output import rejected_line
 from tokenmill.rows import DatasetRow, SamplingParams
 from tokenmill.store import Store
@@ -118,8 +119,11 @@ class Submission:
         )
 
 
-def model_route(model: str) -> tuple[str, str | None]:
-    """(family, pinned quant) for a catalog ref or a local .gguf path; unknown models fail before any work."""
+def model_route(model: str, catalog: Mapping[str, Family] | None = None) -> tuple[str, str | None]:
+    """(family, pinned quant) for a catalog ref or a local .gguf path; unknown models fail before any work.
+
+    ``catalog``: the built-in one unless given (the CLI passes it with this host's quantized variants).
+    """
     from tokenmill.models.catalog import get_family, parse_model_ref
     from tokenmill.models.resolve import looks_like_path
 
@@ -128,8 +132,8 @@ def model_route(model: str) -> tuple[str, str | None]:
         if not path.is_file():
             raise UnknownModelError(f"model file {model} does not exist")
         return f"file-{path.stem.lower()}", None
-    family_name, quant = parse_model_ref(model)
-    family = get_family(family_name)
+    family_name, quant = parse_model_ref(model, catalog)
+    family = get_family(family_name, catalog)
     return family.name, family.variant(quant).quant if quant else None
 
 
@@ -201,13 +205,14 @@ def submit_dataset(
     pin: str | None = None,
     chunk_size: int | None = None,
     deadline: float | None = None,
+    catalog: Mapping[str, Family] | None = None,
 ) -> tuple[str, int, int]:
     """Store a dataset as a job; returns (job id, rows stored, invalid lines skipped).
 
     ``chunk_size`` overrides the automatic choice and ``deadline`` (epoch seconds, shown by ``status``) is
     recorded, neither becoming part of the job's identity, so the same command resumes the same job.
     """
-    family, quant = model_route(pin or sub.model)
+    family, quant = model_route(pin or sub.model, catalog)
     ingest = _Ingest(sub, errors_out if sub.skip_invalid else None)
     job_id = submit_rows(
         store,
