@@ -106,7 +106,8 @@ def _warn_if_unserved(store: Store, settings: Settings, pin: str) -> None:
         serving = [w for w in store_workers.list_workers(s)
                    if w.variant == pin and store_workers.effective_state(w, lost_after) in ("ready", "busy")]
     if not serving:
-        console.print(f"no live worker serves {pin} yet: start one with `tokenmill worker --model {pin}`", soft_wrap=True)
+        hint = f"no live worker serves {pin} yet: start one with `tokenmill worker --model {pin}`"
+        console.print(hint, soft_wrap=True)
 
 
 def _ab_pins(model: str, ab: str | None) -> list[str | None]:
