@@ -71,6 +71,9 @@ class Settings:
     dispatch_interval: float = 0.5
     max_inflight_per_queue: int = 8
     max_row_attempts: int = 3
+    # Claims of one chunk before its unanswered rows fail (chunk_attempts_exhausted): a row that kills
+    # every worker that tries it (out of memory, a crash in the engine) must not be redelivered forever.
+    max_chunk_attempts: int = 5
     # A chunk marked queued this long without being claimed is queued again: its message may be gone
     # (a worker killed between receiving and claiming it, a broker that lost messages). None: the default
     # below, long enough that a healthy queue never triggers it; a duplicate message is harmless anyway.
@@ -105,6 +108,7 @@ class Settings:
         values["dispatch_interval"] = _float(env, "DISPATCH_INTERVAL", cls.dispatch_interval)
         values["max_inflight_per_queue"] = int(_float(env, "MAX_INFLIGHT", cls.max_inflight_per_queue))
         values["max_row_attempts"] = int(_float(env, "MAX_ROW_ATTEMPTS", cls.max_row_attempts))
+        values["max_chunk_attempts"] = int(_float(env, "MAX_CHUNK_ATTEMPTS", cls.max_chunk_attempts))
         if env.get(ENV_PREFIX + "REQUEUE_SECONDS"):
             values["requeue_seconds"] = _float(env, "REQUEUE_SECONDS", 0.0)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -117,6 +121,14 @@ class Settings:
     def requeue_after(self) -> float:
         """Seconds before a queued, unclaimed chunk is sent again (see ``requeue_seconds``)."""
         return self.requeue_seconds or max(4 * self.lease_seconds, 120.0)
+
+    @property
+    def lost_after(self) -> float:
+        """Seconds of heartbeat silence after which a worker counts as lost and its leases as free.
+
+        Three missed beats, never under 10 s, so a GC pause or a slow commit does not count as a death.
+        """
+        return max(3 * self.heartbeat_seconds, 10.0)
 
     @property
     def embedded(self) -> bool:
@@ -134,6 +146,7 @@ class Settings:
             ENV_PREFIX + "DISPATCH_INTERVAL": str(self.dispatch_interval),
             ENV_PREFIX + "MAX_INFLIGHT": str(self.max_inflight_per_queue),
             ENV_PREFIX + "MAX_ROW_ATTEMPTS": str(self.max_row_attempts),
+            ENV_PREFIX + "MAX_CHUNK_ATTEMPTS": str(self.max_chunk_attempts),
         }
         if self.requeue_seconds:
             env[ENV_PREFIX + "REQUEUE_SECONDS"] = str(self.requeue_seconds)

@@ -11,6 +11,7 @@ from tokenmill.engine import Generation
 from tokenmill.rows import CHAT, DatasetRow
 from tokenmill.store import Store
 from tokenmill.store.results import iter_results
+from tokenmill.store.states import ResultStatus
 from tokenmill.store.tables import RequestRow, Result
 
 
@@ -131,7 +132,7 @@ def export(store: Store, job_id: str, out: Path | None, errors: Path | None) -> 
             err_fh = open(errors.with_name(errors.name + ".part"), "w", encoding="utf-8")  # noqa: SIM115
         with store.session() as s:
             for result, request in iter_results(s, job_id):
-                if result.status == "succeeded":
+                if result.status == ResultStatus.SUCCEEDED:
                     ok += 1
                     if out_fh:
                         out_fh.write(json.dumps(output_line(result, request), ensure_ascii=False) + "\n")

@@ -16,6 +16,7 @@ from tokenmill.celery_app import make_app
 from tokenmill.cli.common import console, open_store, out, print_plain, settings_from
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.store import workers as store_workers
+from tokenmill.store.states import WorkerState
 
 
 def _gib(n: float) -> str:
@@ -97,13 +98,13 @@ def register(app: typer.Typer) -> None:
         """
         settings = settings_from(ctx)
         store = open_store(settings)
-        lost_after = max(3 * settings.heartbeat_seconds, 10.0)
+        lost_after = settings.lost_after
         now = time.time()
         rows: list[dict[str, Any]] = []
         with store.session() as s:
             for w in store_workers.list_workers(s):
                 state = store_workers.effective_state(w, lost_after, now)
-                if state == "stopped" and not all_:
+                if state == WorkerState.STOPPED and not all_:
                     continue
                 cap = w.capacity or {}
                 rows.append(

@@ -31,6 +31,7 @@ from tokenmill.output import export
 from tokenmill.scheduler.submit import model_route, submit_dataset
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
+from tokenmill.store.states import UNFINISHED_STATES, JobState
 
 JobArg = Annotated[str, typer.Argument(help="Job id (or a unique prefix)")]
 
@@ -115,7 +116,7 @@ def register(app: typer.Typer) -> None:
                 info = store_jobs.progress(s, j).to_json()
                 info["model"] = j.pinned_variant or j.family
                 info["name"] = j.name
-            if not wait or info["state"] not in ("queued", "running", "ingesting"):
+            if not wait or info["state"] not in UNFINISHED_STATES:
                 break
             time.sleep(interval)
         if as_json:
@@ -126,7 +127,7 @@ def register(app: typer.Typer) -> None:
                       "completion_tokens", "tokens_per_second", "elapsed_s"):  # fmt: skip
                 table.add_row(k, str(info[k]))
             out.print(table)
-        if wait and info["state"] != "completed":
+        if wait and info["state"] != JobState.COMPLETED:
             raise JobIncomplete(f"job {info['job']} ended {info['state']} ({info['failed']} failed rows)")
 
     @app.command("jobs")

@@ -23,6 +23,7 @@ from tokenmill.scheduler.submit import Submission, auto_chunk_size, job_key, mod
 from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
+from tokenmill.store.states import ACTIVE_STATES, WorkerState
 from tokenmill.workers.capacity import detect
 from tokenmill.workers.local import LocalFleet, default_worker_count
 from tokenmill.workers.selection import WorkerOptions, select_model
@@ -123,7 +124,7 @@ def register(app: typer.Typer) -> None:
         key = job_key(path, model, sub.options())
         with store.session() as s:
             existing = store_jobs.find_resumable(s, key)
-            job_id = existing.id if existing and existing.state in ("queued", "running") else None
+            job_id = existing.id if existing and existing.state in ACTIVE_STATES else None
         if job_id:
             console.print(f"resuming job {job_id}")
         else:
@@ -184,10 +185,10 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
                 job = store_jobs.get_job(s, job_id)
                 prog = store_jobs.progress(s, job)
                 state = job.state
-                failed_workers = [w for w in store_workers.list_workers(s) if w.state == "failed" and w.error]
+                failed_workers = [w for w in store_workers.list_workers(s) if w.state == WorkerState.FAILED and w.error]
             info = prog.to_json()
             bar.update(task, total=prog.total, completed=prog.done, tps=f"{info['tokens_per_second']:.1f}")
-            if state not in ("queued", "running"):
+            if state not in ACTIVE_STATES:
                 return
             if fleet is not None and fleet.alive() == 0:
                 reason = failed_workers[-1].error if failed_workers else "see .tokenmill/logs/"

@@ -16,8 +16,9 @@ from collections.abc import Iterable, Sequence
 from tokenmill import __version__
 from tokenmill.report.ab import ABReport
 from tokenmill.report.data import Cost, Dist, JobReport, Plot, Report
+from tokenmill.store.states import JOB_STATES
 
-STATES = {"completed", "completed_with_errors", "cancelled", "running", "queued", "ingesting"}
+STATES = set(JOB_STATES)  # states with a badge colour in CSS
 TRUNCATE = 300
 
 CSS = """

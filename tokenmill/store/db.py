@@ -22,6 +22,9 @@ from tokenmill.errors import ServiceUnavailable, StoreError
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 T = TypeVar("T")
+# What a store call raises when the database is down or refuses: callers outside the store catch this
+# instead of importing SQLAlchemy (DBAPIError covers OperationalError; both named for the reader).
+DB_ERRORS: tuple[type[Exception], ...] = (OperationalError, DBAPIError)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
