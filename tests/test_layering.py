@@ -36,11 +36,12 @@ def state_writes(tree: ast.Module) -> list[int]:
     """Lines that assign to ``<anything>.state`` / ``.status`` (a write of a state, whatever the value)."""
     lines = []
     for node in ast.walk(tree):
-        targets: list[ast.expr] = []
         if isinstance(node, ast.Assign):
             targets = list(node.targets)
         elif isinstance(node, ast.AnnAssign | ast.AugAssign):
             targets = [node.target]
+        else:
+            continue
         for target in targets:
             for t in ast.walk(target):
                 if isinstance(t, ast.Attribute) and t.attr in STATE_ATTRIBUTES and isinstance(t.ctx, ast.Store):
