@@ -7,12 +7,12 @@ function here (claim, renew, complete, release, expire, requeue, unqueue, mark q
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from tokenmill.store.clock import now_sql
 from tokenmill.store.jobs import start_job
 from tokenmill.store.results import fail_unanswered
 from tokenmill.store.states import (
@@ -44,7 +44,7 @@ def claim(
     queues, checked in the same statement as the lease is taken (a stale or forged message cannot
     make a worker answer another job's rows, or a model it does not serve).
     """
-    now = time.time()
+    now = now_sql(s)
     job_ok = select(Job.id).where(Job.state.in_(ACTIVE_STATES))
     if queues is not None:
         job_ok = job_ok.where(Job.queue.in_(queues))
@@ -131,7 +131,7 @@ def renew(s: Session, chunk_id: int, worker_id: str, lease_seconds: float) -> bo
     res = s.execute(
         update(Chunk)
         .where(Chunk.id == chunk_id, Chunk.lease_owner == worker_id, Chunk.state == ChunkState.RUNNING)
-        .values(lease_expires_at=time.time() + lease_seconds)
+        .values(lease_expires_at=now_sql(s) + lease_seconds)
         .execution_options(synchronize_session=False)
     )
     return res.rowcount == 1  # type: ignore[attr-defined]
@@ -141,7 +141,7 @@ def complete(s: Session, chunk_id: int, worker_id: str) -> bool:
     res = s.execute(
         update(Chunk)
         .where(Chunk.id == chunk_id, Chunk.lease_owner == worker_id, Chunk.state == ChunkState.RUNNING)
-        .values(state=ChunkState.DONE, finished_at=time.time(), lease_expires_at=None)
+        .values(state=ChunkState.DONE, finished_at=now_sql(s), lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
     return res.rowcount == 1  # type: ignore[attr-defined]
@@ -159,7 +159,7 @@ def release(s: Session, chunk_id: int, worker_id: str) -> None:
 
 def expire(s: Session, lost_after: float) -> int:
     """Reopen chunks whose lease ran out, or whose owner stopped heartbeating (died without a word)."""
-    now = time.time()
+    now = now_sql(s)
     dead_owners = select(Worker.id).where(or_(Worker.heartbeat_at < now - lost_after, Worker.state.in_(WORKER_GONE)))
     res = s.execute(
         update(Chunk)
@@ -178,7 +178,7 @@ def requeue_stale(s: Session, older_than: float, queues: list[str] | None = None
 
     ``queues`` limits this to chunks of jobs on those queues.
     """
-    where = _queued_longer_than(older_than)
+    where = _queued_longer_than(s, older_than)
     if queues is not None:
         where.append(Chunk.job_id.in_(select(Job.id).where(Job.queue.in_(queues))))
     res = s.execute(
@@ -201,13 +201,13 @@ def unqueue(s: Session, chunk_ids: list[int]) -> int:
 def queues_with_queued_since(s: Session, older_than: float) -> list[str]:
     """Queues holding chunks marked queued for longer than ``older_than`` seconds."""
     rows = s.execute(
-        select(Job.queue).join(Chunk, Chunk.job_id == Job.id).where(*_queued_longer_than(older_than)).distinct()
+        select(Job.queue).join(Chunk, Chunk.job_id == Job.id).where(*_queued_longer_than(s, older_than)).distinct()
     ).all()
     return sorted(q for (q,) in rows)
 
 
-def _queued_longer_than(seconds: float) -> list[ColumnElement[bool]]:
-    return [Chunk.state == ChunkState.QUEUED, Chunk.enqueued_at < time.time() - seconds]
+def _queued_longer_than(s: Session, seconds: float) -> list[ColumnElement[bool]]:
+    return [Chunk.state == ChunkState.QUEUED, Chunk.enqueued_at < now_sql(s) - seconds]
 
 
 def inflight_by_queue(s: Session) -> dict[str, int]:
@@ -250,7 +250,7 @@ def mark_queued(s: Session, chunk_ids: list[int]) -> None:
     s.execute(
         update(Chunk)
         .where(Chunk.id.in_(chunk_ids), Chunk.state == ChunkState.PENDING)
-        .values(state=ChunkState.QUEUED, enqueued_at=time.time())
+        .values(state=ChunkState.QUEUED, enqueued_at=now_sql(s))
         .execution_options(synchronize_session=False)
     )
 
@@ -270,7 +270,7 @@ def close_answered(s: Session, job_id: str) -> int:
             Chunk.state == ChunkState.PENDING,
             answered == Chunk.last_seq - Chunk.first_seq + 1,
         )
-        .values(state=ChunkState.DONE, finished_at=time.time())
+        .values(state=ChunkState.DONE, finished_at=now_sql(s))
         .execution_options(synchronize_session=False)
     )
     return int(res.rowcount)  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from tokenmill.store.clock import db_now, now_sql
 from tokenmill.store.states import WORKER_GONE, WORKER_SERVING, WorkerState
 from tokenmill.store.tables import Worker
 
@@ -16,7 +17,7 @@ def register(s: Session, **fields: Any) -> None:
     """Create or update this worker's row; a ``state`` given is checked against :class:`WorkerState`."""
     if "state" in fields:
         fields["state"] = _stored_state(fields["state"])
-    now = time.time()
+    now = db_now(s)
     existing = s.get(Worker, fields["id"])
     if existing is None:
         s.add(Worker(started_at=now, heartbeat_at=now, **fields))
@@ -33,7 +34,7 @@ def heartbeat(s: Session, worker_id: str, **fields: Any) -> None:
     s.execute(
         update(Worker)
         .where(Worker.id == worker_id)
-        .values(heartbeat_at=time.time(), **fields)
+        .values(heartbeat_at=now_sql(s), **fields)
         .execution_options(synchronize_session=False)
     )
 
@@ -77,7 +78,7 @@ def effective_state(w: Worker, lost_after: float, now: float | None = None) -> s
 
 
 def live_serving(s: Session, queue: str, lost_after: float) -> int:
-    now = time.time()
+    now = now_sql(s)
     workers = s.scalars(select(Worker).where(Worker.state.in_(WORKER_SERVING), Worker.heartbeat_at >= now - lost_after))
     return sum(1 for w in workers if queue in (w.queues or []))
 
