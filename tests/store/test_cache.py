@@ -6,11 +6,15 @@ from typing import Any
 
 from sqlalchemy import select, text, update
 
+from tests.workers.test_runtime_claims import QUEUE, ScriptedEngine, runtime
+from tokenmill import cache
+from tokenmill.config import Settings
+from tokenmill.rows import CHAT, DatasetRow, SamplingParams
 from tokenmill.store import Store
 from tokenmill.store import cache as store_cache
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import results as store_results
-from tokenmill.store.tables import Result
+from tokenmill.store.tables import Chunk, Result
 
 H = "h" * 64
 
@@ -66,3 +70,38 @@ def test_the_lookup_takes_the_earliest_answer_whatever_the_physical_order(pg_url
                 assert hit is not None and hit.job_id == earliest
     finally:
         store.dispose()
+
+
+def test_prefill_answers_a_rerun_from_the_cache_and_closes_its_chunks(store: Store, settings: Settings) -> None:
+    """Through the public path: a worker generates job 1, prefill answers jobs 2 and 3 (paged), the copies of
+    copies still naming job 1."""
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)  # cacheable
+    rows = [
+        DatasetRow(
+            line=i + 1,
+            custom_id=f"r{i}",
+            endpoint=CHAT,
+            messages=({"role": "user", "content": f"q{i}"},),
+            params=greedy,
+        )
+        for i in range(5)
+    ]
+    jobs = []
+    for name in ("one", "two", "three"):
+        with store.session() as s:
+            job = store_jobs.create_job(s, key=name, name=name, family="fam", queue=QUEUE, chunk_size=2)
+            store_jobs.ingest_rows(s, job, rows)
+            jobs.append(job.id)
+    one, two, three = jobs
+    rt = runtime(store, settings, ScriptedEngine())
+    with store.session() as s:
+        first_chunks = list(s.scalars(select(Chunk.id).where(Chunk.job_id == one)))
+    assert sum(rt.process_chunk(one, c).generated for c in first_chunks) == 5
+    assert cache.prefill(store, two, "m", page=2) == 5  # pages of 2: the keyset walk covers every row
+    assert cache.close_answered_chunks(store, two) == 3
+    assert cache.prefill(store, three, "m", page=2) == 5
+    for rerun in (two, three):
+        with store.session() as s:
+            copies = list(s.scalars(select(Result).where(Result.job_id == rerun).order_by(Result.seq)))
+            assert [c.seq for c in copies] == [0, 1, 2, 3, 4] and all(c.cached for c in copies)
+            assert {(c.timings or {})["cached_from"] for c in copies} == {one}
