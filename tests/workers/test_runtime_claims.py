@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from sqlalchemy import select
@@ -88,6 +88,16 @@ def runtime(store: Store, settings: Settings, engine: ScriptedEngine, worker_id:
     with store.session() as s:
         store_workers.register(s, id=worker_id, name=worker_id, host="h", pid=1, state="ready", queues=[QUEUE])
     return WorkerRuntime(settings=settings, store=store, engine=engine, worker_id=worker_id, model_id="m")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Store]:
+    """Real SQLite (embedded) and real Postgres (fleet): the claim is one statement on both."""
+    url = settings.database_url if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    s = Store(url)
+    s.migrate()
+    yield s
+    s.dispose()
 
 
 def test_a_message_pairing_another_jobs_chunk_is_dropped(
