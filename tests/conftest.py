@@ -179,7 +179,10 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
     p.stop_all()
 
 
-STUB_ENV = {"TOKENMILL_ENGINE": "tests.stub_engine:StubEngine"}
+# The stub backend (tokenmill.engines.stub) by name: STUB_ARGS on a `tokenmill worker` command line;
+# STUB_ENV for commands that start workers themselves (`run`'s local workers get Settings.engine).
+STUB_ARGS = ("--engine", "stub")
+STUB_ENV = {"TOKENMILL_ENGINE": "stub"}
 
 
 @pytest.fixture

@@ -78,6 +78,9 @@ class Settings:
     # (a worker killed between receiving and claiming it, a broker that lost messages). None: the default
     # below, long enough that a healthy queue never triggers it; a duplicate message is harmless anyway.
     requeue_seconds: float | None = None
+    # The inference backend a worker builds, by name (tokenmill.engines: "llama", "stub", or a plugin's).
+    # Checked when a worker starts, not here: plugin names come from installed entry points.
+    engine: str = "llama"
 
     def __post_init__(self) -> None:
         data_dir = Path(self.data_dir)
@@ -103,6 +106,8 @@ class Settings:
             values["broker_url"] = env[ENV_PREFIX + "BROKER_URL"]
         if env.get(ENV_PREFIX + "MODELS_DIR"):
             values["models_dir"] = Path(env[ENV_PREFIX + "MODELS_DIR"])
+        if env.get(ENV_PREFIX + "ENGINE"):
+            values["engine"] = env[ENV_PREFIX + "ENGINE"]
         values["lease_seconds"] = _float(env, "LEASE_SECONDS", cls.lease_seconds)
         values["heartbeat_seconds"] = _float(env, "HEARTBEAT_SECONDS", cls.heartbeat_seconds)
         values["dispatch_interval"] = _float(env, "DISPATCH_INTERVAL", cls.dispatch_interval)
@@ -147,6 +152,7 @@ class Settings:
             ENV_PREFIX + "MAX_INFLIGHT": str(self.max_inflight_per_queue),
             ENV_PREFIX + "MAX_ROW_ATTEMPTS": str(self.max_row_attempts),
             ENV_PREFIX + "MAX_CHUNK_ATTEMPTS": str(self.max_chunk_attempts),
+            ENV_PREFIX + "ENGINE": self.engine,
         }
         if self.requeue_seconds:
             env[ENV_PREFIX + "REQUEUE_SECONDS"] = str(self.requeue_seconds)

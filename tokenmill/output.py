@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from tokenmill.datasets import InvalidLine
 from tokenmill.engine import Generation
+from tokenmill.errors import DatasetError
 from tokenmill.rows import CHAT, DatasetRow
 from tokenmill.store import Store
 from tokenmill.store.results import iter_results
@@ -21,7 +23,7 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
         "prompt_tokens": gen.prompt_tokens,
         "completion_tokens": gen.completion_tokens,
         "total_tokens": gen.prompt_tokens + gen.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": gen.cached_prompt_tokens},
+        "prompt_tokens_details": {"cached_tokens": gen.reused_prompt_tokens},
     }
     if row.endpoint == CHAT:
         return {
@@ -58,8 +60,7 @@ def timings(gen: Generation, *, queue_ms: float, load_ms: float) -> dict[str, An
     Counting the cached tokens too would inflate ``prompt_per_second`` on every prefix-cache hit.
     """
     ns = 1_000_000
-    cached = min(max(gen.cached_prompt_tokens, 0), gen.prompt_tokens)
-    evaluated = gen.prompt_tokens - cached
+    cached, evaluated = gen.reused_prompt_tokens, gen.evaluated_prompt_tokens
     return {
         "queue_ms": round(queue_ms, 3),
         "load_ms": round(load_ms, 3),
@@ -108,14 +109,37 @@ def output_line(result: Result, request: RequestRow) -> dict[str, Any]:
     }
 
 
-def error_line(result: Result, request: RequestRow) -> dict[str, Any]:
+def _error_record(
+    request_id: str | None, custom_id: str | None, code: str, message: str | None, line: int | None
+) -> dict[str, Any]:
+    """An errors-file line in OpenAI batch error form: rejected input lines and failed rows share it, so a
+    reader of the errors file needs one parser whichever way a row failed."""
     return {
-        "id": f"batch_req_{result.job_id}_{result.seq}",
-        "custom_id": result.custom_id,
+        "id": request_id,
+        "custom_id": custom_id,
         "response": None,
-        "error": {"code": result.error_code or "generation_failed", "message": result.error, "line": request.line},
-        "tokenmill": {"worker": result.worker_id, "model": result.variant, "attempts": result.attempts},
+        "error": {"code": code, "message": message, "line": line},
     }
+
+
+def rejected_line(invalid: InvalidLine, path: str | Path) -> dict[str, Any]:
+    """The errors-file line for an input line rejected at submit (never stored, so it has no request id)."""
+    err = invalid.error
+    message = str(DatasetError(str(path), err.reason, invalid.line, err.field))
+    return _error_record(None, invalid.custom_id or f"line-{invalid.line}", "invalid_request", message, invalid.line)
+
+
+def failed_line(result: Result, request: RequestRow) -> dict[str, Any]:
+    """The errors-file line for a stored row whose generation failed."""
+    record = _error_record(
+        f"batch_req_{result.job_id}_{result.seq}",
+        result.custom_id,
+        result.error_code or "generation_failed",
+        result.error,
+        request.line,
+    )
+    record["tokenmill"] = {"worker": result.worker_id, "model": result.variant, "attempts": result.attempts}
+    return record
 
 
 def export(store: Store, job_id: str, out: Path | None, errors: Path | None) -> tuple[int, int]:
@@ -139,7 +163,7 @@ def export(store: Store, job_id: str, out: Path | None, errors: Path | None) -> 
                 else:
                     bad += 1
                     if err_fh:
-                        err_fh.write(json.dumps(error_line(result, request), ensure_ascii=False) + "\n")
+                        err_fh.write(json.dumps(failed_line(result, request), ensure_ascii=False) + "\n")
     finally:
         for fh in (out_fh, err_fh):
             if fh is not None:

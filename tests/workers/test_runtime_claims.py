@@ -31,6 +31,8 @@ class ScriptedEngine:
     variant = "fam:q4"
     n_ctx = 2048
     load_ms = 1.0
+    n_seq = 1
+    n_threads = 1
 
     def __init__(self, fail: set[str] | None = None, on_fail: Callable[[], None] | None = None) -> None:
         self.fail = fail or set()

@@ -97,9 +97,3 @@ def verify_file(
         raise ModelIntegrityError(f"sha256 mismatch for {path}: expected {want}, got {actual}")
     record_sha256(path, actual, models_dir)
     return actual
-
-
-def check_digest(path: Path, actual: str, expected: str | None) -> None:
-    """Raise for a just-downloaded file whose streamed hash is wrong."""
-    if expected is not None and actual != expected:
-        raise ModelIntegrityError(f"sha256 mismatch for {path}: expected {expected}, got {actual}")

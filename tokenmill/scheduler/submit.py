@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.celery_app import queue_for
-from tokenmill.datasets import InvalidLine, error_line, read_dataset
+from tokenmill.datasets import InvalidLine, read_dataset
 from tokenmill.errors import DatasetError, UnknownModelError
+from tokenmill.output import rejected_line
 from tokenmill.rows import DatasetRow, SamplingParams
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
@@ -180,7 +181,7 @@ class _Ingest:
                         if fh is None:
                             self.errors_out.parent.mkdir(parents=True, exist_ok=True)
                             fh = open(self.errors_out, "w", encoding="utf-8")  # noqa: SIM115
-                        fh.write(json.dumps(error_line(item, str(self.sub.path)), ensure_ascii=False) + "\n")
+                        fh.write(json.dumps(rejected_line(item, str(self.sub.path)), ensure_ascii=False) + "\n")
                 else:
                     self.rows += 1
                     yield item

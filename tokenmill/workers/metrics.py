@@ -44,9 +44,7 @@ class WorkerMetrics:
         self.requests.labels(status=ResultStatus.SUCCEEDED.value).inc()
         self.ttft.observe(gen.ttft_ms / 1000.0)
         if gen.prompt_eval_ms > 0:
-            # Only the evaluated tokens took prompt_eval_ms; a reused prefix cost nothing (as llama-server counts).
-            evaluated = gen.prompt_tokens - min(max(gen.cached_prompt_tokens, 0), gen.prompt_tokens)
-            self.prompt_tps.set(evaluated / (gen.prompt_eval_ms / 1000.0))
+            self.prompt_tps.set(gen.evaluated_prompt_tokens / (gen.prompt_eval_ms / 1000.0))
 
     def observe_failure(self, reason: str) -> None:
         self.requests.labels(status=ResultStatus.FAILED.value).inc()

@@ -1,7 +1,8 @@
 """A worker process's state: its loaded engine, its identity, its heartbeat, and chunk processing.
 
 One runtime per process, created after the model is loaded and before Celery starts consuming, so a
-worker whose model fails to load never takes work.
+worker whose model fails to load never takes work. The Celery task gets it explicitly, bound when the
+task is registered on the worker's app (:func:`tokenmill.workers.tasks.register`), never from a global.
 """
 
 from __future__ import annotations
@@ -299,17 +300,3 @@ class WorkerRuntime:
                     store_workers.count_tokens(s, self.worker_id, 1, 0)
 
         self.store.retrying(write)
-
-
-_runtime: WorkerRuntime | None = None
-
-
-def install(runtime: WorkerRuntime) -> None:
-    global _runtime
-    _runtime = runtime
-
-
-def current() -> WorkerRuntime:
-    if _runtime is None:
-        raise RuntimeError("no tokenmill worker runtime in this process (start it with `tokenmill worker`)")
-    return _runtime
