@@ -54,6 +54,14 @@ def _float(env: Mapping[str, str], key: str, default: float) -> float:
     return value
 
 
+def _default_database_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'tokenmill.db'}"
+
+
+def _default_broker_url(data_dir: Path) -> str:
+    return f"sqla+sqlite:///{data_dir / 'broker.db'}"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a scheduler, worker or CLI command needs to find the store, the broker and models.
@@ -80,9 +88,9 @@ class Settings:
         data_dir = Path(self.data_dir)
         object.__setattr__(self, "data_dir", data_dir)
         if not self.database_url:
-            object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'tokenmill.db'}")
+            object.__setattr__(self, "database_url", _default_database_url(data_dir))
         if not self.broker_url:
-            object.__setattr__(self, "broker_url", f"sqla+sqlite:///{data_dir / 'broker.db'}")
+            object.__setattr__(self, "broker_url", _default_broker_url(data_dir))
         for name, url in (("database", self.database_url), ("broker", self.broker_url)):
             if "://" not in url:
                 raise ConfigError(f"{name} URL {mask_url(url)!r} has no scheme (expected e.g. redis://host:6379/0)")
@@ -111,6 +119,16 @@ class Settings:
         return cls(**values)  # type: ignore[arg-type]
 
     def with_(self, **changes: object) -> Settings:
+        """A copy with ``changes``; a new ``data_dir`` takes along the URLs derived from the old one.
+
+        An embedded store left pointing into the previous data dir would silently share (or lose) state.
+        """
+        if "data_dir" in changes:
+            old = self.data_dir
+            if "database_url" not in changes and self.database_url == _default_database_url(old):
+                changes["database_url"] = ""
+            if "broker_url" not in changes and self.broker_url == _default_broker_url(old):
+                changes["broker_url"] = ""
         return replace(self, **changes)  # type: ignore[arg-type]
 
     @property
