@@ -96,6 +96,21 @@ def test_split_cuts_a_single_overlong_word() -> None:
     assert split_text("x" * 10, 1, lambda s: len(s) // 4 + (len(s) % 4 > 0)) == ["xxxx", "xxxx", "xx"]
 
 
+def test_split_of_text_without_whitespace_is_linear() -> None:
+    """A 100 MB one-word file took minutes: every part re-counted (and copied) the whole rest."""
+    examined = 0
+
+    def counting(text: str) -> int:
+        nonlocal examined
+        examined += len(text)
+        return estimate_tokens(text)
+
+    text = "x" * 200_000
+    parts = split_text(text, 100, counting)
+    assert "".join(parts) == text and all(estimate_tokens(p) <= 100 for p in parts)
+    assert examined < 64 * len(text), f"{examined / len(text):.0f} characters counted per character of text"
+
+
 def test_split_keeps_within_budget_when_joiners_cost_tokens() -> None:
     def costly_newlines(text: str) -> int:
         return words(text) + 3 * text.count("\n")

@@ -226,22 +226,40 @@ def _flush(group: list[str], joiner: str, budget: int, count: CountTokens, parts
 
 
 def _hard_split(text: str, budget: int, count: CountTokens) -> list[str]:
-    parts = []
-    rest = text
-    while rest:
-        if count(rest) <= budget:
-            parts.append(rest)
+    """Cut a text with no boundary left into the longest prefixes that fit, in time linear in its length.
+
+    Only the part being measured is ever counted or copied: re-counting (and slicing off) the whole
+    rest for every part made a 100 MB one-word file take minutes.
+    """
+    parts: list[str] = []
+    cap = budget * 64  # no part is longer than this many characters
+    start, end = 0, len(text)
+    while start < end:
+        if end - start <= cap and count(text[start:]) <= budget:
+            parts.append(text[start:])
             break
-        low, high = 1, min(len(rest), budget * 64)
-        while low < high:
-            mid = (low + high + 1) // 2
-            if count(rest[:mid]) <= budget:
-                low = mid
-            else:
-                high = mid - 1
-        parts.append(rest[:low])
-        rest = rest[low:]
+        take = _longest_fit(text, start, min(end - start, cap), budget, count)
+        parts.append(text[start : start + take])
+        start += take
     return parts
+
+
+def _longest_fit(text: str, start: int, limit: int, budget: int, count: CountTokens) -> int:
+    """Characters from ``start`` (1..limit) whose count fits: gallop from an estimate, then bisect."""
+    low, probe = 1, min(limit, max(1, budget * 4))
+    while count(text[start : start + probe]) <= budget:
+        low = probe
+        if probe == limit:
+            return limit
+        probe = min(limit, probe * 2)
+    high = probe - 1  # the probe itself did not fit
+    while low < high:
+        mid = (low + high + 1) // 2
+        if count(text[start : start + mid]) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def _rows(
