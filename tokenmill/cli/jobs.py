@@ -60,7 +60,8 @@ def register(app: typer.Typer) -> None:
         """
         settings = settings_from(ctx)
         sub = build_submission(
-            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget
+            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
+            settings.models_dir,
         )
         pins: list[str | None] = [None]
         if ab:

@@ -62,6 +62,7 @@ def build_submission(
     skip_invalid: bool,
     no_cache: bool,
     token_budget: int | None = None,
+    models_dir: Path | None = None,
 ) -> Submission:
     base = SamplingParams()
     defaults = SamplingParams(
@@ -78,6 +79,7 @@ def build_submission(
         skip_invalid=skip_invalid,
         no_cache=no_cache,
         token_budget=token_budget,
+        models_dir=models_dir,
     )
 
 
@@ -109,11 +111,12 @@ def register(app: typer.Typer) -> None:
         count, each = default_worker_count()
         count = workers or count
         sub = build_submission(
-            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget
+            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
+            settings.models_dir,
         )
         output = output or default_output(path, "results")
         errors = errors or default_output(path, "errors")
-        model_route(model)
+        model_route(model, settings.models_dir)
         if not path.exists():
             raise DatasetError(str(path), "no such file or directory")
         store = open_store(settings)

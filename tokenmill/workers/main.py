@@ -103,7 +103,7 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
         return EXIT_MODEL_FAILED if isinstance(exc, ModelError | OSError | ValueError) else 1
 
     choice, family, model_id = sel.choice, sel.family_queue, sel.model_id
-    quant = engine.variant.split(":", 1)[1] if ":" in engine.variant else None
+    quant = engine.variant.split(":", 1)[1] if choice is not None and ":" in engine.variant else None
     queues = [queue_for(family)] + ([queue_for(family, quant)] if quant else [])
     register(
         state="starting",  # loaded; "ready" once Celery consumes (WorkerRuntime.mark_consuming)

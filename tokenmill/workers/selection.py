@@ -48,7 +48,7 @@ class ModelSelection:
 
     @property
     def family_queue(self) -> str:
-        return self.resolved.family if self.choice is not None else f"file-{self.resolved.family}"
+        return self.resolved.family  # a .gguf path's family is already its content (resolve.file_family)
 
 
 def select_model(settings: Settings, opts: WorkerOptions, capacity: Capacity) -> ModelSelection:
