@@ -16,7 +16,7 @@ from tokenmill.cache import close_answered_chunks, prefill
 from tokenmill.celery_app import check_broker, make_app
 from tokenmill.cli.common import console, default_output, open_store, out, settings_from
 from tokenmill.errors import DatasetError, JobIncomplete, ModelError
-from tokenmill.output import export
+from tokenmill.output import export, read_skipped
 from tokenmill.rows import SamplingParams
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.scheduler.submit import Submission, auto_chunk_size, job_key, model_route, submit_dataset
@@ -124,6 +124,8 @@ def register(app: typer.Typer) -> None:
         check_broker(app_, settings)
         started = time.monotonic()
         key = job_key(path, model, sub.options())
+        # Lines --skip-invalid refused, kept by job key so a resumed run still reports them (export merges).
+        skipped = settings.data_dir / "skipped" / f"{key}.jsonl"
         with store.session() as s:
             existing = store_jobs.find_resumable(s, key)
             job_id = existing.id if existing and existing.state in ("queued", "running") else None
@@ -131,7 +133,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"resuming job {job_id}")
         else:
             local_chunks = auto_chunk_size(path, workers=count) if chunk_size is None and path.is_file() else None
-            job_id, rows, invalid = submit_dataset(store, sub, errors_out=errors, chunk_size=local_chunks)
+            job_id, rows, invalid = submit_dataset(store, sub, errors_out=skipped, chunk_size=local_chunks)
             console.print(f"job {job_id}: {rows} rows" + (f", {invalid} invalid lines → {errors}" if invalid else ""))
         # Resolve (fetch, verify) the model once here, so local workers do not race for it, and answer
         # rows an identical earlier request already answered before any worker starts.
@@ -163,12 +165,15 @@ def register(app: typer.Typer) -> None:
             with store.session() as s:
                 store_workers.mark_stopped(s, socket.gethostname(), killed)
         wall = time.monotonic() - started
-        ok, bad = export(store, job_id, output, errors)
+        ok, bad = export(store, job_id, output, errors, skipped=skipped)
+        n_skipped = len(read_skipped(skipped))
         with store.session() as s:
             prog = store_jobs.progress(s, store_jobs.get_job(s, job_id))
-        _summary(prog.to_json(), wall, output, errors if bad else None)
-        if bad:
-            raise JobIncomplete(f"{bad} of {ok + bad} rows failed; see {errors}")
+        _summary(prog.to_json(), wall, output, errors if bad or n_skipped else None, n_skipped)
+        if bad or n_skipped:
+            what = [f"{bad} of {ok + bad} rows failed"] if bad else []
+            what += [f"{n_skipped} invalid lines skipped"] if n_skipped else []
+            raise JobIncomplete(f"{', '.join(what)}; see {errors}")
 
 
 def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
@@ -198,11 +203,13 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
             time.sleep(0.25)
 
 
-def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | None) -> None:
+def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | None, skipped: int = 0) -> None:
     table = Table(title="tokenmill run", show_header=False)
     table.add_row("job", str(info["job"]))
     table.add_row("state", str(info["state"]))
     table.add_row("rows", f"{info['succeeded']} succeeded, {info['failed']} failed, {info['cached']} cached")
+    if skipped:
+        table.add_row("skipped", f"{skipped} invalid lines (not run; in the errors file)")
     table.add_row("tokens", f"{info['prompt_tokens']} prompt, {info['completion_tokens']} generated")
     table.add_row("wall time", f"{wall:.1f} s")
     ct = info["completion_tokens"]
