@@ -37,6 +37,9 @@ def register(app: typer.Typer) -> None:
         n_seq: Annotated[int | None, typer.Option(help="Sequences decoded together (default 8)")] = None,
         n_ctx: Annotated[int, typer.Option(help="Context tokens per sequence")] = 2048,
         metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port")] = None,
+        metrics_host: Annotated[
+            str, typer.Option(help="Address the metrics port binds (no auth: widen, e.g. 0.0.0.0, deliberately)")
+        ] = "127.0.0.1",
         name: Annotated[str | None, typer.Option(help="Name shown in `tokenmill workers`")] = None,
         share: Annotated[int, typer.Option(hidden=True, min=1)] = 1,
     ) -> None:
@@ -48,7 +51,7 @@ def register(app: typer.Typer) -> None:
         from tokenmill.workers.main import WorkerOptions, serve, supervise
 
         if concurrency > 1:
-            argv = ["--model", model, "--n-ctx", str(n_ctx)]
+            argv = ["--model", model, "--n-ctx", str(n_ctx), "--metrics-host", metrics_host]
             if gpu is not None:
                 argv.append("--gpu" if gpu else "--cpu")
             if n_seq:
@@ -59,7 +62,7 @@ def register(app: typer.Typer) -> None:
         logging.getLogger("tokenmill").setLevel(logging.INFO)
         opts = WorkerOptions(
             model=model, threads=threads, gpu=gpu, n_seq=n_seq, n_ctx=n_ctx, name=name,
-            metrics_port=metrics_port, share=share,
+            metrics_port=metrics_port, metrics_host=metrics_host, share=share,
         )  # fmt: skip
         raise typer.Exit(serve(settings, opts))
 

@@ -128,7 +128,7 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
     signals.worker_shutting_down.connect(lambda **_: rt.stop_current("shutdown"), weak=False)
     if opts.metrics_port:
         metrics.bind_queue_depth(store, worker_id)
-        start_metrics_server(opts.metrics_port, metrics)
+        start_metrics_server(opts.metrics_port, metrics, opts.metrics_host)
     app = make_app(settings)
     log.info("worker %s serving %s on %s", worker_id, engine.variant, ", ".join(queues))
     try:

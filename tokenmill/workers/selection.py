@@ -32,6 +32,7 @@ class WorkerOptions:
     gpu: bool | None = None
     name: str | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # the metrics endpoint has no auth: loopback unless widened
     share: int = 1  # how many tokenmill worker processes split this host
 
 
