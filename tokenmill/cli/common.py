@@ -12,8 +12,11 @@ from rich.logging import RichHandler
 from tokenmill.config import Settings
 from tokenmill.store import Store
 
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+# Markup and emoji codes are off: what these print is data (dataset names, paths, model names, ids), and a
+# `[/y]` in a file name raised MarkupError while `[bold]` or `:smile:` vanished. The rare line of intended
+# style says markup=True itself and escapes its data (see app.py).
+console = Console(stderr=True, highlight=False, markup=False, emoji=False)
+out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 def print_plain(text: str) -> None:
