@@ -50,3 +50,18 @@ def test_overwritten_gguf_is_a_new_job_queue_and_cache_key(settings: Settings, t
     os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 1_000_000))
     after = (job_key(data, str(model), sub.options()), model_route(str(model)), _worker_view(settings, model))
     assert all(b != a for b, a in zip(before, after, strict=True)), (before, after)
+
+
+def test_document_edited_in_place_is_a_new_job(tmp_path: Path) -> None:
+    """The folder's mtime and total size do not change when one document is rewritten with as many bytes."""
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "a.txt").write_text("alpha")
+    (docs / "sub" / "b.md").write_text("beta")
+    options = {"template": "{text}"}
+    first = job_key(docs, "m", options)
+    assert job_key(docs, "m", options) == first  # unchanged: the same job resumes
+    folder_mtime = (docs / "sub").stat().st_mtime_ns
+    (docs / "sub" / "b.md").write_text("BETA")
+    assert (docs / "sub").stat().st_mtime_ns == folder_mtime
+    assert job_key(docs, "m", options) != first

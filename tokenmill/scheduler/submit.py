@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,27 @@ from tokenmill.store import jobs as store_jobs
 
 
 def job_key(source: Path, model: str, options: dict[str, Any]) -> str:
-    """Same file (path, size, mtime), same model and options → same key, so a re-run resumes the job."""
+    """Same input, same model and options → same key, so a re-run resumes the job.
+
+    A file is the same input while its path, size and mtime are; a folder of documents while every
+    document's (path, size, mtime, inode) is — the folder's own mtime and total size miss a document
+    edited in place.
+    """
     st = source.stat()
-    size = st.st_size if source.is_file() else sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
-    ident = json.dumps([str(source.resolve()), size, st.st_mtime_ns, model, options], sort_keys=True)
+    ident = json.dumps([str(source.resolve()), *_input_stamp(source, st), model, options], sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()
+
+
+def _input_stamp(source: Path, st: os.stat_result) -> list[object]:
+    if not source.is_dir():
+        return [st.st_size, st.st_mtime_ns]  # as before, so jobs submitted by an older tokenmill resume
+    from tokenmill.documents import list_documents
+
+    stamps = []
+    for rel, path in list_documents(source):
+        doc = path.stat()
+        stamps.append([rel, doc.st_size, doc.st_mtime_ns, doc.st_ino])
+    return ["documents", stamps]
 
 
 def submit_rows(
