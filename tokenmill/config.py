@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -14,23 +15,49 @@ from tokenmill.errors import ConfigError
 ENV_PREFIX = "TOKENMILL_"
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@/\s]+)@")
+# Query parameters that carry a credential (`?password=`, libpq's and redis-py's form; tokens for mirrors).
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&;](?:password|passwd|pwd|pass|secret|token|access_token|api_key|apikey|key|auth)=)"
+    r"(?P<value>[^&;#\s'\"]+)",
+    re.IGNORECASE,
+)
+
+
+def mask_text(text: str) -> str:
+    """Mask every credential a URL can carry inside free text: ``user:pw@`` and ``?password=`` alike.
+
+    The one masking function: every URL tokenmill prints (settings views, errors, logs through
+    :class:`MaskingFilter`) goes through it, because drivers quote URLs in their exception messages.
+    """
+    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)
 
 
 def mask_url(url: str) -> str:
-    """Replace the password in a URL with ``***`` so it can go in a log line or an error."""
+    """One URL with its credentials masked; also right for a password holding ``@`` or ``/``."""
     try:
         parts = urlsplit(url)
         if parts.password:
             netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-            return urlunsplit(parts._replace(netloc=netloc))
+            url = urlunsplit(parts._replace(netloc=netloc))
     except ValueError:
         pass
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+    return mask_text(url)
 
 
-def mask_text(text: str) -> str:
-    """Mask every URL password inside free text (exception messages from drivers quote URLs)."""
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+class MaskingFilter(logging.Filter):
+    """Masks a log record's final message, so a URL logged from an exception (a download error, a
+    driver's message) is masked even where the caller forgot to."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is logging's problem to report, not ours
+            return True
+        masked = mask_text(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
 
 
 def sqlalchemy_url(url: str) -> str:

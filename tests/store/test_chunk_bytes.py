@@ -55,4 +55,4 @@ def test_chunks_are_cut_by_prompt_bytes_as_well_as_rows(any_store: Store) -> Non
         assert store_jobs.retry_failed(s, store_jobs.get_job(s, job_id)) == 1
         reopened = s.scalars(select(Chunk.idx).where(Chunk.job_id == job_id, Chunk.state == "pending")).all()
         assert list(reopened) == [3]  # the chunk that really holds seq 9, not 9 // chunk_size
-    assert store_jobs.MAX_CHUNK_PROMPT_CHARS == bound
+    assert bound == store_jobs.MAX_CHUNK_PROMPT_CHARS
