@@ -179,6 +179,19 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
     p.stop_all()
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 12 MiB tmpfs of its own, for a store whose disk fills; unmounted at teardown (needs root)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True)
+    need(done.returncode == 0, f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 # The stub backend (tokenmill.engines.stub) by name: STUB_ARGS on a `tokenmill worker` command line;
 # STUB_ENV for commands that start workers themselves (`run`'s local workers get Settings.engine).
 STUB_ARGS = ("--engine", "stub")

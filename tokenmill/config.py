@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -14,23 +15,49 @@ from tokenmill.errors import ConfigError
 ENV_PREFIX = "TOKENMILL_"
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@/\s]+)@")
+# Query parameters that carry a credential (`?password=`, libpq's and redis-py's form; tokens for mirrors).
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&;](?:password|passwd|pwd|pass|secret|token|access_token|api_key|apikey|key|auth)=)"
+    r"(?P<value>[^&;#\s'\"]+)",
+    re.IGNORECASE,
+)
+
+
+def mask_text(text: str) -> str:
+    """Mask every credential a URL can carry inside free text: ``user:pw@`` and ``?password=`` alike.
+
+    The one masking function: every URL tokenmill prints (settings views, errors, logs through
+    :class:`MaskingFilter`) goes through it, because drivers quote URLs in their exception messages.
+    """
+    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)
 
 
 def mask_url(url: str) -> str:
-    """Replace the password in a URL with ``***`` so it can go in a log line or an error."""
+    """One URL with its credentials masked; also right for a password holding ``@`` or ``/``."""
     try:
         parts = urlsplit(url)
         if parts.password:
             netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-            return urlunsplit(parts._replace(netloc=netloc))
+            url = urlunsplit(parts._replace(netloc=netloc))
     except ValueError:
         pass
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+    return mask_text(url)
 
 
-def mask_text(text: str) -> str:
-    """Mask every URL password inside free text (exception messages from drivers quote URLs)."""
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+class MaskingFilter(logging.Filter):
+    """Masks a log record's final message, so a URL logged from an exception (a download error, a
+    driver's message) is masked even where the caller forgot to."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is logging's problem to report, not ours
+            return True
+        masked = mask_text(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -52,6 +79,14 @@ def _float(env: Mapping[str, str], key: str, default: float) -> float:
     if value <= 0:
         raise ConfigError(f"{ENV_PREFIX}{key}={raw!r} must be positive")
     return value
+
+
+def _default_database_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'tokenmill.db'}"
+
+
+def _default_broker_url(data_dir: Path) -> str:
+    return f"sqla+sqlite:///{data_dir / 'broker.db'}"
 
 
 @dataclass(frozen=True)
@@ -86,9 +121,9 @@ class Settings:
         data_dir = Path(self.data_dir)
         object.__setattr__(self, "data_dir", data_dir)
         if not self.database_url:
-            object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'tokenmill.db'}")
+            object.__setattr__(self, "database_url", _default_database_url(data_dir))
         if not self.broker_url:
-            object.__setattr__(self, "broker_url", f"sqla+sqlite:///{data_dir / 'broker.db'}")
+            object.__setattr__(self, "broker_url", _default_broker_url(data_dir))
         for name, url in (("database", self.database_url), ("broker", self.broker_url)):
             if "://" not in url:
                 raise ConfigError(f"{name} URL {mask_url(url)!r} has no scheme (expected e.g. redis://host:6379/0)")
@@ -120,6 +155,16 @@ class Settings:
         return cls(**values)  # type: ignore[arg-type]
 
     def with_(self, **changes: object) -> Settings:
+        """A copy with ``changes``; a new ``data_dir`` takes along the URLs derived from the old one.
+
+        An embedded store left pointing into the previous data dir would silently share (or lose) state.
+        """
+        if "data_dir" in changes:
+            old = self.data_dir
+            if "database_url" not in changes and self.database_url == _default_database_url(old):
+                changes["database_url"] = ""
+            if "broker_url" not in changes and self.broker_url == _default_broker_url(old):
+                changes["broker_url"] = ""
         return replace(self, **changes)  # type: ignore[arg-type]
 
     @property

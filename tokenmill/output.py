@@ -142,9 +142,25 @@ def failed_line(result: Result, request: RequestRow) -> dict[str, Any]:
     return record
 
 
-def export(store: Store, job_id: str, out: Path | None, errors: Path | None) -> tuple[int, int]:
-    """Write results (and failures) in input order; returns (succeeded, failed) line counts."""
+def read_skipped(skipped: Path | None) -> list[dict[str, Any]]:
+    """The error lines submit wrote for input lines it skipped (``--skip-invalid``); none when no file."""
+    if skipped is None or not skipped.is_file():
+        return []
+    with open(skipped, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def export(
+    store: Store, job_id: str, out: Path | None, errors: Path | None, *, skipped: Path | None = None
+) -> tuple[int, int]:
+    """Write results (and failures) in input order; returns (succeeded, failed) line counts.
+
+    ``skipped`` holds the lines submit refused: they go into the errors file too, in line order among
+    the failed rows, so a run's errors file accounts for every line that got no answer.
+    """
     ok = bad = 0
+    pending = read_skipped(skipped) if errors is not None else []
+    pending.reverse()  # pop() from the end yields them in line order
     out_fh: IO[str] | None = None
     err_fh: IO[str] | None = None
     try:
@@ -163,7 +179,12 @@ def export(store: Store, job_id: str, out: Path | None, errors: Path | None) -> 
                 else:
                     bad += 1
                     if err_fh:
+                        while pending and pending[-1]["error"]["line"] < request.line:
+                            err_fh.write(json.dumps(pending.pop(), ensure_ascii=False) + "\n")
                         err_fh.write(json.dumps(failed_line(result, request), ensure_ascii=False) + "\n")
+            if err_fh:
+                for line in reversed(pending):
+                    err_fh.write(json.dumps(line, ensure_ascii=False) + "\n")
     finally:
         for fh in (out_fh, err_fh):
             if fh is not None:

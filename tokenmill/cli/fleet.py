@@ -36,6 +36,9 @@ def worker_cmd(
     n_seq: Annotated[int | None, typer.Option(help="Sequences decoded together (default 8)")] = None,
     n_ctx: NCtxOpt = 2048,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port")] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the metrics port binds (no auth: widen, e.g. 0.0.0.0, deliberately)")
+    ] = "127.0.0.1",
     name: Annotated[str | None, typer.Option(help="Name shown in `tokenmill workers`")] = None,
     engine: Annotated[
         str | None, typer.Option(help="Backend: llama, stub (no model) or a plugin's [env: TOKENMILL_ENGINE]")
@@ -51,7 +54,7 @@ def worker_cmd(
 
     opts = WorkerOptions(
         model=model, threads=threads, gpu=gpu, n_seq=n_seq, n_ctx=n_ctx, name=name,
-        metrics_port=metrics_port, share=share,
+        metrics_port=metrics_port, metrics_host=metrics_host, share=share,
     )  # fmt: skip
     if concurrency > 1:
         raise typer.Exit(supervise(settings, opts, concurrency, use_gpus=gpu, metrics_port=metrics_port))

@@ -59,11 +59,12 @@ def submit_cmd(
     """
     settings = settings_from(ctx)
     sub = build_submission(
-        path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget
+        path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
+        settings.models_dir,
     )
     pins = _ab_pins(model, ab)
     for pin in pins:
-        model_route(pin or model)
+        model_route(pin or model, settings.models_dir)
     if not path.exists():  # before the store is touched, as `run` does
         raise DatasetError(str(path), "no such file or directory")
     store = open_store(settings)

@@ -29,6 +29,9 @@ from tokenmill.store.tables import Chunk, Job, RequestRow, Result
 
 __all__ = ["ACTIVE_STATES", "FINAL_STATES"]  # re-exported: callers that ask "is this job still going?"
 INSERT_BATCH = 2000
+# A chunk holds at most chunk_size rows AND about this many prompt characters (what ``prompt_chars``
+# counts): a chunk of 16 huge rows was one lease of hours, and every worker that took it in turn died.
+MAX_CHUNK_PROMPT_CHARS = 1 << 20
 
 
 def new_job_id() -> str:
@@ -67,12 +70,36 @@ def create_job(
     return job
 
 
-def _row_record(job: Job, seq: int, row: DatasetRow) -> dict[str, Any]:
+class _Chunker:
+    """Cuts rows into chunks as they stream by: a new chunk when the rows or the characters run out."""
+
+    def __init__(self, rows: int, chars: int) -> None:
+        self.max_rows, self.max_chars = rows, chars
+        self.spans: list[tuple[int, int]] = []  # (first_seq, last_seq) of each closed chunk
+        self.first, self.n, self.chars = 0, 0, 0
+
+    def place(self, seq: int, chars: int) -> int:
+        """The chunk index for row ``seq``; a row larger than the bound gets a chunk of its own."""
+        if self.n and (self.n >= self.max_rows or self.chars + chars > self.max_chars):
+            self.spans.append((self.first, seq - 1))
+            self.first, self.n, self.chars = seq, 0, 0
+        self.n += 1
+        self.chars += chars
+        return len(self.spans)
+
+    def close(self) -> list[tuple[int, int]]:
+        if self.n:
+            self.spans.append((self.first, self.first + self.n - 1))
+            self.n = 0
+        return self.spans
+
+
+def _row_record(job: Job, seq: int, row: DatasetRow, chunker: _Chunker) -> dict[str, Any]:
     prompt_chars = len(row.prompt or "") + sum(len(m.get("content", "")) for m in row.messages or ())
     return {
         "job_id": job.id,
         "seq": seq,
-        "chunk_index": seq // job.chunk_size,
+        "chunk_index": chunker.place(seq, prompt_chars),
         "line": row.line,
         "custom_id": row.custom_id,
         "payload": row.to_payload(),
@@ -83,25 +110,25 @@ def _row_record(job: Job, seq: int, row: DatasetRow) -> dict[str, Any]:
 _PAYLOAD_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps with options builds one per call
 
 
-def _copy_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
+def _copy_rows(s: Session, job: Job, rows: Iterable[DatasetRow], chunker: _Chunker) -> int:
     """Postgres: COPY inside the session's transaction — several times faster than batched INSERTs."""
     raw = s.connection().connection.driver_connection
     columns = ("job_id", "seq", "chunk_index", "line", "custom_id", "payload", "prompt_chars")
     seq = 0
     with raw.cursor() as cur, cur.copy(f"COPY requests ({', '.join(columns)}) FROM STDIN") as copy:  # type: ignore[union-attr]
         for row in rows:
-            rec = _row_record(job, seq, row)
+            rec = _row_record(job, seq, row, chunker)
             rec["payload"] = _PAYLOAD_JSON.encode(rec["payload"])
             copy.write_row([rec[c] for c in columns])
             seq += 1
     return seq
 
 
-def _insert_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
+def _insert_rows(s: Session, job: Job, rows: Iterable[DatasetRow], chunker: _Chunker) -> int:
     batch: list[dict[str, Any]] = []
     seq = 0
     for row in rows:
-        batch.append(_row_record(job, seq, row))
+        batch.append(_row_record(job, seq, row, chunker))
         seq += 1
         if len(batch) >= INSERT_BATCH:
             s.execute(insert(RequestRow), batch)
@@ -111,28 +138,25 @@ def _insert_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
     return seq
 
 
-def ingest_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
+def ingest_rows(
+    s: Session, job: Job, rows: Iterable[DatasetRow], *, max_chunk_chars: int = MAX_CHUNK_PROMPT_CHARS
+) -> int:
     """Stream rows into the store and cut them into chunks; memory stays bounded whatever the file size."""
     copy = s.get_bind().dialect.name == "postgresql"  # COPY streams far faster than batched INSERTs
-    seq = _copy_rows(s, job, rows) if copy else _insert_rows(s, job, rows)
-    n_chunks = (seq + job.chunk_size - 1) // job.chunk_size
-    for start in range(0, n_chunks, INSERT_BATCH):
+    chunker = _Chunker(job.chunk_size, max_chunk_chars)
+    seq = _copy_rows(s, job, rows, chunker) if copy else _insert_rows(s, job, rows, chunker)
+    spans = chunker.close()
+    for start in range(0, len(spans), INSERT_BATCH):
         s.execute(
             insert(Chunk),
             [
-                {
-                    "job_id": job.id,
-                    "idx": i,
-                    "first_seq": i * job.chunk_size,
-                    "last_seq": min(seq, (i + 1) * job.chunk_size) - 1,
-                    "state": ChunkState.PENDING,
-                    "attempts": 0,
-                }
-                for i in range(start, min(n_chunks, start + INSERT_BATCH))
+                {"job_id": job.id, "idx": i, "first_seq": first, "last_seq": last, "state": ChunkState.PENDING,
+                 "attempts": 0}
+                for i, (first, last) in enumerate(spans[start : start + INSERT_BATCH], start)
             ],
         )
     job.total_rows = seq
-    job.n_chunks = n_chunks
+    job.n_chunks = len(spans)
     job.state = JobState.QUEUED if seq else JobState.COMPLETED
     if not seq:
         job.finished_at = time.time()
@@ -260,10 +284,17 @@ def retry_failed(s: Session, job: Job) -> int:
     unfinished = job.state == JobState.CANCELLED
     if not failed and not unfinished:
         return 0
+    failed_seqs = select(Result.seq).where(Result.job_id == job.id, Result.status == ResultStatus.FAILED)
+    chunk_idx = set(  # chunks are cut by rows and by bytes: look each row's chunk up, never divide
+        s.scalars(
+            select(RequestRow.chunk_index)
+            .where(RequestRow.job_id == job.id, RequestRow.seq.in_(failed_seqs))
+            .distinct()
+        )
+    ) if failed else set()
     if failed:
         s.execute(delete(Result).where(Result.job_id == job.id, Result.status == ResultStatus.FAILED))
         s.execute(update(RequestRow).where(RequestRow.job_id == job.id, RequestRow.seq.in_(failed)).values(attempts=0))
-    chunk_idx = {seq // job.chunk_size for seq in failed}
     conditions = [Chunk.job_id == job.id]
     if unfinished:
         s.execute(

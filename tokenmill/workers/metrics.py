@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -73,5 +74,10 @@ class WorkerMetrics:
         self.queue_depth.set_function(depth)
 
 
-def start_metrics_server(port: int, metrics: WorkerMetrics) -> None:
-    start_http_server(port, registry=metrics.registry)
+DEFAULT_METRICS_HOST = "127.0.0.1"
+
+
+def start_metrics_server(port: int, metrics: WorkerMetrics, host: str = DEFAULT_METRICS_HOST) -> WSGIServer:
+    """Serve ``/metrics``; loopback unless ``host`` widens it, since the endpoint has no auth."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server
