@@ -171,6 +171,7 @@ def test_script_renders_data_as_text_in_chromium(store: Store, server: str, brow
     assert row.locator("td.name a").text_content() == EVIL_NAME
     assert row.locator("td.name a").get_attribute("href") == f"/dashboard/jobs/{job_id}"
     assert page.locator("tr[data-worker] td.wname code").text_content() == "<i>n</i>"
+    assert page.locator("#n-jobs").text_content() == "1" and page.locator("#n-active").text_content() == "1"
     assert page.locator("#job-rows script, #worker-rows img, #worker-rows i").count() == 0
     page.goto(f"{server}/dashboard/jobs/{job_id}")
     page.wait_for_function("document.getElementById('live').textContent.includes('updated')", timeout=30_000)
@@ -186,10 +187,13 @@ def _write_dataset(path: Path, n: int) -> Path:
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(n):
             # temperature > 0: never answered from the result cache, every row is really generated
-            row = {"id": f"row-{i}", "prompt": f"Write one short sentence about the number {i}.", "max_tokens": 24,
-                   "temperature": 0.7}  # fmt: skip
+            question = {"role": "user", "content": f"Write one short sentence about the number {i}."}
+            row = {"id": f"row-{i}", "messages": [question], "max_tokens": 12, "temperature": 0.7}
             fh.write(json.dumps(row) + "\n")
     return path
+
+
+READ_ROW = "tr => [tr.querySelector('td.done').textContent, tr.querySelector('td.state').textContent]"
 
 
 def _done(text: str | None) -> int:
@@ -201,7 +205,7 @@ def _done(text: str | None) -> int:
 def test_dashboard_follows_a_real_job_in_chromium(
     settings: Settings, store: Store, server: str, browser: Any, procs: Procs, tmp_path: Path, smollm2_path: Path
 ) -> None:
-    n = 48
+    n = 24
     data = _write_dataset(tmp_path / "numbers.jsonl", n)
     index = browser.new_page(viewport={"width": 1400, "height": 900})
     index.goto(server + "/")
@@ -223,9 +227,10 @@ def test_dashboard_follows_a_real_job_in_chromium(
     shot_running = tmp_path / "dashboard-running.png"
     deadline = time.monotonic() + 420
     while time.monotonic() < deadline:
-        cells = index.locator(f'tr[data-job="{job_id}"]')
-        seen.append(_done(cells.locator("td.done").text_content()))
-        states.append(cells.locator("td.state").text_content() or "")
+        # One evaluate reads both cells between two refreshes of the script (which rewrites them together).
+        done, state = index.locator(f'tr[data-job="{job_id}"]').evaluate(READ_ROW)
+        seen.append(_done(done))
+        states.append(state)
         if not busy_worker and index.locator("#worker-rows tr").count():
             load = index.locator("#worker-rows tr td.load").first.text_content() or ""
             busy_worker = load if load.startswith("busy") else ""
@@ -252,7 +257,8 @@ def test_dashboard_follows_a_real_job_in_chromium(
     results = job_page.request.get(server + (job_page.locator("#dl-results").get_attribute("href") or ""))
     lines = [json.loads(line) for line in results.text().splitlines()]
     assert results.status == 200 and sorted(line["custom_id"] for line in lines) == sorted(f"row-{i}" for i in range(n))
-    assert all(line["response"]["body"]["usage"]["completion_tokens"] >= 1 for line in lines)
+    assert all(line["response"]["body"]["object"] == "chat.completion" for line in lines)
+    assert sum(line["response"]["body"]["usage"]["completion_tokens"] for line in lines) > n  # it really generated
     assert job_page.request.get(server + f"/dashboard/jobs/{job_id}/errors.jsonl").text() == ""
     shot_done = tmp_path / "dashboard-job.png"
     job_page.screenshot(path=str(shot_done), full_page=True)

@@ -29,6 +29,7 @@ _PLOTS = threading.Lock()  # matplotlib's rc_context is process-global: one repo
 KNOWN_STATES = frozenset(
     {"completed", "completed_with_errors", "cancelled", "running", "queued", "ingesting", "failed", "expired"}
 )
+WORKER_STATES = frozenset({"busy", "ready", "lost", "failed"})
 NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -44,7 +45,9 @@ def _lost_after(request: Request) -> float:
 
 
 def _page(name: str, **context: Any) -> HTMLResponse:
-    html = templates.render(name, states=KNOWN_STATES, poll_ms=POLL_MS, version=__version__, **context)
+    html = templates.render(
+        name, states=KNOWN_STATES, worker_states=WORKER_STATES, poll_ms=POLL_MS, version=__version__, **context
+    )
     return HTMLResponse(html, headers=NO_STORE)
 
 

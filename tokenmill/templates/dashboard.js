@@ -9,6 +9,7 @@
   const pollMs = Number(body.dataset.pollMs) || 1000;
   const known = new Set(["completed", "completed_with_errors", "cancelled", "running", "queued", "ingesting",
     "failed", "expired"]);
+  const workerStates = new Set(["busy", "ready", "lost", "failed"]);
   const live = document.getElementById("live");
 
   function num(v, decimals) {
@@ -69,7 +70,7 @@
     const name = cell(null, "wname");
     name.append(el("code", w.name), el("br"), el("small", w.id));
     const state = cell(null, "state");
-    state.appendChild(el("span", w.state, "badge"));
+    state.appendChild(el("span", w.state, "badge" + (workerStates.has(w.state) ? " s-" + w.state : "")));
     const variant = cell(null, "variant");
     variant.appendChild(el("code", w.variant || "—"));
     tr.append(name, cell(w.host, "host"), state, variant, cell(w.device || "—", "device"), cell(w.load, "load"),
@@ -93,6 +94,10 @@
     const [jobs, workers] = await Promise.all([getJson(api), getJson("/dashboard/api/workers")]);
     fill("job-rows", "no-jobs", jobs.jobs, jobRow);
     fill("worker-rows", "no-workers", workers.workers, workerRow);
+    document.getElementById("n-jobs").textContent = jobs.jobs.length;
+    document.getElementById("n-active").textContent = jobs.jobs.filter((j) => !j.final).length;
+    document.getElementById("n-workers").textContent = workers.workers.length;
+    document.getElementById("n-busy").textContent = workers.workers.filter((w) => w.state === "busy").length;
   }
 
   function setKpi(id, value, sub) {
