@@ -6,7 +6,9 @@ grouped queries (jobs, then result counts for those jobs), not a query per job.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +87,13 @@ class JobView:
         }
 
 
-def _counts(s: Session, job_ids: list[str]) -> dict[str, tuple[int, int, int]]:
+Counts = tuple[int, int, int]
+_FINAL_COUNTS: OrderedDict[tuple[str, str, float | None], Counts] = OrderedDict()
+_FINAL_LOCK = threading.Lock()  # the server reads from a thread pool
+FINAL_CACHE_SIZE = 1024
+
+
+def _counts(s: Session, job_ids: list[str]) -> dict[str, Counts]:
     """(succeeded, failed, completion tokens of succeeded rows) per job, in one grouped query."""
     if not job_ids:
         return {}
@@ -103,7 +111,7 @@ def _counts(s: Session, job_ids: list[str]) -> dict[str, tuple[int, int, int]]:
     return {job_id: (int(a), int(b), int(c)) for job_id, a, b, c in rows}
 
 
-def _view(job: Job, counts: tuple[int, int, int], now: float) -> JobView:
+def _view(job: Job, counts: Counts, now: float) -> JobView:
     succeeded, failed, tokens = counts
     return JobView(
         id=job.id,
@@ -122,10 +130,35 @@ def _view(job: Job, counts: tuple[int, int, int], now: float) -> JobView:
     )
 
 
+def _final_key(job: Job) -> tuple[str, str, float | None] | None:
+    return (job.id, job.state, job.finished_at) if job.state in FINAL_STATES else None
+
+
+def _progress_counts(s: Session, jobs: list[Job]) -> dict[str, Counts]:
+    """Counts for ``jobs``; a finished job's are remembered, so a list of big finished jobs is not recounted
+    on every poll. The key holds its state and finish time: a retry reopens the job and changes both."""
+    known: dict[str, Counts] = {}
+    with _FINAL_LOCK:
+        for job in jobs:
+            key = _final_key(job)
+            if key is not None and key in _FINAL_COUNTS:
+                known[job.id] = _FINAL_COUNTS[key]
+    counted = _counts(s, [j.id for j in jobs if j.id not in known])
+    with _FINAL_LOCK:
+        for job in jobs:
+            key = _final_key(job)
+            if key is not None and job.id in counted:
+                _FINAL_COUNTS[key] = counted[job.id]
+                _FINAL_COUNTS.move_to_end(key)
+        while len(_FINAL_COUNTS) > FINAL_CACHE_SIZE:
+            _FINAL_COUNTS.popitem(last=False)
+    return {**counted, **known}
+
+
 def recent_jobs(s: Session, limit: int = 50) -> list[JobView]:
     """The newest jobs first, each with its progress."""
     jobs = list(s.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)))
-    counts = _counts(s, [j.id for j in jobs])
+    counts = _progress_counts(s, jobs)
     now = time.time()
     return [_view(j, counts.get(j.id, (0, 0, 0)), now) for j in jobs]
 
@@ -135,7 +168,7 @@ def job_view(s: Session, job_id: str) -> JobView | None:
     job = s.get(Job, job_id)
     if job is None:
         return None
-    return _view(job, _counts(s, [job.id]).get(job.id, (0, 0, 0)), time.time())
+    return _view(job, _progress_counts(s, [job]).get(job.id, (0, 0, 0)), time.time())
 
 
 @dataclass(frozen=True)
