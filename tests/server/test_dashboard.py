@@ -7,18 +7,15 @@ Screenshots are saved into the test's tmp folder and their paths printed (`pytes
 from __future__ import annotations
 
 import json
-import socket
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Procs, need
+from tests.conftest import Procs
 from tests.report.test_report import EVIL_ID, FAILED, N_ROWS, make_job
 from tokenmill.config import Settings
 from tokenmill.store import Store
@@ -26,29 +23,7 @@ from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
 from tokenmill.store.tables import Worker
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [  # DESIGN.md "Headless Chromium here": no network chatter on a closed network
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 EVIL_NAME = "<script>alert('name')</script> x[/y].jsonl"
-SERVE = (
-    "import sys, uvicorn\n"
-    "from tokenmill.config import Settings\n"
-    "from tokenmill.server.app import create_app\n"
-    "uvicorn.run(create_app(Settings.from_env()), host='127.0.0.1', port=int(sys.argv[1]), log_level='warning')\n"
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def get(url: str) -> tuple[int, str, dict[str, str]]:
@@ -59,46 +34,7 @@ def get(url: str) -> tuple[int, str, dict[str, str]]:
         return exc.code, exc.read().decode("utf-8"), dict(exc.headers)
 
 
-def wait_until(predicate: Any, timeout: float, what: str, procs: Procs) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{procs.logs()}")
-        time.sleep(0.25)
-
-
-@pytest.fixture
-def server(settings: Settings, store: Store, procs: Procs) -> str:
-    """`uvicorn` serving tokenmill's app on the test's store, as a separate process."""
-    port = free_port()
-    procs.spawn([sys.executable, "-c", SERVE, str(port)], settings.as_env(), "server")
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return get(base + "/dashboard/api/jobs")[0] == 200
-        except OSError:
-            return False
-
-    wait_until(up, 90, "the dashboard server", procs)
-    return base
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    need(CHROMIUM.exists(), "chromium (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-def test_pages_and_json_show_true_numbers_and_escape_data(store: Store, server: str) -> None:
+def test_pages_and_json_show_true_numbers_and_escape_data(store: Store, app_server: str) -> None:
     job_id = make_job(store)  # 24 rows, 3 failed (one with a custom id that is a script tag)
     with store.session() as s:
         evil = store_jobs.create_job(
@@ -112,52 +48,54 @@ def test_pages_and_json_show_true_numbers_and_escape_data(store: Store, server: 
     with store.session() as s:  # a worker whose heartbeats stopped a minute ago
         s.get(Worker, "w-gone").heartbeat_at = time.time() - 60  # type: ignore[union-attr]
 
-    status, page, headers = get(server + "/")
+    status, page, headers = get(app_server + "/")
     assert status == 200 and headers["content-type"].startswith("text/html")
     assert EVIL_NAME not in page and "&lt;script&gt;alert(&#39;name&#39;)&lt;/script&gt; x[/y].jsonl" in page
     assert "reviews &lt;b&gt;bold&lt;/b&gt;.jsonl" in page and "<b>w</b>" not in page
     assert page.lower().count("<script") == 1  # only the dashboard's own script
     assert f'href="/dashboard/jobs/{job_id}"' in page
 
-    jobs = {j["id"]: j for j in json.loads(get(server + "/dashboard/api/jobs")[1])["jobs"]}
+    jobs = {j["id"]: j for j in json.loads(get(app_server + "/dashboard/api/jobs")[1])["jobs"]}
     assert jobs[evil_id]["name"] == EVIL_NAME and jobs[evil_id]["done"] == 0
     j = jobs[job_id]
     assert (j["total"], j["done"], j["failed"], j["succeeded"]) == (N_ROWS, N_ROWS, len(FAILED), N_ROWS - len(FAILED))
     assert j["state"] == "completed_with_errors" and j["final"] and j["eta_s"] is None and j["percent"] == 100.0
-    workers = {w["id"]: w for w in json.loads(get(server + "/dashboard/api/workers")[1])["workers"]}
+    workers = {w["id"]: w for w in json.loads(get(app_server + "/dashboard/api/workers")[1])["workers"]}
     assert workers["w-live"]["state"] == "busy" and workers["w-live"]["load"] == f"busy on {job_id} (16 slots)"
     assert workers["w-live"]["host"] == "gpu-host-b" and workers["w-live"]["variant"] == "smollm2-135m-instruct:q8_0"
     assert workers["w-gone"]["state"] == "lost" and workers["w-gone"]["heartbeat_age_s"] >= 59
 
-    status, page, _ = get(f"{server}/dashboard/jobs/{job_id}")
+    status, page, _ = get(f"{app_server}/dashboard/jobs/{job_id}")
     assert status == 200 and page.count("data:image/png;base64,") == 6
     assert EVIL_ID not in page and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page
     assert "context_length_exceeded" in page and page.lower().count("<script") == 1
 
-    status, body, headers = get(f"{server}/dashboard/jobs/{job_id}/results.jsonl")
+    status, body, headers = get(f"{app_server}/dashboard/jobs/{job_id}/results.jsonl")
     lines = [json.loads(line) for line in body.splitlines()]
     assert status == 200 and headers["content-disposition"] == f'attachment; filename="{job_id}.results.jsonl"'
     assert [line["custom_id"] for line in lines] == [f"review-{i:03d}" for i in range(N_ROWS) if i not in FAILED]
     assert all(line["response"]["status_code"] == 200 and line["error"] is None for line in lines)
-    errors = [json.loads(line) for line in get(f"{server}/dashboard/jobs/{job_id}/errors.jsonl")[1].splitlines()]
+    errors = [json.loads(line) for line in get(f"{app_server}/dashboard/jobs/{job_id}/errors.jsonl")[1].splitlines()]
     assert [e["error"]["line"] for e in errors] == [i + 1 for i in sorted(FAILED)]
     assert {e["error"]["code"] for e in errors} == {"context_length_exceeded"} and errors[0]["custom_id"] == EVIL_ID
 
-    status, page, _ = get(f"{server}/dashboard/jobs/{evil_id}")  # no results yet: progress, no plots
+    status, page, _ = get(f"{app_server}/dashboard/jobs/{evil_id}")  # no results yet: progress, no plots
     assert status == 200 and "No row has finished yet" in page and EVIL_NAME not in page
-    status, page, _ = get(f"{server}/dashboard/jobs/%3Cb%3Enope")
+    status, page, _ = get(f"{app_server}/dashboard/jobs/%3Cb%3Enope")
     assert status == 404 and "&lt;b&gt;nope" in page and "<b>nope" not in page
-    assert get(f"{server}/dashboard/api/jobs/nope")[0] == 404
-    assert get(f"{server}/dashboard/jobs/nope/results.jsonl")[0] == 404
+    assert get(f"{app_server}/dashboard/api/jobs/nope")[0] == 404
+    assert get(f"{app_server}/dashboard/jobs/nope/results.jsonl")[0] == 404
 
 
-def test_script_renders_data_as_text_in_chromium(store: Store, server: str, browser: Any, tmp_path: Path) -> None:
+def test_script_renders_data_as_text_in_chromium(
+    store: Store, app_server: str, chromium_browser: Any, tmp_path: Path
+) -> None:
     """After the script has rebuilt the tables from JSON, names are still text and no script of theirs ran."""
     with store.session() as s:
         job = store_jobs.create_job(s, key="e", name=EVIL_NAME, family="smollm2-135m-instruct", queue="q", chunk_size=4)
         job_id = job.id
         store_workers.register(s, id="w<img src=x onerror=alert(1)>", name="<i>n</i>", host="h", pid=1, state="ready")
-    page = browser.new_page()
+    page = chromium_browser.new_page()
     dialogs: list[str] = []
 
     def on_dialog(dialog: Any) -> None:  # an alert() from data that ran as script
@@ -165,7 +103,7 @@ def test_script_renders_data_as_text_in_chromium(store: Store, server: str, brow
         dialog.dismiss()
 
     page.on("dialog", on_dialog)
-    page.goto(server + "/")
+    page.goto(app_server + "/")
     page.wait_for_function("document.getElementById('live').textContent.includes('updated')", timeout=30_000)
     row = page.locator(f'tr[data-job="{job_id}"]')
     assert row.locator("td.name a").text_content() == EVIL_NAME
@@ -173,7 +111,7 @@ def test_script_renders_data_as_text_in_chromium(store: Store, server: str, brow
     assert page.locator("tr[data-worker] td.wname code").text_content() == "<i>n</i>"
     assert page.locator("#n-jobs").text_content() == "1" and page.locator("#n-active").text_content() == "1"
     assert page.locator("#job-rows script, #worker-rows img, #worker-rows i").count() == 0
-    page.goto(f"{server}/dashboard/jobs/{job_id}")
+    page.goto(f"{app_server}/dashboard/jobs/{job_id}")
     page.wait_for_function("document.getElementById('live').textContent.includes('updated')", timeout=30_000)
     assert page.locator("#job-name").text_content() == EVIL_NAME and page.title().startswith("tokenmill: <script>")
     assert page.locator("#kpi-done .value").text_content() == "0" and dialogs == []
@@ -203,12 +141,18 @@ def _done(text: str | None) -> int:
 @pytest.mark.model
 @pytest.mark.timeout(600)
 def test_dashboard_follows_a_real_job_in_chromium(
-    settings: Settings, store: Store, server: str, browser: Any, procs: Procs, tmp_path: Path, smollm2_path: Path
+    settings: Settings,
+    store: Store,
+    app_server: str,
+    chromium_browser: Any,
+    procs: Procs,
+    tmp_path: Path,
+    smollm2_path: Path,
 ) -> None:
     n = 24
     data = _write_dataset(tmp_path / "numbers.jsonl", n)
-    index = browser.new_page(viewport={"width": 1400, "height": 900})
-    index.goto(server + "/")
+    index = chromium_browser.new_page(viewport={"width": 1400, "height": 900})
+    index.goto(app_server + "/")
     assert index.locator("#no-jobs").is_visible()  # nothing submitted yet
     run = procs.start(
         settings, "run", str(data), "--model", "smollm2-135m-instruct", "--workers", "1", "--threads", "2",
@@ -218,8 +162,8 @@ def test_dashboard_follows_a_real_job_in_chromium(
     row.wait_for(timeout=120_000)  # the script added the job once `run` stored it
     job_id = row.get_attribute("data-job")
     assert job_id
-    job_page = browser.new_page(viewport={"width": 1400, "height": 900})
-    job_page.goto(f"{server}/dashboard/jobs/{job_id}")
+    job_page = chromium_browser.new_page(viewport={"width": 1400, "height": 900})
+    job_page.goto(f"{app_server}/dashboard/jobs/{job_id}")
 
     seen: list[int] = []
     busy_worker = ""
@@ -254,12 +198,12 @@ def test_dashboard_follows_a_real_job_in_chromium(
     assert job_page.locator("#kpi-failed .value").text_content() == "0"
     alts = [img.get_attribute("alt") for img in job_page.locator("#plots img").all()]
     assert all(alts) and len(set(alts)) == 6
-    results = job_page.request.get(server + (job_page.locator("#dl-results").get_attribute("href") or ""))
+    results = job_page.request.get(app_server + (job_page.locator("#dl-results").get_attribute("href") or ""))
     lines = [json.loads(line) for line in results.text().splitlines()]
     assert results.status == 200 and sorted(line["custom_id"] for line in lines) == sorted(f"row-{i}" for i in range(n))
     assert all(line["response"]["body"]["object"] == "chat.completion" for line in lines)
     assert sum(line["response"]["body"]["usage"]["completion_tokens"] for line in lines) > n  # it really generated
-    assert job_page.request.get(server + f"/dashboard/jobs/{job_id}/errors.jsonl").text() == ""
+    assert job_page.request.get(app_server + f"/dashboard/jobs/{job_id}/errors.jsonl").text() == ""
     shot_done = tmp_path / "dashboard-job.png"
     job_page.screenshot(path=str(shot_done), full_page=True)
     print(f"screenshot of the finished job: {shot_done}")
