@@ -79,6 +79,11 @@ def test_pages_and_json_show_true_numbers_and_escape_data(store: Store, app_serv
     assert [e["error"]["line"] for e in errors] == [i + 1 for i in sorted(FAILED)]
     assert {e["error"]["code"] for e in errors} == {"context_length_exceeded"} and errors[0]["custom_id"] == EVIL_ID
 
+    status, report, headers = get(f"{app_server}/dashboard/jobs/{job_id}/report.html")  # what `tokenmill report` writes
+    assert status == 200 and headers["content-disposition"] == f'attachment; filename="{job_id}.report.html"'
+    assert report.count("data:image/png;base64,") == 6 and "<script" not in report.lower() and 'id="summary"' in report
+    assert get(f"{app_server}/dashboard/jobs/{evil_id}/report.html")[0] == 409  # nothing to report yet
+
     status, page, _ = get(f"{app_server}/dashboard/jobs/{evil_id}")  # no results yet: progress, no plots
     assert status == 200 and "No row has finished yet" in page and EVIL_NAME not in page
     status, page, _ = get(f"{app_server}/dashboard/jobs/%3Cb%3Enope")
@@ -195,7 +200,7 @@ def test_dashboard_follows_a_real_job_in_chromium(
     job_page.wait_for_function("document.querySelectorAll('#plots img').length === 6", timeout=120_000)
     assert job_page.locator("#kpi-done .value").text_content() == str(n)
     assert job_page.locator("#job-state").text_content() == "completed"
-    assert job_page.locator("#kpi-failed .value").text_content() == "0"
+    assert job_page.locator("#kpi-failed .value").text_content() == "0" and job_page.locator("#dl-report").count() == 1
     alts = [img.get_attribute("alt") for img in job_page.locator("#plots img").all()]
     assert all(alts) and len(set(alts)) == 6
     results = job_page.request.get(app_server + (job_page.locator("#dl-results").get_attribute("href") or ""))

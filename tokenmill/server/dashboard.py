@@ -10,7 +10,7 @@ These routes stay out of the OpenAPI document: they are for people, the API is `
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -21,6 +21,9 @@ from tokenmill.errors import NoResultsYet
 from tokenmill.output import jsonl_lines
 from tokenmill.store import Store, views
 from tokenmill.store.views import JobView
+
+if TYPE_CHECKING:
+    from tokenmill.report.data import Plot, Report
 
 router = APIRouter(include_in_schema=False)
 POLL_MS = 1000
@@ -89,17 +92,16 @@ def api_job(request: Request, job_id: str) -> JSONResponse:
     return _missing(job_id) if job is None else JSONResponse(job.to_json(), headers=NO_STORE)
 
 
-def _report(store: Store, job_id: str) -> tuple[Any, list[Any]]:
+def _report(store: Store, job_id: str) -> tuple[Report | None, list[Plot]]:
     """The report's summary and figures, or (None, []) while no row has finished."""
-    from tokenmill.report import data, html, plots  # matplotlib loads on the first job page, not at start
+    from tokenmill.report import data, plots  # matplotlib loads on the first job page, not at start
 
     try:
         report = data.load_report(store, job_id)
     except NoResultsYet:
         return None, []
     with _PLOTS:
-        figures = [html.figure(p) for p in plots.render_all(report.job)]
-    return report, figures
+        return report, plots.render_all(report.job)
 
 
 @router.get("/dashboard/jobs/{job_id}", response_class=HTMLResponse)
@@ -110,8 +112,10 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
         page = _page("dashboard_missing.html", job_id=job_id)
         page.status_code = 404
         return page
+    from tokenmill.report import html
+
     report, figures = _report(store, job.id)
-    return _page("dashboard_job.html", job=job, report=report, figures=figures)
+    return _page("dashboard_job.html", job=job, report=report, figures=[html.figure(p) for p in figures])
 
 
 def _download(request: Request, job_id: str, *, errors: bool) -> Response:
@@ -135,6 +139,23 @@ def download_results(request: Request, job_id: str) -> Response:
 @router.get("/dashboard/jobs/{job_id}/errors.jsonl")
 def download_errors(request: Request, job_id: str) -> Response:
     return _download(request, job_id, errors=True)
+
+
+@router.get("/dashboard/jobs/{job_id}/report.html", response_class=HTMLResponse)
+def full_report(request: Request, job_id: str) -> Response:
+    """The same self-contained page `tokenmill report` writes, to keep or mail."""
+    from tokenmill.report import html
+
+    store = _store(request)
+    job = _job(store, job_id)
+    if job is None:
+        return _missing(job_id)
+    report, figures = _report(store, job.id)
+    if report is None:
+        return JSONResponse({"error": {"message": f"job {job.id} has no results yet", "code": "no_results"}}, 409)
+    page = html.render(report, figures)
+    disposition = f'attachment; filename="{job.id}.report.html"'
+    return HTMLResponse(page, headers={"Content-Disposition": disposition, **NO_STORE})
 
 
 @router.get("/dashboard/static/dashboard.js")
