@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -195,3 +196,17 @@ def export(
     if errors is not None:
         errors.with_name(errors.name + ".part").replace(errors)
     return ok, bad
+
+
+def jsonl_lines(store: Store, job_id: str, *, errors: bool = False) -> Iterator[str]:
+    """The output (or, with ``errors``, the error) file as lines, in input order, for streaming over HTTP.
+
+    Same lines as :func:`export` writes; pages of results are read as the client consumes them, so a
+    million-row download holds one page in memory, never the file.
+    """
+    with store.session() as s:
+        for result, request in iter_results(s, job_id):
+            if (result.status == ResultStatus.SUCCEEDED) == errors:
+                continue
+            line = failed_line(result, request) if errors else output_line(result, request)
+            yield json.dumps(line, ensure_ascii=False) + "\n"
