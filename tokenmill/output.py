@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -13,6 +14,7 @@ from tokenmill.errors import DatasetError
 from tokenmill.rows import CHAT, DatasetRow
 from tokenmill.store import Store
 from tokenmill.store.results import iter_results
+from tokenmill.store.states import ResultStatus
 from tokenmill.store.tables import RequestRow, Result
 
 
@@ -141,9 +143,25 @@ def failed_line(result: Result, request: RequestRow) -> dict[str, Any]:
     return record
 
 
-def export(store: Store, job_id: str, out: Path | None, errors: Path | None) -> tuple[int, int]:
-    """Write results (and failures) in input order; returns (succeeded, failed) line counts."""
+def read_skipped(skipped: Path | None) -> list[dict[str, Any]]:
+    """The error lines submit wrote for input lines it skipped (``--skip-invalid``); none when no file."""
+    if skipped is None or not skipped.is_file():
+        return []
+    with open(skipped, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def export(
+    store: Store, job_id: str, out: Path | None, errors: Path | None, *, skipped: Path | None = None
+) -> tuple[int, int]:
+    """Write results (and failures) in input order; returns (succeeded, failed) line counts.
+
+    ``skipped`` holds the lines submit refused: they go into the errors file too, in line order among
+    the failed rows, so a run's errors file accounts for every line that got no answer.
+    """
     ok = bad = 0
+    pending = read_skipped(skipped) if errors is not None else []
+    pending.reverse()  # pop() from the end yields them in line order
     out_fh: IO[str] | None = None
     err_fh: IO[str] | None = None
     try:
@@ -155,14 +173,19 @@ def export(store: Store, job_id: str, out: Path | None, errors: Path | None) -> 
             err_fh = open(errors.with_name(errors.name + ".part"), "w", encoding="utf-8")  # noqa: SIM115
         with store.session() as s:
             for result, request in iter_results(s, job_id):
-                if result.status == "succeeded":
+                if result.status == ResultStatus.SUCCEEDED:
                     ok += 1
                     if out_fh:
                         out_fh.write(json.dumps(output_line(result, request), ensure_ascii=False) + "\n")
                 else:
                     bad += 1
                     if err_fh:
+                        while pending and pending[-1]["error"]["line"] < request.line:
+                            err_fh.write(json.dumps(pending.pop(), ensure_ascii=False) + "\n")
                         err_fh.write(json.dumps(failed_line(result, request), ensure_ascii=False) + "\n")
+            if err_fh:
+                for line in reversed(pending):
+                    err_fh.write(json.dumps(line, ensure_ascii=False) + "\n")
     finally:
         for fh in (out_fh, err_fh):
             if fh is not None:
@@ -173,3 +196,17 @@ def export(store: Store, job_id: str, out: Path | None, errors: Path | None) -> 
     if errors is not None:
         errors.with_name(errors.name + ".part").replace(errors)
     return ok, bad
+
+
+def jsonl_lines(store: Store, job_id: str, *, errors: bool = False) -> Iterator[str]:
+    """The output (or, with ``errors``, the error) file as lines, in input order, for streaming over HTTP.
+
+    Same lines as :func:`export` writes; pages of results are read as the client consumes them, so a
+    million-row download holds one page in memory, never the file.
+    """
+    with store.session() as s:
+        for result, request in iter_results(s, job_id):
+            if (result.status == ResultStatus.SUCCEEDED) == errors:
+                continue
+            line = failed_line(result, request) if errors else output_line(result, request)
+            yield json.dumps(line, ensure_ascii=False) + "\n"

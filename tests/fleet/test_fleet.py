@@ -132,7 +132,7 @@ def test_workers_register_capacity_and_show_lost(tmp_path: Path, fleet_settings:
     assert w["variant"] == "smollm2-135m-instruct:q4_1" and w["device"] == "cpu"
     assert isinstance(w["cores"], int) and w["cores"] >= 1 and w["ram_total"]
     os.killpg(worker.pid, signal.SIGKILL)
-    lost_after = max(3 * fleet_settings.heartbeat_seconds, 10.0)
+    lost_after = fleet_settings.lost_after
     time.sleep(lost_after + 1.5)
     assert listed()[0]["state"] == "lost"
     store = Store(fleet_settings.database_url)

@@ -67,7 +67,8 @@ def test_local_workers_get_the_parents_engine_and_settings(
         return real_popen([sys.executable, "-c", "pass"], env=env, **kw)  # a real child, not a worker
 
     monkeypatch.setattr(local.subprocess, "Popen", record)
-    fleet = LocalFleet(settings.with_(engine="stub", data_dir=tmp_path / "tm"), "smollm2-135m-instruct", 2, 3, n_seq=4)
+    child_settings = settings.with_(engine="stub", data_dir=tmp_path / "tm")
+    fleet = LocalFleet(child_settings, "smollm2-135m-instruct", 2, 3, n_seq=4)
     fleet.start()
     fleet.stop(grace=5.0)
     assert [args for args, _ in started] == [
@@ -82,7 +83,7 @@ def test_local_workers_get_the_parents_engine_and_settings(
         "--threads": "3", "--name": "local0", "--n-seq": "4",
     }  # fmt: skip
     env = started[0][1]
-    assert env["TOKENMILL_ENGINE"] == "stub" and env["TOKENMILL_DATABASE_URL"] == settings.database_url
+    assert env["TOKENMILL_ENGINE"] == "stub" and env["TOKENMILL_DATABASE_URL"] == child_settings.database_url
     assert env[local.PARENT_PID_ENV] == str(os.getpid())
 
 
@@ -95,8 +96,8 @@ def test_supervised_children_get_every_option_once() -> None:
 
 
 WORKER_DEFAULTS = {"model": "smollm2-135m-instruct", "concurrency": 1, "threads": None, "gpu": None, "n_seq": None,
-                   "n_ctx": 2048, "metrics_port": None, "name": None, "share": 1, "engine": None,
-                   "prefer": PreferChoice.balanced}  # fmt: skip
+                   "n_ctx": 2048, "metrics_port": None, "metrics_host": "127.0.0.1", "name": None, "share": 1,
+                   "engine": None, "prefer": PreferChoice.balanced}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -106,8 +107,10 @@ WORKER_DEFAULTS = {"model": "smollm2-135m-instruct", "concurrency": 1, "threads"
         ({"share": 1, "gpu": True}, {"gpu": True}),
         ({"share": 1, "prefer": "speed"}, {"prefer": PreferChoice.speed}),
         (
-            {"n_ctx": 4096, "gpu": False, "n_seq": 3, "name": "local1", "threads": 2, "share": 4, "metrics_port": 9},
-            {"n_ctx": 4096, "gpu": False, "n_seq": 3, "name": "local1", "threads": 2, "share": 4, "metrics_port": 9},
+            {"n_ctx": 4096, "gpu": False, "n_seq": 3, "name": "local1", "threads": 2, "share": 4, "metrics_port": 9,
+             "metrics_host": "0.0.0.0"},
+            {"n_ctx": 4096, "gpu": False, "n_seq": 3, "name": "local1", "threads": 2, "share": 4, "metrics_port": 9,
+             "metrics_host": "0.0.0.0"},
         ),
     ],
 )

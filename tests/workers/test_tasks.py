@@ -7,11 +7,12 @@ from pathlib import Path
 from sqlalchemy import select
 
 from tests.observability.helpers import write_prompts
-from tokenmill.celery_app import TASK_PROCESS_CHUNK, make_app
+from tokenmill.celery_app import TASK_PROCESS_CHUNK, make_app, queue_for
 from tokenmill.config import Settings
 from tokenmill.engines.stub import StubEngine
 from tokenmill.scheduler.submit import Submission, submit_dataset
 from tokenmill.store import Store
+from tokenmill.store import workers as store_workers
 from tokenmill.store.tables import Chunk, Result
 from tokenmill.workers import tasks
 from tokenmill.workers.runtime import WorkerRuntime
@@ -19,6 +20,10 @@ from tokenmill.workers.runtime import WorkerRuntime
 
 def _runtime(settings: Settings, store: Store, tmp_path: Path) -> WorkerRuntime:
     engine = StubEngine(tmp_path / "unused.gguf", "smollm2-135m-instruct:q4_1", n_seq=2)
+    with store.session() as s:  # a claim checks the job's queue against the queues the worker registered
+        store_workers.register(
+            s, id="w-task", name="w-task", host="h", pid=1, state="ready", queues=[queue_for("smollm2-135m-instruct")]
+        )
     return WorkerRuntime(settings=settings, store=store, engine=engine, worker_id="w-task", model_id="m")
 
 

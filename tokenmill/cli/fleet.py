@@ -6,7 +6,6 @@ import json
 import logging
 import signal
 import threading
-import time
 from typing import Annotated, Any
 
 import typer
@@ -19,6 +18,8 @@ from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.store import Store
 from tokenmill.store import speeds as store_speeds
 from tokenmill.store import workers as store_workers
+from tokenmill.store.clock import db_now
+from tokenmill.store.states import WorkerState
 
 
 def _gib(n: float) -> str:
@@ -36,6 +37,9 @@ def worker_cmd(
     n_seq: Annotated[int | None, typer.Option(help="Sequences decoded together (default 8)")] = None,
     n_ctx: NCtxOpt = 2048,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port")] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the metrics port binds (no auth: widen, e.g. 0.0.0.0, deliberately)")
+    ] = "127.0.0.1",
     name: Annotated[str | None, typer.Option(help="Name shown in `tokenmill workers`")] = None,
     engine: Annotated[
         str | None, typer.Option(help="Backend: llama, stub (no model) or a plugin's [env: TOKENMILL_ENGINE]")
@@ -52,7 +56,7 @@ def worker_cmd(
 
     opts = WorkerOptions(
         model=model, threads=threads, gpu=gpu, n_seq=n_seq, n_ctx=n_ctx, name=name,
-        metrics_port=metrics_port, share=share, prefer=prefer_value(prefer),
+        metrics_port=metrics_port, metrics_host=metrics_host, share=share, prefer=prefer_value(prefer),
     )  # fmt: skip
     if concurrency > 1:
         raise typer.Exit(supervise(settings, opts, concurrency, use_gpus=gpu, metrics_port=metrics_port))
@@ -92,7 +96,7 @@ def workers_cmd(
     Example: tokenmill workers
     """
     settings = settings_from(ctx)
-    rows = _worker_rows(open_store(settings), max(3 * settings.heartbeat_seconds, 10.0), all_)
+    rows = _worker_rows(open_store(settings), settings.lost_after, all_)
     if as_json:
         print_plain(json.dumps(rows))
         return
@@ -102,13 +106,13 @@ def workers_cmd(
 def _worker_rows(store: Store, lost_after: float, include_stopped: bool) -> list[dict[str, Any]]:
     """The registered workers as `workers --json` prints them, each in its state as of now (a busy worker
     whose heartbeat is older than ``lost_after`` seconds shows as lost)."""
-    now = time.time()
     rows: list[dict[str, Any]] = []
     with store.session() as s:
+        now = db_now(s)  # heartbeats are the store's time, whatever this host's clock says
         measured = store_speeds.decode_rates(s)
         for w in store_workers.list_workers(s):
             state = store_workers.effective_state(w, lost_after, now)
-            if state == "stopped" and not include_stopped:
+            if state == WorkerState.STOPPED and not include_stopped:
                 continue
             cap = w.capacity or {}
             rows.append(

@@ -37,12 +37,12 @@ from tokenmill.cli.options import (
 from tokenmill.cli.planning import JobChoice, choose_for_job, deadline_note, live_fleet
 from tokenmill.config import Settings
 from tokenmill.errors import DatasetError, JobIncomplete, UsageError
-from tokenmill.models.quantize import catalog_with_local
 from tokenmill.output import export
 from tokenmill.scheduler.submit import model_route, submit_dataset
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
+from tokenmill.store.states import UNFINISHED_STATES, JobState
 from tokenmill.workers.capacity import detect
 
 
@@ -69,12 +69,12 @@ def submit_cmd(
     """
     settings = settings_from(ctx)
     sub = build_submission(
-        path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget
+        path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
+        settings.models_dir,
     )
     pins = _ab_pins(model, ab)
-    catalog = catalog_with_local(settings.models_dir)
     for pin in pins:
-        model_route(pin or model, catalog)
+        model_route(pin or model, settings.models_dir)
     if not path.exists():  # before the store is touched, as `run` does
         raise DatasetError(str(path), "no such file or directory")
     store = open_store(settings)
@@ -90,7 +90,7 @@ def submit_cmd(
     ids = []
     for pin in pins:
         job_id, rows, invalid = submit_dataset(
-            store, sub, errors_out=errors, ab_group=group, pin=pin, deadline=choice.deadline, catalog=catalog
+            store, sub, errors_out=errors, ab_group=group, pin=pin, deadline=choice.deadline
         )
         ids.append(job_id)
     skipped = f", {invalid} invalid lines skipped" + (f" → {errors}" if errors else "") if invalid else ""
@@ -101,7 +101,7 @@ def submit_cmd(
 
 def _warn_if_unserved(store: Store, settings: Settings, pin: str) -> None:
     """A pinned job waits for a worker that loaded that variant: say how to start one when none has."""
-    lost_after = max(3 * settings.heartbeat_seconds, 10.0)
+    lost_after = settings.lost_after
     with store.session() as s:
         serving = [w for w in store_workers.list_workers(s)
                    if w.variant == pin and store_workers.effective_state(w, lost_after) in ("ready", "busy")]
@@ -155,7 +155,7 @@ def status_cmd(
         if info.get("deadline_note"):
             table.add_row("deadline", str(info["deadline_note"]))
         out.print(table)
-    if wait and info["state"] != "completed":
+    if wait and info["state"] != JobState.COMPLETED:
         raise JobIncomplete(f"job {info['job']} ended {info['state']} ({info['failed']} failed rows)")
 
 
@@ -171,7 +171,7 @@ def _job_status(store: Store, job: str, wait: bool, interval: float) -> dict[str
                 info["deadline"] = j.options["deadline"]
                 info["eta"] = _eta(info)
                 info["deadline_note"] = deadline_note(j.options, info["eta"])
-        if not wait or info["state"] not in ("queued", "running", "ingesting"):
+        if not wait or info["state"] not in UNFINISHED_STATES:
             return info
         time.sleep(interval)
 

@@ -62,6 +62,7 @@ def build_submission(
     skip_invalid: bool,
     no_cache: bool,
     token_budget: int | None = None,
+    models_dir: Path | None = None,
 ) -> Submission:
     """The dataset options of `run` and `submit` as one Submission: an unset --max-tokens/--temperature
     falls back to SamplingParams' own default, so both commands store the same job for the same flags."""
@@ -80,6 +81,7 @@ def build_submission(
         skip_invalid=skip_invalid,
         no_cache=no_cache,
         token_budget=token_budget,
+        models_dir=models_dir,
     )
 
 

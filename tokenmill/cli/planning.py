@@ -37,7 +37,7 @@ def this_host(settings: Settings, capacity: Capacity, processes: int, threads_ea
 def live_fleet(store: Store, settings: Settings, fallback: Capacity) -> list[FleetMember]:
     """The live workers as the plan sees them (their advertised capacity and probe); this host when none."""
     members = []
-    lost_after = max(3 * settings.heartbeat_seconds, 10.0)
+    lost_after = settings.lost_after
     with store.session() as s:
         for w in store_workers.list_workers(s):
             if store_workers.effective_state(w, lost_after) not in ("ready", "busy", "starting"):

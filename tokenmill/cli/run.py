@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -40,15 +39,14 @@ from tokenmill.cli.options import (
 from tokenmill.cli.planning import choose_for_job, this_host
 from tokenmill.config import Settings
 from tokenmill.errors import DatasetError, JobIncomplete, ModelError
-from tokenmill.models.catalog import Family
-from tokenmill.models.quantize import catalog_with_local
 from tokenmill.models.sizing import Prefer
-from tokenmill.output import export
+from tokenmill.output import export, read_skipped
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.scheduler.submit import Submission, auto_chunk_size, job_key, model_route, submit_dataset
 from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
+from tokenmill.store.states import ACTIVE_STATES, WorkerState
 from tokenmill.workers.capacity import detect
 from tokenmill.workers.local import LocalFleet, default_worker_count
 from tokenmill.workers.selection import WorkerOptions, select_model
@@ -82,12 +80,12 @@ def run_cmd(
     count, each = default_worker_count()
     count = workers or count
     sub = build_submission(
-        path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget
+        path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
+        settings.models_dir,
     )
     output = output or default_output(path, "results")
     errors = errors or default_output(path, "errors")
-    catalog = catalog_with_local(settings.models_dir)
-    model_route(model, catalog)
+    model_route(model, settings.models_dir)
     if not path.exists():
         raise DatasetError(str(path), "no such file or directory")
     store = open_store(settings)
@@ -99,11 +97,13 @@ def run_cmd(
     choice = choose_for_job(settings, sub, pref, deadline, here, sources=("local", "registry"))
     if choice.pin:
         sub = replace(sub, model=choice.pin)
-    job_id = _resume_or_submit(store, sub, errors, count, choice.deadline, catalog)
+    # Lines --skip-invalid refused, kept by job key so a resumed run still reports them (export merges).
+    skipped = settings.data_dir / "skipped" / f"{job_key(path, sub.model, sub.options())}.jsonl"
+    job_id = _resume_or_submit(store, sub, skipped, errors, count, choice.deadline)
     fleet_needed = _answer_from_cache(store, settings, job_id, sub, n_seq, count, pref)
     fleet = LocalFleet(settings, sub.model, count, threads or each, n_seq=n_seq, prefer=pref)
     _drive(store, Dispatcher(store, app_, settings), job_id, fleet if fleet_needed else None)
-    _finish(store, job_id, output, errors, time.monotonic() - started)
+    _finish(store, job_id, output, errors, skipped, time.monotonic() - started)
 
 
 def register(app: typer.Typer) -> None:
@@ -111,20 +111,21 @@ def register(app: typer.Typer) -> None:
 
 
 def _resume_or_submit(
-    store: Store, sub: Submission, errors: Path, workers: int, deadline: float | None, catalog: Mapping[str, Family]
+    store: Store, sub: Submission, skipped: Path, errors: Path, workers: int, deadline: float | None
 ) -> str:
-    """The same command again resumes its unfinished job instead of storing the dataset twice."""
+    """The same command again resumes its unfinished job instead of storing the dataset twice; lines
+    --skip-invalid refuses go to ``skipped`` until the export merges them into ``errors``."""
     key = job_key(sub.path, sub.model, sub.options())
     with store.session() as s:
         existing = store_jobs.find_resumable(s, key)
-        job_id = existing.id if existing and existing.state in ("queued", "running") else None
+        job_id = existing.id if existing and existing.state in ACTIVE_STATES else None
     if job_id:
         console.print(f"resuming job {job_id}")
         return job_id
     path = sub.path
     local_chunks = auto_chunk_size(path, workers=workers) if sub.chunk_size is None and path.is_file() else None
     job_id, rows, invalid = submit_dataset(
-        store, sub, errors_out=errors, chunk_size=local_chunks, deadline=deadline, catalog=catalog
+        store, sub, errors_out=skipped, chunk_size=local_chunks, deadline=deadline
     )
     console.print(f"job {job_id}: {rows} rows" + (f", {invalid} invalid lines → {errors}" if invalid else ""))
     return job_id
@@ -168,13 +169,18 @@ def _drive(store: Store, dispatcher: Dispatcher, job_id: str, fleet: LocalFleet 
                 store_workers.mark_stopped(s, socket.gethostname(), killed)
 
 
-def _finish(store: Store, job_id: str, output: Path, errors: Path, wall: float) -> None:
-    ok, bad = export(store, job_id, output, errors)
+def _finish(store: Store, job_id: str, output: Path, errors: Path, skipped: Path, wall: float) -> None:
+    """Write the outputs (failed rows and skipped lines together in ``errors``) and the summary; exit 7
+    when not every line was answered."""
+    ok, bad = export(store, job_id, output, errors, skipped=skipped)
+    n_skipped = len(read_skipped(skipped))
     with store.session() as s:
         prog = store_jobs.progress(s, store_jobs.get_job(s, job_id))
-    _summary(prog.to_json(), wall, output, errors if bad else None)
-    if bad:
-        raise JobIncomplete(f"{bad} of {ok + bad} rows failed; see {errors}")
+    _summary(prog.to_json(), wall, output, errors if bad or n_skipped else None, n_skipped)
+    if bad or n_skipped:
+        what = [f"{bad} of {ok + bad} rows failed"] if bad else []
+        what += [f"{n_skipped} invalid lines skipped"] if n_skipped else []
+        raise JobIncomplete(f"{', '.join(what)}; see {errors}")
 
 
 def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
@@ -193,10 +199,10 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
                 job = store_jobs.get_job(s, job_id)
                 prog = store_jobs.progress(s, job)
                 state = job.state
-                failed_workers = [w for w in store_workers.list_workers(s) if w.state == "failed" and w.error]
+                failed_workers = [w for w in store_workers.list_workers(s) if w.state == WorkerState.FAILED and w.error]
             info = prog.to_json()
             bar.update(task, total=prog.total, completed=prog.done, tps=f"{info['tokens_per_second']:.1f}")
-            if state not in ("queued", "running"):
+            if state not in ACTIVE_STATES:
                 return
             if fleet is not None and fleet.alive() == 0:
                 reason = failed_workers[-1].error if failed_workers else "see .tokenmill/logs/"
@@ -204,11 +210,13 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
             time.sleep(0.25)
 
 
-def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | None) -> None:
+def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | None, skipped: int = 0) -> None:
     table = Table(title="tokenmill run", show_header=False)
     table.add_row("job", str(info["job"]))
     table.add_row("state", str(info["state"]))
     table.add_row("rows", f"{info['succeeded']} succeeded, {info['failed']} failed, {info['cached']} cached")
+    if skipped:
+        table.add_row("skipped", f"{skipped} invalid lines (not run; in the errors file)")
     table.add_row("tokens", f"{info['prompt_tokens']} prompt, {info['completion_tokens']} generated")
     table.add_row("wall time", f"{wall:.1f} s")
     ct = info["completion_tokens"]

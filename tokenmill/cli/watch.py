@@ -14,6 +14,8 @@ from tokenmill.config import Settings
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
+from tokenmill.store.clock import db_now
+from tokenmill.store.states import JobState, WorkerState
 
 
 def _eta(remaining: int, rows_per_s: float) -> str:
@@ -32,8 +34,7 @@ class WatchState:
         self.worker_tokens: dict[str, tuple[float, int]] = {}
 
     def render(self, store: Store, settings: Settings, job_ref: str | None) -> Group:
-        now = time.time()
-        lost_after = max(3 * settings.heartbeat_seconds, 10.0)
+        lost_after = settings.lost_after
         jobs_t = Table(title="jobs", expand=True)
         add_id_column(jobs_t, "job")
         for col in ("state", "model", "done", "failed", "total", "tok/s", "ETA"):
@@ -50,11 +51,12 @@ class WatchState:
                 rate = p.done / elapsed if elapsed > 0 else 0.0
                 jobs_t.add_row(
                     j.id, j.state, j.pinned_variant or j.family, str(p.done), str(p.failed), str(p.total),
-                    f"{info['tokens_per_second']:.1f}", _eta(p.remaining, rate) if j.state == "running" else "-",
+                    f"{info['tokens_per_second']:.1f}", _eta(p.remaining, rate) if j.state == JobState.RUNNING else "-",
                 )  # fmt: skip
+            now = db_now(s)  # heartbeats are the store's time, whatever this host's clock says
             for w in store_workers.list_workers(s):
                 state = store_workers.effective_state(w, lost_after, now)
-                if state == "stopped":
+                if state == WorkerState.STOPPED:
                     continue
                 prev_t, prev_tokens = self.worker_tokens.get(w.id, (now, w.tokens_generated))
                 tps = (w.tokens_generated - prev_tokens) / (now - prev_t) if now > prev_t else 0.0

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenmill.celery_app import queue_for
 from tokenmill.datasets import InvalidLine, read_dataset
-from tokenmill.errors import DatasetError, UnknownModelError
-from tokenmill.models.catalog import Family
+from tokenmill.errors import DatasetError
 from tokenmill.output import rejected_line
 from tokenmill.rows import DatasetRow, SamplingParams
 from tokenmill.store import Store
@@ -20,11 +20,27 @@ from tokenmill.store import jobs as store_jobs
 
 
 def job_key(source: Path, model: str, options: dict[str, Any]) -> str:
-    """Same file (path, size, mtime), same model and options → same key, so a re-run resumes the job."""
+    """Same input, same model and options → same key, so a re-run resumes the job.
+
+    A file is the same input while its path, size and mtime are; a folder of documents while every
+    document's (path, size, mtime, inode) is — the folder's own mtime and total size miss a document
+    edited in place.
+    """
     st = source.stat()
-    size = st.st_size if source.is_file() else sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
-    ident = json.dumps([str(source.resolve()), size, st.st_mtime_ns, model, options], sort_keys=True)
+    ident = json.dumps([str(source.resolve()), *_input_stamp(source, st), model, options], sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()
+
+
+def _input_stamp(source: Path, st: os.stat_result) -> list[object]:
+    if not source.is_dir():
+        return [st.st_size, st.st_mtime_ns]  # as before, so jobs submitted by an older tokenmill resume
+    from tokenmill.documents import list_documents
+
+    stamps = []
+    for rel, path in list_documents(source):
+        doc = path.stat()
+        stamps.append([rel, doc.st_size, doc.st_mtime_ns, doc.st_ino])
+    return ["documents", stamps]
 
 
 def submit_rows(
@@ -81,6 +97,7 @@ class Submission:
     skip_invalid: bool = False
     no_cache: bool = False
     token_budget: int | None = None  # documents only; None: derived from the context and max_tokens
+    models_dir: Path | None = None  # where a .gguf path's content hash is remembered (None: this process only)
 
     def document_budget(self) -> int:
         if self.token_budget is not None:
@@ -88,7 +105,8 @@ class Submission:
         return document_token_budget((self.defaults or SamplingParams()).max_tokens)
 
     def options(self) -> dict[str, Any]:
-        return {
+        extra = {"model_sha256": model_identity(self.model, self.models_dir)} if _is_path(self.model) else {}
+        return extra | {
             "model": self.model,
             "template": self.template,
             "field": self.text_field,
@@ -119,19 +137,35 @@ class Submission:
         )
 
 
-def model_route(model: str, catalog: Mapping[str, Family] | None = None) -> tuple[str, str | None]:
-    """(family, pinned quant) for a catalog ref or a local .gguf path; unknown models fail before any work.
-
-    ``catalog``: the built-in one unless given (the CLI passes it with this host's quantized variants).
-    """
-    from tokenmill.models.catalog import get_family, parse_model_ref
+def _is_path(model: str) -> bool:
     from tokenmill.models.resolve import looks_like_path
 
-    if looks_like_path(model):
-        path = Path(model).expanduser()
-        if not path.is_file():
-            raise UnknownModelError(f"model file {model} does not exist")
-        return f"file-{path.stem.lower()}", None
+    return looks_like_path(model)
+
+
+def model_identity(model: str, models_dir: Path | None = None) -> str:
+    """A .gguf path's sha256: the identity its queue, cache key and job key are made of."""
+    from tokenmill.models.resolve import resolve_file
+
+    sha = resolve_file(model, models_dir).sha256
+    assert sha is not None  # resolve_file always hashes
+    return sha
+
+
+def model_route(model: str, models_dir: Path | None = None) -> tuple[str, str | None]:
+    """(family, pinned quant) for a catalog ref or a local .gguf path; unknown models fail before any work.
+
+    A path routes by its content, to the queue a worker serving those same bytes listens on. With
+    ``models_dir``, variants quantized on this host (`models quantize`) are known too.
+    """
+    from tokenmill.models.catalog import get_family, parse_model_ref
+    from tokenmill.models.resolve import file_family
+
+    if _is_path(model):
+        return file_family(model_identity(model, models_dir)), None
+    from tokenmill.models.quantize import catalog_with_local
+
+    catalog = catalog_with_local(models_dir) if models_dir is not None else None
     family_name, quant = parse_model_ref(model, catalog)
     family = get_family(family_name, catalog)
     return family.name, family.variant(quant).quant if quant else None
@@ -205,14 +239,13 @@ def submit_dataset(
     pin: str | None = None,
     chunk_size: int | None = None,
     deadline: float | None = None,
-    catalog: Mapping[str, Family] | None = None,
 ) -> tuple[str, int, int]:
     """Store a dataset as a job; returns (job id, rows stored, invalid lines skipped).
 
     ``chunk_size`` overrides the automatic choice and ``deadline`` (epoch seconds, shown by ``status``) is
     recorded, neither becoming part of the job's identity, so the same command resumes the same job.
     """
-    family, quant = model_route(pin or sub.model, catalog)
+    family, quant = model_route(pin or sub.model, sub.models_dir)
     ingest = _Ingest(sub, errors_out if sub.skip_invalid else None)
     job_id = submit_rows(
         store,

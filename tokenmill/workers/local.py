@@ -30,6 +30,7 @@ def worker_argv(
     n_ctx: int | None = None,
     gpu: bool | None = None,
     metrics_port: int | None = None,
+    metrics_host: str | None = None,
     prefer: str | None = None,
 ) -> list[str]:
     """The command line of one single-process `tokenmill worker` that a parent starts on this host.
@@ -41,6 +42,7 @@ def worker_argv(
     args += ["--concurrency", "1", "--share", str(share)]
     optional = {"--threads": threads, "--name": name, "--n-seq": n_seq, "--n-ctx": n_ctx}
     optional["--metrics-port"] = metrics_port
+    optional["--metrics-host"] = metrics_host if metrics_port else None
     optional["--prefer"] = prefer
     for flag, value in optional.items():
         if value:

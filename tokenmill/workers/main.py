@@ -93,7 +93,7 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
         return EXIT_MODEL_FAILED if isinstance(exc, ModelError | OSError | ValueError) else 1
 
     choice, family, model_id = sel.choice, sel.family_queue, sel.model_id
-    quant = engine.variant.split(":", 1)[1] if ":" in engine.variant else None
+    quant = engine.variant.split(":", 1)[1] if choice is not None and ":" in engine.variant else None
     queues = [queue_for(family)] + ([queue_for(family, quant)] if quant else [])
     register(
         capacity=_advertised(settings, capacity, sel, engine),
@@ -118,7 +118,7 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
     signals.worker_shutting_down.connect(lambda **_: rt.stop_current("shutdown"), weak=False)
     if opts.metrics_port:
         metrics.bind_queue_depth(store, worker_id)
-        start_metrics_server(opts.metrics_port, metrics)
+        start_metrics_server(opts.metrics_port, metrics, opts.metrics_host)
     app = make_app(settings)
     tasks.register(app, rt)  # the task reaches this runtime through the app it is registered on, not a global
     log.info("worker %s serving %s on %s", worker_id, engine.variant, ", ".join(queues))
@@ -223,6 +223,7 @@ def supervise(
         args = worker_argv(
             model=opts.model, engine=settings.engine, share=count, threads=opts.threads, name=opts.name,
             n_seq=opts.n_seq, n_ctx=opts.n_ctx, gpu=opts.gpu, metrics_port=metrics_port + i if metrics_port else None,
+            metrics_host=opts.metrics_host,
             prefer=opts.prefer,
         )  # fmt: skip
         children.append(subprocess.Popen(args, env=env))
