@@ -31,8 +31,19 @@ def jsonl(lines: list[dict[str, Any] | str]) -> bytes:
     return "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines).encode()
 
 
+OPEN_CLIENTS: list[OpenAI] = []
+
+
 def client(base_url: str, key: str) -> OpenAI:
-    return OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=30)
+    """An SDK client, closed after the test (tests/server/conftest.py): no sockets left to the GC."""
+    c = OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=30)
+    OPEN_CLIENTS.append(c)
+    return c
+
+
+def close_clients() -> None:
+    while OPEN_CLIENTS:
+        OPEN_CLIENTS.pop().close()
 
 
 def wait_status(c: OpenAI, batch_id: str, statuses: tuple[str, ...], timeout: float = 300) -> Batch:
