@@ -329,3 +329,11 @@ def app_server(settings: Settings) -> Iterator[InProcessServer]:
     keyed = settings.with_(api_keys=API_KEYS, file_max_bytes=3 * 2**20, file_max_lines=1000)
     with InProcessServer(keyed) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[InProcessServer]:
+    """One in-process API for a module of generated requests (Hypothesis wants no per-example fixtures)."""
+    settings = Settings(data_dir=tmp_path_factory.mktemp("fuzz") / ".tokenmill", models_dir=models_dir)
+    with InProcessServer(settings.with_(api_keys=API_KEYS, file_max_bytes=2**20, file_max_lines=100)) as server:
+        yield server

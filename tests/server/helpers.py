@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from openai import OpenAI
 from openai.types import Batch
 
 MODEL = "smollm2-135m-instruct"
-CHAT = "/v1/chat/completions"
+CHAT: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 
 
 def chat_line(i: int, *, max_tokens: int = 8, url: str = CHAT, model: str = MODEL) -> dict[str, Any]:
@@ -27,7 +28,7 @@ def chat_line(i: int, *, max_tokens: int = 8, url: str = CHAT, model: str = MODE
     }
 
 
-def jsonl(lines: list[dict[str, Any] | str]) -> bytes:
+def jsonl(lines: Sequence[dict[str, Any] | str]) -> bytes:
     return "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines).encode()
 
 

@@ -23,7 +23,7 @@ from tokenmill.store.tables import ApiFileChunk, Job
 KEY_A, KEY_B = API_KEYS[0], API_KEYS[1]
 
 
-def raw(server: InProcessServer, method: str, path: str, body: bytes | None = None, **headers: str) -> tuple[int, Any]:
+def raw(server: InProcessServer, method: str, path: str, body: bytes | None = None, **headers: Any) -> tuple[int, Any]:
     req = urllib.request.Request(server.url + path, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -97,7 +97,7 @@ def test_errors_have_openai_shape(app_server: InProcessServer) -> None:
     status, body = raw(app_server, "GET", "/v1/batches", Authorization="Bearer sk-wrong")
     assert status == 401
     auth = {"Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json"}
-    status, body = raw(app_server, "GET", "/v1/batches/batch_nope", **auth)
+    status, body = raw(app_server, "GET", "/v1/batches/batch_nope", None, **auth)
     assert status == 404 and "batch_nope" in body["error"]["message"]
     meta = {f"k{i}": "v" for i in range(17)}
     spec = {"input_file_id": "file-x", "endpoint": CHAT, "completion_window": "24h", "metadata": meta}
@@ -106,7 +106,7 @@ def test_errors_have_openai_shape(app_server: InProcessServer) -> None:
     spec = {"input_file_id": "file-x", "endpoint": "/v1/responses", "completion_window": "24h"}
     status, body = raw(app_server, "POST", "/v1/batches", json.dumps(spec).encode(), **auth)
     assert status == 422 and body["error"]["param"] == "endpoint"
-    status, body = raw(app_server, "GET", "/v1/batches?limit=101", **auth)
+    status, body = raw(app_server, "GET", "/v1/batches?limit=101", None, **auth)
     assert status == 422 and body["error"]["param"] == "limit"
     status, body = raw(app_server, "POST", "/v1/batches", b"{not json", **auth)
     assert status == 422 and "error" in body
@@ -127,7 +127,7 @@ def test_bad_lines_fail_the_batch_with_line_numbers_and_store_nothing(app_server
     BatchDriver(app_server.store, app_server.settings).tick()
     b = c.batches.retrieve(b.id)
     assert b.status == "failed" and b.failed_at is not None and b.errors is not None
-    by_line = {e.line: e for e in b.errors.data}
+    by_line = {e.line or 0: e for e in b.errors.data or []}
     assert sorted(by_line) == [2, 3, 4, 5]
     assert "invalid JSON" in (by_line[2].message or "")
     assert by_line[3].param == "url" and "/v1/completions" in (by_line[3].message or "")
@@ -149,8 +149,13 @@ def test_unknown_model_and_embeddings_are_refused_per_line(app_server: InProcess
     BatchDriver(app_server.store, app_server.settings).tick()
     b1, b2 = c.batches.retrieve(bad_model.id), c.batches.retrieve(embeddings.id)
     assert b1.status == b2.status == "failed"
-    assert b1.errors and b1.errors.data[0].code == "model_not_found" and b1.errors.data[0].line == 1
-    assert b2.errors and b2.errors.data[0].line == 1 and "unsupported endpoint" in (b2.errors.data[0].message or "")
+    assert b1.errors and b1.errors.data and b1.errors.data[0].code == "model_not_found" and b1.errors.data[0].line == 1
+    assert (
+        b2.errors
+        and b2.errors.data
+        and b2.errors.data[0].line == 1
+        and "unsupported endpoint" in (b2.errors.data[0].message or "")
+    )
 
 
 def _start(server: InProcessServer, n: int) -> tuple[openai.OpenAI, str, str]:
@@ -236,5 +241,5 @@ def test_keys_compare_and_bind_rules() -> None:
     check_bind("127.0.0.1", ())
     check_bind("::1", ())
     check_bind("0.0.0.0", ("k",))
-    with pytest.raises(ConfigError, match="refusing to listen on 0.0.0.0 without API keys"):
+    with pytest.raises(ConfigError, match=r"refusing to listen on 0\.0\.0\.0 without API keys"):
         check_bind("0.0.0.0", ())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from typing import Any
 
 import openai
 import pytest
@@ -52,10 +53,10 @@ def test_batch_runs_to_completed_and_every_line_parses(api_server: ServeProcess)
 
 def test_bad_file_fails_with_line_numbers_and_runs_nothing(api_server: ServeProcess) -> None:
     c = client(api_server.base_url, KEY_A)
-    lines = [chat_line(1), "[1, 2]", chat_line(3, url="/v1/completions"), chat_line(4)]
+    lines: list[dict[str, Any] | str] = [chat_line(1), "[1, 2]", chat_line(3, url="/v1/completions"), chat_line(4)]
     b = c.batches.create(input_file_id=upload(c, jsonl(lines)), endpoint=CHAT, completion_window="24h")
     b = wait_status(c, b.id, ("failed", "in_progress", "completed"), timeout=60)
-    assert b.status == "failed" and b.errors is not None
+    assert b.status == "failed" and b.errors is not None and b.errors.data
     assert [(e.line, e.param) for e in b.errors.data] == [(2, None), (3, "url")]
     assert "expected a JSON object" in (b.errors.data[0].message or "")
     assert b.output_file_id is None and b.request_counts is not None and b.request_counts.completed == 0
