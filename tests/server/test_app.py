@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import API_KEYS, InProcessServer
+from tests.conftest import API_KEYS, InProcessServer, run_cli
 from tests.server.helpers import CHAT, chat_line, client, jsonl, upload
 from tokenmill.errors import ConfigError
 from tokenmill.server.auth import check_bind, match_key
@@ -243,3 +243,9 @@ def test_keys_compare_and_bind_rules() -> None:
     check_bind("0.0.0.0", ("k",))
     with pytest.raises(ConfigError, match=r"refusing to listen on 0\.0\.0\.0 without API keys"):
         check_bind("0.0.0.0", ())
+
+
+def test_serve_refuses_a_network_bind_without_keys(settings: Any) -> None:
+    proc = run_cli(settings, "serve", "--host", "0.0.0.0", "--port", "1", timeout=60, env={"TOKENMILL_API_KEYS": ""})
+    assert proc.returncode == 2, proc.stderr
+    assert "refusing to listen on 0.0.0.0 without API keys" in proc.stderr and "Traceback" not in proc.stderr
