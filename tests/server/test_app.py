@@ -249,3 +249,14 @@ def test_serve_refuses_a_network_bind_without_keys(settings: Any) -> None:
     proc = run_cli(settings, "serve", "--host", "0.0.0.0", "--port", "1", timeout=60, env={"TOKENMILL_API_KEYS": ""})
     assert proc.returncode == 2, proc.stderr
     assert "refusing to listen on 0.0.0.0 without API keys" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_binary_or_blank_file_fails_as_a_whole(app_server: InProcessServer) -> None:
+    c = client(app_server.url + "/v1", KEY_A)
+    gz = c.batches.create(input_file_id=upload(c, b"\x1f\x8b\x08\x00rest"), endpoint=CHAT, completion_window="24h")
+    blank = c.batches.create(input_file_id=upload(c, b"\n\n  \n"), endpoint=CHAT, completion_window="24h")
+    BatchDriver(app_server.store, app_server.settings).tick()
+    for batch_id, words in ((gz.id, "gzip"), (blank.id, "no rows")):
+        b = c.batches.retrieve(batch_id)
+        assert b.status == "failed" and b.errors and b.errors.data, b
+        assert b.errors.data[0].line is None and words in (b.errors.data[0].message or ""), b.errors

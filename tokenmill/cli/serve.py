@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Annotated
 
 import typer
@@ -33,6 +34,7 @@ def serve(
 
     settings = settings_from(ctx)
     check_bind(host, settings.api_keys)
+    os.environ.pop("TOKENMILL_API_KEYS", None)  # read once; local workers inherit the environment and need none
     store = open_store(settings)
     embedded = settings.embedded
     background = Background(store, settings, embedded=embedded, idle_seconds=idle_stop, workers=workers)

@@ -34,8 +34,9 @@ class Checked:
     errors: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def add(self, line: int, message: str, param: str | None, code: str = "invalid_request") -> None:
+        """One error per line (the first found); ``line`` 0 is the file as a whole."""
         if line not in self.errors and len(self.errors) < MAX_ERRORS:
-            self.errors[line] = {"code": code, "line": line, "message": message, "param": param}
+            self.errors[line] = {"code": code, "line": line or None, "message": message, "param": param}
 
     def sorted_errors(self) -> list[dict[str, Any]]:
         return [self.errors[k] for k in sorted(self.errors)]
