@@ -49,7 +49,7 @@ class BatchDriver:
             try:
                 self.tick()
             except Exception as exc:  # the store blinked; the next pass tries again
-                log.warning("batch driver: %s", mask_text(str(exc)).splitlines()[0] if str(exc) else type(exc))
+                log.warning("batch driver: %s", (mask_text(str(exc)).splitlines() or [type(exc).__name__])[0])
             stop.wait(interval)
 
     def tick(self) -> None:
