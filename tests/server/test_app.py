@@ -42,8 +42,8 @@ def multipart(data: bytes, purpose: str = "batch") -> tuple[bytes, str]:
     return parts + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def test_file_round_trip_is_byte_exact_across_chunks(app_server: InProcessServer) -> None:
-    c = client(app_server.url + "/v1", KEY_A)
+def test_file_round_trip_is_byte_exact_across_chunks(api_app: InProcessServer) -> None:
+    c = client(api_app.url + "/v1", KEY_A)
     data = b"".join(b'{"n": %d, "pad": "%s"}\n' % (i, b"x" * 3000) for i in range(800))  # ~2.4 MB: 3 chunks
     f = c.files.create(file=("big.jsonl", data), purpose="batch")
     assert (f.bytes, f.filename, f.purpose, f.status, f.object) == (
@@ -54,7 +54,7 @@ def test_file_round_trip_is_byte_exact_across_chunks(app_server: InProcessServer
         "file",
     )
     assert c.files.content(f.id).content == data
-    with app_server.store.session() as s:
+    with api_app.store.session() as s:
         assert s.query(ApiFileChunk).filter_by(file_id=f.id).count() == 3
     assert c.files.retrieve(f.id).id == f.id
     assert f.id in [x.id for x in c.files.list()]
@@ -63,14 +63,14 @@ def test_file_round_trip_is_byte_exact_across_chunks(app_server: InProcessServer
         c.files.retrieve(f.id)
 
 
-def test_upload_caps_and_purpose(app_server: InProcessServer) -> None:
+def test_upload_caps_and_purpose(api_app: InProcessServer) -> None:
     too_big, ctype = multipart(b"x" * (3 * 2**20 + 10))
     status, body = raw(
-        app_server, "POST", "/v1/files", too_big, **{"Content-Type": ctype, "Authorization": f"Bearer {KEY_A}"}
+        api_app, "POST", "/v1/files", too_big, **{"Content-Type": ctype, "Authorization": f"Bearer {KEY_A}"}
     )
     assert status == 413 and body["error"]["code"] == "file_too_large" and body["error"]["param"] == "file"
     # Refused from its Content-Length alone: the answer comes before a byte of the body is sent.
-    conn = http.client.HTTPConnection("127.0.0.1", app_server.port, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", api_app.port, timeout=30)
     conn.putrequest("POST", "/v1/files")
     for name, value in (
         ("Content-Type", ctype),
@@ -82,7 +82,7 @@ def test_upload_caps_and_purpose(app_server: InProcessServer) -> None:
     resp = conn.getresponse()
     assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "file_too_large"
     conn.close()
-    c = client(app_server.url + "/v1", KEY_A)
+    c = client(api_app.url + "/v1", KEY_A)
     with pytest.raises(openai.BadRequestError, match="more than 1000 lines"):
         c.files.create(file=("many.jsonl", b"{}\n" * 1001), purpose="batch")
     with pytest.raises(openai.BadRequestError, match="purpose"):
@@ -90,30 +90,30 @@ def test_upload_caps_and_purpose(app_server: InProcessServer) -> None:
     assert c.files.list().data == []  # nothing half-stored by the refused uploads
 
 
-def test_errors_have_openai_shape(app_server: InProcessServer) -> None:
-    status, body = raw(app_server, "GET", "/v1/batches")
+def test_errors_have_openai_shape(api_app: InProcessServer) -> None:
+    status, body = raw(api_app, "GET", "/v1/batches")
     assert status == 401 and set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["type"] == "authentication_error"
-    status, body = raw(app_server, "GET", "/v1/batches", Authorization="Bearer sk-wrong")
+    status, body = raw(api_app, "GET", "/v1/batches", Authorization="Bearer sk-wrong")
     assert status == 401
     auth = {"Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json"}
-    status, body = raw(app_server, "GET", "/v1/batches/batch_nope", None, **auth)
+    status, body = raw(api_app, "GET", "/v1/batches/batch_nope", None, **auth)
     assert status == 404 and "batch_nope" in body["error"]["message"]
     meta = {f"k{i}": "v" for i in range(17)}
     spec = {"input_file_id": "file-x", "endpoint": CHAT, "completion_window": "24h", "metadata": meta}
-    status, body = raw(app_server, "POST", "/v1/batches", json.dumps(spec).encode(), **auth)
+    status, body = raw(api_app, "POST", "/v1/batches", json.dumps(spec).encode(), **auth)
     assert status == 422 and body["error"]["param"] == "metadata"
     spec = {"input_file_id": "file-x", "endpoint": "/v1/responses", "completion_window": "24h"}
-    status, body = raw(app_server, "POST", "/v1/batches", json.dumps(spec).encode(), **auth)
+    status, body = raw(api_app, "POST", "/v1/batches", json.dumps(spec).encode(), **auth)
     assert status == 422 and body["error"]["param"] == "endpoint"
-    status, body = raw(app_server, "GET", "/v1/batches?limit=101", None, **auth)
+    status, body = raw(api_app, "GET", "/v1/batches?limit=101", None, **auth)
     assert status == 422 and body["error"]["param"] == "limit"
-    status, body = raw(app_server, "POST", "/v1/batches", b"{not json", **auth)
+    status, body = raw(api_app, "POST", "/v1/batches", b"{not json", **auth)
     assert status == 422 and "error" in body
 
 
-def test_bad_lines_fail_the_batch_with_line_numbers_and_store_nothing(app_server: InProcessServer) -> None:
-    c = client(app_server.url + "/v1", KEY_A)
+def test_bad_lines_fail_the_batch_with_line_numbers_and_store_nothing(api_app: InProcessServer) -> None:
+    c = client(api_app.url + "/v1", KEY_A)
     lines: list[dict[str, Any] | str] = [
         chat_line(1),
         "{not json",
@@ -124,7 +124,7 @@ def test_bad_lines_fail_the_batch_with_line_numbers_and_store_nothing(app_server
     ]
     b = c.batches.create(input_file_id=upload(c, jsonl(lines)), endpoint=CHAT, completion_window="24h")
     assert b.status == "validating"
-    BatchDriver(app_server.store, app_server.settings).tick()
+    BatchDriver(api_app.store, api_app.settings).tick()
     b = c.batches.retrieve(b.id)
     assert b.status == "failed" and b.failed_at is not None and b.errors is not None
     by_line = {e.line or 0: e for e in b.errors.data or []}
@@ -133,12 +133,12 @@ def test_bad_lines_fail_the_batch_with_line_numbers_and_store_nothing(app_server
     assert by_line[3].param == "url" and "/v1/completions" in (by_line[3].message or "")
     assert by_line[4].param == "body.messages"
     assert by_line[5].param == "body.model" and by_line[5].code == "mismatched_model"
-    with app_server.store.session() as s:
+    with api_app.store.session() as s:
         assert s.query(Job).count() == 0
 
 
-def test_unknown_model_and_embeddings_are_refused_per_line(app_server: InProcessServer) -> None:
-    c = client(app_server.url + "/v1", KEY_A)
+def test_unknown_model_and_embeddings_are_refused_per_line(api_app: InProcessServer) -> None:
+    c = client(api_app.url + "/v1", KEY_A)
     bad_model = c.batches.create(
         input_file_id=upload(c, jsonl([chat_line(1, model="no-such-model")])), endpoint=CHAT, completion_window="24h"
     )
@@ -146,7 +146,7 @@ def test_unknown_model_and_embeddings_are_refused_per_line(app_server: InProcess
     embeddings = c.batches.create(
         input_file_id=upload(c, jsonl([emb])), endpoint="/v1/embeddings", completion_window="24h"
     )
-    BatchDriver(app_server.store, app_server.settings).tick()
+    BatchDriver(api_app.store, api_app.settings).tick()
     b1, b2 = c.batches.retrieve(bad_model.id), c.batches.retrieve(embeddings.id)
     assert b1.status == b2.status == "failed"
     assert b1.errors and b1.errors.data and b1.errors.data[0].code == "model_not_found" and b1.errors.data[0].line == 1
@@ -201,12 +201,12 @@ def test_expired_batch_keeps_finished_rows_and_reports_the_rest(settings: Any) -
             assert s.get(Job, job_id).state == "cancelled"  # type: ignore[union-attr]
 
 
-def test_cancel_in_progress_then_idempotency(app_server: InProcessServer) -> None:
-    c, batch_id, job_id = _start(app_server, 3)
-    _succeed(app_server, job_id, 0)
+def test_cancel_in_progress_then_idempotency(api_app: InProcessServer) -> None:
+    c, batch_id, job_id = _start(api_app, 3)
+    _succeed(api_app, job_id, 0)
     b = c.batches.cancel(batch_id)
     assert b.status == "cancelling" and b.cancelling_at is not None
-    BatchDriver(app_server.store, app_server.settings).tick()
+    BatchDriver(api_app.store, api_app.settings).tick()
     b = c.batches.retrieve(batch_id)
     assert b.status == "cancelled" and b.cancelled_at is not None
     assert b.request_counts is not None and (b.request_counts.completed, b.request_counts.failed) == (1, 2)
@@ -226,7 +226,7 @@ def test_cancel_in_progress_then_idempotency(app_server: InProcessServer) -> Non
         input_file_id=fid, endpoint=CHAT, completion_window="24h", extra_headers={"Idempotency-Key": "k2"}
     )
     assert first.id == again.id != other.id
-    same_key_b = client(app_server.url + "/v1", KEY_B)  # another tenant's key space is its own
+    same_key_b = client(api_app.url + "/v1", KEY_B)  # another tenant's key space is its own
     with pytest.raises(openai.NotFoundError):
         same_key_b.batches.create(
             input_file_id=fid, endpoint=CHAT, completion_window="24h", extra_headers={"Idempotency-Key": "k1"}
@@ -251,11 +251,11 @@ def test_serve_refuses_a_network_bind_without_keys(settings: Any) -> None:
     assert "refusing to listen on 0.0.0.0 without API keys" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_binary_or_blank_file_fails_as_a_whole(app_server: InProcessServer) -> None:
-    c = client(app_server.url + "/v1", KEY_A)
+def test_a_binary_or_blank_file_fails_as_a_whole(api_app: InProcessServer) -> None:
+    c = client(api_app.url + "/v1", KEY_A)
     gz = c.batches.create(input_file_id=upload(c, b"\x1f\x8b\x08\x00rest"), endpoint=CHAT, completion_window="24h")
     blank = c.batches.create(input_file_id=upload(c, b"\n\n  \n"), endpoint=CHAT, completion_window="24h")
-    BatchDriver(app_server.store, app_server.settings).tick()
+    BatchDriver(api_app.store, api_app.settings).tick()
     for batch_id, words in ((gz.id, "gzip"), (blank.id, "no rows")):
         b = c.batches.retrieve(batch_id)
         assert b.status == "failed" and b.errors and b.errors.data, b

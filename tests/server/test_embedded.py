@@ -21,8 +21,14 @@ pytestmark = pytest.mark.model  # the worker still resolves (and checks) the mod
 
 def _workers(server: ServeProcess) -> list[psutil.Process]:
     assert server.proc is not None
-    kids = psutil.Process(server.proc.pid).children(recursive=True)
-    return [p for p in kids if "worker" in " ".join(p.cmdline())]
+    found = []
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        try:  # a worker that has just exited is a zombie until serve reaps it: gone, as far as work goes
+            if p.status() != psutil.STATUS_ZOMBIE and "worker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -9,17 +9,12 @@ import typer
 from rich.table import Table
 
 from tokenmill.cli.common import console, out, print_plain, settings_from
+from tokenmill.cli.options import JsonOpt, NCtxOpt
 from tokenmill.models.catalog import CATALOG
 from tokenmill.models.resolve import PullSource, list_local, present, pull, remove, resolve_model
 from tokenmill.models.sizing import fmt_bytes, recommend
 
-app = typer.Typer(
-    help="Model catalog and local GGUF files.\n\nExample: tokenmill models recommend",
-    no_args_is_help=True,
-)
 
-
-@app.command("list")
 def list_cmd(
     ctx: typer.Context,
     local: Annotated[bool, typer.Option("--local", help="Only files present on this host")] = False,
@@ -46,7 +41,6 @@ def list_cmd(
     out.print(table)
 
 
-@app.command("pull")
 def pull_cmd(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(help="family[:variant], e.g. smollm2-135m-instruct:q4_1")],
@@ -65,7 +59,6 @@ def pull_cmd(
     console.print(f"{resolved.variant_label}: {resolved.path} ({resolved.source}, sha256 {resolved.sha256 or '-'})")
 
 
-@app.command("path")
 def path_cmd(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="family[:variant] or .gguf path")]) -> None:
     """Print the local GGUF path, fetching it first if needed.
 
@@ -75,7 +68,6 @@ def path_cmd(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="family
     print_plain(str(resolve_model(ref, settings.models_dir, fetch=True, progress=True).path))
 
 
-@app.command("rm")
 def rm_cmd(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="family or family:variant")]) -> None:
     """Delete downloaded files of a model from the models folder.
 
@@ -85,12 +77,11 @@ def rm_cmd(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="family o
     console.print("\n".join(f"removed {p}" for p in removed) or f"nothing of {ref} was present")
 
 
-@app.command("recommend")
 def recommend_cmd(
-    n_ctx: Annotated[int, typer.Option(help="Context tokens per sequence")] = 4096,
+    n_ctx: NCtxOpt = 4096,
     n_seq: Annotated[int, typer.Option(help="Parallel sequences per worker")] = 1,
     share: Annotated[int, typer.Option(help="Worker processes sharing this host")] = 1,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """What this machine would load for each family, and why.
 
@@ -121,3 +112,16 @@ def recommend_cmd(
         )
         table.add_row(r.family.name, c.variant.quant, device, fmt_bytes(c.memory.total_bytes), c.reason)
     out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    models = typer.Typer(
+        help="Model catalog and local GGUF files.\n\nExample: tokenmill models recommend",
+        no_args_is_help=True,
+    )
+    models.command("list")(list_cmd)
+    models.command("pull")(pull_cmd)
+    models.command("path")(path_cmd)
+    models.command("rm")(rm_cmd)
+    models.command("recommend")(recommend_cmd)
+    app.add_typer(models, name="models")

@@ -11,7 +11,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.orm import Session
 
 from tokenmill.server.auth import tenant
 from tokenmill.server.errors import ApiError, not_found
@@ -20,6 +19,7 @@ from tokenmill.store import Store
 from tokenmill.store import batches as store_batches
 from tokenmill.store import files as store_files
 from tokenmill.store import jobs as store_jobs
+from tokenmill.store.db import Session
 from tokenmill.store.tables import ApiBatch, Job
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])

@@ -16,17 +16,16 @@ import time
 import uuid
 from pathlib import Path
 
-from sqlalchemy.orm import Session
-
 from tokenmill.celery_app import queue_for
 from tokenmill.config import Settings, mask_text
-from tokenmill.output import error_line, output_line
+from tokenmill.output import failed_line, output_line
 from tokenmill.server import validation
 from tokenmill.store import Store
 from tokenmill.store import batches as store_batches
 from tokenmill.store import files as store_files
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store.batches import BatchStatus
+from tokenmill.store.db import Session
 from tokenmill.store.results import iter_results
 from tokenmill.store.tables import ApiBatch, Job
 
@@ -176,7 +175,7 @@ class BatchDriver:
                 out.write_line(json.dumps(output_line(result, request), ensure_ascii=False))
             else:
                 bad += 1
-                err.write_line(json.dumps(error_line(result, request), ensure_ascii=False))
+                err.write_line(json.dumps(failed_line(result, request), ensure_ascii=False))
         if final in (BatchStatus.EXPIRED, BatchStatus.CANCELLED):
             code = "batch_expired" if final == BatchStatus.EXPIRED else "batch_cancelled"
             for request in store_batches.unfinished_requests(s, b.job_id):

@@ -13,14 +13,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select
-
 from tokenmill.celery_app import make_app
 from tokenmill.config import Settings, mask_text
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.store import Store
+from tokenmill.store import batches as store_batches
 from tokenmill.store import workers as store_workers
-from tokenmill.store.tables import Job
 from tokenmill.workers.local import LocalFleet, default_worker_count
 
 log = logging.getLogger(__name__)
@@ -47,8 +45,7 @@ class FleetManager:
     def wanted_models(self) -> set[str]:
         """Models of the jobs still running (by their catalog ref, which a worker's --model takes)."""
         with self.store.session() as s:
-            jobs = s.execute(select(Job.options, Job.family).where(Job.state.in_(("queued", "running")))).all()
-        return {str((options or {}).get("model") or family) for options, family in jobs}
+            return store_batches.active_job_models(s)
 
     def tick(self) -> None:
         now = time.monotonic()

@@ -21,7 +21,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status_code = status
         self.message = message
         self.param = param
         self.code = code
@@ -39,7 +39,7 @@ def body(status: int, message: str, param: str | None = None, code: str | None =
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status)
+        return JSONResponse(body(exc.status_code, exc.message, exc.param, exc.code), status_code=exc.status_code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

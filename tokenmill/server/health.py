@@ -8,12 +8,10 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from sqlalchemy import func, select
 
 from tokenmill.errors import ServiceUnavailable
 from tokenmill.store import Store
 from tokenmill.store import batches as store_batches
-from tokenmill.store.tables import Chunk
 
 router = APIRouter(tags=["health"])
 
@@ -40,7 +38,7 @@ class ServerMetrics:
             return
         with self.store.session() as s:
             counts = store_batches.count_by_status(s)
-            depth = s.scalar(select(func.count()).select_from(Chunk).where(Chunk.state.in_(("pending", "queued"))))
+            depth = store_batches.waiting_chunks(s)
         for status in store_batches.BatchStatus:
             self.batches.labels(status=status.value).set(counts.get(status.value, 0))
         self.queue_depth.set(float(depth or 0))

@@ -16,7 +16,8 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from tokenmill.store.tables import ApiBatch, Chunk, RequestRow, Result
+from tokenmill.store.states import ACTIVE_STATES
+from tokenmill.store.tables import ApiBatch, Chunk, Job, RequestRow, Result
 
 WINDOW_SECONDS = {"24h": 24 * 3600.0}
 
@@ -239,3 +240,14 @@ def live_chunks(s: Session, job_id: str) -> int:
         )
         or 0
     )
+
+
+def active_job_models(s: Session) -> set[str]:
+    """Models of the jobs still to run (their catalog ref, what a local worker's --model takes)."""
+    rows = s.execute(select(Job.options, Job.family).where(Job.state.in_(ACTIVE_STATES))).all()
+    return {str((options or {}).get("model") or family) for options, family in rows}
+
+
+def waiting_chunks(s: Session) -> int:
+    """Chunks no worker has yet (pending or queued), over every queue: the server's queue depth."""
+    return int(s.scalar(select(func.count()).select_from(Chunk).where(Chunk.state.in_(("pending", "queued")))) or 0)

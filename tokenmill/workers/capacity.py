@@ -1,10 +1,10 @@
 """What this host can give a worker: cores, RAM, GPUs and whether llama.cpp can offload to them.
 
-Detection must be safe in a parent process that later forks (DESIGN decision 4): NVML reads memory
-without creating a CUDA context, and llama.cpp is only asked about GPU offload in a short-lived
-subprocess unless this process has already loaded it. Container limits (cgroup CPU quota and memory
-limit) cap what psutil reports for the whole machine, since a pod sized for 4 GB on a 256 GB node must
-not pick a 14B model.
+Detection must be safe in a parent process that later forks (docs/architecture.md, "Decisions worth knowing": one
+model per worker process): NVML reads memory without creating a CUDA context, and llama.cpp is only asked about GPU
+offload in a short-lived subprocess unless this process has already loaded it. Container limits (cgroup CPU quota and
+memory limit) cap what psutil reports for the whole machine, since a pod sized for 4 GB on a 256 GB node must not pick
+a 14B model.
 """
 
 from __future__ import annotations

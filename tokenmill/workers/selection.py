@@ -32,6 +32,7 @@ class WorkerOptions:
     gpu: bool | None = None
     name: str | None = None
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # the metrics endpoint has no auth: loopback unless widened
     share: int = 1  # how many tokenmill worker processes split this host
 
 
@@ -48,7 +49,7 @@ class ModelSelection:
 
     @property
     def family_queue(self) -> str:
-        return self.resolved.family if self.choice is not None else f"file-{self.resolved.family}"
+        return self.resolved.family  # a .gguf path's family is already its content (resolve.file_family)
 
 
 def select_model(settings: Settings, opts: WorkerOptions, capacity: Capacity) -> ModelSelection:
