@@ -363,11 +363,7 @@ _EMBEDDING_FAMILIES: tuple[Family, ...] = (
         name=ALL_MINILM, display_name="all-MiniLM-L6-v2 (embeddings, 384 dims)", params_b=0.0227,
         n_layers=6, n_ctx_train=512, n_heads=12, n_kv_heads=12, head_dim=32, n_embd=384, n_vocab=30522,
         chat=False, license="apache-2.0", hub_repo="sentence-transformers/all-MiniLM-L6-v2",
-        variants=(
-            _ALL_MINILM_F16,
-            _hub(ALL_MINILM, "q8_0", "second-state/All-MiniLM-L6-v2-Embedding-GGUF",
-                 "all-MiniLM-L6-v2-Q8_0.gguf", 0.025),
-        ),
+        variants=(_ALL_MINILM_F16,),  # the one file every host can make: tests and offline hosts use it
         default_quant="f16", aliases=("all-minilm", "minilm"), embedding=True,
     ),
     Family(
