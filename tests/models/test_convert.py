@@ -49,7 +49,7 @@ def test_missing_converter_dependencies_name_what_to_install(tmp_path: Path, mon
 
 def test_converter_override_must_hold_the_converter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(convert.CONVERTER_ENV, str(tmp_path))
-    with pytest.raises(ModelError, match="has no convert_hf_to_gguf.py"):
+    with pytest.raises(ModelError, match=r"has no convert_hf_to_gguf\.py"):
         convert.converter_dir(tmp_path / "models")
 
 
