@@ -120,3 +120,18 @@ def test_unknown_endpoint_lists_embeddings(tmp_path: Path) -> None:
     path = write(tmp_path, embed_line("x", {"input": "a"}, url="/v1/moderations"))
     with pytest.raises(DatasetError, match="/v1/embeddings"):
         rows_of(path)
+
+
+def test_embeddings_rows_are_cacheable_by_their_whole_request() -> None:
+    """No sampling: the same inputs, format and size on the same weights give the same body."""
+    from tokenmill.cache import request_hash
+
+    row = DatasetRow(1, "a", EMBEDDINGS, inputs=("x", (1, 2)))
+    same = DatasetRow(9, "other-id", EMBEDDINGS, inputs=("x", (1, 2)))
+    assert request_hash("sha-1", row) is not None
+    assert request_hash("sha-1", row) == request_hash("sha-1", same)
+    others = [DatasetRow(1, "a", EMBEDDINGS, inputs=("x", (1, 3))),
+              DatasetRow(1, "a", EMBEDDINGS, inputs=("x", (1, 2)), encoding_format="base64"),
+              DatasetRow(1, "a", EMBEDDINGS, inputs=("x", (1, 2)), dimensions=384)]
+    assert len({request_hash("sha-1", r) for r in [row, *others]}) == 4
+    assert request_hash("sha-2", row) != request_hash("sha-1", row)

@@ -64,3 +64,13 @@ def test_run_refuses_a_file_mixing_generation_and_embeddings(tmp_path: Path, set
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
     message = " ".join(proc.stderr.split())
     assert f"{data}:2" in message and "either generation or embeddings" in message
+
+
+def test_run_refuses_generation_lines_for_an_embedding_model(tmp_path: Path, settings: Settings) -> None:
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"custom_id": "c", "messages": [{"role": "user", "content": "hi"}]}) + "\n",
+                    encoding="utf-8")
+    proc = run_cli(settings, "run", str(data), "--model", "all-minilm-l6-v2", timeout=60)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    message = " ".join(proc.stderr.split())
+    assert f"{data}:1" in message and "all-minilm-l6-v2 is an embedding model" in message

@@ -12,7 +12,7 @@ from typing import Any
 from tokenmill.celery_app import queue_for
 from tokenmill.datasets import InvalidLine, error_line, read_dataset
 from tokenmill.errors import DatasetError, UnknownModelError
-from tokenmill.rows import DatasetRow, SamplingParams
+from tokenmill.rows import GENERATION_ENDPOINTS, DatasetRow, SamplingParams
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 
@@ -164,9 +164,10 @@ class _Ingest:
     nothing is stored: validation before any work, at the cost of parsing the file once, not twice.
     """
 
-    def __init__(self, sub: Submission, errors_out: Path | None) -> None:
+    def __init__(self, sub: Submission, errors_out: Path | None, embedding_model: str | None = None) -> None:
         self.sub = sub
         self.errors_out = errors_out
+        self.embedding_model = embedding_model  # set when the job's model serves embeddings only
         self.rows = 0
         self.invalid = 0
 
@@ -182,6 +183,10 @@ class _Ingest:
                             fh = open(self.errors_out, "w", encoding="utf-8")  # noqa: SIM115
                         fh.write(json.dumps(error_line(item, str(self.sub.path)), ensure_ascii=False) + "\n")
                 else:
+                    if self.embedding_model is not None and item.endpoint in GENERATION_ENDPOINTS:
+                        raise DatasetError(str(self.sub.path), f"is a generation request, but {self.embedding_model} "
+                                           "is an embedding model: it serves /v1/embeddings lines only",
+                                           item.line, "url")
                     self.rows += 1
                     yield item
         finally:
@@ -189,6 +194,13 @@ class _Ingest:
                 fh.close()
         if self.rows == 0:
             raise DatasetError(str(self.sub.path), "no valid rows to run")
+
+
+def _embedding_only(family: str) -> bool:
+    from tokenmill.models.catalog import CATALOG
+
+    known = CATALOG.get(family)
+    return known is not None and known.embedding
 
 
 def submit_dataset(
@@ -206,7 +218,7 @@ def submit_dataset(
     same command resumes the same job.
     """
     family, quant = model_route(pin or sub.model)
-    ingest = _Ingest(sub, errors_out if sub.skip_invalid else None)
+    ingest = _Ingest(sub, errors_out if sub.skip_invalid else None, family if _embedding_only(family) else None)
     job_id = submit_rows(
         store,
         ingest,
