@@ -66,11 +66,19 @@ def test_run_refuses_a_file_mixing_generation_and_embeddings(tmp_path: Path, set
     assert f"{data}:2" in message and "either generation or embeddings" in message
 
 
-def test_run_refuses_generation_lines_for_an_embedding_model(tmp_path: Path, settings: Settings) -> None:
-    data = tmp_path / "chat.jsonl"
-    data.write_text(json.dumps({"custom_id": "c", "messages": [{"role": "user", "content": "hi"}]}) + "\n",
-                    encoding="utf-8")
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (json.dumps({"custom_id": "c", "messages": [{"role": "user", "content": "hi"}]}),
+         "field 'url': is a generation request, but all-minilm-l6-v2 is an embedding model"),
+        (line("d", {"input": "x", "dimensions": 64}).strip(),
+         "field 'body.dimensions': dimensions=64 is not supported: all-minilm-l6-v2 gives 384-dimensional"),
+    ],
+)
+def test_run_refuses_lines_the_model_cannot_serve(tmp_path: Path, settings: Settings, text: str, words: str) -> None:
+    data = tmp_path / "in.jsonl"
+    data.write_text(text + "\n", encoding="utf-8")
     proc = run_cli(settings, "run", str(data), "--model", "all-minilm-l6-v2", timeout=60)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
     message = " ".join(proc.stderr.split())
-    assert f"{data}:1" in message and "all-minilm-l6-v2 is an embedding model" in message
+    assert f"{data}:1" in message and words in message
