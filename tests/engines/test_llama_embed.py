@@ -152,3 +152,11 @@ def test_smollm2_serves_embeddings_through_the_generation_engine(smollm2_path: P
     assert v.shape == (3, 576)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert float(v[0] @ v[1]) > float(v[0] @ v[2])
+
+
+def test_batch_size_bounds_the_output_buffer_but_keeps_bert_inputs_whole() -> None:
+    from tokenmill.engines.llama_embed import MAX_BATCH, batch_for_vocab
+
+    assert batch_for_vocab(30522) == MAX_BATCH  # BERT: all-MiniLM, BGE, nomic
+    assert batch_for_vocab(49152) == 1024  # SmolLM2: 1024 x 49152 floats = 192 MiB
+    assert batch_for_vocab(128256) == batch_for_vocab(250037) == 512  # never below a BERT context

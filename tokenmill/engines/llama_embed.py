@@ -51,19 +51,20 @@ class _Packed:
 class LlamaEmbedder:
     """An embeddings context on a loaded llama.cpp model (``model`` is borrowed, never freed here).
 
-    ``n_batch`` tokens go into one decode (and one ubatch: a pooled sequence must not be split, and
+    ``n_batch`` tokens (default :func:`batch_for_vocab`) go into one decode (and one ubatch: a pooled sequence must not be split, and
     non-causal encoders attend over the whole ubatch), so it is also the longest input served; an input
     longer than that, or than the model's training context, fails its row with :class:`RequestTooLong`.
     """
 
     def __init__(
-        self, L: Any, model: Any, variant: str, *, n_batch: int = 2048, n_threads: int = 1, n_seq_max: int = 0
+        self, L: Any, model: Any, variant: str, *, n_batch: int | None = None, n_threads: int = 1, n_seq_max: int = 0
     ) -> None:
         started = time.perf_counter()
         self._L, self._model, self.variant = L, model, variant
         self._ctx: Any = None
         self._vocab = L.llama_model_get_vocab(model)
         self.n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
+        n_batch = n_batch or batch_for_vocab(self.n_vocab)
         self.n_embd = int(L.llama_model_n_embd(model))
         n_train = int(L.llama_model_n_ctx_train(model)) or n_batch
         self.n_ctx = min(n_batch, n_train)
@@ -244,6 +245,24 @@ class LlamaEmbedder:
         if self._ctx:
             self._L.llama_free(self._ctx)
         self._ctx = None
+
+
+MAX_BATCH = 2048
+OUTPUT_BUFFER_BYTES = 256 * 2**20
+
+
+def batch_for_vocab(n_vocab: int) -> int:
+    """Tokens per decode: a power of two from 512 to MAX_BATCH whose output buffer stays bounded.
+
+    llama.cpp sizes a decoder's compute buffer for ``n_ubatch x n_vocab`` float logits even when only the
+    pooled embeddings are read (SmolLM2 at 2048 tokens: 400 MB; a 128k-vocabulary model: 1 GB), which the
+    worker's memory sizing never counted. BERT-sized vocabularies get the full 2048.
+    """
+    fit = OUTPUT_BUFFER_BYTES // max(1, n_vocab * 4)
+    size = 512  # the floor: BERT-style models take 512-token inputs, whatever their vocabulary
+    while size * 2 <= min(fit, MAX_BATCH):
+        size *= 2
+    return size
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
