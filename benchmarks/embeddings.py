@@ -75,7 +75,8 @@ def main() -> None:
     ap.add_argument("--model", default="all-minilm-l6-v2", help="catalog name or .gguf path")
     ap.add_argument("--inputs", type=int, default=512)
     ap.add_argument("--per-row", type=int, default=8, help="inputs per embeddings row (tokenmill side)")
-    ap.add_argument("--n-batch", type=int, default=None, help="tokens per decode (tokenmill side; default by vocabulary)")
+    ap.add_argument("--n-batch", type=int, default=None,
+                    help="tokens per decode (tokenmill side; default by vocabulary)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()

@@ -57,7 +57,14 @@ class LlamaEmbedder:
     """
 
     def __init__(
-        self, L: Any, model: Any, variant: str, *, n_batch: int | None = None, n_threads: int = 1, n_seq_max: int = 0
+        self,
+        L: Any,
+        model: Any,
+        variant: str,
+        *,
+        n_batch: int | None = None,
+        n_threads: int = 1,
+        n_seq_max: int = 0,
     ) -> None:
         started = time.perf_counter()
         self._L, self._model, self.variant = L, model, variant
