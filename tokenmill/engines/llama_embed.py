@@ -51,9 +51,10 @@ class _Packed:
 class LlamaEmbedder:
     """An embeddings context on a loaded llama.cpp model (``model`` is borrowed, never freed here).
 
-    ``n_batch`` tokens (default :func:`batch_for_vocab`) go into one decode (and one ubatch: a pooled sequence must not be split, and
-    non-causal encoders attend over the whole ubatch), so it is also the longest input served; an input
-    longer than that, or than the model's training context, fails its row with :class:`RequestTooLong`.
+    ``n_batch`` tokens (default :func:`batch_for_vocab`) go into one decode and one ubatch (a pooled
+    sequence must not be split, and non-causal encoders attend over the whole ubatch), so it is also the
+    longest input served; an input longer than that, or than the model's training context, fails its row
+    with :class:`RequestTooLong`.
     """
 
     def __init__(
