@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--per-row", type=int, default=8, help="inputs per embeddings row (tokenmill side)")
     ap.add_argument("--n-batch", type=int, default=None,
                     help="tokens per decode (tokenmill side; default by vocabulary)")
+    ap.add_argument("--pack", type=int, default=0, help="tokens packed per decode (tokenmill side; 0: default)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
@@ -85,7 +86,8 @@ def main() -> None:
     inputs = make_inputs(args.inputs)
     llm = plain_llama(str(path), embedding=True, n_ctx=512, n_threads=args.threads,
                       n_threads_batch=args.threads, verbose=False)
-    embedder, close = load_embedder(str(path), Path(path).stem, n_batch=args.n_batch, n_threads=args.threads)
+    embedder, close = load_embedder(str(path), Path(path).stem, n_batch=args.n_batch, n_threads=args.threads,
+                                    pack_tokens=args.pack)
     n_tokens = sum(len(embedder.tokenize(t)) for t in inputs)
     print(f"model {path.name}: {args.inputs} inputs, {n_tokens} tokens, {args.threads} threads, "
           f"n_embd {embedder.n_embd}")

@@ -66,6 +66,7 @@ class LlamaEmbedder:
         n_batch: int | None = None,
         n_threads: int = 1,
         n_seq_max: int = 0,
+        pack_tokens: int = 0,
     ) -> None:
         started = time.perf_counter()
         self._L, self._model, self.variant = L, model, variant
@@ -77,6 +78,7 @@ class LlamaEmbedder:
         n_train = int(L.llama_model_n_ctx_train(model)) or n_batch
         self.n_ctx = min(n_batch, n_train)
         self.n_batch = n_batch
+        self.pack_tokens = min(pack_tokens or PACK_TOKENS, n_batch)
         self.n_seq_max = min(n_seq_max or n_batch, int(L.llama_max_parallel_sequences()), n_batch)
         self._ctx = self._context(L.LLAMA_POOLING_TYPE_UNSPECIFIED, n_threads)
         self.pooling = int(L.llama_pooling_type(self._ctx))
@@ -193,7 +195,7 @@ class LlamaEmbedder:
             packed = _Packed()
             while at < len(queue) and len(packed.owners) < self.n_seq_max:
                 pending, i = queue[at]
-                if packed.n_tokens + len(pending.tokens[i]) > self.n_batch:
+                if packed.owners and packed.n_tokens + len(pending.tokens[i]) > self.pack_tokens:
                     break
                 packed.owners.append((pending, i))
                 packed.n_tokens += len(pending.tokens[i])
@@ -256,6 +258,11 @@ class LlamaEmbedder:
 
 
 MAX_BATCH = 2048
+# Tokens packed into one decode. Every token of a pass attends over the whole pass (masked by seq_id), so
+# the attention work grows with the square of this; past a few hundred tokens that outweighs what a wider
+# matrix multiply gains. all-MiniLM on this 2-core host, inputs/s by tokens per pass: 2048: 16.6,
+# 1024: 22.3, 512: 23.6-27.9, 256: 26.3, 128: 32.2 (benchmarks/embeddings.py inputs, one thread).
+PACK_TOKENS = 256
 OUTPUT_BUFFER_BYTES = 256 * 2**20
 
 
