@@ -23,6 +23,7 @@ demo: model
 
 lint: install
 	$(BIN)/ruff check tokenmill tests benchmarks
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy

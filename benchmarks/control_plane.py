@@ -4,9 +4,9 @@
 
 What it measures is everything but inference: `tokenmill submit` streaming the file into Postgres, the
 scheduler enqueueing chunks progressively, workers claiming leases, loading rows, writing one result per
-row idempotently and heartbeating, and the scheduler finishing the job. The engine is the test stub
-(``TOKENMILL_ENGINE=tests.stub_engine:StubEngine``, ``TOKENMILL_STUB_DELAY=0``), so the figures are an upper
-bound on what the store and broker allow; a real model is orders of magnitude slower per row.
+row idempotently and heartbeating, and the scheduler finishing the job. The engine is the stub backend
+(``tokenmill worker --engine stub``, ``TOKENMILL_STUB_DELAY=0``), so the figures are an upper bound on
+what the store and broker allow; a real model is orders of magnitude slower per row.
 
 Prints submit rows/s, rows/s end to end (first process started → job completed), the steady rate
 (first result → last result), and the peak RSS of the scheduler and of each worker, sampled with psutil.
@@ -86,10 +86,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     }
     worker_env = {
         **env,
-        "TOKENMILL_ENGINE": "tests.stub_engine:StubEngine",
         "TOKENMILL_STUB_DELAY": str(args.stub_delay),
         "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
     }
     tm = [sys.executable, "-m", "tokenmill.cli"]
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -114,7 +112,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         started = time.perf_counter()
         start("scheduler", ["scheduler"], env)
         for i in range(args.workers):
-            start(f"worker{i}", ["worker", "--model", MODEL, "--threads", "1", "--name", f"bench{i}"], worker_env)
+            argv = ["worker", "--engine", "stub", "--model", MODEL, "--threads", "1", "--name", f"bench{i}"]
+            start(f"worker{i}", argv, worker_env)
         sampler = RssSampler(procs)
         sampler.start()
         with psycopg.connect(url, autocommit=True) as conn:

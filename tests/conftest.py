@@ -195,7 +195,23 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
     p.stop_all()
 
 
-STUB_ENV = {"TOKENMILL_ENGINE": "tests.stub_engine:StubEngine"}
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 12 MiB tmpfs of its own, for a store whose disk fills; unmounted at teardown (needs root)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True)
+    need(done.returncode == 0, f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# The stub backend (tokenmill.engines.stub) by name: STUB_ARGS on a `tokenmill worker` command line;
+# STUB_ENV for commands that start workers themselves (`run`'s local workers get Settings.engine).
+STUB_ARGS = ("--engine", "stub")
+STUB_ENV = {"TOKENMILL_ENGINE": "stub"}
 
 
 @pytest.fixture
@@ -216,3 +232,61 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, procs: Pr
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f"\n{procs.logs()}" if procs else ""))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+SERVE_APP = (
+    "import sys, uvicorn\n"
+    "from tokenmill.config import Settings\n"
+    "from tokenmill.server.app import create_app\n"
+    "uvicorn.run(create_app(Settings.from_env()), host='127.0.0.1', port=int(sys.argv[1]), log_level='warning')\n"
+)
+
+
+@pytest.fixture
+def app_server(settings: Settings, store: Store, procs: Procs) -> str:
+    """tokenmill's FastAPI app under uvicorn on the test's (migrated) store, as its own process; its base URL."""
+    import urllib.request
+
+    port = free_port()
+    procs.spawn([sys.executable, "-c", SERVE_APP, str(port)], settings.as_env(), "server")
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(base + "/dashboard/api/jobs", timeout=5) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    wait_for(up, 90, "the app server", procs)
+    return base
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [  # DESIGN.md "Headless Chromium here": no network chatter on a closed network
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def chromium_browser() -> Iterator[object]:
+    """Debian's chromium driven by Playwright (Playwright's own browser download cannot work here)."""
+    need(CHROMIUM.exists(), "chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from tokenmill import datasets
-from tokenmill.datasets import DatasetSummary, InvalidLine, error_line, read_dataset, validate_dataset
+from tokenmill.datasets import DatasetSummary, InvalidLine, read_dataset, validate_dataset
 from tokenmill.errors import DatasetError, UsageError
+from tokenmill.output import rejected_line
 from tokenmill.rows import CHAT, COMPLETIONS, DatasetRow, SamplingParams
 
 USER = {"role": "user", "content": "hi"}
@@ -368,7 +369,7 @@ def test_validate_dataset_passes_options_through(tmp_path: Path) -> None:
 def test_error_line_has_the_openai_batch_error_shape(tmp_path: Path) -> None:
     path = write(tmp_path, ok(), {"custom_id": "q", "prompt": 1}, "nope")
     bad = validate_dataset(path).invalid
-    assert error_line(bad[0], "data.jsonl") == {
+    assert rejected_line(bad[0], "data.jsonl") == {
         "id": None,
         "custom_id": "q",
         "response": None,
@@ -378,7 +379,7 @@ def test_error_line_has_the_openai_batch_error_shape(tmp_path: Path) -> None:
             "line": 2,
         },
     }
-    second = error_line(bad[1], path)
+    second = rejected_line(bad[1], path)
     assert second["custom_id"] == "line-3" and second["error"]["message"].startswith(f"{path}:3: invalid JSON")
 
 

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenmill.datasets import error_line, read_dataset, validate_dataset
+from tokenmill.datasets import read_dataset, validate_dataset
 from tokenmill.errors import DatasetError
+from tokenmill.output import rejected_line
 from tokenmill.rows import CHAT, COMPLETIONS, DatasetRow, SamplingParams
 
 KEYS = [
@@ -126,7 +127,7 @@ def exercise(path: Path, options: dict[str, Any]) -> None:
         assert "\n" not in str(exc) and exc.line is None
         return
     for bad in summary.invalid:
-        record = error_line(bad, path)
+        record = rejected_line(bad, path)
         assert "\n" not in record["error"]["message"]
         json.dumps(record, ensure_ascii=False).encode("utf-8")
     for item in read_dataset(path, **options, skip_invalid=True):

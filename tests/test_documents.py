@@ -9,10 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokenmill import documents
 from tokenmill.documents import (
     estimate_tokens,
     list_documents,
     load_template,
+    read_document,
     read_documents,
     split_text,
 )
@@ -96,6 +98,21 @@ def test_split_cuts_a_single_overlong_word() -> None:
     assert split_text("x" * 10, 1, lambda s: len(s) // 4 + (len(s) % 4 > 0)) == ["xxxx", "xxxx", "xx"]
 
 
+def test_split_of_text_without_whitespace_is_linear() -> None:
+    """A 100 MB one-word file took minutes: every part re-counted (and copied) the whole rest."""
+    examined = 0
+
+    def counting(text: str) -> int:
+        nonlocal examined
+        examined += len(text)
+        return estimate_tokens(text)
+
+    text = "x" * 200_000
+    parts = split_text(text, 100, counting)
+    assert "".join(parts) == text and all(estimate_tokens(p) <= 100 for p in parts)
+    assert examined < 64 * len(text), f"{examined / len(text):.0f} characters counted per character of text"
+
+
 def test_split_keeps_within_budget_when_joiners_cost_tokens() -> None:
     def costly_newlines(text: str) -> int:
         return words(text) + 3 * text.count("\n")
@@ -162,6 +179,32 @@ def test_broken_symlink(docs: Path) -> None:
         list_documents(docs)
 
 
+@pytest.mark.timeout(60)
+def test_fifo_or_device_in_the_folder_is_a_clear_error_not_a_hang(docs: Path) -> None:
+    """A FIFO with no writer blocks open() forever (and /dev/zero never ends) while submit holds the lock."""
+    os.mkfifo(docs / "pipe.txt")
+    with pytest.raises(DatasetError) as exc:
+        list_documents(docs)
+    assert str(exc.value) == f"{docs}/pipe.txt: not a regular file (a FIFO, socket or device); refusing to read it"
+    (docs / "pipe.txt").unlink()
+    os.mkfifo(docs / "sub" / ".pipe")
+    (docs / "alias.md").symlink_to(docs / "sub" / ".pipe")
+    with pytest.raises(DatasetError, match=r"alias\.md: not a regular file"):
+        list_documents(docs)
+    (docs / "alias.md").unlink()
+    (docs / "zero.txt").symlink_to("/dev/zero")
+    with pytest.raises(DatasetError, match=r"zero\.txt: symlink points outside"):
+        list_documents(docs)
+
+
+@pytest.mark.timeout(60)
+def test_read_document_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    """The file may be swapped for a FIFO between listing and reading: the read itself must not block."""
+    os.mkfifo(tmp_path / "late.txt")
+    with pytest.raises(DatasetError, match=r"late\.txt: not a regular file"):
+        read_document(tmp_path / "late.txt")
+
+
 def test_empty_missing_and_non_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match=r"empty: no documents \(\.md, \.txt\) in this folder"):
@@ -211,14 +254,14 @@ def test_bad_template_or_budget(docs: Path, template: str, budget: int | None, f
 def test_unreadable_file(docs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = docs / "a.txt"
     if os.geteuid() == 0:  # root reads a chmod-0 file, so make the read fail as it would for a user
-        real = Path.read_bytes
+        real = documents._read_regular
 
-        def denied(self: Path) -> bytes:
-            if self == target:
-                raise PermissionError(13, "Permission denied", str(self))
-            return real(self)
+        def denied(path: Path) -> bytes | None:
+            if path == target:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path)
 
-        monkeypatch.setattr(Path, "read_bytes", denied)
+        monkeypatch.setattr(documents, "_read_regular", denied)
     else:
         target.chmod(0)
     with pytest.raises(DatasetError, match="cannot read: Permission denied"):

@@ -104,8 +104,7 @@ def make_app(settings: Settings) -> Celery:
         broker_transport_options=transport_options,
         broker_pool_limit=2,
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        include=["tokenmill.workers.tasks"],
-    )
+    )  # the task itself is registered by each worker on its own app (tokenmill.workers.tasks.register)
     return app
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -14,23 +15,49 @@ from tokenmill.errors import ConfigError
 ENV_PREFIX = "TOKENMILL_"
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@/\s]+)@")
+# Query parameters that carry a credential (`?password=`, libpq's and redis-py's form; tokens for mirrors).
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&;](?:password|passwd|pwd|pass|secret|token|access_token|api_key|apikey|key|auth)=)"
+    r"(?P<value>[^&;#\s'\"]+)",
+    re.IGNORECASE,
+)
+
+
+def mask_text(text: str) -> str:
+    """Mask every credential a URL can carry inside free text: ``user:pw@`` and ``?password=`` alike.
+
+    The one masking function: every URL tokenmill prints (settings views, errors, logs through
+    :class:`MaskingFilter`) goes through it, because drivers quote URLs in their exception messages.
+    """
+    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)
 
 
 def mask_url(url: str) -> str:
-    """Replace the password in a URL with ``***`` so it can go in a log line or an error."""
+    """One URL with its credentials masked; also right for a password holding ``@`` or ``/``."""
     try:
         parts = urlsplit(url)
         if parts.password:
             netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-            return urlunsplit(parts._replace(netloc=netloc))
+            url = urlunsplit(parts._replace(netloc=netloc))
     except ValueError:
         pass
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+    return mask_text(url)
 
 
-def mask_text(text: str) -> str:
-    """Mask every URL password inside free text (exception messages from drivers quote URLs)."""
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+class MaskingFilter(logging.Filter):
+    """Masks a log record's final message, so a URL logged from an exception (a download error, a
+    driver's message) is masked even where the caller forgot to."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is logging's problem to report, not ours
+            return True
+        masked = mask_text(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -54,6 +81,14 @@ def _float(env: Mapping[str, str], key: str, default: float) -> float:
     return value
 
 
+def _default_database_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'tokenmill.db'}"
+
+
+def _default_broker_url(data_dir: Path) -> str:
+    return f"sqla+sqlite:///{data_dir / 'broker.db'}"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a scheduler, worker or CLI command needs to find the store, the broker and models.
@@ -71,18 +106,24 @@ class Settings:
     dispatch_interval: float = 0.5
     max_inflight_per_queue: int = 8
     max_row_attempts: int = 3
+    # Claims of one chunk before its unanswered rows fail (chunk_attempts_exhausted): a row that kills
+    # every worker that tries it (out of memory, a crash in the engine) must not be redelivered forever.
+    max_chunk_attempts: int = 5
     # A chunk marked queued this long without being claimed is queued again: its message may be gone
     # (a worker killed between receiving and claiming it, a broker that lost messages). None: the default
     # below, long enough that a healthy queue never triggers it; a duplicate message is harmless anyway.
     requeue_seconds: float | None = None
+    # The inference backend a worker builds, by name (tokenmill.engines: "llama", "stub", or a plugin's).
+    # Checked when a worker starts, not here: plugin names come from installed entry points.
+    engine: str = "llama"
 
     def __post_init__(self) -> None:
         data_dir = Path(self.data_dir)
         object.__setattr__(self, "data_dir", data_dir)
         if not self.database_url:
-            object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'tokenmill.db'}")
+            object.__setattr__(self, "database_url", _default_database_url(data_dir))
         if not self.broker_url:
-            object.__setattr__(self, "broker_url", f"sqla+sqlite:///{data_dir / 'broker.db'}")
+            object.__setattr__(self, "broker_url", _default_broker_url(data_dir))
         for name, url in (("database", self.database_url), ("broker", self.broker_url)):
             if "://" not in url:
                 raise ConfigError(f"{name} URL {mask_url(url)!r} has no scheme (expected e.g. redis://host:6379/0)")
@@ -100,23 +141,44 @@ class Settings:
             values["broker_url"] = env[ENV_PREFIX + "BROKER_URL"]
         if env.get(ENV_PREFIX + "MODELS_DIR"):
             values["models_dir"] = Path(env[ENV_PREFIX + "MODELS_DIR"])
+        if env.get(ENV_PREFIX + "ENGINE"):
+            values["engine"] = env[ENV_PREFIX + "ENGINE"]
         values["lease_seconds"] = _float(env, "LEASE_SECONDS", cls.lease_seconds)
         values["heartbeat_seconds"] = _float(env, "HEARTBEAT_SECONDS", cls.heartbeat_seconds)
         values["dispatch_interval"] = _float(env, "DISPATCH_INTERVAL", cls.dispatch_interval)
         values["max_inflight_per_queue"] = int(_float(env, "MAX_INFLIGHT", cls.max_inflight_per_queue))
         values["max_row_attempts"] = int(_float(env, "MAX_ROW_ATTEMPTS", cls.max_row_attempts))
+        values["max_chunk_attempts"] = int(_float(env, "MAX_CHUNK_ATTEMPTS", cls.max_chunk_attempts))
         if env.get(ENV_PREFIX + "REQUEUE_SECONDS"):
             values["requeue_seconds"] = _float(env, "REQUEUE_SECONDS", 0.0)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
     def with_(self, **changes: object) -> Settings:
+        """A copy with ``changes``; a new ``data_dir`` takes along the URLs derived from the old one.
+
+        An embedded store left pointing into the previous data dir would silently share (or lose) state.
+        """
+        if "data_dir" in changes:
+            old = self.data_dir
+            if "database_url" not in changes and self.database_url == _default_database_url(old):
+                changes["database_url"] = ""
+            if "broker_url" not in changes and self.broker_url == _default_broker_url(old):
+                changes["broker_url"] = ""
         return replace(self, **changes)  # type: ignore[arg-type]
 
     @property
     def requeue_after(self) -> float:
         """Seconds before a queued, unclaimed chunk is sent again (see ``requeue_seconds``)."""
         return self.requeue_seconds or max(4 * self.lease_seconds, 120.0)
+
+    @property
+    def lost_after(self) -> float:
+        """Seconds of heartbeat silence after which a worker counts as lost and its leases as free.
+
+        Three missed beats, never under 10 s, so a GC pause or a slow commit does not count as a death.
+        """
+        return max(3 * self.heartbeat_seconds, 10.0)
 
     @property
     def embedded(self) -> bool:
@@ -134,6 +196,8 @@ class Settings:
             ENV_PREFIX + "DISPATCH_INTERVAL": str(self.dispatch_interval),
             ENV_PREFIX + "MAX_INFLIGHT": str(self.max_inflight_per_queue),
             ENV_PREFIX + "MAX_ROW_ATTEMPTS": str(self.max_row_attempts),
+            ENV_PREFIX + "MAX_CHUNK_ATTEMPTS": str(self.max_chunk_attempts),
+            ENV_PREFIX + "ENGINE": self.engine,
         }
         if self.requeue_seconds:
             env[ENV_PREFIX + "REQUEUE_SECONDS"] = str(self.requeue_seconds)

@@ -109,18 +109,6 @@ def validate_dataset(
     return DatasetSummary(rows=rows, invalid=invalid, invalid_dropped=dropped)
 
 
-def error_line(invalid: InvalidLine, path: str | Path) -> dict[str, Any]:
-    """The errors-file line for a rejected input line, in OpenAI batch error form."""
-    err = invalid.error
-    message = str(DatasetError(str(path), err.reason, invalid.line, err.field))
-    return {
-        "id": None,
-        "custom_id": invalid.custom_id or f"line-{invalid.line}",
-        "response": None,
-        "error": {"code": "invalid_request", "message": message, "line": invalid.line},
-    }
-
-
 def _check_file(path: Path, name: str) -> None:
     with _open(path, name) as fh:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
@@ -21,6 +22,7 @@ DOCUMENT_SUFFIXES = frozenset({".txt", ".md"})
 DOCUMENT_FIELDS = ("text", "name", "stem", "part", "parts")
 _TEMPLATE_SUFFIXES = frozenset({".txt", ".md", ".tmpl", ".template", ".prompt"})
 _SNIFF_BYTES = 8192
+_NOT_REGULAR = "not a regular file (a FIFO, socket or device); refusing to read it"
 
 CountTokens = Callable[[str], int]
 
@@ -123,8 +125,8 @@ def list_documents(folder: Path) -> list[tuple[str, Path]]:
                 continue
             if path.is_symlink():
                 _check_link(path, root)
-            elif not path.is_file():
-                continue
+            if not path.is_file():
+                raise DatasetError(str(path), _NOT_REGULAR)
             found.append((_relative(path, folder), path))
     if not found:
         raise DatasetError(name, f"no documents ({', '.join(sorted(DOCUMENT_SUFFIXES))}) in this folder")
@@ -155,9 +157,11 @@ def read_document(path: Path) -> str:
     """The document as text with newlines normalized; empty, binary or non-UTF-8 files are errors."""
     name = str(path)
     try:
-        data = path.read_bytes()
+        data = _read_regular(path)
     except OSError as exc:
         raise DatasetError(name, f"cannot read: {exc.strerror or type(exc).__name__}") from None
+    if data is None:
+        raise DatasetError(name, _NOT_REGULAR)
     if b"\x00" in data[:_SNIFF_BYTES]:
         raise DatasetError(name, "looks like a binary file, expected UTF-8 text")
     try:
@@ -169,6 +173,19 @@ def read_document(path: Path) -> str:
     if not text:
         raise DatasetError(name, "document is empty")
     return text
+
+
+def _read_regular(path: Path) -> bytes | None:
+    """The file's bytes, or None for anything but a regular file.
+
+    Opened non-blocking and checked on the open descriptor, so a FIFO swapped in after listing neither
+    blocks the open (no writer) nor streams forever (``/dev/zero``).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return fh.read()
 
 
 def split_text(text: str, token_budget: int, count_tokens: CountTokens = estimate_tokens) -> list[str]:
@@ -226,22 +243,40 @@ def _flush(group: list[str], joiner: str, budget: int, count: CountTokens, parts
 
 
 def _hard_split(text: str, budget: int, count: CountTokens) -> list[str]:
-    parts = []
-    rest = text
-    while rest:
-        if count(rest) <= budget:
-            parts.append(rest)
+    """Cut a text with no boundary left into the longest prefixes that fit, in time linear in its length.
+
+    Only the part being measured is ever counted or copied: re-counting (and slicing off) the whole
+    rest for every part made a 100 MB one-word file take minutes.
+    """
+    parts: list[str] = []
+    cap = budget * 64  # no part is longer than this many characters
+    start, end = 0, len(text)
+    while start < end:
+        if end - start <= cap and count(text[start:]) <= budget:
+            parts.append(text[start:])
             break
-        low, high = 1, min(len(rest), budget * 64)
-        while low < high:
-            mid = (low + high + 1) // 2
-            if count(rest[:mid]) <= budget:
-                low = mid
-            else:
-                high = mid - 1
-        parts.append(rest[:low])
-        rest = rest[low:]
+        take = _longest_fit(text, start, min(end - start, cap), budget, count)
+        parts.append(text[start : start + take])
+        start += take
     return parts
+
+
+def _longest_fit(text: str, start: int, limit: int, budget: int, count: CountTokens) -> int:
+    """Characters from ``start`` (1..limit) whose count fits: gallop from an estimate, then bisect."""
+    low, probe = 1, min(limit, max(1, budget * 4))
+    while count(text[start : start + probe]) <= budget:
+        low = probe
+        if probe == limit:
+            return limit
+        probe = min(limit, probe * 2)
+    high = probe - 1  # the probe itself did not fit
+    while low < high:
+        mid = (low + high + 1) // 2
+        if count(text[start : start + mid]) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def _rows(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from tokenmill.rows import DatasetRow
@@ -28,6 +29,18 @@ class Generation:
     eval_ms: float = 0.0
     total_ms: float = 0.0
     token_ms: list[float] = field(default_factory=list)
+
+    @property
+    def reused_prompt_tokens(self) -> int:
+        """Prompt tokens served from a reused prefix, clamped to the prompt (an engine's count is trusted
+        no further than that)."""
+        return min(max(self.cached_prompt_tokens, 0), self.prompt_tokens)
+
+    @property
+    def evaluated_prompt_tokens(self) -> int:
+        """Prompt tokens actually evaluated, the ones ``prompt_eval_ms`` covers; llama-server and Ollama
+        count these, so prompt throughput is not inflated by a prefix-cache hit."""
+        return self.prompt_tokens - self.reused_prompt_tokens
 
     @property
     def tokens_per_second(self) -> float:
@@ -57,10 +70,31 @@ class Engine(Protocol):
     a cancelled job or a lost lease stops work at the next row boundary.
     """
 
-    variant: str
-    n_ctx: int
-    load_ms: float
+    variant: str  # what the worker advertises and each result names, e.g. "smollm2-135m-instruct:Q4_K_M"
+    n_ctx: int  # context tokens per sequence: rows longer than this fail alone with RequestTooLong
+    n_seq: int  # sequences decoded together; the worker registers it so `tokenmill workers` shows it
+    n_threads: int  # CPU threads the engine really uses (after its own defaults), also registered
+    load_ms: float  # model load time, reported in every result's timings
 
     def generate(self, rows: Sequence[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool]) -> None: ...
 
     def close(self) -> None: ...
+
+
+class EngineFactory(Protocol):
+    """How a worker builds a backend once it has chosen a variant: a class or a function with this signature.
+
+    Every backend takes the same keywords, so `tokenmill worker --engine NAME` can switch backends without
+    the worker knowing any of them (the registry is :func:`tokenmill.engines.load_backend`).
+    """
+
+    def __call__(
+        self,
+        model_path: Path,
+        variant: str,
+        *,
+        n_ctx_per_seq: int = ...,
+        n_seq: int = ...,
+        n_threads: int | None = ...,
+        n_gpu_layers: int = ...,
+    ) -> Engine: ...

@@ -74,6 +74,10 @@ class StoreError(TokenmillError):
     exit_code = 6
 
 
+class StoreFull(StoreError):
+    """The disk under the store is full: the transaction rolled back; free space and run it again."""
+
+
 class JobNotFound(StoreError):
     """No job with that id (or unique id prefix) exists."""
 

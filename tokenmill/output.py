@@ -6,13 +6,17 @@ import base64
 import json
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from tokenmill.datasets import InvalidLine
 from tokenmill.engine import EmbeddingResult, Generation
+from tokenmill.errors import DatasetError
 from tokenmill.rows import CHAT, EMBEDDINGS, DatasetRow
 from tokenmill.store import Store
 from tokenmill.store.results import iter_results
+from tokenmill.store.states import ResultStatus
 from tokenmill.store.tables import RequestRow, Result
 
 
@@ -24,7 +28,7 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
         "prompt_tokens": gen.prompt_tokens,
         "completion_tokens": gen.completion_tokens,
         "total_tokens": gen.prompt_tokens + gen.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": gen.cached_prompt_tokens},
+        "prompt_tokens_details": {"cached_tokens": gen.reused_prompt_tokens},
     }
     if row.endpoint == CHAT:
         return {
@@ -82,8 +86,7 @@ def timings(gen: Generation, *, queue_ms: float, load_ms: float) -> dict[str, An
     Counting the cached tokens too would inflate ``prompt_per_second`` on every prefix-cache hit.
     """
     ns = 1_000_000
-    cached = min(max(gen.cached_prompt_tokens, 0), gen.prompt_tokens)
-    evaluated = gen.prompt_tokens - cached
+    cached, evaluated = gen.reused_prompt_tokens, gen.evaluated_prompt_tokens
     return {
         "queue_ms": round(queue_ms, 3),
         "load_ms": round(load_ms, 3),
@@ -132,19 +135,58 @@ def output_line(result: Result, request: RequestRow) -> dict[str, Any]:
     }
 
 
-def error_line(result: Result, request: RequestRow) -> dict[str, Any]:
+def _error_record(
+    request_id: str | None, custom_id: str | None, code: str, message: str | None, line: int | None
+) -> dict[str, Any]:
+    """An errors-file line in OpenAI batch error form: rejected input lines and failed rows share it, so a
+    reader of the errors file needs one parser whichever way a row failed."""
     return {
-        "id": f"batch_req_{result.job_id}_{result.seq}",
-        "custom_id": result.custom_id,
+        "id": request_id,
+        "custom_id": custom_id,
         "response": None,
-        "error": {"code": result.error_code or "generation_failed", "message": result.error, "line": request.line},
-        "tokenmill": {"worker": result.worker_id, "model": result.variant, "attempts": result.attempts},
+        "error": {"code": code, "message": message, "line": line},
     }
 
 
-def export(store: Store, job_id: str, out: Path | None, errors: Path | None) -> tuple[int, int]:
-    """Write results (and failures) in input order; returns (succeeded, failed) line counts."""
+def rejected_line(invalid: InvalidLine, path: str | Path) -> dict[str, Any]:
+    """The errors-file line for an input line rejected at submit (never stored, so it has no request id)."""
+    err = invalid.error
+    message = str(DatasetError(str(path), err.reason, invalid.line, err.field))
+    return _error_record(None, invalid.custom_id or f"line-{invalid.line}", "invalid_request", message, invalid.line)
+
+
+def failed_line(result: Result, request: RequestRow) -> dict[str, Any]:
+    """The errors-file line for a stored row whose generation failed."""
+    record = _error_record(
+        f"batch_req_{result.job_id}_{result.seq}",
+        result.custom_id,
+        result.error_code or "generation_failed",
+        result.error,
+        request.line,
+    )
+    record["tokenmill"] = {"worker": result.worker_id, "model": result.variant, "attempts": result.attempts}
+    return record
+
+
+def read_skipped(skipped: Path | None) -> list[dict[str, Any]]:
+    """The error lines submit wrote for input lines it skipped (``--skip-invalid``); none when no file."""
+    if skipped is None or not skipped.is_file():
+        return []
+    with open(skipped, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def export(
+    store: Store, job_id: str, out: Path | None, errors: Path | None, *, skipped: Path | None = None
+) -> tuple[int, int]:
+    """Write results (and failures) in input order; returns (succeeded, failed) line counts.
+
+    ``skipped`` holds the lines submit refused: they go into the errors file too, in line order among
+    the failed rows, so a run's errors file accounts for every line that got no answer.
+    """
     ok = bad = 0
+    pending = read_skipped(skipped) if errors is not None else []
+    pending.reverse()  # pop() from the end yields them in line order
     out_fh: IO[str] | None = None
     err_fh: IO[str] | None = None
     try:
@@ -156,14 +198,19 @@ def export(store: Store, job_id: str, out: Path | None, errors: Path | None) -> 
             err_fh = open(errors.with_name(errors.name + ".part"), "w", encoding="utf-8")  # noqa: SIM115
         with store.session() as s:
             for result, request in iter_results(s, job_id):
-                if result.status == "succeeded":
+                if result.status == ResultStatus.SUCCEEDED:
                     ok += 1
                     if out_fh:
                         out_fh.write(json.dumps(output_line(result, request), ensure_ascii=False) + "\n")
                 else:
                     bad += 1
                     if err_fh:
-                        err_fh.write(json.dumps(error_line(result, request), ensure_ascii=False) + "\n")
+                        while pending and pending[-1]["error"]["line"] < request.line:
+                            err_fh.write(json.dumps(pending.pop(), ensure_ascii=False) + "\n")
+                        err_fh.write(json.dumps(failed_line(result, request), ensure_ascii=False) + "\n")
+            if err_fh:
+                for line in reversed(pending):
+                    err_fh.write(json.dumps(line, ensure_ascii=False) + "\n")
     finally:
         for fh in (out_fh, err_fh):
             if fh is not None:
@@ -174,3 +221,17 @@ def export(store: Store, job_id: str, out: Path | None, errors: Path | None) -> 
     if errors is not None:
         errors.with_name(errors.name + ".part").replace(errors)
     return ok, bad
+
+
+def jsonl_lines(store: Store, job_id: str, *, errors: bool = False) -> Iterator[str]:
+    """The output (or, with ``errors``, the error) file as lines, in input order, for streaming over HTTP.
+
+    Same lines as :func:`export` writes; pages of results are read as the client consumes them, so a
+    million-row download holds one page in memory, never the file.
+    """
+    with store.session() as s:
+        for result, request in iter_results(s, job_id):
+            if (result.status == ResultStatus.SUCCEEDED) == errors:
+                continue
+            line = failed_line(result, request) if errors else output_line(result, request)
+            yield json.dumps(line, ensure_ascii=False) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from pathlib import Path
@@ -85,3 +86,35 @@ def test_run_unknown_model_is_a_clean_error(tmp_path: Path, settings: Settings) 
     proc = run_cli(settings, "run", str(data), "--model", "smollm3-9000b", timeout=60)
     assert proc.returncode == 4 and "Traceback" not in proc.stderr
     assert "smollm3-9000b" in proc.stderr
+
+
+def test_run_skip_invalid_keeps_skipped_lines(tmp_path: Path, settings: Settings, smollm2_path: Path) -> None:
+    """Skipped lines stay in the errors file beside failed rows, are counted, and make the exit code 7.
+
+    The model is given as a path: results record its content identity, not its file name.
+    """
+    model = tmp_path / "model.gguf"
+    model.symlink_to(smollm2_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        json.dumps({"id": "a", "prompt": "One, two,", "max_tokens": 3, "temperature": 0}) + "\n"
+        + '{"id": "bad", "prompt": "x", "max_tokens": -3}\n'
+        + json.dumps({"id": "long", "prompt": "word " * 3000, "max_tokens": 3}) + "\n"
+        + "{not json\n",
+        encoding="utf-8",
+    )
+    out, err = tmp_path / "d.results.jsonl", tmp_path / "d.errors.jsonl"
+    proc = run_cli(settings, "run", str(data), "--model", str(model), "-o", str(out), "--errors", str(err),
+                   "--skip-invalid", "--workers", "1", "--threads", "2")  # fmt: skip
+    assert proc.returncode == 7, proc.stderr
+    message = " ".join(proc.stderr.split())
+    assert "1 of 2 rows failed, 2 invalid lines skipped" in message
+    assert "2 invalid lines (not run" in " ".join(proc.stdout.split())
+    errors = [json.loads(line) for line in err.read_text().splitlines()]
+    assert [(e["custom_id"], e["error"]["code"], e["error"]["line"]) for e in errors] == [
+        ("bad", "invalid_request", 2), ("long", "context_length_exceeded", 3), ("line-4", "invalid_request", 4),
+    ]
+    [line] = [json.loads(line) for line in out.read_text().splitlines()]
+    sha = hashlib.sha256(smollm2_path.read_bytes()).hexdigest()
+    assert line["tokenmill"]["model"] == f"file:model@{sha[:12]}"
+    assert line["response"]["body"]["model"] == f"file:model@{sha[:12]}"

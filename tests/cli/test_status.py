@@ -200,3 +200,25 @@ def test_watch_renders_in_a_real_terminal(tmp_path: Path, settings: Settings, st
         time.sleep(0.2)
     else:
         pytest.fail(f"`tokenmill status --watch` did not exit on Ctrl-C:\n{pane()}")
+
+
+def test_data_strings_are_never_rich_markup(tmp_path: Path, settings: Settings, store: Store) -> None:
+    """A dataset named `x[/y].jsonl` crashed `tokenmill status`; `[bold]` or `:smile:` in data must print as is."""
+    folder = tmp_path / "[bold]runs[/bold] :smile:"  # "/bold]..." is a sub-folder
+    (folder / "x[").mkdir(parents=True)
+    data = write_prompts(folder / "x[/y].jsonl", 2)
+    job_id, _, _ = submit_dataset(store, Submission(path=data, model="smollm2-135m-instruct", chunk_size=5))
+    with store.session() as s:
+        store_workers.register(s, id="h:1:a", name="w[/i]", host="h[red]", pid=1, state="ready", family="f",
+                               capacity={}, queues=["tm.f"], variant="v[/x]")  # fmt: skip
+    for args in (["status", job_id], ["status"], ["jobs"], ["workers"], ["results", job_id, "-o", str(data) + ".o"]):
+        proc = run_cli(settings, *args, timeout=60, env=WIDE)
+        shown = proc.stdout + proc.stderr
+        assert proc.returncode == 0, (args, shown)
+        assert "Traceback" not in shown and "MarkupError" not in shown
+        if args[0] in ("status", "jobs"):
+            assert "x[/y].jsonl" in "".join(shown.split()), (args, shown)
+        if args[0] == "status" and len(args) == 2:
+            assert "[bold]runs[/bold]:smile:" in "".join(shown.split()), shown
+        if args[0] == "workers":
+            assert "h[red]" in shown and "v[/x]" in shown, shown

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from tests.conftest import STUB_ENV, WORKER_ENV, Procs, run_cli, wait_for
+from tests.conftest import STUB_ARGS, WORKER_ENV, Procs, run_cli, wait_for
 from tokenmill.config import Settings
 from tokenmill.store import Store
 from tokenmill.store.tables import Result, Worker
@@ -83,12 +83,12 @@ def test_two_real_workers_share_one_job(
 
 @pytest.mark.timeout(180)
 def test_a_worker_started_mid_job_takes_chunks(tmp_path: Path, fleet_settings: Settings, procs: Procs) -> None:
-    env = {**STUB_ENV, **WORKER_ENV, "TOKENMILL_STUB_DELAY": "0.15"}
+    env = {**WORKER_ENV, "TOKENMILL_STUB_DELAY": "0.15"}
     procs.start(fleet_settings, "scheduler", name="scheduler")
-    procs.start(fleet_settings, "worker", "--name", "early", env=env, name="early")
+    procs.start(fleet_settings, "worker", *STUB_ARGS, "--name", "early", env=env, name="early")
     job = submit(fleet_settings, dataset(tmp_path / "d.jsonl", 90), "--chunk-size", "3")
     wait_for(lambda: sum(results_by_worker(fleet_settings, job).values()) >= 6, 60, "first results", procs)
-    procs.start(fleet_settings, "worker", "--name", "late", env=env, name="late")
+    procs.start(fleet_settings, "worker", *STUB_ARGS, "--name", "late", env=env, name="late")
     status = run_cli(fleet_settings, "status", job, "--wait", "--json", timeout=150)
     assert status.returncode == 0, status.stderr + procs.logs()
     per_worker = results_by_worker(fleet_settings, job)
@@ -98,11 +98,11 @@ def test_a_worker_started_mid_job_takes_chunks(tmp_path: Path, fleet_settings: S
 
 @pytest.mark.timeout(180)
 def test_two_jobs_share_the_fleet(tmp_path: Path, fleet_settings: Settings, procs: Procs) -> None:
-    env = {**STUB_ENV, **WORKER_ENV, "TOKENMILL_STUB_DELAY": "0.05"}
+    env = {**WORKER_ENV, "TOKENMILL_STUB_DELAY": "0.05"}
     first = submit(fleet_settings, dataset(tmp_path / "a.jsonl", 60), "--chunk-size", "2")
     second = submit(fleet_settings, dataset(tmp_path / "b.jsonl", 60, max_tokens=9), "--chunk-size", "2")
     procs.start(fleet_settings, "scheduler", name="scheduler")
-    procs.start(fleet_settings, "worker", "--name", "only", env=env, name="only")
+    procs.start(fleet_settings, "worker", *STUB_ARGS, "--name", "only", env=env, name="only")
     for job in (first, second):
         assert run_cli(fleet_settings, "status", job, "--wait", timeout=150).returncode == 0, procs.logs()
     store = Store(fleet_settings.database_url)
@@ -120,7 +120,7 @@ def test_two_jobs_share_the_fleet(tmp_path: Path, fleet_settings: Settings, proc
 
 @pytest.mark.timeout(120)
 def test_workers_register_capacity_and_show_lost(tmp_path: Path, fleet_settings: Settings, procs: Procs) -> None:
-    worker = procs.start(fleet_settings, "worker", "--name", "probe", env={**STUB_ENV, **WORKER_ENV}, name="probe")
+    worker = procs.start(fleet_settings, "worker", *STUB_ARGS, "--name", "probe", env=WORKER_ENV, name="probe")
 
     def listed() -> list[dict[str, object]]:
         proc = run_cli(fleet_settings, "workers", "--json")
@@ -132,7 +132,7 @@ def test_workers_register_capacity_and_show_lost(tmp_path: Path, fleet_settings:
     assert w["variant"] == "smollm2-135m-instruct:q4_1" and w["device"] == "cpu"
     assert isinstance(w["cores"], int) and w["cores"] >= 1 and w["ram_total"]
     os.killpg(worker.pid, signal.SIGKILL)
-    lost_after = max(3 * fleet_settings.heartbeat_seconds, 10.0)
+    lost_after = fleet_settings.lost_after
     time.sleep(lost_after + 1.5)
     assert listed()[0]["state"] == "lost"
     store = Store(fleet_settings.database_url)
@@ -145,7 +145,7 @@ def test_workers_register_capacity_and_show_lost(tmp_path: Path, fleet_settings:
 def test_concurrency_starts_processes_that_split_the_cores(fleet_settings: Settings, procs: Procs) -> None:
     import psutil
 
-    procs.start(fleet_settings, "worker", "--concurrency", "2", "--name", "pair", env={**STUB_ENV, **WORKER_ENV})
+    procs.start(fleet_settings, "worker", *STUB_ARGS, "--concurrency", "2", "--name", "pair", env=WORKER_ENV)
 
     def pair() -> list[dict[str, object]]:
         proc = run_cli(fleet_settings, "workers", "--json")

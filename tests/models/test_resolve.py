@@ -125,8 +125,60 @@ def test_local_gguf_path(tmp_path: Path) -> None:
     f = tmp_path / "My-Model.Q4.gguf"
     f.write_bytes(Q8)
     r = resolve_model(str(f), tmp_path / "models")
-    assert (r.path, r.family, r.variant_label) == (f, "my-model.q4", "file:My-Model.Q4")
-    assert (r.source, r.sha256) == ("file", None)
+    assert (r.path, r.family, r.variant_label) == (f, f"file-{sha(Q8)[:16]}", f"file:My-Model.Q4@{sha(Q8)[:12]}")
+    assert (r.source, r.sha256) == ("file", sha(Q8))
+
+
+def test_local_gguf_identity_comes_from_content_not_the_name(tmp_path: Path) -> None:
+    """v1/model.gguf and v2/model.gguf, or model.gguf overwritten by another fine-tune, are other models."""
+    models = tmp_path / "models"
+    v1, v2 = tmp_path / "v1" / "model.gguf", tmp_path / "v2" / "model.gguf"
+    for path, data in ((v1, Q8), (v2, Q41)):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    a, b = resolve_model(str(v1), models), resolve_model(str(v2), models)
+    assert (a.sha256, b.sha256) == (sha(Q8), sha(Q41))
+    assert a.family != b.family and a.variant_label != b.variant_label
+    copy = tmp_path / "renamed.gguf"
+    shutil.copyfile(v1, copy)
+    assert resolve_model(str(copy), models).family == a.family  # same weights, same queue and cache
+    # Swapped in by rename with the old size and mtime: only the inode tells the remembered hash is stale.
+    other = Q8[:4] + bytes(reversed(Q8[4:]))
+    st = v1.stat()
+    tmp = v1.with_name("new.tmp")
+    tmp.write_bytes(other)
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, v1)
+    assert (v1.stat().st_size, v1.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert resolve_model(str(v1), models).sha256 == sha(other)
+
+
+def test_local_gguf_hash_is_computed_once_and_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "model.gguf"
+    f.write_bytes(Q8)
+    calls: list[Path] = []
+    real = integrity.sha256_file
+
+    def counted(path: Path) -> str:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(integrity, "sha256_file", counted)
+    for _ in range(3):
+        assert resolve_model(str(f), tmp_path / "models").sha256 == sha(Q8)
+    integrity.forget_memo()  # another process: the record under models_dir answers
+    assert resolve_model(str(f), tmp_path / "models").sha256 == sha(Q8)
+    assert len(calls) == 1
+
+
+@pytest.mark.timeout(60)
+def test_fifo_as_model_path_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.gguf")
+    with pytest.raises(ModelError, match=r"pipe\.gguf is not a regular file"):
+        resolve_model(str(tmp_path / "pipe.gguf"), tmp_path / "models")
+    (tmp_path / "zero.gguf").symlink_to("/dev/zero")
+    with pytest.raises(ModelError, match=r"zero\.gguf is not a regular file"):
+        resolve_model(str(tmp_path / "zero.gguf"), tmp_path / "models")
 
 
 def test_missing_path_names_it(tmp_path: Path) -> None:

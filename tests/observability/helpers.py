@@ -10,13 +10,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import STUB_ENV, WORKER_ENV, Procs, run_cli
+from tests.conftest import STUB_ARGS, STUB_ENV, WORKER_ENV, Procs, run_cli
 from tokenmill.config import Settings
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store.jobs import FINAL_STATES
 
-STUB_WORKER_ENV = {**STUB_ENV, **WORKER_ENV}
+STUB_WORKER_ENV = {**STUB_ENV, **WORKER_ENV}  # `run` with the stub backend: its local workers get --engine stub
 
 
 def free_port() -> int:
@@ -55,9 +55,8 @@ def submit(settings: Settings, path: Path, *args: str, env: dict[str, str] | Non
 def start_stub_worker(
     procs: Procs, settings: Settings, name: str, *args: str, env: dict[str, str] | None = None
 ) -> None:
-    procs.start(
-        settings, "worker", "--name", name, "--threads", "1", *args, env={**STUB_WORKER_ENV, **(env or {})}, name=name
-    )
+    args = ("worker", *STUB_ARGS, "--name", name, "--threads", "1", *args)
+    procs.start(settings, *args, env={**WORKER_ENV, **(env or {})}, name=name)
 
 
 def wait_job(store: Store, job_id: str, procs: Procs, timeout: float = 120.0) -> str:

@@ -13,7 +13,8 @@ import pytest
 from tests.conftest import run_cli
 from tokenmill.config import Settings
 from tokenmill.engine import Generation
-from tokenmill.output import timings
+from tokenmill.output import response_body, timings
+from tokenmill.rows import COMPLETIONS, DatasetRow
 
 OLLAMA = {"load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration", "total_duration"}
 LLAMA_SERVER = {"prompt_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms", "predicted_per_second"}
@@ -57,6 +58,20 @@ def test_timings_shape_with_a_prefix_cache_hit() -> None:
     # 10 evaluated tokens in 20 ms: 500 tok/s, not the 2000 tok/s that counting the cached 30 would claim.
     assert t["llama_server"]["prompt_per_second"] == 500.0
     assert t["llama_server"]["predicted_per_second"] == pytest.approx(4 / 0.030, rel=1e-3)
+
+
+@pytest.mark.parametrize("cached", [-3, 0, 25, 40, 55])
+def test_usage_and_timings_count_reused_prompt_tokens_alike(cached: int) -> None:
+    """An engine's reused-prefix count outside 0..prompt_tokens is clamped once, in Generation, so the usage
+    block, the timings and the worker metrics can never disagree about it."""
+    gen = Generation(text="x", finish_reason="stop", prompt_tokens=40, completion_tokens=2,
+                     cached_prompt_tokens=cached, prompt_eval_ms=10.0, eval_ms=4.0, total_ms=15.0,
+                     token_ms=[11.0, 4.0])  # fmt: skip
+    row = DatasetRow(line=1, custom_id="r", endpoint=COMPLETIONS, prompt="p")
+    usage = response_body(row, gen, "m:q4_0", "req")["usage"]
+    check_consistent(usage, timings(gen, queue_ms=0.0, load_ms=0.0))
+    assert usage["prompt_tokens_details"]["cached_tokens"] == gen.reused_prompt_tokens == min(max(cached, 0), 40)
+    assert gen.evaluated_prompt_tokens == 40 - gen.reused_prompt_tokens
 
 
 @pytest.mark.model

@@ -22,7 +22,7 @@ import psutil
 import pytest
 from sqlalchemy import text
 
-from tests.conftest import REPO, STUB_ENV, Procs, run_cli
+from tests.conftest import STUB_ARGS, STUB_ENV, Procs, run_cli
 from tokenmill.config import Settings
 from tokenmill.store import Store
 
@@ -90,7 +90,6 @@ class Stack:
             **WORKER_BASE_ENV,
             "TOKENMILL_STUB_DELAY": str(delay),
             "TOKENMILL_STUB_LOG": str(self.gen_log),
-            "PYTHONPATH": str(REPO),  # tests.stub_engine importable whatever the working directory
             **extra,
         }
 
@@ -106,9 +105,11 @@ class Stack:
         self._workers += 1
         name = name or f"w{self._workers}"
         full_env = {**(self.worker_env() if stub else WORKER_BASE_ENV), **(env or {})}
+        engine = STUB_ARGS if stub else ()
         return self.procs.start(
-            self.settings, "worker", "--model", model, "--threads", "1", "--name", name, *args, env=full_env, name=name
-        )
+            self.settings, "worker", "--model", model, *engine, "--threads", "1", "--name", name, *args,
+            env=full_env, name=name,
+        )  # fmt: skip
 
     def scheduler(self) -> subprocess.Popen[bytes]:
         return self.procs.start(self.settings, "scheduler", name="scheduler")

@@ -105,6 +105,50 @@ def test_passwords_are_masked_in_output_logs_and_errors(secret_fleet: Stack) -> 
     assert ":***@" in everything  # the URLs are there, masked
 
 
+def test_query_passwords_and_hub_credentials_are_masked_everywhere(fleet: Stack) -> None:
+    """`?password=` in the store URL, credentials in HF_ENDPOINT, a download error: a planted secret never
+    appears in CLI output, logs, the workers/status views, the report HTML or /metrics."""
+    from tests.conftest import run_cli
+    from tests.observability.helpers import free_port, http_get
+
+    planted = "pl4nted-qs-secret"
+    fleet.settings = fleet.settings.with_(
+        database_url=f"{fleet.settings.database_url}?password={planted}",
+        broker_url=fleet.settings.broker_url.replace("redis://", f"redis://:{planted}@"),
+    )
+    wide = {"COLUMNS": "400", "HF_ENDPOINT": f"http://hf:{planted}@127.0.0.1:9"}
+    job = fleet.submit(write_dataset(fleet.tmp / "d.jsonl", 10), "--chunk-size", "5")
+    port = free_port()
+    fleet.procs.start(fleet.settings, "-v", "scheduler", env=wide, name="scheduler")
+    fleet.worker("--metrics-port", str(port), env=wide)
+    fleet.wait_state(job, timeout=60)
+    outputs = []
+    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/metrics")[0] == 200, 30, "/metrics", fleet.logs)
+    outputs.append(http_get(f"http://127.0.0.1:{port}/metrics")[1].decode())
+    report = fleet.tmp / "report.html"
+    for args in (("workers",), ("workers", "--json"), ("status", job), ("status", job, "--json"), ("jobs",),
+                 ("report", job, "-o", str(report))):  # fmt: skip
+        shown = run_cli(fleet.settings, "-v", *args, env=wide, timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        outputs.append(shown.stdout + shown.stderr)
+    outputs.append(report.read_text(encoding="utf-8"))
+    # A download that fails through the credentialed mirror, and a store that cannot be reached.
+    pull = run_cli(fleet.settings, "-v", "models", "pull", "mistral-7b-instruct-v0.3", "--source", "hub",
+                   env={**wide, "TOKENMILL_MODELS_DIR": str(fleet.tmp / "models")}, timeout=120)  # fmt: skip
+    assert pull.returncode == 4, pull.stderr
+    outputs.append(pull.stdout + pull.stderr)
+    dead = fleet.settings.with_(database_url=f"postgresql://postgres@127.0.0.1:1/x?sslmode=disable&password={planted}")
+    failed = run_cli(dead, "status", job, env=wide, timeout=90)
+    assert failed.returncode == 5, failed.stderr
+    outputs.append(failed.stdout + failed.stderr)
+    outputs.append(fleet.logs())
+    everything = "\n".join(outputs)
+    print(f"\nchecked {len(everything)} characters; masked: {everything.count('password=***')} query passwords, "
+          f"{everything.count(':***@')} user:password URLs")  # fmt: skip
+    assert planted not in everything
+    assert "password=***" in everything and "hf:***@127.0.0.1:9" in everything
+
+
 def test_no_path_is_derived_from_dataset_content(embedded: Stack) -> None:
     """custom_id and every other field are data: stored and echoed, never joined into a path on disk."""
     evil = ["../../escape-up", "/tmp/escape-abs", "~/escape-home", "sub/dir/escape-nested", "..", "C:\\escape-win",

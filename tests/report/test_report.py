@@ -213,7 +213,7 @@ def test_html_report_embeds_six_plots_and_true_numbers(store: Store, job_id: str
     assert summary["TTFT mean / p50 / p95"].startswith(f"{sum(ttfts) / len(ttfts):,.1f} / ")
     assert "context_length_exceeded" in page
     # Everything that came from data is escaped, never live markup.
-    assert EVIL_ID not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert EVIL_ID not in page and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page
     assert "<b>bold</b>" not in page and "reviews &lt;b&gt;bold&lt;/b&gt;.jsonl" in page
     assert "&lt;n_ctx=2048&gt;" in page
     assert "<script" not in page.lower()

@@ -1,13 +1,22 @@
-"""LocalFleet.stop on plain child processes: which signal each gets and which pids it reports killed."""
+"""LocalFleet on plain child processes: how it starts them (argv, env) and how it stops them."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
+import pytest
+import typer
+
+from tokenmill.cli.app import app
+from tokenmill.cli.options import PreferChoice
 from tokenmill.config import Settings
-from tokenmill.workers.local import LocalFleet
+from tokenmill.workers import local
+from tokenmill.workers.local import LocalFleet, worker_argv
 
 # The parent waits for "ready" so each child's SIGTERM handler is in place before it is signalled.
 READY = "print('ready', flush=True); import time; time.sleep(60)"
@@ -44,3 +53,72 @@ def test_already_exited_workers_are_not_reported_killed(settings: Settings) -> N
     fleet = fleet_of(settings, "print('ready', flush=True)")
     fleet.procs[0].wait(timeout=10)
     assert fleet.stop(grace=0) == []
+
+
+def test_local_workers_get_the_parents_engine_and_settings(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run`'s local fleet starts each child with the one argv builder: --engine from Settings.engine."""
+    started: list[tuple[list[str], dict[str, str]]] = []
+    real_popen = subprocess.Popen
+
+    def record(args: list[str], *, env: dict[str, str], **kw: Any) -> subprocess.Popen[bytes]:
+        started.append((args, env))
+        return real_popen([sys.executable, "-c", "pass"], env=env, **kw)  # a real child, not a worker
+
+    monkeypatch.setattr(local.subprocess, "Popen", record)
+    child_settings = settings.with_(engine="stub", data_dir=tmp_path / "tm")
+    fleet = LocalFleet(child_settings, "smollm2-135m-instruct", 2, 3, n_seq=4)
+    fleet.start()
+    fleet.stop(grace=5.0)
+    assert [args for args, _ in started] == [
+        worker_argv(model="smollm2-135m-instruct", engine="stub", share=2, threads=3, name=f"local{i}", n_seq=4)
+        for i in range(2)
+    ]
+    args = started[0][0]
+    assert args[:4] == [sys.executable, "-m", "tokenmill.cli", "worker"]
+    flags = dict(zip(args[4::2], args[5::2], strict=True))
+    assert flags == {
+        "--model": "smollm2-135m-instruct", "--engine": "stub", "--concurrency": "1", "--share": "2",
+        "--threads": "3", "--name": "local0", "--n-seq": "4",
+    }  # fmt: skip
+    env = started[0][1]
+    assert env["TOKENMILL_ENGINE"] == "stub" and env["TOKENMILL_DATABASE_URL"] == child_settings.database_url
+    assert env[local.PARENT_PID_ENV] == str(os.getpid())
+
+
+def test_supervised_children_get_every_option_once() -> None:
+    argv = worker_argv(model="m", engine="llama", share=3, n_ctx=512, gpu=False, metrics_port=9100)
+    assert argv[4:] == [
+        "--model", "m", "--engine", "llama", "--concurrency", "1", "--share", "3",
+        "--n-ctx", "512", "--metrics-port", "9100", "--cpu",
+    ]  # fmt: skip
+
+
+WORKER_DEFAULTS = {"model": "smollm2-135m-instruct", "concurrency": 1, "threads": None, "gpu": None, "n_seq": None,
+                   "n_ctx": 2048, "metrics_port": None, "metrics_host": "127.0.0.1", "name": None, "share": 1,
+                   "engine": None, "prefer": PreferChoice.balanced}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"share": 1}, {}),
+        ({"share": 1, "gpu": True}, {"gpu": True}),
+        ({"share": 1, "prefer": "speed"}, {"prefer": PreferChoice.speed}),
+        (
+            {"n_ctx": 4096, "gpu": False, "n_seq": 3, "name": "local1", "threads": 2, "share": 4, "metrics_port": 9,
+             "metrics_host": "0.0.0.0"},
+            {"n_ctx": 4096, "gpu": False, "n_seq": 3, "name": "local1", "threads": 2, "share": 4, "metrics_port": 9,
+             "metrics_host": "0.0.0.0"},
+        ),
+    ],
+)
+def test_worker_args_are_what_the_worker_command_parses(kwargs: dict[str, object], expected: dict[str, object]) -> None:
+    """`run`'s local fleet and `worker --concurrency N` start children from worker_argv; each option it
+    writes must reach the child's `tokenmill worker` as the value given (a renamed option fails here)."""
+    argv = worker_argv(model="m", engine="stub", **kwargs)  # type: ignore[arg-type]
+    assert argv[:4] == [sys.executable, "-m", "tokenmill.cli", "worker"]
+    worker = typer.main.get_command(app).commands["worker"]  # type: ignore[attr-defined]
+    assert worker.make_context("worker", argv[4:]).params == {**WORKER_DEFAULTS, "model": "m", "engine": "stub",
+                                                              **expected}

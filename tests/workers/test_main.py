@@ -6,7 +6,7 @@ import time
 
 from sqlalchemy import select
 
-from tests.conftest import REPO, STUB_ENV, WORKER_ENV, Procs, wait_for
+from tests.conftest import STUB_ARGS, WORKER_ENV, Procs, wait_for
 from tokenmill.config import Settings
 from tokenmill.store import Store
 from tokenmill.store.tables import Worker
@@ -18,9 +18,8 @@ def _worker(store: Store, name: str) -> Worker | None:
 
 
 def _start(procs: Procs, settings: Settings, name: str) -> None:
-    env = {**STUB_ENV, **WORKER_ENV, "PYTHONPATH": str(REPO)}
-    args = ("worker", "--model", "smollm2-135m-instruct", "--threads", "1", "--name", name)
-    procs.start(settings, *args, env=env, name=name)
+    args = ("worker", *STUB_ARGS, "--model", "smollm2-135m-instruct", "--threads", "1", "--name", name)
+    procs.start(settings, *args, env=WORKER_ENV, name=name)
 
 
 def test_worker_is_ready_only_once_celery_consumes(settings: Settings, store: Store, procs: Procs) -> None:

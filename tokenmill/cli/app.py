@@ -49,11 +49,13 @@ def version() -> None:
     typer.echo(__version__)
 
 
+# Each command module defines its commands as top-level functions and adds them to the app in its
+# register(); the order here is the order of `tokenmill --help`.
 run.register(app)
 jobs.register(app)
 fleet.register(app)
 report.register(app)
-app.add_typer(models.app, name="models")
+models.register(app)
 
 
 def one_line(message: str) -> str:

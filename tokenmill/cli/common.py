@@ -8,12 +8,16 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.table import Table
 
-from tokenmill.config import Settings
+from tokenmill.config import MaskingFilter, Settings
 from tokenmill.store import Store
 
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+# Markup and emoji codes off by default: what commands print is mostly data (paths, job names, worker
+# errors, model references), and a "[/x]" in it would raise MarkupError; styling is asked for explicitly
+# (markup=True) on a literal the code controls.
+console = Console(stderr=True, highlight=False, markup=False, emoji=False)
+out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 def print_plain(text: str) -> None:
@@ -39,9 +43,9 @@ def open_store(settings: Settings) -> Store:
 
 def setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING
-    logging.basicConfig(
-        level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)], force=True
-    )
+    handler = RichHandler(console=console, show_path=False)
+    handler.addFilter(MaskingFilter())  # every log line, whoever wrote it, with URL credentials masked
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     for noisy in ("celery", "kombu", "amqp"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
@@ -49,3 +53,9 @@ def setup_logging(verbose: bool) -> None:
 def default_output(path: Path, suffix: str) -> Path:
     name = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.stem
     return path.with_name(f"{name}.{suffix}.jsonl")
+
+
+def add_id_column(table: Table, name: str) -> None:
+    """Job ids are what people copy into the next command: never cut them to "8a5778ebc…" on a narrow
+    terminal; the other columns fold instead."""
+    table.add_column(name, no_wrap=True, min_width=16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -15,157 +16,171 @@ from rich.table import Table
 from tokenmill.cache import close_answered_chunks, prefill
 from tokenmill.celery_app import check_broker, make_app
 from tokenmill.cli.common import console, default_output, open_store, out, settings_from
+from tokenmill.cli.options import (
+    DEFAULT_MODEL,
+    ChunkOpt,
+    DatasetArg,
+    DeadlineOpt,
+    FailedRowsOpt,
+    FieldOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    NoCacheOpt,
+    OutputOpt,
+    PreferChoice,
+    PreferOpt,
+    SkipOpt,
+    TemperatureOpt,
+    TemplateOpt,
+    TokenBudgetOpt,
+    build_submission,
+    prefer_value,
+)
+from tokenmill.cli.planning import choose_for_job, this_host
+from tokenmill.config import Settings
 from tokenmill.errors import DatasetError, JobIncomplete, ModelError
-from tokenmill.output import export
-from tokenmill.rows import SamplingParams
+from tokenmill.models.sizing import Prefer
+from tokenmill.output import export, read_skipped
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.scheduler.submit import Submission, auto_chunk_size, job_key, model_route, submit_dataset
 from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
+from tokenmill.store.states import ACTIVE_STATES, WorkerState
 from tokenmill.workers.capacity import detect
 from tokenmill.workers.local import LocalFleet, default_worker_count
 from tokenmill.workers.selection import WorkerOptions, select_model
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Catalog name[:variant] or path to a .gguf file")]
-TemplateOpt = Annotated[
-    str | None, typer.Option(help="Prompt template with {field} placeholders, or a file holding one")
-]
-FieldOpt = Annotated[str | None, typer.Option("--field", help="Take the prompt from this field of each line")]
-MaxTokensOpt = Annotated[int | None, typer.Option(help="Default max_tokens for lines that set none", min=1)]
-TemperatureOpt = Annotated[float | None, typer.Option(help="Default temperature for lines that set none")]
-ChunkOpt = Annotated[
-    int | None, typer.Option(help="Rows per chunk, the unit a worker leases [default: from the data]", min=1)
-]
-SkipOpt = Annotated[bool, typer.Option(help="Run the valid lines; write bad ones to the errors file")]
-NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Generate even when an identical answer is stored")]
-TokenBudgetOpt = Annotated[
-    int | None,
-    typer.Option(
-        min=1,
-        help="Documents only: split files longer than this many tokens (about 4 characters each) into "
-        "'FILE#part-K' rows (default: what a 2048-token context leaves after max_tokens and 256 for the "
-        "template, 1536 with the default max_tokens)",
-        show_default=False,
-    ),
-]
 
+def run_cmd(
+    ctx: typer.Context,
+    path: DatasetArg,
+    model: ModelOpt = DEFAULT_MODEL,
+    output: OutputOpt = None,
+    errors: FailedRowsOpt = None,
+    template: TemplateOpt = None,
+    field: FieldOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    chunk_size: ChunkOpt = None,
+    workers: Annotated[int | None, typer.Option(help="Local worker processes (default: by cores)")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads per worker process")] = None,
+    n_seq: Annotated[int | None, typer.Option(help="Sequences decoded together per worker")] = None,
+    skip_invalid: SkipOpt = False,
+    no_cache: NoCacheOpt = False,
+    token_budget: TokenBudgetOpt = None,
+    prefer: PreferOpt = PreferChoice.balanced,
+    deadline: DeadlineOpt = None,
+) -> None:
+    """Run a dataset end to end on this machine; the same command again resumes.
 
-def build_submission(
-    path: Path,
-    model: str,
-    template: str | None,
-    field: str | None,
-    max_tokens: int | None,
-    temperature: float | None,
-    chunk_size: int | None,
-    skip_invalid: bool,
-    no_cache: bool,
-    token_budget: int | None = None,
-) -> Submission:
-    base = SamplingParams()
-    defaults = SamplingParams(
-        max_tokens=max_tokens or base.max_tokens,
-        temperature=base.temperature if temperature is None else temperature,
+    Example: tokenmill run docs.jsonl --model smollm2-135m-instruct -o docs.results.jsonl
+    """
+    settings = settings_from(ctx)
+    count, each = default_worker_count()
+    count = workers or count
+    sub = build_submission(
+        path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
+        settings.models_dir,
     )
-    return Submission(
-        path=path,
-        model=model,
-        template=template,
-        text_field=field,
-        defaults=defaults,
-        chunk_size=chunk_size,
-        skip_invalid=skip_invalid,
-        no_cache=no_cache,
-        token_budget=token_budget,
-    )
+    output = output or default_output(path, "results")
+    errors = errors or default_output(path, "errors")
+    model_route(model, settings.models_dir)
+    if not path.exists():
+        raise DatasetError(str(path), "no such file or directory")
+    store = open_store(settings)
+    app_ = make_app(settings)
+    check_broker(app_, settings)
+    started = time.monotonic()
+    pref = prefer_value(prefer)
+    here = this_host(settings, detect(), count, threads or each)
+    choice = choose_for_job(settings, sub, pref, deadline, here, sources=("local", "registry"))
+    if choice.pin:
+        sub = replace(sub, model=choice.pin)
+    # Lines --skip-invalid refused, kept by job key so a resumed run still reports them (export merges).
+    skipped = settings.data_dir / "skipped" / f"{job_key(path, sub.model, sub.options())}.jsonl"
+    job_id = _resume_or_submit(store, sub, skipped, errors, count, choice.deadline)
+    fleet_needed = _answer_from_cache(store, settings, job_id, sub, n_seq, count, pref)
+    fleet = LocalFleet(settings, sub.model, count, threads or each, n_seq=n_seq, prefer=pref)
+    _drive(store, Dispatcher(store, app_, settings), job_id, fleet if fleet_needed else None)
+    _finish(store, job_id, output, errors, skipped, time.monotonic() - started)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("run")
-    def run_cmd(
-        ctx: typer.Context,
-        path: Annotated[Path, typer.Argument(help="JSONL dataset (or a folder of .txt/.md with --template)")],
-        model: ModelOpt = "smollm2-135m-instruct",
-        output: Annotated[Path | None, typer.Option("--output", "-o", help="Results JSONL")] = None,
-        errors: Annotated[Path | None, typer.Option("--errors", help="Failed rows JSONL")] = None,
-        template: TemplateOpt = None,
-        field: FieldOpt = None,
-        max_tokens: MaxTokensOpt = None,
-        temperature: TemperatureOpt = None,
-        chunk_size: ChunkOpt = None,
-        workers: Annotated[int | None, typer.Option(help="Local worker processes (default: by cores)")] = None,
-        threads: Annotated[int | None, typer.Option(help="Threads per worker process")] = None,
-        n_seq: Annotated[int | None, typer.Option(help="Sequences decoded together per worker")] = None,
-        skip_invalid: SkipOpt = False,
-        no_cache: NoCacheOpt = False,
-        token_budget: TokenBudgetOpt = None,
-    ) -> None:
-        """Run a dataset end to end on this machine; the same command again resumes.
+    app.command("run")(run_cmd)
 
-        Example: tokenmill run docs.jsonl --model smollm2-135m-instruct -o docs.results.jsonl
-        """
-        settings = settings_from(ctx)
-        count, each = default_worker_count()
-        count = workers or count
-        sub = build_submission(
-            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget
-        )
-        output = output or default_output(path, "results")
-        errors = errors or default_output(path, "errors")
-        model_route(model)
-        if not path.exists():
-            raise DatasetError(str(path), "no such file or directory")
-        store = open_store(settings)
-        app_ = make_app(settings)
-        check_broker(app_, settings)
-        started = time.monotonic()
-        key = job_key(path, model, sub.options())
-        with store.session() as s:
-            existing = store_jobs.find_resumable(s, key)
-            job_id = existing.id if existing and existing.state in ("queued", "running") else None
-        if job_id:
-            console.print(f"resuming job {job_id}")
-        else:
-            local_chunks = auto_chunk_size(path, workers=count) if chunk_size is None and path.is_file() else None
-            job_id, rows, invalid = submit_dataset(store, sub, errors_out=errors, chunk_size=local_chunks)
-            console.print(f"job {job_id}: {rows} rows" + (f", {invalid} invalid lines → {errors}" if invalid else ""))
-        # Resolve (fetch, verify) the model once here, so local workers do not race for it, and answer
-        # rows an identical earlier request already answered before any worker starts.
-        sel = select_model(settings, WorkerOptions(model=model, n_seq=n_seq, share=count), detect())
-        if not no_cache:
-            served = prefill(store, job_id, sel.model_id)
-            if served:
-                close_answered_chunks(store, job_id)
-                console.print(f"{served} rows answered from the result cache")
-        with store.session() as s:
-            fleet_needed = leases.unfinished_chunks(s, job_id) > 0
-        fleet = LocalFleet(settings, model, count, threads or each, n_seq=n_seq)
-        dispatcher = Dispatcher(store, app_, settings)
-        stop = threading.Event()
-        loop = threading.Thread(target=dispatcher.run, args=(stop, job_id), daemon=True)
-        if fleet_needed:
-            fleet.start()
-        loop.start()
-        finished = False
-        try:
-            _watch(store, job_id, fleet if fleet_needed else None)
-            finished = True
-        finally:
-            stop.set()
-            loop.join(timeout=10)
+
+def _resume_or_submit(
+    store: Store, sub: Submission, skipped: Path, errors: Path, workers: int, deadline: float | None
+) -> str:
+    """The same command again resumes its unfinished job instead of storing the dataset twice; lines
+    --skip-invalid refuses go to ``skipped`` until the export merges them into ``errors``."""
+    key = job_key(sub.path, sub.model, sub.options())
+    with store.session() as s:
+        existing = store_jobs.find_resumable(s, key)
+        job_id = existing.id if existing and existing.state in ACTIVE_STATES else None
+    if job_id:
+        console.print(f"resuming job {job_id}")
+        return job_id
+    path = sub.path
+    local_chunks = auto_chunk_size(path, workers=workers) if sub.chunk_size is None and path.is_file() else None
+    job_id, rows, invalid = submit_dataset(
+        store, sub, errors_out=skipped, chunk_size=local_chunks, deadline=deadline
+    )
+    console.print(f"job {job_id}: {rows} rows" + (f", {invalid} invalid lines → {errors}" if invalid else ""))
+    return job_id
+
+
+def _answer_from_cache(
+    store: Store, settings: Settings, job_id: str, sub: Submission, n_seq: int | None, workers: int, prefer: Prefer
+) -> bool:
+    """Resolve (fetch, verify) the model once here, so local workers do not race for it, and answer rows an
+    identical earlier request already answered before any worker starts. True when rows are left to run."""
+    sel = select_model(settings, WorkerOptions(model=sub.model, n_seq=n_seq, share=workers, prefer=prefer), detect())
+    if not sub.no_cache:
+        served = prefill(store, job_id, sel.model_id)
+        if served:
+            close_answered_chunks(store, job_id)
+            console.print(f"{served} rows answered from the result cache")
+    with store.session() as s:
+        return leases.unfinished_chunks(s, job_id) > 0
+
+
+def _drive(store: Store, dispatcher: Dispatcher, job_id: str, fleet: LocalFleet | None) -> None:
+    """Dispatch on a thread and the local workers (none when the cache answered everything) until the job
+    ends, showing progress; the workers are stopped however this ends."""
+    stop = threading.Event()
+    loop = threading.Thread(target=dispatcher.run, args=(stop, job_id), daemon=True)
+    if fleet is not None:
+        fleet.start()
+    loop.start()
+    finished = False
+    try:
+        _watch(store, job_id, fleet)
+        finished = True
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+        if fleet is not None:
             # A finished job leaves its workers idle with every result committed, and an idle Celery
             # worker needs ~4 s to wind down; after an interrupt they get a moment to let go of a row.
             killed = fleet.stop(grace=0.0 if finished else 1.0)
             with store.session() as s:
                 store_workers.mark_stopped(s, socket.gethostname(), killed)
-        wall = time.monotonic() - started
-        ok, bad = export(store, job_id, output, errors)
-        with store.session() as s:
-            prog = store_jobs.progress(s, store_jobs.get_job(s, job_id))
-        _summary(prog.to_json(), wall, output, errors if bad else None)
-        if bad:
-            raise JobIncomplete(f"{bad} of {ok + bad} rows failed; see {errors}")
+
+
+def _finish(store: Store, job_id: str, output: Path, errors: Path, skipped: Path, wall: float) -> None:
+    """Write the outputs (failed rows and skipped lines together in ``errors``) and the summary; exit 7
+    when not every line was answered."""
+    ok, bad = export(store, job_id, output, errors, skipped=skipped)
+    n_skipped = len(read_skipped(skipped))
+    with store.session() as s:
+        prog = store_jobs.progress(s, store_jobs.get_job(s, job_id))
+    _summary(prog.to_json(), wall, output, errors if bad or n_skipped else None, n_skipped)
+    if bad or n_skipped:
+        what = [f"{bad} of {ok + bad} rows failed"] if bad else []
+        what += [f"{n_skipped} invalid lines skipped"] if n_skipped else []
+        raise JobIncomplete(f"{', '.join(what)}; see {errors}")
 
 
 def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
@@ -184,10 +199,10 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
                 job = store_jobs.get_job(s, job_id)
                 prog = store_jobs.progress(s, job)
                 state = job.state
-                failed_workers = [w for w in store_workers.list_workers(s) if w.state == "failed" and w.error]
+                failed_workers = [w for w in store_workers.list_workers(s) if w.state == WorkerState.FAILED and w.error]
             info = prog.to_json()
             bar.update(task, total=prog.total, completed=prog.done, tps=f"{info['tokens_per_second']:.1f}")
-            if state not in ("queued", "running"):
+            if state not in ACTIVE_STATES:
                 return
             if fleet is not None and fleet.alive() == 0:
                 reason = failed_workers[-1].error if failed_workers else "see .tokenmill/logs/"
@@ -195,11 +210,13 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
             time.sleep(0.25)
 
 
-def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | None) -> None:
+def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | None, skipped: int = 0) -> None:
     table = Table(title="tokenmill run", show_header=False)
     table.add_row("job", str(info["job"]))
     table.add_row("state", str(info["state"]))
     table.add_row("rows", f"{info['succeeded']} succeeded, {info['failed']} failed, {info['cached']} cached")
+    if skipped:
+        table.add_row("skipped", f"{skipped} invalid lines (not run; in the errors file)")
     table.add_row("tokens", f"{info['prompt_tokens']} prompt, {info['completion_tokens']} generated")
     table.add_row("wall time", f"{wall:.1f} s")
     ct = info["completion_tokens"]

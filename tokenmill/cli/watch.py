@@ -9,11 +9,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from tokenmill.cli.common import out
+from tokenmill.cli.common import add_id_column, out
 from tokenmill.config import Settings
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
+from tokenmill.store.clock import db_now
+from tokenmill.store.states import JobState, WorkerState
 
 
 def _eta(remaining: int, rows_per_s: float) -> str:
@@ -25,12 +27,6 @@ def _eta(remaining: int, rows_per_s: float) -> str:
     return f"{secs // 3600}h{secs % 3600 // 60:02d}m" if secs >= 3600 else f"{secs // 60}m{secs % 60:02d}s"
 
 
-def add_id_column(table: Table, name: str) -> None:
-    """Job ids are what people copy into the next command: never cut them to "8a5778ebc…" on a narrow
-    terminal; the other columns fold instead."""
-    table.add_column(name, no_wrap=True, min_width=16)
-
-
 class WatchState:
     """Remembers the previous poll so rates are over the refresh interval, not the whole run."""
 
@@ -38,8 +34,7 @@ class WatchState:
         self.worker_tokens: dict[str, tuple[float, int]] = {}
 
     def render(self, store: Store, settings: Settings, job_ref: str | None) -> Group:
-        now = time.time()
-        lost_after = max(3 * settings.heartbeat_seconds, 10.0)
+        lost_after = settings.lost_after
         jobs_t = Table(title="jobs", expand=True)
         add_id_column(jobs_t, "job")
         for col in ("state", "model", "done", "failed", "total", "tok/s", "ETA"):
@@ -56,11 +51,12 @@ class WatchState:
                 rate = p.done / elapsed if elapsed > 0 else 0.0
                 jobs_t.add_row(
                     j.id, j.state, j.pinned_variant or j.family, str(p.done), str(p.failed), str(p.total),
-                    f"{info['tokens_per_second']:.1f}", _eta(p.remaining, rate) if j.state == "running" else "-",
+                    f"{info['tokens_per_second']:.1f}", _eta(p.remaining, rate) if j.state == JobState.RUNNING else "-",
                 )  # fmt: skip
+            now = db_now(s)  # heartbeats are the store's time, whatever this host's clock says
             for w in store_workers.list_workers(s):
                 state = store_workers.effective_state(w, lost_after, now)
-                if state == "stopped":
+                if state == WorkerState.STOPPED:
                     continue
                 prev_t, prev_tokens = self.worker_tokens.get(w.id, (now, w.tokens_generated))
                 tps = (w.tokens_generated - prev_tokens) / (now - prev_t) if now > prev_t else 0.0

@@ -51,8 +51,15 @@ def normalize_quant(quant: str) -> str:
     return _QUANT_ALIASES.get(q, q)
 
 
-def quality_rank(quant: str) -> int:
-    """Position in :data:`QUALITY_ORDER` (0 = best); unknown quants sort last."""
+def quality_rank(quant: str) -> float:
+    """Position in :data:`QUALITY_ORDER` (0 = best); unknown quants sort last.
+
+    A requantized variant (``q4_k_m_from_q4_1``, made here from an already quantized file) ranks just
+    below the worse of its type and its source: requantizing can make a file faster, never better.
+    """
+    if "_from_" in quant:
+        target, _, source = quant.partition("_from_")
+        return max(quality_rank(target), quality_rank(source)) + 0.5
     try:
         return QUALITY_ORDER.index(quant)
     except ValueError:

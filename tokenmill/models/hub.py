@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tokenmill.config import mask_text, mask_url
 from tokenmill.errors import ModelError, ModelIntegrityError
 from tokenmill.models.catalog import HubSource
 from tokenmill.models.integrity import sha256_file
@@ -49,7 +50,7 @@ def hub_download(
     except ImportError as exc:
         raise ModelError("huggingface_hub is not installed; cannot download from the Hub") from exc
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
-    where = f"{source.describe()}" + (f" via {endpoint}" if endpoint else "")
+    where = f"{source.describe()}" + (f" via {mask_url(endpoint)}" if endpoint else "")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".hub-", dir=target.parent))
     try:
@@ -69,7 +70,7 @@ def hub_download(
         except ModelError:
             raise
         except Exception as exc:  # huggingface_hub raises HTTP, OS, value and offline errors alike
-            raise ModelError(f"could not download {where}: {type(exc).__name__}: {exc}") from exc
+            raise ModelError(mask_text(f"could not download {where}: {type(exc).__name__}: {exc}")) from exc
         etag = (meta.etag or "").strip('"').lower()
         expected = expected_sha256 or (etag if _SHA256.match(etag) else None)
         actual = sha256_file(downloaded)

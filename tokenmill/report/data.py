@@ -10,17 +10,16 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
-
 from tokenmill.errors import NoResultsYet, UsageError
 from tokenmill.report.ab import ABReport, compare_outputs
-from tokenmill.store import Store
+from tokenmill.store import Session, Store
 from tokenmill.store import jobs as store_jobs
+from tokenmill.store import results as store_results
+from tokenmill.store.states import ErrorCode, ResultStatus
 from tokenmill.store.tables import Job, Result
 
 T = TypeVar("T")
@@ -285,18 +284,6 @@ _COLUMNS = (
 )
 
 
-def _pages(s: Session, job_id: str, columns: Sequence[Any]) -> Iterator[Any]:
-    last = -1
-    while True:
-        rows = s.execute(
-            select(*columns).where(Result.job_id == job_id, Result.seq > last).order_by(Result.seq).limit(PAGE)
-        ).all()
-        if not rows:
-            return
-        yield from rows
-        last = rows[-1].seq
-
-
 @dataclass
 class _WorkerAcc:
     variants: Counter[str] = field(default_factory=Counter)
@@ -311,8 +298,7 @@ class _WorkerAcc:
 
 def job_report(s: Session, job: Job) -> JobReport:
     """Everything the page shows about one job, in one streaming pass over its results."""
-    n_results = s.scalar(select(func.count()).select_from(Result).where(Result.job_id == job.id)) or 0
-    if not n_results:
+    if not store_results.count_results(s, job.id):
         raise NoResultsYet(f"job {job.id} has no results yet (state {job.state}); see: tokenmill status {job.id}")
     counts: Counter[str] = Counter()
     prompt_tokens = completion_tokens = generated = cached = 0
@@ -325,7 +311,7 @@ def job_report(s: Session, job: Job) -> JobReport:
     spans: list[tuple[float, float, float, str]] = []
     first_start = job.started_at if job.started_at is not None else float("inf")
     last_end = float("-inf")
-    for r in _pages(s, job.id, _COLUMNS):
+    for r in store_results.iter_result_columns(s, job.id, _COLUMNS, page=PAGE):
         counts[r.status] += 1
         end = float(r.created_at)
         last_end = max(last_end, end)
@@ -334,9 +320,9 @@ def job_report(s: Session, job: Job) -> JobReport:
         w = workers.setdefault(wid, _WorkerAcc())
         w.rows += 1
         w.variants[variant] += 1
-        if r.status != "succeeded":
+        if r.status != ResultStatus.SUCCEEDED:
             w.failed += 1
-            code = r.error_code or "generation_failed"
+            code = r.error_code or ErrorCode.GENERATION_FAILED
             failures[code] += 1
             if len(examples) < FAILURE_EXAMPLES:
                 examples.append(Failure(r.custom_id, code, r.error or ""))
@@ -386,8 +372,8 @@ def job_report(s: Session, job: Job) -> JobReport:
         ab_group=job.ab_group,
         total_rows=job.total_rows,
         finished=sum(counts.values()),
-        succeeded=counts["succeeded"],
-        failed=sum(n for status, n in counts.items() if status != "succeeded"),
+        succeeded=counts[ResultStatus.SUCCEEDED],
+        failed=sum(n for status, n in counts.items() if status != ResultStatus.SUCCEEDED),
         cached=cached,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
@@ -457,9 +443,7 @@ def _ab_partner(s: Session, job: Job, ab: str | None) -> tuple[Job | None, str |
         return other, None
     if not job.ab_group:
         return None, None
-    partners = list(
-        s.scalars(select(Job).where(Job.ab_group == job.ab_group, Job.id != job.id).order_by(Job.created_at))
-    )
+    partners = store_jobs.ab_partners(s, job)
     if not partners:
         return None, None
     note = None

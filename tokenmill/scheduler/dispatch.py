@@ -14,14 +14,12 @@ from collections import defaultdict
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import exists, select, update
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.orm import Session
 
 from tokenmill.celery_app import TASK_PROCESS_CHUNK
 from tokenmill.config import Settings, mask_text, mask_url
-from tokenmill.store import Store, leases
-from tokenmill.store.tables import Chunk, Job, Result
+from tokenmill.store import DB_ERRORS, Session, Store, leases
+from tokenmill.store import jobs as store_jobs
+from tokenmill.store.tables import Job
 from tokenmill.store.workers import live_serving
 
 log = logging.getLogger(__name__)
@@ -68,7 +66,7 @@ class Dispatcher:
         self.store = store
         self.app = app
         self.settings = settings
-        self.lost_after = max(3 * settings.heartbeat_seconds, 10.0)
+        self.lost_after = settings.lost_after
         self.broker_watch = BrokerWatch(settings.broker_url, settings.database_url)
         self._broker_emptied = False  # set until a pass has committed the requeue (the store may be down too)
         self._next_orphan_check = 0.0
@@ -90,7 +88,7 @@ class Dispatcher:
             if orphaned:
                 log.info("sending %d chunks again: queued, but their messages are no longer in the broker", orphaned)
             self._finish_jobs(s)
-            active = list(s.scalars(select(Job).where(Job.state.in_(("queued", "running"))).order_by(Job.created_at)))
+            active = store_jobs.active_jobs(s)
             inflight = leases.inflight_by_queue(s)
             to_send: list[tuple[str, str, int]] = []
             by_queue: dict[str, list[Job]] = defaultdict(list)
@@ -102,10 +100,10 @@ class Dispatcher:
                 to_send.extend(self._fair_share(s, queue, queue_jobs, slots))
             if to_send:
                 leases.mark_queued(s, [chunk_id for _, _, chunk_id in to_send])
+                sent_jobs = {j for _, j, _ in to_send}
                 for job in active:
-                    if job.state == "queued" and any(j == job.id for _, j, _ in to_send):
-                        job.state = "running"
-                        job.started_at = job.started_at or time.time()
+                    if job.id in sent_jobs:
+                        store_jobs.start_job(job)
         self._broker_emptied = False
         for i, (queue, job_id, chunk_id) in enumerate(to_send):
             try:
@@ -155,14 +153,9 @@ class Dispatcher:
     def _unqueue(self, chunk_ids: list[int]) -> None:
         try:
             with self.store.session() as s:
-                s.execute(
-                    update(Chunk)
-                    .where(Chunk.id.in_(chunk_ids), Chunk.state == "queued")
-                    .values(state="pending")
-                    .execution_options(synchronize_session=False)
-                )
-        except (OperationalError, DBAPIError) as exc:  # the stale requeue will get them later
-            log.warning("could not reopen unsent chunks: %s", mask_text(str(exc.orig)).splitlines()[0])
+                leases.unqueue(s, chunk_ids)
+        except DB_ERRORS as exc:  # the stale requeue will get them later
+            log.warning("could not reopen unsent chunks: %s", _first_line(exc))
 
     def _masked_broker(self) -> str:
         return self.settings.describe()["broker_url"]
@@ -183,11 +176,7 @@ class Dispatcher:
         return picked
 
     def _finish_jobs(self, s: Session) -> None:
-        open_chunk = exists().where(Chunk.job_id == Job.id, Chunk.state.notin_(("done", "cancelled")))
-        for job in s.scalars(select(Job).where(Job.state.in_(("queued", "running")), ~open_chunk)):
-            failed = s.scalar(select(exists().where(Result.job_id == job.id, Result.status == "failed")))
-            job.state = "completed_with_errors" if failed else "completed"
-            job.finished_at = time.time()
+        for job in store_jobs.finish_jobs(s):
             log.info("job %s %s", job.id, job.state)
 
     def run(self, stop: threading.Event, until_job: str | None = None) -> None:
@@ -199,8 +188,8 @@ class Dispatcher:
                 delay = self.settings.dispatch_interval
                 if until_job is not None and self.job_finished(until_job):
                     return
-            except (OperationalError, DBAPIError) as exc:
-                log.warning("store unavailable, retrying in %.1fs: %s", delay, mask_text(str(exc.orig)).splitlines()[0])
+            except DB_ERRORS as exc:
+                log.warning("store unavailable, retrying in %.1fs: %s", delay, _first_line(exc))
                 self.store.engine.dispose()
                 delay = min(delay * 2, 10.0)
             except Exception as exc:  # broker outages surface as many kombu/redis types
@@ -212,8 +201,13 @@ class Dispatcher:
 
     def job_finished(self, job_id: str) -> bool:
         with self.store.session() as s:
-            job = s.get(Job, job_id)
-            return job is None or job.state not in ("queued", "running", "ingesting")
+            return not store_jobs.is_unfinished(s, job_id)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The database's own message (masked), without SQLAlchemy's statement and link lines."""
+    lines = mask_text(str(getattr(exc, "orig", exc))).splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _is_broker_error(exc: BaseException) -> bool:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenmill.celery_app import queue_for
-from tokenmill.datasets import InvalidLine, error_line, read_dataset
-from tokenmill.errors import DatasetError, UnknownModelError
+from tokenmill.datasets import InvalidLine, read_dataset
+from tokenmill.errors import DatasetError
+from tokenmill.output import rejected_line
 from tokenmill.rows import GENERATION_ENDPOINTS, DatasetRow, SamplingParams
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
@@ -21,11 +23,27 @@ if TYPE_CHECKING:
 
 
 def job_key(source: Path, model: str, options: dict[str, Any]) -> str:
-    """Same file (path, size, mtime), same model and options → same key, so a re-run resumes the job."""
+    """Same input, same model and options → same key, so a re-run resumes the job.
+
+    A file is the same input while its path, size and mtime are; a folder of documents while every
+    document's (path, size, mtime, inode) is — the folder's own mtime and total size miss a document
+    edited in place.
+    """
     st = source.stat()
-    size = st.st_size if source.is_file() else sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
-    ident = json.dumps([str(source.resolve()), size, st.st_mtime_ns, model, options], sort_keys=True)
+    ident = json.dumps([str(source.resolve()), *_input_stamp(source, st), model, options], sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()
+
+
+def _input_stamp(source: Path, st: os.stat_result) -> list[object]:
+    if not source.is_dir():
+        return [st.st_size, st.st_mtime_ns]  # as before, so jobs submitted by an older tokenmill resume
+    from tokenmill.documents import list_documents
+
+    stamps = []
+    for rel, path in list_documents(source):
+        doc = path.stat()
+        stamps.append([rel, doc.st_size, doc.st_mtime_ns, doc.st_ino])
+    return ["documents", stamps]
 
 
 def submit_rows(
@@ -82,6 +100,7 @@ class Submission:
     skip_invalid: bool = False
     no_cache: bool = False
     token_budget: int | None = None  # documents only; None: derived from the context and max_tokens
+    models_dir: Path | None = None  # where a .gguf path's content hash is remembered (None: this process only)
 
     def document_budget(self) -> int:
         if self.token_budget is not None:
@@ -89,7 +108,8 @@ class Submission:
         return document_token_budget((self.defaults or SamplingParams()).max_tokens)
 
     def options(self) -> dict[str, Any]:
-        return {
+        extra = {"model_sha256": model_identity(self.model, self.models_dir)} if _is_path(self.model) else {}
+        return extra | {
             "model": self.model,
             "template": self.template,
             "field": self.text_field,
@@ -120,18 +140,37 @@ class Submission:
         )
 
 
-def model_route(model: str) -> tuple[str, str | None]:
-    """(family, pinned quant) for a catalog ref or a local .gguf path; unknown models fail before any work."""
-    from tokenmill.models.catalog import get_family, parse_model_ref
+def _is_path(model: str) -> bool:
     from tokenmill.models.resolve import looks_like_path
 
-    if looks_like_path(model):
-        path = Path(model).expanduser()
-        if not path.is_file():
-            raise UnknownModelError(f"model file {model} does not exist")
-        return f"file-{path.stem.lower()}", None
-    family_name, quant = parse_model_ref(model)
-    family = get_family(family_name)
+    return looks_like_path(model)
+
+
+def model_identity(model: str, models_dir: Path | None = None) -> str:
+    """A .gguf path's sha256: the identity its queue, cache key and job key are made of."""
+    from tokenmill.models.resolve import resolve_file
+
+    sha = resolve_file(model, models_dir).sha256
+    assert sha is not None  # resolve_file always hashes
+    return sha
+
+
+def model_route(model: str, models_dir: Path | None = None) -> tuple[str, str | None]:
+    """(family, pinned quant) for a catalog ref or a local .gguf path; unknown models fail before any work.
+
+    A path routes by its content, to the queue a worker serving those same bytes listens on. With
+    ``models_dir``, variants quantized on this host (`models quantize`) are known too.
+    """
+    from tokenmill.models.catalog import get_family, parse_model_ref
+    from tokenmill.models.resolve import file_family
+
+    if _is_path(model):
+        return file_family(model_identity(model, models_dir)), None
+    from tokenmill.models.quantize import catalog_with_local
+
+    catalog = catalog_with_local(models_dir) if models_dir is not None else None
+    family_name, quant = parse_model_ref(model, catalog)
+    family = get_family(family_name, catalog)
     return family.name, family.variant(quant).quant if quant else None
 
 
@@ -185,7 +224,7 @@ class _Ingest:
                         if fh is None:
                             self.errors_out.parent.mkdir(parents=True, exist_ok=True)
                             fh = open(self.errors_out, "w", encoding="utf-8")  # noqa: SIM115
-                        fh.write(json.dumps(error_line(item, str(self.sub.path)), ensure_ascii=False) + "\n")
+                        fh.write(json.dumps(rejected_line(item, str(self.sub.path)), ensure_ascii=False) + "\n")
                 else:
                     self.rows += 1
                     yield item
@@ -194,7 +233,6 @@ class _Ingest:
                 fh.close()
         if self.rows == 0:
             raise DatasetError(str(self.sub.path), "no valid rows to run")
-
 
     def _model_check(self, item: DatasetRow | InvalidLine) -> DatasetRow | InvalidLine:
         """A line the job's catalog model cannot serve is a line error too, before any model loads."""
@@ -230,13 +268,14 @@ def submit_dataset(
     ab_group: str | None = None,
     pin: str | None = None,
     chunk_size: int | None = None,
+    deadline: float | None = None,
 ) -> tuple[str, int, int]:
     """Store a dataset as a job; returns (job id, rows stored, invalid lines skipped).
 
-    ``chunk_size`` overrides the automatic choice without becoming part of the job's identity, so the
-    same command resumes the same job.
+    ``chunk_size`` overrides the automatic choice and ``deadline`` (epoch seconds, shown by ``status``) is
+    recorded, neither becoming part of the job's identity, so the same command resumes the same job.
     """
-    family, quant = model_route(pin or sub.model)
+    family, quant = model_route(pin or sub.model, sub.models_dir)
     ingest = _Ingest(sub, errors_out if sub.skip_invalid else None, _catalog_family(family))
     job_id = submit_rows(
         store,
@@ -246,7 +285,7 @@ def submit_dataset(
         family=family,
         pinned_quant=quant,
         chunk_size=sub.chunk_size or chunk_size or auto_chunk_size(sub.path),
-        options=sub.options(),
+        options={**sub.options(), **({"deadline": deadline} if deadline else {})},
         ab_group=ab_group,
     )
     return job_id, ingest.rows, ingest.invalid

@@ -17,11 +17,14 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tokenmill.config import mask_text, mask_url, sqlalchemy_url
-from tokenmill.errors import ServiceUnavailable, StoreError
+from tokenmill.errors import ServiceUnavailable, StoreError, StoreFull
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 T = TypeVar("T")
+# What a store call raises when the database is down or refuses: callers outside the store catch this
+# instead of importing SQLAlchemy (DBAPIError covers OperationalError; both named for the reader).
+DB_ERRORS: tuple[type[Exception], ...] = (OperationalError, DBAPIError)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -42,10 +45,12 @@ class Store:
         self.masked_url = mask_url(url)
         sa_url = sqlalchemy_url(url)
         self.is_sqlite = sa_url.startswith("sqlite")
+        self.sqlite_path: str | None = None
         if self.is_sqlite:
             path = sa_url.split("///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self.sqlite_path = path.split("?", 1)[0]
             self.engine: Engine = create_engine(sa_url, connect_args={"timeout": 60})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
@@ -56,9 +61,23 @@ class Store:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A transaction: committed on success, rolled back on any error."""
-        with self._sessions() as s, s.begin():
-            yield s
+        """A transaction: committed on success, rolled back on any error (a full disk: :class:`StoreFull`)."""
+        try:
+            with self._sessions() as s, s.begin():
+                yield s
+        except (OperationalError, DBAPIError) as exc:
+            if _is_disk_full(exc):
+                raise self.full(exc) from None
+            raise
+
+    def full(self, exc: BaseException) -> StoreFull:
+        """The one line for a full disk: where (the SQLite file, or the masked URL), and what to do."""
+        where = self.sqlite_path or self.masked_url
+        reason = mask_text(str(getattr(exc, "orig", exc))).strip().splitlines()[0]
+        return StoreFull(
+            f"the store's disk is full at {where} ({reason}); the transaction was rolled back and the store is "
+            "intact: free space there and run the same command again"
+        )
 
     def unavailable(self, exc: BaseException) -> ServiceUnavailable:
         first = mask_text(str(getattr(exc, "orig", exc)) or type(exc).__name__).strip().splitlines()
@@ -104,10 +123,19 @@ class Store:
         except (OperationalError, DBAPIError) as exc:
             if _is_connection_error(exc):
                 raise self.unavailable(exc) from None
+            if _is_disk_full(exc):
+                raise self.full(exc) from None
             raise StoreError(f"cannot migrate {self.masked_url}: {mask_text(str(exc.orig)).splitlines()[0]}") from None
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """SQLite's SQLITE_FULL, or Postgres out of space (``could not extend file``, ENOSPC)."""
+    msg = str(getattr(exc, "orig", exc)).lower()
+    return any(s in msg for s in ("database or disk is full", "no space left on device", "could not extend file",
+                                  "could not write to file"))  # fmt: skip
 
 
 def _is_connection_error(exc: BaseException) -> bool:

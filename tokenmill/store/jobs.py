@@ -1,4 +1,5 @@
-"""Jobs and their rows: ingest (streamed, bulk), lookup, progress, cancel and retry."""
+"""Jobs and their rows: ingest (streamed, bulk), lookup, progress, and the job's transitions (start,
+finish, cancel, retry)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,28 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy import case, delete, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from tokenmill.errors import JobNotFound, StoreError
 from tokenmill.rows import DatasetRow
+from tokenmill.store.states import (
+    ACTIVE_STATES,
+    CHUNK_CLOSED,
+    CHUNK_WAITING,
+    FINAL_STATES,
+    UNFINISHED_STATES,
+    ChunkState,
+    JobState,
+    ResultStatus,
+)
 from tokenmill.store.tables import Chunk, Job, RequestRow, Result
 
-ACTIVE_STATES = ("queued", "running")
-FINAL_STATES = ("completed", "completed_with_errors", "cancelled")
+__all__ = ["ACTIVE_STATES", "FINAL_STATES"]  # re-exported: callers that ask "is this job still going?"
 INSERT_BATCH = 2000
+# A chunk holds at most chunk_size rows AND about this many prompt characters (what ``prompt_chars``
+# counts): a chunk of 16 huge rows was one lease of hours, and every worker that took it in turn died.
+MAX_CHUNK_PROMPT_CHARS = 1 << 20
 
 
 def new_job_id() -> str:
@@ -44,7 +57,7 @@ def create_job(
         family=family,
         pinned_variant=pinned_variant,
         queue=queue,
-        state="ingesting",
+        state=JobState.INGESTING,
         chunk_size=chunk_size,
         options=options or {},
         ab_group=ab_group,
@@ -57,12 +70,36 @@ def create_job(
     return job
 
 
-def _row_record(job: Job, seq: int, row: DatasetRow) -> dict[str, Any]:
+class _Chunker:
+    """Cuts rows into chunks as they stream by: a new chunk when the rows or the characters run out."""
+
+    def __init__(self, rows: int, chars: int) -> None:
+        self.max_rows, self.max_chars = rows, chars
+        self.spans: list[tuple[int, int]] = []  # (first_seq, last_seq) of each closed chunk
+        self.first, self.n, self.chars = 0, 0, 0
+
+    def place(self, seq: int, chars: int) -> int:
+        """The chunk index for row ``seq``; a row larger than the bound gets a chunk of its own."""
+        if self.n and (self.n >= self.max_rows or self.chars + chars > self.max_chars):
+            self.spans.append((self.first, seq - 1))
+            self.first, self.n, self.chars = seq, 0, 0
+        self.n += 1
+        self.chars += chars
+        return len(self.spans)
+
+    def close(self) -> list[tuple[int, int]]:
+        if self.n:
+            self.spans.append((self.first, self.first + self.n - 1))
+            self.n = 0
+        return self.spans
+
+
+def _row_record(job: Job, seq: int, row: DatasetRow, chunker: _Chunker) -> dict[str, Any]:
     prompt_chars = len(row.prompt or "") + sum(len(m.get("content", "")) for m in row.messages or ())
     return {
         "job_id": job.id,
         "seq": seq,
-        "chunk_index": seq // job.chunk_size,
+        "chunk_index": chunker.place(seq, prompt_chars),
         "line": row.line,
         "custom_id": row.custom_id,
         "payload": row.to_payload(),
@@ -73,25 +110,25 @@ def _row_record(job: Job, seq: int, row: DatasetRow) -> dict[str, Any]:
 _PAYLOAD_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps with options builds one per call
 
 
-def _copy_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
+def _copy_rows(s: Session, job: Job, rows: Iterable[DatasetRow], chunker: _Chunker) -> int:
     """Postgres: COPY inside the session's transaction — several times faster than batched INSERTs."""
     raw = s.connection().connection.driver_connection
     columns = ("job_id", "seq", "chunk_index", "line", "custom_id", "payload", "prompt_chars")
     seq = 0
     with raw.cursor() as cur, cur.copy(f"COPY requests ({', '.join(columns)}) FROM STDIN") as copy:  # type: ignore[union-attr]
         for row in rows:
-            rec = _row_record(job, seq, row)
+            rec = _row_record(job, seq, row, chunker)
             rec["payload"] = _PAYLOAD_JSON.encode(rec["payload"])
             copy.write_row([rec[c] for c in columns])
             seq += 1
     return seq
 
 
-def _insert_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
+def _insert_rows(s: Session, job: Job, rows: Iterable[DatasetRow], chunker: _Chunker) -> int:
     batch: list[dict[str, Any]] = []
     seq = 0
     for row in rows:
-        batch.append(_row_record(job, seq, row))
+        batch.append(_row_record(job, seq, row, chunker))
         seq += 1
         if len(batch) >= INSERT_BATCH:
             s.execute(insert(RequestRow), batch)
@@ -101,29 +138,26 @@ def _insert_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
     return seq
 
 
-def ingest_rows(s: Session, job: Job, rows: Iterable[DatasetRow]) -> int:
+def ingest_rows(
+    s: Session, job: Job, rows: Iterable[DatasetRow], *, max_chunk_chars: int = MAX_CHUNK_PROMPT_CHARS
+) -> int:
     """Stream rows into the store and cut them into chunks; memory stays bounded whatever the file size."""
     copy = s.get_bind().dialect.name == "postgresql"  # COPY streams far faster than batched INSERTs
-    seq = _copy_rows(s, job, rows) if copy else _insert_rows(s, job, rows)
-    n_chunks = (seq + job.chunk_size - 1) // job.chunk_size
-    for start in range(0, n_chunks, INSERT_BATCH):
+    chunker = _Chunker(job.chunk_size, max_chunk_chars)
+    seq = _copy_rows(s, job, rows, chunker) if copy else _insert_rows(s, job, rows, chunker)
+    spans = chunker.close()
+    for start in range(0, len(spans), INSERT_BATCH):
         s.execute(
             insert(Chunk),
             [
-                {
-                    "job_id": job.id,
-                    "idx": i,
-                    "first_seq": i * job.chunk_size,
-                    "last_seq": min(seq, (i + 1) * job.chunk_size) - 1,
-                    "state": "pending",
-                    "attempts": 0,
-                }
-                for i in range(start, min(n_chunks, start + INSERT_BATCH))
+                {"job_id": job.id, "idx": i, "first_seq": first, "last_seq": last, "state": ChunkState.PENDING,
+                 "attempts": 0}
+                for i, (first, last) in enumerate(spans[start : start + INSERT_BATCH], start)
             ],
         )
     job.total_rows = seq
-    job.n_chunks = n_chunks
-    job.state = "queued" if seq else "completed"
+    job.n_chunks = len(spans)
+    job.state = JobState.QUEUED if seq else JobState.COMPLETED
     if not seq:
         job.finished_at = time.time()
     return seq
@@ -206,8 +240,8 @@ def progress(s: Session, job: Job) -> Progress:
     chunk_counts = dict(
         s.execute(select(Chunk.state, func.count()).where(Chunk.job_id == job.id).group_by(Chunk.state)).all()
     )
-    ok = counts.get("succeeded", (0, 0, 0, 0))
-    bad = counts.get("failed", (0, 0, 0, 0))
+    ok = counts.get(ResultStatus.SUCCEEDED, (0, 0, 0, 0))
+    bad = counts.get(ResultStatus.FAILED, (0, 0, 0, 0))
     return Progress(
         job_id=job.id,
         state=job.state,
@@ -219,8 +253,8 @@ def progress(s: Session, job: Job) -> Progress:
         completion_tokens=int(ok[1]),
         prompt_tokens=int(ok[2]),
         chunks_total=job.n_chunks,
-        chunks_done=int(chunk_counts.get("done", 0)),
-        chunks_running=int(chunk_counts.get("running", 0)),
+        chunks_done=int(chunk_counts.get(ChunkState.DONE, 0)),
+        chunks_running=int(chunk_counts.get(ChunkState.RUNNING, 0)),
         started_at=job.started_at,
         finished_at=job.finished_at,
     )
@@ -230,37 +264,95 @@ def cancel_job(s: Session, job: Job) -> bool:
     """Stop dispatch now; workers see the state at their next row boundary."""
     if job.state in FINAL_STATES:
         return False
-    job.state = "cancelled"
+    job.state = JobState.CANCELLED
     job.finished_at = time.time()
     s.execute(
-        update(Chunk).where(Chunk.job_id == job.id, Chunk.state.in_(("pending", "queued"))).values(state="cancelled")
+        update(Chunk).where(Chunk.job_id == job.id, Chunk.state.in_(CHUNK_WAITING)).values(state=ChunkState.CANCELLED)
     )
     return True
 
 
 def retry_failed(s: Session, job: Job) -> int:
-    """Forget failed results and reopen only the chunks that held them."""
+    """Forget failed results and reopen only the chunks that held them.
+
+    An explicit retry is a fresh start for what it reopens: the chunks' claim counts and the rows'
+    attempt counts go back to zero, or a chunk that ran out of attempts would fail again at once.
+    """
     if job.state in ACTIVE_STATES:
         raise StoreError(f"job {job.id} is still {job.state}; wait for it or cancel it first")
-    failed = list(s.scalars(select(Result.seq).where(Result.job_id == job.id, Result.status == "failed")))
-    unfinished = job.state == "cancelled"
+    failed = list(s.scalars(select(Result.seq).where(Result.job_id == job.id, Result.status == ResultStatus.FAILED)))
+    unfinished = job.state == JobState.CANCELLED
     if not failed and not unfinished:
         return 0
+    failed_seqs = select(Result.seq).where(Result.job_id == job.id, Result.status == ResultStatus.FAILED)
+    chunk_idx = set(  # chunks are cut by rows and by bytes: look each row's chunk up, never divide
+        s.scalars(
+            select(RequestRow.chunk_index)
+            .where(RequestRow.job_id == job.id, RequestRow.seq.in_(failed_seqs))
+            .distinct()
+        )
+    ) if failed else set()
     if failed:
-        s.execute(delete(Result).where(Result.job_id == job.id, Result.status == "failed"))
-    chunk_idx = {seq // job.chunk_size for seq in failed}
+        s.execute(delete(Result).where(Result.job_id == job.id, Result.status == ResultStatus.FAILED))
+        s.execute(update(RequestRow).where(RequestRow.job_id == job.id, RequestRow.seq.in_(failed)).values(attempts=0))
     conditions = [Chunk.job_id == job.id]
     if unfinished:
-        s.execute(update(Chunk).where(*conditions, Chunk.state != "done").values(state="pending"))
+        s.execute(
+            update(Chunk)
+            .where(*conditions, Chunk.state != ChunkState.DONE)
+            .values(state=ChunkState.PENDING, attempts=0)
+        )
     if chunk_idx:
         s.execute(
             update(Chunk)
             .where(*conditions, Chunk.idx.in_(chunk_idx))
-            .values(state="pending", lease_owner=None, lease_expires_at=None)
+            .values(state=ChunkState.PENDING, lease_owner=None, lease_expires_at=None, attempts=0)
         )
-    job.state = "queued"
+    job.state = JobState.QUEUED
     job.finished_at = None
     return len(failed)
+
+
+def start_job(job: Job) -> None:
+    """queued -> running, when its first chunk is sent or claimed (whichever the store sees first)."""
+    if job.state == JobState.QUEUED:
+        job.state = JobState.RUNNING
+        job.started_at = job.started_at or time.time()
+
+
+def active_jobs(s: Session) -> list[Job]:
+    """Jobs the dispatcher sends chunks for, oldest first (fair share starts with the oldest)."""
+    return list(s.scalars(select(Job).where(Job.state.in_(ACTIVE_STATES)).order_by(Job.created_at)))
+
+
+def finish_jobs(s: Session) -> list[Job]:
+    """Close every active job with no chunk left to do; returns the jobs it closed."""
+    open_chunk = exists().where(Chunk.job_id == Job.id, Chunk.state.notin_(CHUNK_CLOSED))
+    closed = list(s.scalars(select(Job).where(Job.state.in_(ACTIVE_STATES), ~open_chunk)))
+    for job in closed:
+        failed = s.scalar(select(exists().where(Result.job_id == job.id, Result.status == ResultStatus.FAILED)))
+        job.state = JobState.COMPLETED_WITH_ERRORS if failed else JobState.COMPLETED
+        job.finished_at = time.time()
+    return closed
+
+
+def is_unfinished(s: Session, job_id: str) -> bool:
+    """True while the job can still change by itself (ingesting, queued or running); False if gone."""
+    state = s.scalar(select(Job.state).where(Job.id == job_id))
+    return state is not None and state in UNFINISHED_STATES
+
+
+def is_cancelled(s: Session, job_id: str) -> bool:
+    """What a worker asks between rows: stop if the job was cancelled (or deleted)."""
+    state = s.scalar(select(Job.state).where(Job.id == job_id))
+    return state is None or state == JobState.CANCELLED
+
+
+def ab_partners(s: Session, job: Job) -> list[Job]:
+    """The other jobs of ``job``'s A/B group, oldest first."""
+    if job.ab_group is None:
+        return []
+    return list(s.scalars(select(Job).where(Job.ab_group == job.ab_group, Job.id != job.id).order_by(Job.created_at)))
 
 
 def load_rows(s: Session, job_id: str, first_seq: int, last_seq: int) -> list[RequestRow]:

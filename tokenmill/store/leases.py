@@ -1,32 +1,66 @@
 """Chunk leases: the mechanism that makes redelivery, crashes and scale-out safe.
 
 A worker may only generate for a chunk while it holds an unexpired lease on it; the broker's view of
-the world (acked, redelivered, lost) never decides who works on what.
+the world (acked, redelivered, lost) never decides who works on what. Every chunk transition is a
+function here (claim, renew, complete, release, expire, requeue, unqueue, mark queued, close answered).
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from tokenmill.store.tables import Chunk, Job, Worker
+from tokenmill.store.clock import now_sql
+from tokenmill.store.jobs import start_job
+from tokenmill.store.results import fail_unanswered
+from tokenmill.store.states import (
+    ACTIVE_STATES,
+    CHUNK_CLAIMABLE,
+    CHUNK_CLOSED,
+    CHUNK_INFLIGHT,
+    CHUNK_WAITING,
+    WORKER_GONE,
+    ChunkState,
+    ErrorCode,
+)
+from tokenmill.store.tables import Chunk, Job, Result, Worker
+from tokenmill.store.workers import count_tokens, queues_of
 
 
-def claim(s: Session, chunk_id: int, worker_id: str, lease_seconds: float) -> Chunk | None:
-    """Take the lease if nobody holds a live one and the chunk is not finished; None otherwise."""
-    now = time.time()
+def claim(
+    s: Session,
+    chunk_id: int,
+    worker_id: str,
+    lease_seconds: float,
+    *,
+    job_id: str | None = None,
+    queues: list[str] | None = None,
+) -> Chunk | None:
+    """Take the lease if nobody holds a live one and the chunk is not finished; None otherwise.
+
+    With ``job_id``/``queues`` the chunk must also belong to that job, and the job sit on one of those
+    queues, checked in the same statement as the lease is taken (a stale or forged message cannot
+    make a worker answer another job's rows, or a model it does not serve).
+    """
+    now = now_sql(s)
+    job_ok = select(Job.id).where(Job.state.in_(ACTIVE_STATES))
+    if queues is not None:
+        job_ok = job_ok.where(Job.queue.in_(queues))
+    where = [
+        Chunk.id == chunk_id,
+        Chunk.state.in_(CHUNK_CLAIMABLE),
+        or_(Chunk.lease_owner.is_(None), Chunk.lease_expires_at < now, Chunk.lease_owner == worker_id),
+        Chunk.job_id.in_(job_ok),
+    ]
+    if job_id is not None:
+        where.append(Chunk.job_id == job_id)
     res = s.execute(
         update(Chunk)
-        .where(
-            Chunk.id == chunk_id,
-            Chunk.state.in_(("pending", "queued", "running")),
-            or_(Chunk.lease_owner.is_(None), Chunk.lease_expires_at < now, Chunk.lease_owner == worker_id),
-            Chunk.job_id.in_(select(Job.id).where(Job.state.in_(("queued", "running")))),
-        )
+        .where(*where)
         .values(
-            state="running",
+            state=ChunkState.RUNNING,
             lease_owner=worker_id,
             lease_expires_at=now + lease_seconds,
             attempts=Chunk.attempts + 1,
@@ -36,15 +70,68 @@ def claim(s: Session, chunk_id: int, worker_id: str, lease_seconds: float) -> Ch
     )
     if res.rowcount != 1:  # type: ignore[attr-defined]
         return None
-    return s.get(Chunk, chunk_id)
+    return s.get(Chunk, chunk_id, populate_existing=True)  # the UPDATE bypassed the identity map
+
+
+@dataclass
+class Claim:
+    """What a worker's claim came to: a chunk to run, a refusal with its reason, or rows given up on."""
+
+    chunk: Chunk | None = None
+    job: Job | None = None
+    refused: str | None = None  # why a message was dropped: it does not match this worker or this job
+    exhausted: int = 0  # rows failed with chunk_attempts_exhausted (the chunk is done then)
+
+
+def claim_for_worker(
+    s: Session, *, job_id: str, chunk_id: int, worker_id: str, lease_seconds: float, max_attempts: int
+) -> Claim:
+    """A worker's whole claim in one transaction: verify the (job, chunk) pairing and the job's queue
+    against the queues this worker registered, take the lease, start the job, and give up on a chunk
+    claimed more than ``max_attempts`` times (its unanswered rows fail; the job goes on)."""
+    queues = queues_of(s, worker_id)
+    chunk = claim(s, chunk_id, worker_id, lease_seconds, job_id=job_id, queues=queues)
+    if chunk is None:
+        return Claim(refused=_mismatch(s, job_id, chunk_id, queues))
+    job = s.get(Job, job_id)
+    if job is None:  # cannot happen: the claim checked the job exists; kept for the type checker
+        return Claim()
+    start_job(job)
+    if chunk.attempts > max_attempts:
+        failed = fail_unanswered(
+            s,
+            job_id,
+            chunk.first_seq,
+            chunk.last_seq,
+            code=ErrorCode.CHUNK_ATTEMPTS_EXHAUSTED,
+            message=f"chunk {chunk.idx} was claimed {chunk.attempts} times (limit {max_attempts}); given up",
+            worker_id=worker_id,
+        )
+        count_tokens(s, worker_id, failed, 0)
+        complete(s, chunk_id, worker_id)
+        return Claim(chunk=chunk, job=job, exhausted=failed)
+    return Claim(chunk=chunk, job=job)
+
+
+def _mismatch(s: Session, job_id: str, chunk_id: int, queues: list[str]) -> str | None:
+    """Why a message cannot be this worker's to run, or None when the chunk is merely taken or finished."""
+    owner = s.scalar(select(Chunk.job_id).where(Chunk.id == chunk_id))
+    if owner is None:
+        return f"chunk {chunk_id} does not exist"
+    if owner != job_id:
+        return f"chunk {chunk_id} belongs to job {owner}, not to job {job_id}"
+    queue = s.scalar(select(Job.queue).where(Job.id == job_id))
+    if queue is not None and queue not in queues:
+        return f"job {job_id} is on queue {queue}, which this worker does not serve ({', '.join(queues) or 'none'})"
+    return None
 
 
 def renew(s: Session, chunk_id: int, worker_id: str, lease_seconds: float) -> bool:
     """Extend our lease; False means it was lost (expired and taken, or the job was cancelled)."""
     res = s.execute(
         update(Chunk)
-        .where(Chunk.id == chunk_id, Chunk.lease_owner == worker_id, Chunk.state == "running")
-        .values(lease_expires_at=time.time() + lease_seconds)
+        .where(Chunk.id == chunk_id, Chunk.lease_owner == worker_id, Chunk.state == ChunkState.RUNNING)
+        .values(lease_expires_at=now_sql(s) + lease_seconds)
         .execution_options(synchronize_session=False)
     )
     return res.rowcount == 1  # type: ignore[attr-defined]
@@ -53,8 +140,8 @@ def renew(s: Session, chunk_id: int, worker_id: str, lease_seconds: float) -> bo
 def complete(s: Session, chunk_id: int, worker_id: str) -> bool:
     res = s.execute(
         update(Chunk)
-        .where(Chunk.id == chunk_id, Chunk.lease_owner == worker_id, Chunk.state == "running")
-        .values(state="done", finished_at=time.time(), lease_expires_at=None)
+        .where(Chunk.id == chunk_id, Chunk.lease_owner == worker_id, Chunk.state == ChunkState.RUNNING)
+        .values(state=ChunkState.DONE, finished_at=now_sql(s), lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
     return res.rowcount == 1  # type: ignore[attr-defined]
@@ -64,25 +151,23 @@ def release(s: Session, chunk_id: int, worker_id: str) -> None:
     """Hand a chunk back at once (clean shutdown, cancel) instead of letting its lease run out."""
     s.execute(
         update(Chunk)
-        .where(Chunk.id == chunk_id, Chunk.lease_owner == worker_id, Chunk.state == "running")
-        .values(state="pending", lease_owner=None, lease_expires_at=None)
+        .where(Chunk.id == chunk_id, Chunk.lease_owner == worker_id, Chunk.state == ChunkState.RUNNING)
+        .values(state=ChunkState.PENDING, lease_owner=None, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
 
 
 def expire(s: Session, lost_after: float) -> int:
     """Reopen chunks whose lease ran out, or whose owner stopped heartbeating (died without a word)."""
-    now = time.time()
-    dead_owners = select(Worker.id).where(
-        or_(Worker.heartbeat_at < now - lost_after, Worker.state.in_(("stopped", "failed")))
-    )
+    now = now_sql(s)
+    dead_owners = select(Worker.id).where(or_(Worker.heartbeat_at < now - lost_after, Worker.state.in_(WORKER_GONE)))
     res = s.execute(
         update(Chunk)
         .where(
-            Chunk.state == "running",
+            Chunk.state == ChunkState.RUNNING,
             or_(Chunk.lease_expires_at < now, Chunk.lease_owner.in_(dead_owners)),
         )
-        .values(state="pending", lease_owner=None, lease_expires_at=None)
+        .values(state=ChunkState.PENDING, lease_owner=None, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
     return int(res.rowcount)  # type: ignore[attr-defined]
@@ -93,42 +178,70 @@ def requeue_stale(s: Session, older_than: float, queues: list[str] | None = None
 
     ``queues`` limits this to chunks of jobs on those queues.
     """
-    where = _queued_longer_than(older_than)
+    where = _queued_longer_than(s, older_than)
     if queues is not None:
         where.append(Chunk.job_id.in_(select(Job.id).where(Job.queue.in_(queues))))
-    res = s.execute(update(Chunk).where(*where).values(state="pending").execution_options(synchronize_session=False))
+    res = s.execute(
+        update(Chunk).where(*where).values(state=ChunkState.PENDING).execution_options(synchronize_session=False)
+    )
+    return int(res.rowcount)  # type: ignore[attr-defined]
+
+
+def unqueue(s: Session, chunk_ids: list[int]) -> int:
+    """Chunks marked queued whose message was never sent go straight back to pending."""
+    res = s.execute(
+        update(Chunk)
+        .where(Chunk.id.in_(chunk_ids), Chunk.state == ChunkState.QUEUED)
+        .values(state=ChunkState.PENDING)
+        .execution_options(synchronize_session=False)
+    )
     return int(res.rowcount)  # type: ignore[attr-defined]
 
 
 def queues_with_queued_since(s: Session, older_than: float) -> list[str]:
     """Queues holding chunks marked queued for longer than ``older_than`` seconds."""
     rows = s.execute(
-        select(Job.queue)
-        .join(Chunk, Chunk.job_id == Job.id)
-        .where(*_queued_longer_than(older_than))
-        .distinct()
+        select(Job.queue).join(Chunk, Chunk.job_id == Job.id).where(*_queued_longer_than(s, older_than)).distinct()
     ).all()
     return sorted(q for (q,) in rows)
 
 
-def _queued_longer_than(seconds: float) -> list[ColumnElement[bool]]:
-    return [Chunk.state == "queued", Chunk.enqueued_at < time.time() - seconds]
+def _queued_longer_than(s: Session, seconds: float) -> list[ColumnElement[bool]]:
+    return [Chunk.state == ChunkState.QUEUED, Chunk.enqueued_at < now_sql(s) - seconds]
 
 
 def inflight_by_queue(s: Session) -> dict[str, int]:
     rows = s.execute(
         select(Job.queue, func.count())
         .join(Chunk, Chunk.job_id == Job.id)
-        .where(Chunk.state.in_(("queued", "running")))
+        .where(Chunk.state.in_(CHUNK_INFLIGHT))
         .group_by(Job.queue)
     ).all()
     return {q: int(n) for q, n in rows}
 
 
+def waiting_on(s: Session, queues: list[str]) -> int:
+    """Chunks waiting (pending or queued) for jobs on these queues."""
+    if not queues:
+        return 0
+    return int(
+        s.scalar(
+            select(func.count())
+            .select_from(Chunk)
+            .join(Job, Job.id == Chunk.job_id)
+            .where(Job.queue.in_(queues), Chunk.state.in_(CHUNK_WAITING))
+        )
+        or 0
+    )
+
+
 def pending_chunks(s: Session, job_id: str, limit: int) -> list[Chunk]:
     return list(
         s.scalars(
-            select(Chunk).where(Chunk.job_id == job_id, Chunk.state == "pending").order_by(Chunk.idx).limit(limit)
+            select(Chunk)
+            .where(Chunk.job_id == job_id, Chunk.state == ChunkState.PENDING)
+            .order_by(Chunk.idx)
+            .limit(limit)
         )
     )
 
@@ -136,16 +249,32 @@ def pending_chunks(s: Session, job_id: str, limit: int) -> list[Chunk]:
 def mark_queued(s: Session, chunk_ids: list[int]) -> None:
     s.execute(
         update(Chunk)
-        .where(Chunk.id.in_(chunk_ids), Chunk.state == "pending")
-        .values(state="queued", enqueued_at=time.time())
+        .where(Chunk.id.in_(chunk_ids), Chunk.state == ChunkState.PENDING)
+        .values(state=ChunkState.QUEUED, enqueued_at=now_sql(s))
         .execution_options(synchronize_session=False)
     )
 
 
-def unfinished_chunks(s: Session, job_id: str) -> int:
-    return int(
-        s.scalar(
-            select(func.count()).where(Chunk.job_id == job_id, and_(Chunk.state != "done", Chunk.state != "cancelled"))
-        )
-        or 0
+def close_answered(s: Session, job_id: str) -> int:
+    """Pending chunks whose every row already has a result (from the cache) need no worker: done."""
+    answered = (
+        select(func.count())
+        .select_from(Result)
+        .where(Result.job_id == Chunk.job_id, Result.seq >= Chunk.first_seq, Result.seq <= Chunk.last_seq)
+        .scalar_subquery()
     )
+    res = s.execute(
+        update(Chunk)
+        .where(
+            Chunk.job_id == job_id,
+            Chunk.state == ChunkState.PENDING,
+            answered == Chunk.last_seq - Chunk.first_seq + 1,
+        )
+        .values(state=ChunkState.DONE, finished_at=now_sql(s))
+        .execution_options(synchronize_session=False)
+    )
+    return int(res.rowcount)  # type: ignore[attr-defined]
+
+
+def unfinished_chunks(s: Session, job_id: str) -> int:
+    return int(s.scalar(select(func.count()).where(Chunk.job_id == job_id, Chunk.state.notin_(CHUNK_CLOSED))) or 0)

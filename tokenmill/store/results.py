@@ -1,15 +1,17 @@
-"""Results: written idempotently, read back for export and for the result cache."""
+"""Results: written idempotently, read back (a page at a time) for export, reports and the result cache."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from tokenmill.store.paging import keyset_pages
+from tokenmill.store.states import ErrorCode, ResultStatus
 from tokenmill.store.tables import RequestRow, Result
 
 
@@ -31,24 +33,97 @@ def done_seqs(s: Session, job_id: str, first_seq: int, last_seq: int) -> set[int
     )
 
 
-def cached(s: Session, request_hash: str) -> Result | None:
+def count_attempt(s: Session, job_id: str, seq: int) -> int:
+    """Record one failed generation attempt of a row; returns its attempts so far, over all deliveries."""
+    s.execute(
+        update(RequestRow)
+        .where(RequestRow.job_id == job_id, RequestRow.seq == seq)
+        .values(attempts=RequestRow.attempts + 1)
+        .execution_options(synchronize_session=False)
+    )
+    return int(s.scalar(select(RequestRow.attempts).where(RequestRow.job_id == job_id, RequestRow.seq == seq)) or 0)
+
+
+def fail_unanswered(
+    s: Session, job_id: str, first_seq: int, last_seq: int, *, code: ErrorCode, message: str, worker_id: str | None
+) -> int:
+    """Write a failed result for every row in the range that has none yet; returns how many were written."""
+    done = select(Result.seq).where(Result.job_id == job_id)
+    rows = s.execute(
+        select(RequestRow.seq, RequestRow.custom_id, RequestRow.line, RequestRow.attempts).where(
+            RequestRow.job_id == job_id,
+            RequestRow.seq >= first_seq,
+            RequestRow.seq <= last_seq,
+            RequestRow.seq.not_in(done),
+        )
+    ).all()
+    written = 0
+    for seq, custom_id, line, attempts in rows:
+        values = {
+            "job_id": job_id,
+            "seq": seq,
+            "custom_id": custom_id,
+            "status": ResultStatus.FAILED,
+            "error_code": code,
+            "error": f"line {line}: {message}",
+            "worker_id": worker_id,
+            "attempts": attempts,
+        }
+        written += write_result(s, values)
+    return written
+
+
+def cache_hit(s: Session, request_hash: str) -> Result | None:
+    """The earliest succeeded result with this request hash: the same hit every time it is asked."""
     return s.scalars(
-        select(Result).where(Result.request_hash == request_hash, Result.status == "succeeded").limit(1)
+        select(Result)
+        .where(Result.request_hash == request_hash, Result.status == ResultStatus.SUCCEEDED)
+        .order_by(Result.id)
+        .limit(1)
     ).first()
+
+
+def origin_of(hit: Result) -> str:
+    """The job that generated a cached answer: a hit that is itself a copy points further back."""
+    origin = (hit.timings or {}).get("cached_from") if hit.cached else None
+    return origin if isinstance(origin, str) and origin else hit.job_id
+
+
+def count_results(s: Session, job_id: str) -> int:
+    return int(s.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id)) or 0)
 
 
 def iter_results(s: Session, job_id: str, batch: int = 1000) -> Iterator[tuple[Result, RequestRow]]:
     """Results in input order, paged so exporting a million rows keeps memory flat."""
-    last = -1
-    while True:
-        rows = s.execute(
-            select(Result, RequestRow)
-            .join(RequestRow, (RequestRow.job_id == Result.job_id) & (RequestRow.seq == Result.seq))
-            .where(Result.job_id == job_id, Result.seq > last)
-            .order_by(Result.seq)
-            .limit(batch)
-        ).all()
-        if not rows:
-            return
-        yield from ((result, request) for result, request in rows)
-        last = rows[-1][0].seq
+    stmt = (
+        select(Result, RequestRow)
+        .join(RequestRow, (RequestRow.job_id == Result.job_id) & (RequestRow.seq == Result.seq))
+        .where(Result.job_id == job_id)
+    )
+    for page in keyset_pages(s, stmt, Result.seq, size=batch, key_of=lambda row: int(row[0].seq)):
+        yield from ((result, request) for result, request in page)
+
+
+def iter_result_columns(s: Session, job_id: str, columns: Sequence[Any], *, page: int) -> Iterator[Row[Any]]:
+    """Chosen columns of a job's results in input order (``columns`` must include ``Result.seq``)."""
+    stmt = select(*columns).where(Result.job_id == job_id)
+    for rows in keyset_pages(s, stmt, Result.seq, size=page):
+        yield from rows
+
+
+def succeeded_pages(s: Session, job_id: str, *, page: int) -> Iterator[list[Row[int, str, dict[str, Any] | None]]]:
+    """(seq, custom_id, body) of a job's succeeded rows, a page at a time in input order."""
+    stmt = select(Result.seq, Result.custom_id, Result.body).where(
+        Result.job_id == job_id, Result.status == ResultStatus.SUCCEEDED
+    )
+    yield from keyset_pages(s, stmt, Result.seq, size=page)
+
+
+def succeeded_bodies(s: Session, job_id: str, lo: int, hi: int) -> list[tuple[int, Any]]:
+    """(seq, body) of a job's succeeded rows with ``lo <= seq <= hi``."""
+    rows = s.execute(
+        select(Result.seq, Result.body).where(
+            Result.job_id == job_id, Result.status == ResultStatus.SUCCEEDED, Result.seq >= lo, Result.seq <= hi
+        )
+    ).all()
+    return [(int(seq), body) for seq, body in rows]

@@ -1,4 +1,7 @@
-"""Tables. Times are epoch seconds (float) from the writer's clock: fleets are expected to run NTP."""
+"""Tables. Times are epoch seconds (float) from the writer's clock: fleets are expected to run NTP.
+
+State columns are plain strings holding :mod:`tokenmill.store.states` values.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from tokenmill.store.states import ChunkState
 
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -52,6 +57,9 @@ class RequestRow(Base):
     custom_id: Mapped[str] = mapped_column(String(512))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     prompt_chars: Mapped[int] = mapped_column(Integer, default=0)
+    # Failed generation attempts so far, kept across deliveries so a redelivered chunk does not give
+    # a failing row a fresh set of tries (Settings.max_row_attempts).
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Chunk(Base):
@@ -68,7 +76,7 @@ class Chunk(Base):
     idx: Mapped[int] = mapped_column(Integer)
     first_seq: Mapped[int] = mapped_column(Integer)
     last_seq: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=ChunkState.PENDING.value)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,1 +1,1 @@
-"""Worker side: capacity detection, the llama.cpp engine, the Celery task and the worker runtime."""
+"""Worker side: capacity detection, the worker runtime, its Celery task, the entry point (backends: engines/)."""

@@ -1,10 +1,10 @@
 """What this host can give a worker: cores, RAM, GPUs and whether llama.cpp can offload to them.
 
-Detection must be safe in a parent process that later forks (DESIGN decision 4): NVML reads memory
-without creating a CUDA context, and llama.cpp is only asked about GPU offload in a short-lived
-subprocess unless this process has already loaded it. Container limits (cgroup CPU quota and memory
-limit) cap what psutil reports for the whole machine, since a pod sized for 4 GB on a 256 GB node must
-not pick a 14B model.
+Detection must be safe in a parent process that later forks (docs/architecture.md, "Decisions worth knowing": one
+model per worker process): NVML reads memory without creating a CUDA context, and llama.cpp is only asked about GPU
+offload in a short-lived subprocess unless this process has already loaded it. Container limits (cgroup CPU quota and
+memory limit) cap what psutil reports for the whole machine, since a pod sized for 4 GB on a 256 GB node must not pick
+a 14B model.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tokenmill.host import Capacity, GpuInfo
 
@@ -70,6 +71,16 @@ def _visible_filter() -> set[str] | None:
     return {item.strip() for item in raw.split(",") if item.strip()}
 
 
+def _nvml_bandwidth(pynvml: Any, handle: Any) -> int:
+    """Peak VRAM bytes/s from the memory clock (MHz, double data rate) and the bus width; 0 when unknown."""
+    try:
+        clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
+        bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
+    except (pynvml.NVMLError, AttributeError):
+        return 0
+    return int(clock_mhz) * 1_000_000 * 2 * int(bus_bits) // 8
+
+
 def detect_gpus() -> tuple[GpuInfo, ...]:
     """GPUs with their free VRAM from NVML; no driver (NVMLError) means no GPUs.
 
@@ -103,6 +114,7 @@ def detect_gpus() -> tuple[GpuInfo, ...]:
                     name=name.decode() if isinstance(name, bytes) else str(name),
                     vram_total_bytes=int(mem.total),
                     vram_free_bytes=int(mem.free),
+                    mem_bandwidth_bytes=_nvml_bandwidth(pynvml, handle),
                 )
             )
     except pynvml.NVMLError as exc:

@@ -19,6 +19,44 @@ from tokenmill.config import Settings
 PARENT_PID_ENV = "TOKENMILL_PARENT_PID"
 
 
+def worker_argv(
+    *,
+    model: str,
+    engine: str,
+    share: int,
+    threads: int | None = None,
+    name: str | None = None,
+    n_seq: int | None = None,
+    n_ctx: int | None = None,
+    gpu: bool | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str | None = None,
+    prefer: str | None = None,
+) -> list[str]:
+    """The command line of one single-process `tokenmill worker` that a parent starts on this host.
+
+    Both parents (`run`'s local fleet and `worker --concurrency N`) build their children here, so a new
+    worker option reaches both; ``share`` tells the child how many processes split the host's cores.
+    """
+    args = [sys.executable, "-m", "tokenmill.cli", "worker", "--model", model, "--engine", engine]
+    args += ["--concurrency", "1", "--share", str(share)]
+    optional = {"--threads": threads, "--name": name, "--n-seq": n_seq, "--n-ctx": n_ctx}
+    optional["--metrics-port"] = metrics_port
+    optional["--metrics-host"] = metrics_host if metrics_port else None
+    optional["--prefer"] = prefer
+    for flag, value in optional.items():
+        if value:
+            args += [flag, str(value)]
+    if gpu is not None:
+        args.append("--gpu" if gpu else "--cpu")
+    return args
+
+
+def child_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """A child worker's environment: ours, the parent's settings (flags included), and the parent's pid."""
+    return {**os.environ, **settings.as_env(), **extra, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
+
+
 def default_worker_count() -> tuple[int, int]:
     """(processes, threads each): batched decoding wants whole cores per process, ~4 per process."""
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
@@ -35,12 +73,14 @@ class LocalFleet:
         threads_each: int,
         n_seq: int | None = None,
         extra_env: dict[str, str] | None = None,
+        prefer: str | None = None,
     ) -> None:
         self.settings = settings
         self.model = model
         self.count = count
         self.threads_each = threads_each
         self.n_seq = n_seq
+        self.prefer = prefer
         self.extra_env = extra_env or {}
         self.procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
@@ -48,21 +88,12 @@ class LocalFleet:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ, **self.settings.as_env(), **self.extra_env,
-            "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid()),
-        }  # fmt: skip
+        env = child_env(self.settings, **self.extra_env)
         for i in range(self.count):
-            args = [
-                sys.executable, "-m", "tokenmill.cli", "worker",
-                "--model", self.model,
-                "--concurrency", "1",
-                "--threads", str(self.threads_each),
-                "--share", str(self.count),
-                "--name", f"local{i}",
-            ]  # fmt: skip
-            if self.n_seq:
-                args += ["--n-seq", str(self.n_seq)]
+            args = worker_argv(
+                model=self.model, engine=self.settings.engine, share=self.count, threads=self.threads_each,
+                name=f"local{i}", n_seq=self.n_seq, prefer=self.prefer,
+            )  # fmt: skip
             log = open(self.log_dir / f"worker-{i}.log", "ab")  # noqa: SIM115
             self._logs.append(log)
             # Own process group: a Ctrl-C in the terminal reaches `run`, which stops workers in order.
@@ -72,9 +103,6 @@ class LocalFleet:
 
     def alive(self) -> int:
         return sum(1 for p in self.procs if p.poll() is None)
-
-    def exit_codes(self) -> list[int | None]:
-        return [p.poll() for p in self.procs]
 
     def stop(self, grace: float = 15.0) -> list[int]:
         """SIGTERM, then SIGKILL whoever is still up after ``grace`` seconds; returns the killed pids.

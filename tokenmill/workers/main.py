@@ -1,19 +1,17 @@
 """Worker entry: detect capacity, choose and load a variant, register, then consume the family's queue.
 
-Decision 4 of DESIGN.md: the model is loaded in the process that serves it, and that process never
-forks afterwards (Celery's thread pool, one task at a time). ``--concurrency N`` starts N such
-processes, each with its share of the cores.
+One model per worker process (docs/architecture.md, "Decisions worth knowing"): the model is loaded in
+the process that serves it, and that process never forks afterwards (Celery's thread pool, one task at a
+time). ``--concurrency N`` starts N such processes, each with its share of the cores.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,13 +22,15 @@ from celery import signals
 from tokenmill.celery_app import make_app, queue_for
 from tokenmill.config import Settings, mask_text
 from tokenmill.engine import Engine
+from tokenmill.engines import check_backend, load_backend
 from tokenmill.errors import ModelError, TokenmillError
 from tokenmill.host import Capacity
 from tokenmill.store import Store
 from tokenmill.store import workers as store_workers
-from tokenmill.workers import runtime as worker_runtime
-from tokenmill.workers.local import PARENT_PID_ENV
+from tokenmill.workers import tasks
+from tokenmill.workers.local import PARENT_PID_ENV, child_env, worker_argv
 from tokenmill.workers.metrics import WorkerMetrics, start_metrics_server
+from tokenmill.workers.runtime import WorkerRuntime
 from tokenmill.workers.selection import ModelSelection, WorkerOptions, select_model
 
 __all__ = ["WorkerOptions", "load_engine", "serve", "supervise"]
@@ -39,24 +39,13 @@ log = logging.getLogger(__name__)
 EXIT_MODEL_FAILED = 4
 
 
-def _engine_factory() -> Any:
-    """The real llama.cpp engine, unless TOKENMILL_ENGINE names another (control-plane load tests only)."""
-    spec = os.environ.get("TOKENMILL_ENGINE")
-    if not spec:
-        from tokenmill.engines.llama import LlamaEngine
-
-        return LlamaEngine
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def load_engine(settings: Settings, opts: WorkerOptions, capacity: Capacity) -> tuple[Engine, ModelSelection]:
-    """Choose, fetch, verify and load the variant that fits this worker."""
+    """Choose, fetch, verify and load the variant that fits this worker, with the backend ``settings.engine``."""
     sel = select_model(settings, opts, capacity)
     choice = sel.choice
     threads = opts.threads or (choice.n_threads if choice is not None else max(1, (os.cpu_count() or 1) // opts.share))
     gpu_layers = choice.n_gpu_layers if choice is not None else (-1 if opts.gpu else 0)
-    factory = _engine_factory()
+    factory = load_backend(settings.engine)
     engine = factory(
         sel.resolved.path,
         sel.resolved.variant_label,
@@ -72,6 +61,7 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
     """Run one worker process until it is told to stop; the exit code says how it ended."""
     from tokenmill.workers.capacity import detect
 
+    check_backend(settings.engine)  # a misspelt --engine is one line, before anything is registered
     _exit_with_parent()
     store = Store(settings.database_url)
     store.retrying(store.migrate)
@@ -103,24 +93,24 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
         return EXIT_MODEL_FAILED if isinstance(exc, ModelError | OSError | ValueError) else 1
 
     choice, family, model_id = sel.choice, sel.family_queue, sel.model_id
-    quant = engine.variant.split(":", 1)[1] if ":" in engine.variant else None
+    quant = engine.variant.split(":", 1)[1] if choice is not None and ":" in engine.variant else None
     queues = [queue_for(family)] + ([queue_for(family, quant)] if quant else [])
     register(
+        capacity=_advertised(settings, capacity, sel, engine),
         state="starting",  # loaded; "ready" once Celery consumes (WorkerRuntime.mark_consuming)
         family=family,
         variant=engine.variant,
-        device=getattr(choice, "device", "cpu") if choice is not None else "cpu",
-        choice=getattr(choice, "reason", None),
-        n_threads=getattr(engine, "n_threads", 0) or 0,
-        n_seq=getattr(engine, "n_seq", 1) or 1,
+        device=choice.device if choice is not None else "cpu",
+        choice=choice.reason if choice is not None else None,
+        n_threads=engine.n_threads,
+        n_seq=engine.n_seq,
         queues=queues,
         error=None,
     )
     metrics = WorkerMetrics()
-    rt = worker_runtime.WorkerRuntime(
+    rt = WorkerRuntime(
         settings=settings, store=store, engine=engine, worker_id=worker_id, model_id=model_id, metrics=metrics
     )
-    worker_runtime.install(rt)
     rt.start()
     signals.worker_ready.connect(lambda **_: rt.mark_consuming(), weak=False)
     # A warm shutdown (SIGTERM, Ctrl-C, the parent gone) stops the chunk at the next row and reopens it
@@ -128,8 +118,9 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
     signals.worker_shutting_down.connect(lambda **_: rt.stop_current("shutdown"), weak=False)
     if opts.metrics_port:
         metrics.bind_queue_depth(store, worker_id)
-        start_metrics_server(opts.metrics_port, metrics)
+        start_metrics_server(opts.metrics_port, metrics, opts.metrics_host)
     app = make_app(settings)
+    tasks.register(app, rt)  # the task reaches this runtime through the app it is registered on, not a global
     log.info("worker %s serving %s on %s", worker_id, engine.variant, ", ".join(queues))
     try:
         worker = app.Worker(
@@ -177,32 +168,64 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, args=(int(raw),), name="tokenmill-parent-watch", daemon=True).start()
 
 
+def _advertised(settings: Settings, capacity: Capacity, sel: ModelSelection, engine: Engine) -> dict[str, Any]:
+    """The capacity a worker registers, with its host probe and the predicted speed of what it loaded, so
+    deadline plans can size the fleet and `tokenmill workers` can show predicted beside measured."""
+    from dataclasses import asdict
+
+    from tokenmill.models.catalog import get_family
+    from tokenmill.models.speed import host_speed, predict, predict_batched
+
+    data: dict[str, Any] = capacity.to_json()
+    try:
+        speed = host_speed(settings.models_dir)
+    except Exception as exc:  # a probe that cannot run must not stop a worker that loaded its model
+        log.warning("host speed probe failed: %s", exc)
+        return data
+    data["speed"] = asdict(speed)
+    choice = sel.choice
+    if choice is None:
+        return data
+    family = get_family(choice.variant.family)
+    gpu = next((g for g in capacity.usable_gpus if g.index == choice.gpu_index), None)
+    gpu = gpu if choice.n_gpu_layers == -1 else None
+    single = predict(choice.variant, family, speed=speed, threads=engine.n_threads, gpu=gpu)
+    batched = predict_batched(
+        choice.variant, family, speed=speed, threads=engine.n_threads, n_seq=engine.n_seq, gpu=gpu
+    )
+    data["predicted"] = {"gen_tps": round(single.gen_tps, 1), "prompt_tps": round(single.prompt_tps, 1),
+                         "batched_tps": round(batched, 1), "per_sequence_tps": round(batched / engine.n_seq, 1)}
+    return data
+
+
 def supervise(
-    argv: list[str],
+    settings: Settings,
+    opts: WorkerOptions,
     count: int,
-    threads_each: int | None,
     *,
     use_gpus: bool | None = None,
     metrics_port: int | None = None,
 ) -> int:
-    """Start ``count`` single-process workers and pass signals on; ends when they all have.
+    """Start ``count`` single-process workers with the options ``argv`` (from local.worker_args) and pass
+    signals on; ends when they all have.
 
     On a GPU host each process is pinned to one GPU (CUDA_VISIBLE_DEVICES, round-robin), which is the
-    "one process per GPU" layout; child ``i`` serves metrics on ``metrics_port + i``.
+    "one process per GPU" layout; child ``i`` serves metrics on ``metrics_port + i``. The children get
+    ``settings`` in their environment, so global flags (``--database-url``) reach them too.
     """
     from tokenmill.workers.capacity import detect_gpus
 
+    check_backend(settings.engine)
     gpus = detect_gpus() if use_gpus is not False else ()
     children: list[subprocess.Popen[bytes]] = []
     for i in range(count):
-        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpus[i % len(gpus)].index)
-        args = [sys.executable, "-m", "tokenmill.cli", "worker", *argv, "--concurrency", "1", "--share", str(count)]
-        if threads_each:
-            args += ["--threads", str(threads_each)]
-        if metrics_port:
-            args += ["--metrics-port", str(metrics_port + i)]
+        env = child_env(settings, **({"CUDA_VISIBLE_DEVICES": str(gpus[i % len(gpus)].index)} if gpus else {}))
+        args = worker_argv(
+            model=opts.model, engine=settings.engine, share=count, threads=opts.threads, name=opts.name,
+            n_seq=opts.n_seq, n_ctx=opts.n_ctx, gpu=opts.gpu, metrics_port=metrics_port + i if metrics_port else None,
+            metrics_host=opts.metrics_host,
+            prefer=opts.prefer,
+        )  # fmt: skip
         children.append(subprocess.Popen(args, env=env))
 
     def forward(signum: int, _frame: Any) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from sqlalchemy import func, select
 
 from tokenmill.engine import Generation
-from tokenmill.store import Store
-from tokenmill.store.tables import Chunk, Job, Worker
+from tokenmill.store import Store, leases
+from tokenmill.store import workers as store_workers
+from tokenmill.store.states import ResultStatus
 
 
 class WorkerMetrics:
@@ -41,15 +42,13 @@ class WorkerMetrics:
     def observe(self, gen: Generation) -> None:
         self.prompt_tokens.inc(gen.prompt_tokens)
         self.tokens_predicted.inc(gen.completion_tokens)
-        self.requests.labels(status="succeeded").inc()
+        self.requests.labels(status=ResultStatus.SUCCEEDED.value).inc()
         self.ttft.observe(gen.ttft_ms / 1000.0)
         if gen.prompt_eval_ms > 0:
-            # Only the evaluated tokens took prompt_eval_ms; a reused prefix cost nothing (as llama-server counts).
-            evaluated = gen.prompt_tokens - min(max(gen.cached_prompt_tokens, 0), gen.prompt_tokens)
-            self.prompt_tps.set(evaluated / (gen.prompt_eval_ms / 1000.0))
+            self.prompt_tps.set(gen.evaluated_prompt_tokens / (gen.prompt_eval_ms / 1000.0))
 
     def observe_failure(self, reason: str) -> None:
-        self.requests.labels(status="failed").inc()
+        self.requests.labels(status=ResultStatus.FAILED.value).inc()
         self.failures.labels(reason=reason).inc()
 
     def observe_chunk(self, seconds: float, tokens: int) -> None:
@@ -66,14 +65,8 @@ class WorkerMetrics:
                 return last["value"]
             try:
                 with store.session() as s:
-                    queues = s.scalar(select(Worker.queues).where(Worker.id == worker_id)) or []
-                    value = s.scalar(
-                        select(func.count())
-                        .select_from(Chunk)
-                        .join(Job, Job.id == Chunk.job_id)
-                        .where(Job.queue.in_(queues), Chunk.state.in_(("pending", "queued")))
-                    )
-                last.update(at=time.monotonic(), value=float(value or 0))
+                    value = leases.waiting_on(s, store_workers.queues_of(s, worker_id))
+                last.update(at=time.monotonic(), value=float(value))
             except Exception:  # a scrape must not fail because the store blinked
                 pass
             return last["value"]
@@ -81,5 +74,10 @@ class WorkerMetrics:
         self.queue_depth.set_function(depth)
 
 
-def start_metrics_server(port: int, metrics: WorkerMetrics) -> None:
-    start_http_server(port, registry=metrics.registry)
+DEFAULT_METRICS_HOST = "127.0.0.1"
+
+
+def start_metrics_server(port: int, metrics: WorkerMetrics, host: str = DEFAULT_METRICS_HOST) -> WSGIServer:
+    """Serve ``/metrics``; loopback unless ``host`` widens it, since the endpoint has no auth."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server

@@ -1,7 +1,8 @@
 """A worker process's state: its loaded engine, its identity, its heartbeat, and chunk processing.
 
 One runtime per process, created after the model is loaded and before Celery starts consuming, so a
-worker whose model fails to load never takes work.
+worker whose model fails to load never takes work. The Celery task gets it explicitly, bound when the
+task is registered on the worker's app (:func:`tokenmill.workers.tasks.register`), never from a global.
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError, OperationalError
-
 from tokenmill.cache import copy_cached, request_hash
 from tokenmill.config import Settings, mask_text
 from tokenmill.engine import Engine, Generation
 from tokenmill.errors import RequestTooLong
 from tokenmill.output import response_body, timings
 from tokenmill.rows import DatasetRow
-from tokenmill.store import Store, leases
+from tokenmill.store import DB_ERRORS, Store, leases
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import results as store_results
 from tokenmill.store import workers as store_workers
+from tokenmill.store.states import ErrorCode, ResultStatus, WorkerState
 from tokenmill.store.tables import Chunk, Job
 from tokenmill.workers.metrics import WorkerMetrics
 
@@ -79,7 +79,7 @@ class WorkerRuntime:
         self._consuming = True
         try:
             with self.store.session() as s:
-                store_workers.set_state(s, self.worker_id, "ready")
+                store_workers.set_state(s, self.worker_id, WorkerState.READY)
         except Exception as exc:  # the next heartbeat says it again
             log.warning("could not mark worker ready: %s", mask_text(str(exc)))
 
@@ -108,8 +108,7 @@ class WorkerRuntime:
             try:
                 with self.store.session() as s:
                     if cur is not None:
-                        job = s.get(Job, cur.job_id)
-                        if job is None or job.state == "cancelled":
+                        if store_jobs.is_cancelled(s, cur.job_id):
                             cur.stop_reason = "cancelled"
                         elif not leases.renew(s, cur.chunk_id, self.worker_id, self.settings.lease_seconds):
                             cur.stop_reason = "lease_lost"
@@ -117,23 +116,39 @@ class WorkerRuntime:
                         store_workers.heartbeat(
                             s,
                             self.worker_id,
-                            state="busy" if cur else "ready" if self._consuming else "starting",
+                            state=self._shown_state(cur),
                             current_job=cur.job_id if cur else None,
                             current_chunk=cur.chunk_id if cur else None,
                         )
                         last_beat = time.monotonic()
-            except (OperationalError, DBAPIError) as exc:
-                log.warning("heartbeat failed: %s", mask_text(str(exc.orig)).splitlines()[0])
+            except DB_ERRORS as exc:
+                log.warning("heartbeat failed: %s", mask_text(str(getattr(exc, "orig", exc))).splitlines()[0])
                 self.store.engine.dispose()
             except Exception as exc:  # this thread must outlive any error, or our leases expire under us
                 log.warning("heartbeat failed: %s: %s", type(exc).__name__, mask_text(str(exc)))
                 self.store.engine.dispose()
 
+    def _shown_state(self, cur: _Current | None) -> WorkerState:
+        if cur is not None:
+            return WorkerState.BUSY
+        return WorkerState.READY if self._consuming else WorkerState.STARTING
+
     def process_chunk(self, job_id: str, chunk_id: int) -> ChunkOutcome:
-        chunk, job = self.store.retrying(lambda: self._claim(chunk_id, job_id))
+        claim = self.store.retrying(lambda: self._claim(chunk_id, job_id))
+        chunk, job = claim.chunk, claim.job
+        if claim.refused is not None:
+            log.warning("message (job %s, chunk %s) dropped, not claimed: %s", job_id, chunk_id, claim.refused)
+            return ChunkOutcome(claimed=False)
         if chunk is None or job is None:
             log.info("chunk %s of job %s not claimed (done, cancelled, or leased by another worker)", chunk_id, job_id)
             return ChunkOutcome(claimed=False)
+        if chunk.attempts > self.settings.max_chunk_attempts:  # the claim gave up on it and closed it
+            log.warning(
+                "chunk %s of job %s claimed %d times (limit %d): %d unanswered rows failed with %s",
+                chunk_id, job_id, chunk.attempts, self.settings.max_chunk_attempts, claim.exhausted,
+                ErrorCode.CHUNK_ATTEMPTS_EXHAUSTED,
+            )  # fmt: skip
+            return ChunkOutcome(claimed=True, failed=claim.exhausted)
         # A shutdown that arrived while we were claiming: hand the chunk straight back.
         cur = _Current(job_id=job_id, chunk_id=chunk_id, stop_reason=self._stopping)
         with self._lock:
@@ -144,16 +159,16 @@ class WorkerRuntime:
             with self._lock:
                 self._current = None
 
-    def _claim(self, chunk_id: int, job_id: str) -> tuple[Chunk | None, Job | None]:
+    def _claim(self, chunk_id: int, job_id: str) -> leases.Claim:
         with self.store.session() as s:
-            chunk = leases.claim(s, chunk_id, self.worker_id, self.settings.lease_seconds)
-            if chunk is None:
-                return None, None
-            job = s.get(Job, job_id)
-            if job is not None and job.state == "queued":
-                job.state = "running"
-                job.started_at = job.started_at or time.time()
-            return chunk, job
+            return leases.claim_for_worker(
+                s,
+                job_id=job_id,
+                chunk_id=chunk_id,
+                worker_id=self.worker_id,
+                lease_seconds=self.settings.lease_seconds,
+                max_attempts=self.settings.max_chunk_attempts,
+            )
 
     def _run(self, job: Job, chunk: Chunk, cur: _Current) -> ChunkOutcome:
         started = time.monotonic()
@@ -165,7 +180,9 @@ class WorkerRuntime:
             with self.store.session() as s:
                 done = store_results.done_seqs(s, job.id, chunk.first_seq, chunk.last_seq)
                 reqs = store_jobs.load_rows(s, job.id, chunk.first_seq, chunk.last_seq)
-            return [(r.seq, DatasetRow.from_payload(r.line, r.custom_id, r.payload)) for r in reqs if r.seq not in done]
+            pending = [r for r in reqs if r.seq not in done]
+            cur.attempts.update((r.seq, r.attempts) for r in pending)  # earlier deliveries' failed tries count
+            return [(r.seq, DatasetRow.from_payload(r.line, r.custom_id, r.payload)) for r in pending]
 
         pending = self.store.retrying(load)
         seq_of = {row.custom_id: seq for seq, row in pending}
@@ -187,9 +204,8 @@ class WorkerRuntime:
         def on_done(row: DatasetRow, res: Generation | Exception) -> None:
             nonlocal tokens
             seq = seq_of[row.custom_id]
-            attempt = cur.attempts.get(seq, 0) + 1
-            cur.attempts[seq] = attempt
             if isinstance(res, Exception):
+                attempt = cur.attempts[seq] = self._count_attempt(job.id, seq)
                 retryable = not isinstance(res, RequestTooLong)
                 if retryable and attempt < self.settings.max_row_attempts:
                     retry.append(row)
@@ -202,6 +218,7 @@ class WorkerRuntime:
             tokens += res.completion_tokens
             self.metrics.observe(res)
             queue_ms = max(0.0, (time.time() - res.total_ms / 1000.0 - enqueued_at) * 1000.0)
+            attempt = cur.attempts.get(seq, 0) + 1
             self._write_success(job, row, seq, res, queue_ms, attempt, request_hash(self.model_id, row))
 
         self.metrics.processing.set(len(todo))
@@ -225,6 +242,15 @@ class WorkerRuntime:
         self.store.retrying(finish)
         return outcome
 
+    def _count_attempt(self, job_id: str, seq: int) -> int:
+        """Store a failed try, so a redelivered chunk does not give the row a fresh set of attempts."""
+
+        def count() -> int:
+            with self.store.session() as s:
+                return store_results.count_attempt(s, job_id, seq)
+
+        return self.store.retrying(count)
+
     def _serve_cached(self, job: Job, row: DatasetRow, seq: int, h: str) -> bool:
         return self.store.retrying(lambda: copy_cached(self.store, job.id, seq, row, h, self.worker_id))
 
@@ -235,7 +261,7 @@ class WorkerRuntime:
             "job_id": job.id,
             "seq": seq,
             "custom_id": row.custom_id,
-            "status": "succeeded",
+            "status": ResultStatus.SUCCEEDED,
             "body": response_body(row, gen, self.engine.variant, f"{job.id}-{seq}"),
             "worker_id": self.worker_id,
             "variant": self.engine.variant,
@@ -254,13 +280,13 @@ class WorkerRuntime:
         self.store.retrying(write)
 
     def _write_failure(self, job: Job, row: DatasetRow, seq: int, exc: Exception, attempt: int) -> None:
-        code = "context_length_exceeded" if isinstance(exc, RequestTooLong) else "generation_failed"
+        code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if isinstance(exc, RequestTooLong) else ErrorCode.GENERATION_FAILED
         message = mask_text(str(exc)) or type(exc).__name__
         values: dict[str, Any] = {
             "job_id": job.id,
             "seq": seq,
             "custom_id": row.custom_id,
-            "status": "failed",
+            "status": ResultStatus.FAILED,
             "error_code": code,
             "error": f"line {row.line}: {message}",
             "worker_id": self.worker_id,
@@ -274,17 +300,3 @@ class WorkerRuntime:
                     store_workers.count_tokens(s, self.worker_id, 1, 0)
 
         self.store.retrying(write)
-
-
-_runtime: WorkerRuntime | None = None
-
-
-def install(runtime: WorkerRuntime) -> None:
-    global _runtime
-    _runtime = runtime
-
-
-def current() -> WorkerRuntime:
-    if _runtime is None:
-        raise RuntimeError("no tokenmill worker runtime in this process (start it with `tokenmill worker`)")
-    return _runtime

@@ -1,8 +1,13 @@
-"""A stand-in engine for control-plane load tests only: deterministic text, a configurable delay.
+"""The ``stub`` backend: an engine with no model, for control-plane tests and benchmarks.
 
-Selected with TOKENMILL_ENGINE=tests.stub_engine:StubEngine; never used outside tests/.
+``tokenmill worker --engine stub`` (or ``TOKENMILL_ENGINE=stub``) still selects and resolves a real
+catalog variant, so the worker registers and routes exactly like a llama.cpp one, but it never loads the
+file: each row gets the deterministic text ``echo:<custom_id>`` with at most 4 completion tokens after a
+fixed delay. That measures tokenmill's own overhead (scheduler, broker, leases, store) and lets crash and
+redelivery tests count generations without a model's cost or randomness.
 
-Knobs (environment of the worker process), all optional:
+Knobs, read from the worker process's environment when the engine is built (all optional; environment
+variables because tests set them per worker process, and a `--concurrency N` parent passes them on):
 
 - ``TOKENMILL_STUB_DELAY``: seconds per row (default 0.01).
 - ``TOKENMILL_STUB_LOG``: a file that gets one line per generation attempt, ``pid custom_id outcome``
@@ -11,6 +16,9 @@ Knobs (environment of the worker process), all optional:
 - ``TOKENMILL_STUB_FAIL``: rows whose prompt contains this text raise ``RuntimeError`` (a retryable
   generation failure) ...
 - ``TOKENMILL_STUB_HEAL``: ... unless this file exists (so a later `tokenmill retry` can succeed).
+
+A prompt longer than ``n_ctx_per_seq`` *characters* fails alone with ``RequestTooLong``, as a real
+engine fails a row longer than its context.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from tokenmill.rows import DatasetRow
 
 
 class StubEngine:
+    """Implements :class:`tokenmill.engine.Engine`; the constructor takes the same keywords as every backend."""
+
     def __init__(
         self,
         model_path: Path,
@@ -36,6 +46,7 @@ class StubEngine:
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
     ) -> None:
+        del model_path, n_gpu_layers  # no model is loaded: the variant name alone is what results carry
         self.variant = variant
         self.n_ctx = n_ctx_per_seq
         self.n_seq = n_seq

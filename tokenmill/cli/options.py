@@ -1,0 +1,106 @@
+"""Options more than one command takes, defined once so `run` and `submit` (or `status` and `workers`) cannot
+drift apart in name, default or help text; and how the dataset options become a Submission.
+
+A command module imports its shared options from here, never from a sibling command module.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tokenmill.models.sizing import Prefer
+from tokenmill.rows import SamplingParams
+from tokenmill.scheduler.submit import Submission
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+DatasetArg = Annotated[Path, typer.Argument(help="JSONL dataset (or a folder of .txt/.md with --template)")]
+JobArg = Annotated[str, typer.Argument(help="Job id (or a unique prefix)")]
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Catalog name[:variant] or path to a .gguf file")]
+TemplateOpt = Annotated[
+    str | None, typer.Option(help="Prompt template with {field} placeholders, or a file holding one")
+]
+FieldOpt = Annotated[str | None, typer.Option("--field", help="Take the prompt from this field of each line")]
+MaxTokensOpt = Annotated[int | None, typer.Option(help="Default max_tokens for lines that set none", min=1)]
+TemperatureOpt = Annotated[float | None, typer.Option(help="Default temperature for lines that set none")]
+ChunkOpt = Annotated[
+    int | None, typer.Option(help="Rows per chunk, the unit a worker leases [default: from the data]", min=1)
+]
+SkipOpt = Annotated[bool, typer.Option(help="Run the valid lines; write bad ones to the errors file")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Generate even when an identical answer is stored")]
+TokenBudgetOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Documents only: split files longer than this many tokens (about 4 characters each) into "
+        "'FILE#part-K' rows (default: what a 2048-token context leaves after max_tokens and 256 for the "
+        "template, 1536 with the default max_tokens)",
+        show_default=False,
+    ),
+]
+
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Results JSONL")]
+FailedRowsOpt = Annotated[Path | None, typer.Option("--errors", help="Failed rows JSONL")]
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable")]
+NCtxOpt = Annotated[int, typer.Option(help="Context tokens per sequence")]
+
+
+def build_submission(
+    path: Path,
+    model: str,
+    template: str | None,
+    field: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    chunk_size: int | None,
+    skip_invalid: bool,
+    no_cache: bool,
+    token_budget: int | None = None,
+    models_dir: Path | None = None,
+) -> Submission:
+    """The dataset options of `run` and `submit` as one Submission: an unset --max-tokens/--temperature
+    falls back to SamplingParams' own default, so both commands store the same job for the same flags."""
+    base = SamplingParams()
+    defaults = SamplingParams(
+        max_tokens=max_tokens or base.max_tokens,
+        temperature=base.temperature if temperature is None else temperature,
+    )
+    return Submission(
+        path=path,
+        model=model,
+        template=template,
+        text_field=field,
+        defaults=defaults,
+        chunk_size=chunk_size,
+        skip_invalid=skip_invalid,
+        no_cache=no_cache,
+        token_budget=token_budget,
+        models_dir=models_dir,
+    )
+
+
+class PreferChoice(str, Enum):
+    quality = "quality"
+    balanced = "balanced"
+    speed = "speed"
+
+
+PreferOpt = Annotated[
+    PreferChoice,
+    typer.Option(help="Variant choice: quality (best that fits), balanced (4-bit K-quants on CPU), speed"),
+]
+DeadlineOpt = Annotated[
+    str | None,
+    typer.Option(help="Finish by 06:00 or within 8h: plan each variant's finish and pin the best in time",
+                 show_default=False),
+]
+
+
+def prefer_value(choice: PreferChoice) -> Prefer:
+    return choice.value

@@ -1,0 +1,75 @@
+"""The state machine's vocabulary: every state a job, chunk, worker or result can be in.
+
+The columns stay plain strings (no migration: a ``StrEnum`` member *is* its string), but the names live
+here once, next to the tables, and only functions in ``tokenmill.store`` write them. The groups below
+(active, final, in flight...) are what the rest of the code asks about; define a new one here rather
+than spelling a tuple of states out at the call site.
+
+Job:    ingesting -> queued -> running -> completed | completed_with_errors | cancelled
+        (retry: completed_with_errors | cancelled -> queued)
+Chunk:  pending -> queued -> running (leased) -> done; a lease that runs out, a release or a lost
+        message goes back to pending; cancel: pending | queued -> cancelled
+Worker: starting -> ready <-> busy -> stopped | failed; "lost" is only ever shown, never stored
+Result: succeeded | failed, written once per (job, row)
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    INGESTING = "ingesting"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"
+    CANCELLED = "cancelled"
+
+
+class ChunkState(StrEnum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
+class WorkerState(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    LOST = "lost"  # derived from a silent heartbeat; never written to the table
+
+
+class ResultStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class ErrorCode(StrEnum):
+    """``results.error_code`` of a failed row."""
+
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    GENERATION_FAILED = "generation_failed"
+    CHUNK_ATTEMPTS_EXHAUSTED = "chunk_attempts_exhausted"
+
+
+# Jobs the dispatcher works on, and jobs that will not change again unless someone retries them.
+ACTIVE_STATES: tuple[JobState, ...] = (JobState.QUEUED, JobState.RUNNING)
+FINAL_STATES: tuple[JobState, ...] = (JobState.COMPLETED, JobState.COMPLETED_WITH_ERRORS, JobState.CANCELLED)
+# Not final yet: still being ingested, or active.
+UNFINISHED_STATES: tuple[JobState, ...] = (JobState.INGESTING, *ACTIVE_STATES)
+JOB_STATES: tuple[JobState, ...] = tuple(JobState)
+
+# Chunks that still need a worker, chunks handed to the broker or a worker, chunks nobody will touch again.
+CHUNK_CLAIMABLE: tuple[ChunkState, ...] = (ChunkState.PENDING, ChunkState.QUEUED, ChunkState.RUNNING)
+CHUNK_INFLIGHT: tuple[ChunkState, ...] = (ChunkState.QUEUED, ChunkState.RUNNING)
+CHUNK_WAITING: tuple[ChunkState, ...] = (ChunkState.PENDING, ChunkState.QUEUED)
+CHUNK_CLOSED: tuple[ChunkState, ...] = (ChunkState.DONE, ChunkState.CANCELLED)
+
+# Workers that said they are gone, and workers that take chunks.
+WORKER_GONE: tuple[WorkerState, ...] = (WorkerState.STOPPED, WorkerState.FAILED)
+WORKER_SERVING: tuple[WorkerState, ...] = (WorkerState.READY, WorkerState.BUSY)
