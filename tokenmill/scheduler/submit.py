@@ -8,15 +8,18 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenmill.celery_app import queue_for
 from tokenmill.datasets import InvalidLine, read_dataset
 from tokenmill.errors import DatasetError
 from tokenmill.output import rejected_line
-from tokenmill.rows import DatasetRow, SamplingParams
+from tokenmill.rows import GENERATION_ENDPOINTS, DatasetRow, SamplingParams
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
+
+if TYPE_CHECKING:
+    from tokenmill.models.catalog import Family
 
 
 def job_key(source: Path, model: str, options: dict[str, Any]) -> str:
@@ -203,16 +206,18 @@ class _Ingest:
     nothing is stored: validation before any work, at the cost of parsing the file once, not twice.
     """
 
-    def __init__(self, sub: Submission, errors_out: Path | None) -> None:
+    def __init__(self, sub: Submission, errors_out: Path | None, family: Family | None = None) -> None:
         self.sub = sub
         self.errors_out = errors_out
+        self.family = family  # the catalog's word on the job's model, when it is a catalog model
         self.rows = 0
         self.invalid = 0
 
     def __iter__(self) -> Iterator[DatasetRow]:
         fh = None
         try:
-            for item in self.sub.rows():
+            for row_or_invalid in self.sub.rows():
+                item = self._model_check(row_or_invalid)
                 if isinstance(item, InvalidLine):
                     self.invalid += 1
                     if self.errors_out is not None:
@@ -228,6 +233,31 @@ class _Ingest:
                 fh.close()
         if self.rows == 0:
             raise DatasetError(str(self.sub.path), "no valid rows to run")
+
+    def _model_check(self, item: DatasetRow | InvalidLine) -> DatasetRow | InvalidLine:
+        """A line the job's catalog model cannot serve is a line error too, before any model loads."""
+        family = self.family
+        if family is None or isinstance(item, InvalidLine):
+            return item
+        problem: tuple[str, str] | None = None
+        if family.embedding and item.endpoint in GENERATION_ENDPOINTS:
+            problem = (f"is a generation request, but {family.name} is an embedding model: it serves "
+                       "/v1/embeddings lines only", "url")
+        elif item.dimensions is not None and item.dimensions != family.n_embd:
+            problem = (f"dimensions={item.dimensions} is not supported: {family.name} gives {family.n_embd}-"
+                       "dimensional embeddings and cannot shorten them (leave dimensions out)", "body.dimensions")
+        if problem is None:
+            return item
+        error = DatasetError(str(self.sub.path), problem[0], item.line, problem[1])
+        if not self.sub.skip_invalid:
+            raise error
+        return InvalidLine(item.line, error, item.custom_id)
+
+
+def _catalog_family(family: str) -> Family | None:
+    from tokenmill.models.catalog import CATALOG
+
+    return CATALOG.get(family)
 
 
 def submit_dataset(
@@ -246,7 +276,7 @@ def submit_dataset(
     recorded, neither becoming part of the job's identity, so the same command resumes the same job.
     """
     family, quant = model_route(pin or sub.model, sub.models_dir)
-    ingest = _Ingest(sub, errors_out if sub.skip_invalid else None)
+    ingest = _Ingest(sub, errors_out if sub.skip_invalid else None, _catalog_family(family))
     job_id = submit_rows(
         store,
         ingest,
