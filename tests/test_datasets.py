@@ -65,7 +65,9 @@ def test_batch_chat_line(tmp_path: Path) -> None:
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": "again"},
     )
-    assert row.params == SamplingParams(max_tokens=12, temperature=0.0, top_p=0.5, stop=("\n\n", "END"), seed=7)
+    assert row.params == SamplingParams(
+        max_tokens=12, temperature=0.0, top_p=0.5, stop=("\n\n", "END"), seed=7, logprobs=0
+    )
     assert DatasetRow.from_payload(row.line, row.custom_id, json.loads(json.dumps(row.to_payload()))) == row
 
 

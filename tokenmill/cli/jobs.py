@@ -14,6 +14,7 @@ from rich.text import Text
 
 from tokenmill.cli.common import console, open_store, out, print_plain, settings_from
 from tokenmill.cli.run import (
+    AllowUnknownOpt,
     ChunkOpt,
     FieldOpt,
     MaxTokensOpt,
@@ -24,6 +25,7 @@ from tokenmill.cli.run import (
     TemplateOpt,
     TokenBudgetOpt,
     build_submission,
+    print_ignored,
 )
 from tokenmill.cli.watch import add_id_column
 from tokenmill.errors import DatasetError, JobIncomplete, UsageError
@@ -50,6 +52,7 @@ def register(app: typer.Typer) -> None:
         skip_invalid: SkipOpt = False,
         no_cache: NoCacheOpt = False,
         token_budget: TokenBudgetOpt = None,
+        allow_unknown_fields: AllowUnknownOpt = False,
         ab: Annotated[
             str | None, typer.Option("--ab", help="Run every row on two variants: VARIANT_A,VARIANT_B")
         ] = None,
@@ -60,8 +63,9 @@ def register(app: typer.Typer) -> None:
         """
         settings = settings_from(ctx)
         sub = build_submission(
-            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget
-        )
+            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
+            allow_unknown_fields,
+        )  # fmt: skip
         pins: list[str | None] = [None]
         if ab:
             family = model.split(":", 1)[0]
@@ -80,6 +84,7 @@ def register(app: typer.Typer) -> None:
             job_id, rows, invalid = submit_dataset(store, sub, errors_out=errors, ab_group=group, pin=pin)
             ids.append(job_id)
         skipped = f", {invalid} invalid lines skipped" + (f" → {errors}" if errors else "") if invalid else ""
+        print_ignored(sub)
         console.print(f"{rows} rows stored" + (f" twice (A/B group {group})" if group else "") + skipped)
         for job_id in ids:
             print_plain(job_id)

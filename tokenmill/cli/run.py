@@ -37,6 +37,10 @@ TemperatureOpt = Annotated[float | None, typer.Option(help="Default temperature 
 ChunkOpt = Annotated[
     int | None, typer.Option(help="Rows per chunk, the unit a worker leases [default: from the data]", min=1)
 ]
+AllowUnknownOpt = Annotated[
+    bool,
+    typer.Option(help="Ignore request fields tokenmill does not know (one warning per field) instead of failing"),
+]
 SkipOpt = Annotated[bool, typer.Option(help="Run the valid lines; write bad ones to the errors file")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Generate even when an identical answer is stored")]
 TokenBudgetOpt = Annotated[
@@ -62,6 +66,7 @@ def build_submission(
     skip_invalid: bool,
     no_cache: bool,
     token_budget: int | None = None,
+    allow_unknown_fields: bool = False,
 ) -> Submission:
     base = SamplingParams()
     defaults = SamplingParams(
@@ -78,6 +83,7 @@ def build_submission(
         skip_invalid=skip_invalid,
         no_cache=no_cache,
         token_budget=token_budget,
+        allow_unknown_fields=allow_unknown_fields,
     )
 
 
@@ -100,6 +106,7 @@ def register(app: typer.Typer) -> None:
         skip_invalid: SkipOpt = False,
         no_cache: NoCacheOpt = False,
         token_budget: TokenBudgetOpt = None,
+        allow_unknown_fields: AllowUnknownOpt = False,
     ) -> None:
         """Run a dataset end to end on this machine; the same command again resumes.
 
@@ -109,8 +116,9 @@ def register(app: typer.Typer) -> None:
         count, each = default_worker_count()
         count = workers or count
         sub = build_submission(
-            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget
-        )
+            path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
+            allow_unknown_fields,
+        )  # fmt: skip
         output = output or default_output(path, "results")
         errors = errors or default_output(path, "errors")
         model_route(model)
@@ -130,6 +138,7 @@ def register(app: typer.Typer) -> None:
             local_chunks = auto_chunk_size(path, workers=count) if chunk_size is None and path.is_file() else None
             job_id, rows, invalid = submit_dataset(store, sub, errors_out=errors, chunk_size=local_chunks)
             console.print(f"job {job_id}: {rows} rows" + (f", {invalid} invalid lines → {errors}" if invalid else ""))
+            print_ignored(sub)
         # Resolve (fetch, verify) the model once here, so local workers do not race for it, and answer
         # rows an identical earlier request already answered before any worker starts.
         sel = select_model(settings, WorkerOptions(model=model, n_seq=n_seq, share=count), detect())
@@ -163,7 +172,7 @@ def register(app: typer.Typer) -> None:
         ok, bad = export(store, job_id, output, errors)
         with store.session() as s:
             prog = store_jobs.progress(s, store_jobs.get_job(s, job_id))
-        _summary(prog.to_json(), wall, output, errors if bad else None)
+        _summary(prog.to_json(), wall, output, errors if bad else None, sub)
         if bad:
             raise JobIncomplete(f"{bad} of {ok + bad} rows failed; see {errors}")
 
@@ -195,7 +204,13 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
             time.sleep(0.25)
 
 
-def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | None) -> None:
+def print_ignored(sub: Submission) -> None:
+    """One warning per unknown field name let through by --allow-unknown-fields (data, so no markup)."""
+    for warning in sub.ignored.warnings():
+        console.print(f"warning: {warning}", markup=False, highlight=False)
+
+
+def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | None, sub: Submission) -> None:
     table = Table(title="tokenmill run", show_header=False)
     table.add_row("job", str(info["job"]))
     table.add_row("state", str(info["state"]))
@@ -207,4 +222,7 @@ def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | 
     table.add_row("results", str(output))
     if errors:
         table.add_row("errors", str(errors))
+    if sub.ignored.total:
+        names = len(sub.ignored.lines)
+        table.add_row("ignored fields", f"{names} unknown field name{'s' * (names != 1)} on {sub.ignored.total} lines")
     out.print(table)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tokenmill.celery_app import queue_for
 from tokenmill.datasets import InvalidLine, error_line, read_dataset
 from tokenmill.errors import DatasetError, UnknownModelError
+from tokenmill.request_contract import Ignored
 from tokenmill.rows import DatasetRow, SamplingParams
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
@@ -79,6 +80,8 @@ class Submission:
     skip_invalid: bool = False
     no_cache: bool = False
     token_budget: int | None = None  # documents only; None: derived from the context and max_tokens
+    allow_unknown_fields: bool = False  # unknown request fields: counted in ``ignored``, not line errors
+    ignored: Ignored = field(default_factory=Ignored, compare=False)
 
     def document_budget(self) -> int:
         if self.token_budget is not None:
@@ -94,7 +97,7 @@ class Submission:
             "chunk_size": self.chunk_size,
             "no_cache": self.no_cache,
             "token_budget": self.document_budget() if self.path.is_dir() else None,
-        }
+        } | ({"allow_unknown_fields": True} if self.allow_unknown_fields else {})
 
     def rows(self) -> Iterator[DatasetRow | InvalidLine]:
         if self.path.is_dir():
@@ -114,6 +117,7 @@ class Submission:
             text_field=self.text_field,
             defaults=self.defaults,
             skip_invalid=self.skip_invalid,
+            ignored=self.ignored if self.allow_unknown_fields else None,
         )
 
 
@@ -169,6 +173,8 @@ class _Ingest:
         self.errors_out = errors_out
         self.rows = 0
         self.invalid = 0
+        sub.ignored.lines.clear()
+        sub.ignored.first.clear()
 
     def __iter__(self) -> Iterator[DatasetRow]:
         fh = None
