@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from tokenmill.engine import Generation
+from tokenmill.engine import Generation, TokenLogprob
 from tokenmill.rows import CHAT, DatasetRow
 from tokenmill.store import Store
 from tokenmill.store.results import iter_results
@@ -33,7 +33,7 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
                     "index": 0,
                     "message": {"role": "assistant", "content": gen.text},
                     "finish_reason": gen.finish_reason,
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(gen.logprobs),
                 }
             ],
             "usage": usage,
@@ -43,8 +43,51 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
         "object": "text_completion",
         "created": created,
         "model": variant,
-        "choices": [{"index": 0, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": None}],
+        "choices": [
+            {"index": 0, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": completion_logprobs(gen)}
+        ],
         "usage": usage,
+    }
+
+
+def _spell(piece: bytes) -> str:
+    """A token as text; a token ending inside a multi-byte character shows its bytes as escapes."""
+    return piece.decode("utf-8", errors="backslashreplace")
+
+
+def chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """``choices[i].logprobs`` of a chat completion: one entry per token, ``bytes`` its UTF-8 bytes."""
+    if items is None:
+        return None
+    content = []
+    for item in items:
+        tops = [
+            {"token": _spell(piece), "logprob": lp, "bytes": list(piece)}
+            for piece, (_, lp) in zip(item.top_pieces, item.top, strict=True)
+        ]
+        content.append(
+            {"token": _spell(item.piece), "logprob": item.logprob, "bytes": list(item.piece), "top_logprobs": tops}
+        )
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(gen: Generation) -> dict[str, Any] | None:
+    """The legacy completions shape: parallel lists, ``top_logprobs`` as token → logprob maps."""
+    if gen.logprobs is None:
+        return None
+    tokens, offsets, tops = [], [], []
+    offset = 0
+    for item in gen.logprobs:
+        text = _spell(item.piece)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(item.piece.decode("utf-8", errors="ignore"))
+        tops.append({_spell(p): lp for p, (_, lp) in zip(item.top_pieces, item.top, strict=True)})
+    return {
+        "tokens": tokens,
+        "token_logprobs": [item.logprob for item in gen.logprobs],
+        "top_logprobs": tops,
+        "text_offset": offsets,
     }
 
 

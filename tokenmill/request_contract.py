@@ -64,10 +64,7 @@ class Ignored:
 def unknown_fields(src: Mapping[str, Any], endpoint: str, prefix: str, *, plain: bool) -> list[str]:
     """Field names of ``src`` that tokenmill neither honours nor knows to be harmless, in line order."""
     known = HONOURED[endpoint] | IGNORED | (ROW_KEYS if plain else frozenset())
-    bad = [key for key in src if key not in known]
-    if src.get("stream") is True and "stream_options" in src:
-        bad.append("stream_options")
-    return bad
+    return [key for key in src if key not in known]  # stream_options rides on stream, refused when true
 
 
 def unknown_error(key: str, prefix: str) -> FieldError:

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenmill.engine import Generation, OnDone
+from tokenmill.engine import Generation, OnDone, TokenLogprob
 from tokenmill.engines import llama_guard
 from tokenmill.engines.prefix import best_shared_prefix, common_prefix_len
-from tokenmill.engines.sampling import TextAccumulator, make_sampler
+from tokenmill.engines.sampling import RowSampler, TextAccumulator
 from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong
 from tokenmill.rows import CHAT, DatasetRow
 
@@ -50,7 +50,7 @@ class _Seq:
     row: DatasetRow
     prompt: list[int]
     max_tokens: int
-    sampler: Any
+    sampler: RowSampler | None
     text: TextAccumulator
     cached: int
     n_past: int
@@ -125,6 +125,7 @@ class LlamaEngine:
             prefix_cache = False  # recurrent state cannot be cut back to a prefix
         self.prefix_cache = prefix_cache
         self._vocab = L.llama_model_get_vocab(self._model)
+        self._n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
         self.n_ctx = min(n_ctx_per_seq, int(L.llama_model_n_ctx_train(self._model)) or n_ctx_per_seq)
         self._prefix_seq = n_seq if prefix_cache else -1
         n_streams = n_seq + (1 if prefix_cache else 0)
@@ -324,7 +325,7 @@ class LlamaEngine:
             row=row,
             prompt=tokens,
             max_tokens=max_tokens,
-            sampler=make_sampler(self._L, params),
+            sampler=RowSampler(self._L, self._vocab, params, self._n_vocab),
             text=text,
             cached=cached,
             n_past=cached,
@@ -398,7 +399,8 @@ class LlamaEngine:
         """Sample the sequence's next token; a Generation when the row is finished, else None."""
         if seq.n_generated == 0:
             seq.prompt_eval_ms = (now - seq.admitted) * 1000.0
-        token = int(self._L.llama_sampler_sample(seq.sampler, self._ctx, seq.out_idx))
+        assert seq.sampler is not None
+        token = seq.sampler.sample(self._ctx, seq.out_idx)
         now = time.perf_counter()
         if self._is_eog(token):
             return self._finish(seq, "stop", now)
@@ -427,12 +429,28 @@ class LlamaEngine:
             eval_ms=(seq.last_token_at - seq.first_token_at) * 1000.0 if seq.n_generated else 0.0,
             total_ms=(now - seq.admitted) * 1000.0,
             token_ms=seq.token_ms,
+            logprobs=self._kept_logprobs(seq),
         )
+
+    def _kept_logprobs(self, seq: _Seq) -> list[TokenLogprob] | None:
+        """Logprobs of the tokens that spell the returned text: not the end token, not past a stop string."""
+        if seq.sampler is None or seq.sampler.logprobs is None:
+            return None
+        keep = len(seq.text.kept_bytes())
+        out, offset = [], 0
+        for item in seq.sampler.logprobs[: seq.n_generated]:
+            if offset >= keep:
+                break
+            item.piece = self._piece(item.token)
+            item.top_pieces = [self._piece(t) for t, _ in item.top]
+            offset += len(item.piece)
+            out.append(item)
+        return out
 
     def _release(self, seq: _Seq) -> None:
         self._L.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
-        if seq.sampler:
-            self._L.llama_sampler_free(seq.sampler)
+        if seq.sampler is not None:
+            seq.sampler.free()
             seq.sampler = None
 
     def _set_prefix(self, prefix: list[int]) -> None:

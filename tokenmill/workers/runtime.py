@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from tokenmill.cache import copy_cached, request_hash
 from tokenmill.config import Settings, mask_text
 from tokenmill.engine import Engine, Generation
-from tokenmill.errors import RequestTooLong
+from tokenmill.errors import RequestTooLong, RowRefused
 from tokenmill.output import response_body, timings
 from tokenmill.rows import DatasetRow
 from tokenmill.store import Store, leases
@@ -190,7 +190,7 @@ class WorkerRuntime:
             attempt = cur.attempts.get(seq, 0) + 1
             cur.attempts[seq] = attempt
             if isinstance(res, Exception):
-                retryable = not isinstance(res, RequestTooLong)
+                retryable = not isinstance(res, RowRefused)
                 if retryable and attempt < self.settings.max_row_attempts:
                     retry.append(row)
                     return
@@ -255,6 +255,8 @@ class WorkerRuntime:
 
     def _write_failure(self, job: Job, row: DatasetRow, seq: int, exc: Exception, attempt: int) -> None:
         code = "context_length_exceeded" if isinstance(exc, RequestTooLong) else "generation_failed"
+        if isinstance(exc, RowRefused) and not isinstance(exc, RequestTooLong):
+            code = "invalid_request"
         message = mask_text(str(exc)) or type(exc).__name__
         values: dict[str, Any] = {
             "job_id": job.id,
