@@ -41,8 +41,15 @@ def make_sampler(llama_cpp: Any, params: SamplingParams, *, n_vocab: int = 0, se
         _add_logit_bias(L, chain, params.logit_bias, n_vocab)
     if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0:
         window = max(64, min(params.max_tokens, 8192))
+        # llama.cpp takes (last_n, repeat, freq, present); llama-cpp-python's binding declares an extra
+        # leading int. Both int arguments travel in integer registers, so passing the window twice is
+        # right whichever the library reads.
         penalties = L.llama_sampler_init_penalties(
-            window, float(params.repetition_penalty), float(params.frequency_penalty), float(params.presence_penalty)
+            window,
+            window,
+            float(params.repetition_penalty),
+            float(params.frequency_penalty),
+            float(params.presence_penalty),
         )
         L.llama_sampler_chain_add(chain, penalties)
     if params.temperature <= 0.0:
