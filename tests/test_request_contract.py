@@ -178,7 +178,7 @@ def test_good_grammars_pass_the_check() -> None:
 
 
 def test_old_payloads_load_and_hash_as_before() -> None:
-    old = {
+    old: dict[str, Any] = {
         "endpoint": CHAT,
         "messages": USER,
         "prompt": None,
