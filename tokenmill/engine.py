@@ -41,6 +41,7 @@ class Generation:
     total_ms: float = 0.0
     token_ms: list[float] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # only when the row asked for them
+    choices: list[Generation] | None = None  # n > 1: every choice, in order (this one's text is choice 0)
 
     @property
     def tokens_per_second(self) -> float:

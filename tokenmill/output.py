@@ -30,11 +30,12 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
             "model": variant,
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": gen.text},
-                    "finish_reason": gen.finish_reason,
-                    "logprobs": chat_logprobs(gen.logprobs),
+                    "index": i,
+                    "message": {"role": "assistant", "content": choice.text},
+                    "finish_reason": choice.finish_reason,
+                    "logprobs": chat_logprobs(choice.logprobs),
                 }
+                for i, choice in enumerate(gen.choices or [gen])
             ],
             "usage": usage,
         }
@@ -44,7 +45,8 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
         "created": created,
         "model": variant,
         "choices": [
-            {"index": 0, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": completion_logprobs(gen)}
+            {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": completion_logprobs(c)}
+            for i, c in enumerate(gen.choices or [gen])
         ],
         "usage": usage,
     }

@@ -203,3 +203,24 @@ def test_sampling_extras_change_what_is_sampled(engine: LlamaEngine) -> None:
     assert ok(results["seed-a"]).text == ok(results["seed-b"]).text
     bad = results["bad-token"]
     assert isinstance(bad, RowRefused) and "vocabulary" in str(bad)
+
+
+def test_n_choices_share_the_prompt_and_count_it_once(engine: LlamaEngine) -> None:
+    system = "You are a poet who writes one short line about the weather, and nothing else at all."
+    messages = ({"role": "system", "content": system}, {"role": "user", "content": "A line about rain."})
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=5, n=3)
+    row = DatasetRow(0, "n3", CHAT, messages=messages, params=params)
+    single = DatasetRow(
+        0, "one", CHAT, messages=messages, params=SamplingParams(max_tokens=12, temperature=1.0, seed=6)
+    )
+    results = run(engine, [row, single])
+    gen, one = ok(results["n3"]), ok(results["one"])
+    assert gen.choices is not None and len(gen.choices) == 3
+    assert gen.choices[1].text == one.text  # choice i is sampled with seed + i
+    assert gen.prompt_tokens == one.prompt_tokens
+    assert gen.completion_tokens == sum(c.completion_tokens for c in gen.choices)
+    assert sum(c.cached_prompt_tokens > 0 for c in gen.choices) >= 2  # siblings start from the shared prompt KV
+    body = ChatCompletion.model_validate(response_body(row, gen, engine.variant, "job-1"))
+    assert [c.index for c in body.choices] == [0, 1, 2]
+    assert [c.message.content for c in body.choices] == [c.text for c in gen.choices]
+    assert body.usage is not None and body.usage.prompt_tokens == one.prompt_tokens

@@ -32,6 +32,7 @@ from typing import Any
 
 from tokenmill.engine import Generation, OnDone, TokenLogprob
 from tokenmill.engines import llama_guard
+from tokenmill.engines.choices import ChoiceMerger
 from tokenmill.engines.prefix import best_shared_prefix, common_prefix_len
 from tokenmill.engines.sampling import RowSampler, TextAccumulator
 from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong
@@ -246,7 +247,10 @@ class LlamaEngine:
         Rows are tokenized up front so the shared prefix can be chosen over the whole call; a row that
         fails to format (or is too long) is reported when its turn to be admitted comes, so a stop
         request leaves later rows unreported. The prefix's own evaluation is not charged to any row.
+        A row asking for ``n`` choices runs as n sibling sequences (see :mod:`.choices`).
         """
+        merger = ChoiceMerger(rows, on_done)
+        rows, on_done = merger.rows, merger.done
         prepared: deque[tuple[DatasetRow, list[int] | Exception]] = deque()
         for row in rows:
             try:
