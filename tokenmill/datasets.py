@@ -70,6 +70,7 @@ def read_dataset(
     defaults: SamplingParams | None = None,
     skip_invalid: bool = False,
     ignored: contract.Ignored | None = None,
+    line_model: contract.LineModel | None = None,
 ) -> Iterator[DatasetRow | InvalidLine]:
     """Yield rows of a JSONL file in order. Raises DatasetError on the first bad line unless skip_invalid.
 
@@ -83,7 +84,11 @@ def read_dataset(
     if text_field is not None and not text_field:
         raise UsageError("--field needs a field name")
     builder = _RowBuilder(
-        compile_template(template) if template is not None else None, text_field, defaults or SamplingParams(), ignored
+        compile_template(template) if template is not None else None,
+        text_field,
+        defaults or SamplingParams(),
+        ignored,
+        line_model,
     )
     _check_file(Path(path), name)
     return _rows(Path(path), name, builder, skip_invalid)
@@ -241,8 +246,10 @@ class _RowBuilder:
         text_field: str | None,
         defaults: SamplingParams,
         ignored: contract.Ignored | None = None,
+        line_model: contract.LineModel | None = None,
     ) -> None:
         self.ignored = ignored
+        self.line_model = line_model
         self.template = template
         self.text_field = text_field
         self.defaults = defaults
@@ -270,6 +277,8 @@ class _RowBuilder:
         )
 
     def _check_fields(self, src: dict[str, Any], endpoint: str, prefix: str, line: int, *, plain: bool) -> None:
+        if self.line_model is not None:
+            self.line_model.check(src, prefix)
         for key in contract.unknown_fields(src, endpoint, prefix, plain=plain):
             if self.ignored is None:
                 raise contract.unknown_error(key, prefix)

@@ -9,7 +9,7 @@ The README's "Request fields" table lists the same sets.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,32 @@ class Ignored:
             f"ignored unknown field {show(name, 40)} on {n} line{'s' * (n != 1)} (first on line {self.first[name]})"
             for name, n in sorted(self.lines.items())
         ]
+
+
+@dataclass(frozen=True)
+class LineModel:
+    """The job's model against the ``model`` a line names: one job runs one model.
+
+    ``family_of`` maps a name to its catalog family, None for names outside the catalog (``gpt-4o-mini``
+    in a file written for OpenAI), which are accepted and ignored. ``source`` says where the job's model
+    came from, for the message: ``--model``, or the line that named it first.
+    """
+
+    family_of: Callable[[str], str | None]
+    family: str
+    source: str
+
+    def check(self, src: Mapping[str, Any], prefix: str) -> None:
+        value = src.get("model")
+        if value is None:
+            return
+        name = text_value(value, prefix + "model")
+        family = self.family_of(name)
+        if family is not None and family != self.family:
+            raise FieldError(
+                f"names {show(name)} but the job runs {self.family} ({self.source}); one job runs one model",
+                prefix + "model",
+            )
 
 
 def unknown_fields(src: Mapping[str, Any], endpoint: str, prefix: str, *, plain: bool) -> list[str]:

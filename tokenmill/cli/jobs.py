@@ -30,7 +30,7 @@ from tokenmill.cli.run import (
 from tokenmill.cli.watch import add_id_column
 from tokenmill.errors import DatasetError, JobIncomplete, UsageError
 from tokenmill.output import export
-from tokenmill.scheduler.submit import model_route, submit_dataset
+from tokenmill.scheduler.submit import choose_model, model_route, submit_dataset
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 
@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
     def submit_cmd(
         ctx: typer.Context,
         path: Annotated[Path, typer.Argument(help="JSONL dataset (or a folder of .txt/.md with --template)")],
-        model: ModelOpt = "smollm2-135m-instruct",
+        model: ModelOpt = None,
         template: TemplateOpt = None,
         field: FieldOpt = None,
         max_tokens: MaxTokensOpt = None,
@@ -62,9 +62,10 @@ def register(app: typer.Typer) -> None:
         Example: tokenmill submit docs.jsonl --model smollm2-135m-instruct --chunk-size 32
         """
         settings = settings_from(ctx)
+        model, model_source = choose_model(path, model)
         sub = build_submission(
             path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
-            allow_unknown_fields,
+            allow_unknown_fields, model_source,
         )  # fmt: skip
         pins: list[str | None] = [None]
         if ab:

@@ -19,7 +19,14 @@ from tokenmill.errors import DatasetError, JobIncomplete, ModelError
 from tokenmill.output import export
 from tokenmill.rows import SamplingParams
 from tokenmill.scheduler.dispatch import Dispatcher
-from tokenmill.scheduler.submit import Submission, auto_chunk_size, job_key, model_route, submit_dataset
+from tokenmill.scheduler.submit import (
+    Submission,
+    auto_chunk_size,
+    choose_model,
+    job_key,
+    model_route,
+    submit_dataset,
+)
 from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
@@ -27,7 +34,16 @@ from tokenmill.workers.capacity import detect
 from tokenmill.workers.local import LocalFleet, default_worker_count
 from tokenmill.workers.selection import WorkerOptions, select_model
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Catalog name[:variant] or path to a .gguf file")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Catalog name[:variant] or path to a .gguf file [default: the lines' body.model when it names a "
+        "catalog model, else smollm2-135m-instruct]",
+        show_default=False,
+    ),
+]
 TemplateOpt = Annotated[
     str | None, typer.Option(help="Prompt template with {field} placeholders, or a file holding one")
 ]
@@ -67,6 +83,7 @@ def build_submission(
     no_cache: bool,
     token_budget: int | None = None,
     allow_unknown_fields: bool = False,
+    model_source: str = "--model",
 ) -> Submission:
     base = SamplingParams()
     defaults = SamplingParams(
@@ -84,6 +101,7 @@ def build_submission(
         no_cache=no_cache,
         token_budget=token_budget,
         allow_unknown_fields=allow_unknown_fields,
+        model_source=model_source,
     )
 
 
@@ -92,7 +110,7 @@ def register(app: typer.Typer) -> None:
     def run_cmd(
         ctx: typer.Context,
         path: Annotated[Path, typer.Argument(help="JSONL dataset (or a folder of .txt/.md with --template)")],
-        model: ModelOpt = "smollm2-135m-instruct",
+        model: ModelOpt = None,
         output: Annotated[Path | None, typer.Option("--output", "-o", help="Results JSONL")] = None,
         errors: Annotated[Path | None, typer.Option("--errors", help="Failed rows JSONL")] = None,
         template: TemplateOpt = None,
@@ -113,11 +131,12 @@ def register(app: typer.Typer) -> None:
         Example: tokenmill run docs.jsonl --model smollm2-135m-instruct -o docs.results.jsonl
         """
         settings = settings_from(ctx)
+        model, model_source = choose_model(path, model)
         count, each = default_worker_count()
         count = workers or count
         sub = build_submission(
             path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
-            allow_unknown_fields,
+            allow_unknown_fields, model_source,
         )  # fmt: skip
         output = output or default_output(path, "results")
         errors = errors or default_output(path, "errors")

@@ -35,7 +35,7 @@ from tokenmill.engines import llama_guard
 from tokenmill.engines.choices import ChoiceMerger
 from tokenmill.engines.prefix import best_shared_prefix, common_prefix_len
 from tokenmill.engines.sampling import RowSampler, TextAccumulator
-from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong
+from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong, RowRefused
 from tokenmill.rows import CHAT, DatasetRow
 
 log = logging.getLogger(__name__)
@@ -172,17 +172,17 @@ class LlamaEngine:
 
     # -- tokens and prompts ------------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
-        """Tokens of ``text`` with special-token markup parsed, as llama-cpp-python does for prompts."""
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Tokens of ``text``; ``parse_special`` turns markup such as ``<|im_start|>`` into control tokens."""
         L = self._L
         data = text.encode("utf-8")
         size = len(data) + 8
         buf = (L.llama_token * size)()
-        n = L.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, True)
+        n = L.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, parse_special)
         if n < 0:
             size = -n
             buf = (L.llama_token * size)()
-            n = L.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, True)
+            n = L.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, parse_special)
         return list(buf[:n])
 
     def count_tokens(self, text: str) -> int:
@@ -192,13 +192,42 @@ class LlamaEngine:
     def format_prompt(self, row: DatasetRow) -> list[int]:
         """The prompt tokens of a row exactly as ``create_chat_completion``/``create_completion`` build them."""
         if row.endpoint == CHAT:
-            text = self._chat_formatter()(messages=[dict(m) for m in row.messages or ()]).prompt
-            return self.tokenize(text)
+            return self._chat_tokens([dict(m) for m in row.messages or ()])
         prompt = row.prompt or ""
         tokens = self._prompt_head + (self.tokenize(prompt) if prompt else []) + self._prompt_tail
         if not tokens and self._bos == -1:
             raise ValueError("the prompt is empty and the model has no BOS token to start from")
         return tokens or [self._bos]
+
+    def _chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat prompt with only the template's own markup special: user text never becomes control tokens.
+
+        The template is rendered with a placeholder per message content; the markup between placeholders
+        is tokenized with special tokens parsed, each content as plain text. Where the template changes a
+        content (drops a placeholder) the real rendering is tokenized as a whole, which is safe only if no
+        content holds control-token markup; such a row is refused rather than given injected turns.
+        """
+        formatter = self._chat_formatter()
+        marks = [f"\x00tm-content-{i}\x00" for i in range(len(messages))]
+        masked = formatter(messages=[{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]).prompt
+        tokens: list[int] = []
+        rest = masked
+        for mark, message in zip(marks, messages, strict=True):
+            head, found, rest = rest.partition(mark)
+            if not found:
+                return self._whole_chat_tokens(formatter, messages)
+            tokens += self.tokenize(head) if head else []
+            tokens += self.tokenize(message["content"], parse_special=False) if message["content"] else []
+        return tokens + (self.tokenize(rest) if rest else [])
+
+    def _whole_chat_tokens(self, formatter: Any, messages: list[dict[str, str]]) -> list[int]:
+        for message in messages:
+            text = message["content"]
+            if text and self.tokenize(text) != self.tokenize(text, parse_special=False):
+                raise RowRefused(
+                    "a message holds control-token markup and this model's chat template rewrites contents"
+                )
+        return list(self.tokenize(formatter(messages=messages).prompt))
 
     def _chat_formatter(self) -> Any:
         if self._formatter is None:

@@ -12,7 +12,7 @@ from typing import Any
 from tokenmill.celery_app import queue_for
 from tokenmill.datasets import InvalidLine, error_line, read_dataset
 from tokenmill.errors import DatasetError, UnknownModelError
-from tokenmill.request_contract import Ignored
+from tokenmill.request_contract import Ignored, LineModel
 from tokenmill.rows import DatasetRow, SamplingParams
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
@@ -81,6 +81,7 @@ class Submission:
     no_cache: bool = False
     token_budget: int | None = None  # documents only; None: derived from the context and max_tokens
     allow_unknown_fields: bool = False  # unknown request fields: counted in ``ignored``, not line errors
+    model_source: str = "--model"  # where ``model`` came from, for the line error of a line naming another
     ignored: Ignored = field(default_factory=Ignored, compare=False)
 
     def document_budget(self) -> int:
@@ -118,7 +119,54 @@ class Submission:
             defaults=self.defaults,
             skip_invalid=self.skip_invalid,
             ignored=self.ignored if self.allow_unknown_fields else None,
+            line_model=LineModel(catalog_family, model_route(self.model)[0], self.model_source),
         )
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+MODEL_SCAN_LINES = 1000
+
+
+def catalog_family(name: str) -> str | None:
+    """The catalog family a line's ``model`` names; None for names outside the catalog (``gpt-4o-mini``)."""
+    from tokenmill.models.catalog import CATALOG, parse_model_ref
+    from tokenmill.models.resolve import looks_like_path
+
+    if looks_like_path(name):
+        return None
+    family, _ = parse_model_ref(name)
+    return family if family in CATALOG else None
+
+
+def choose_model(path: Path, model: str | None) -> tuple[str, str]:
+    """(model, where it came from): ``--model``, else the first of the file's first lines naming a catalog
+    model (OpenAI batch files carry ``body.model``), else the default. Later lines must agree (a line error)."""
+    if model:
+        return model, "--model"
+    if path.is_file():
+        found = _first_line_model(path)
+        if found is not None:
+            return found[0], f"named on line {found[1]}"
+    return DEFAULT_MODEL, "the default; pass --model to choose"
+
+
+def _first_line_model(path: Path) -> tuple[str, int] | None:
+    try:
+        with open(path, "rb") as fh:
+            for line, raw in enumerate(fh, start=1):
+                if line > MODEL_SCAN_LINES:
+                    return None
+                try:
+                    obj = json.loads(raw)
+                except ValueError:
+                    continue  # the reader reports it, with its line
+                src = obj.get("body", obj) if isinstance(obj, dict) else None
+                name = src.get("model") if isinstance(src, dict) else None
+                if isinstance(name, str) and catalog_family(name) is not None:
+                    return name, line
+    except OSError:
+        return None  # the reader reports unreadable files
+    return None
 
 
 def model_route(model: str) -> tuple[str, str | None]:
