@@ -68,18 +68,12 @@ class MemoryEstimate:
         return self.weights_bytes + self.kv_bytes + self.overhead_bytes
 
     def describe(self) -> str:
-        return (
-            f"{fmt_bytes(self.weights_bytes)} weights + {fmt_bytes(self.kv_bytes)} KV + "
-            f"{fmt_bytes(self.overhead_bytes)} overhead = {fmt_bytes(self.total_bytes)}"
-        )
+        return (f"{fmt_bytes(self.weights_bytes)} weights + {fmt_bytes(self.kv_bytes)} KV + "
+                f"{fmt_bytes(self.overhead_bytes)} overhead = {fmt_bytes(self.total_bytes)}")
 
     def to_json(self) -> dict[str, int]:
-        return {
-            "weights_bytes": self.weights_bytes,
-            "kv_bytes": self.kv_bytes,
-            "overhead_bytes": self.overhead_bytes,
-            "total_bytes": self.total_bytes,
-        }
+        return {"weights_bytes": self.weights_bytes, "kv_bytes": self.kv_bytes,
+                "overhead_bytes": self.overhead_bytes, "total_bytes": self.total_bytes}
 
 
 def _family_of(variant: Variant, family: Family | None) -> Family:
@@ -118,17 +112,9 @@ class Choice:
         return self.variant.label
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "variant": self.variant.label,
-            "device": self.device,
-            "n_gpu_layers": self.n_gpu_layers,
-            "n_threads": self.n_threads,
-            "n_ctx": self.n_ctx,
-            "n_seq": self.n_seq,
-            "gpu_index": self.gpu_index,
-            "memory": self.memory.to_json(),
-            "reason": self.reason,
-        }
+        return {"variant": self.variant.label, "device": self.device, "n_gpu_layers": self.n_gpu_layers,
+                "n_threads": self.n_threads, "n_ctx": self.n_ctx, "n_seq": self.n_seq,
+                "gpu_index": self.gpu_index, "memory": self.memory.to_json(), "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -144,18 +130,16 @@ def _budget(capacity: Capacity, share: int, gpu_index: int | None) -> _Budget:
     if share < 1:
         raise ValueError(f"share must be >= 1 (got {share})")
     ram = max(0, capacity.ram_available_bytes // share - RAM_MARGIN)
-    note = f"{fmt_bytes(ram)} RAM" + (
-        f" (1/{share} of {fmt_bytes(capacity.ram_available_bytes)} available)" if share > 1 else ""
-    )
+    note = f"{fmt_bytes(ram)} RAM" + (f" (1/{share} of {fmt_bytes(capacity.ram_available_bytes)} available)"
+                                      if share > 1 else "")
     threads = max(1, capacity.physical_cores // share)
     gpus = capacity.usable_gpus
     gpu: GpuInfo | None = None
     if gpu_index is not None:
         gpu = next((g for g in gpus if g.index == gpu_index), None)
         if gpu is None:
-            raise ModelLoadError(
-                f"GPU {gpu_index} is not usable on {capacity.hostname} (usable: {[g.index for g in gpus] or 'none'})"
-            )
+            raise ModelLoadError(f"GPU {gpu_index} is not usable on {capacity.hostname} "
+                                 f"(usable: {[g.index for g in gpus] or 'none'})")
     elif gpus:
         gpu = max(gpus, key=lambda g: g.vram_free_bytes)
     vram = 0
@@ -201,24 +185,13 @@ def choose_variant(
     else:
         candidates = [v for v in fam.variants if obtainable is None or obtainable(v)]
         if not candidates:
-            raise ModelLoadError(
-                f"no variant of {fam.name} can be obtained on {capacity.hostname} "
-                f"(catalog variants: {', '.join(fam.quants)})"
-            )
+            raise ModelLoadError(f"no variant of {fam.name} can be obtained on {capacity.hostname} "
+                                 f"(catalog variants: {', '.join(fam.quants)})")
     estimates = {v.quant: estimate_memory(v, n_ctx, n_seq, family=fam) for v in candidates}
 
     def make(v: Variant, device: Device, layers: int, reason: str) -> Choice:
-        return Choice(
-            v,
-            device,
-            layers,
-            budget.threads,
-            estimates[v.quant],
-            f"{v.quant}: {reason}",
-            n_ctx,
-            n_seq,
-            budget.gpu.index if device == "cuda" and budget.gpu else None,
-        )
+        return Choice(v, device, layers, budget.threads, estimates[v.quant], f"{v.quant}: {reason}",
+                      n_ctx, n_seq, budget.gpu.index if device == "cuda" and budget.gpu else None)
 
     gpu = budget.gpu
     if gpu is not None:
@@ -231,13 +204,8 @@ def choose_variant(
         for v in candidates:
             k, gpu_bytes, ram_bytes = _split(fam, v, estimates[v.quant], budget.vram)
             if k >= need and ram_bytes <= budget.ram:
-                return make(
-                    v,
-                    "cuda",
-                    k,
-                    f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on {where}, "
-                    f"rest ({fmt_bytes(ram_bytes)}) in {budget.ram_note} (partial offload)",
-                )
+                return make(v, "cuda", k, f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on {where}, "
+                                          f"rest ({fmt_bytes(ram_bytes)}) in {budget.ram_note} (partial offload)")
 
     skipped_for_cpu = []
     for v in candidates:
@@ -248,35 +216,24 @@ def choose_variant(
         if gpu is not None:
             k, gpu_bytes, ram_bytes = _split(fam, v, est, budget.vram)
             if k >= 1 and ram_bytes <= budget.ram:
-                return make(
-                    v,
-                    "cuda",
-                    k,
-                    f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on GPU{gpu.index} "
-                    f"{gpu.name}, rest ({fmt_bytes(ram_bytes)}) in {budget.ram_note} "
-                    f"(mostly CPU; {fmt_bytes(budget.vram)} usable VRAM)",
-                )
+                return make(v, "cuda", k, f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on GPU{gpu.index} "
+                                          f"{gpu.name}, rest ({fmt_bytes(ram_bytes)}) in {budget.ram_note} "
+                                          f"(mostly CPU; {fmt_bytes(budget.vram)} usable VRAM)")
         if est.total_bytes <= budget.ram:
             why = _no_gpu_reason(capacity, gpu)
             capped = f"; {'/'.join(skipped_for_cpu)} skipped on CPU" if skipped_for_cpu else ""
-            return make(
-                v, "cpu", 0, f"{est.describe()} fits {budget.ram_note}, {budget.threads} threads ({why}{capped})"
-            )
+            return make(v, "cpu", 0, f"{est.describe()} fits {budget.ram_note}, {budget.threads} threads "
+                                     f"({why}{capped})")
 
     smallest = min(candidates, key=lambda v: estimates[v.quant].total_bytes)
     est = estimates[smallest.quant]
-    what = (
-        f"pinned variant {smallest.label}"
-        if pinned
-        else f"no variant of {fam.name} fits; the smallest, {smallest.label},"
-    )
+    what = (f"pinned variant {smallest.label}" if pinned
+            else f"no variant of {fam.name} fits; the smallest, {smallest.label},")
     have = f"this worker has {budget.ram_note}"
     if gpu is not None:
         have += f" and {fmt_bytes(budget.vram)} usable VRAM on GPU{gpu.index} {gpu.name}"
-    raise ModelLoadError(
-        f"{what} needs {est.describe()} at n_ctx={n_ctx} x {n_seq} sequences; {have}. "
-        "Lower --n-ctx/--n-seq, pin a smaller variant, or run fewer workers on this host"
-    )
+    raise ModelLoadError(f"{what} needs {est.describe()} at n_ctx={n_ctx} x {n_seq} sequences; {have}. "
+                         "Lower --n-ctx/--n-seq, pin a smaller variant, or run fewer workers on this host")
 
 
 def _no_gpu_reason(capacity: Capacity, gpu: GpuInfo | None) -> str:
@@ -314,7 +271,7 @@ def recommend(
 ) -> list[Recommendation]:
     """For each family, what :func:`choose_variant` would pick here (for ``tokenmill models recommend``)."""
     out: list[Recommendation] = []
-    for f in CATALOG.values() if families is None else families:
+    for f in (CATALOG.values() if families is None else families):
         fam = f if isinstance(f, Family) else get_family(f)
         try:
             choice = choose_variant(fam, capacity, share=share, n_ctx=n_ctx, n_seq=n_seq, obtainable=obtainable)

@@ -103,7 +103,10 @@ def requeue_stale(s: Session, older_than: float, queues: list[str] | None = None
 def queues_with_queued_since(s: Session, older_than: float) -> list[str]:
     """Queues holding chunks marked queued for longer than ``older_than`` seconds."""
     rows = s.execute(
-        select(Job.queue).join(Chunk, Chunk.job_id == Job.id).where(*_queued_longer_than(older_than)).distinct()
+        select(Job.queue)
+        .join(Chunk, Chunk.job_id == Job.id)
+        .where(*_queued_longer_than(older_than))
+        .distinct()
     ).all()
     return sorted(q for (q,) in rows)
 
