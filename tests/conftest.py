@@ -270,7 +270,7 @@ def app_server(settings: Settings, store: Store, procs: Procs) -> str:
 
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [  # DESIGN.md "Headless Chromium here": no network chatter on a closed network
+CHROMIUM_ARGS = [  # no network chatter on a closed network (background services, updates, sync)
     "--no-sandbox",
     "--disable-gpu",
     "--no-first-run",
