@@ -109,6 +109,17 @@ def pg_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_store(request: pytest.FixtureRequest, store: Store) -> Store:
+    """The same test on the embedded SQLite store and on a fresh Postgres database."""
+    if request.param == "sqlite":
+        return store
+    pg = Store(request.getfixturevalue("pg_url"))
+    pg.migrate()
+    request.addfinalizer(pg.dispose)
+    return pg
+
+
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A Redis database number of its own, flushed before and after."""
