@@ -83,7 +83,9 @@ def submit_cmd(
     store = open_store(settings)
     choice = JobChoice(None, None)
     if ab is None:
-        choice = choose_for_job(settings, sub, prefer_value(prefer), deadline, live_fleet(store, settings, detect()))
+        choice = choose_for_job(
+            settings, sub, prefer_value(prefer), deadline, lambda: live_fleet(store, settings, detect())
+        )
         pins = [choice.pin]
         if choice.pin:
             _warn_if_unserved(store, settings, choice.pin)

@@ -43,6 +43,7 @@ from tokenmill.errors import DatasetError, JobIncomplete, ModelError
 from tokenmill.models.sizing import Prefer
 from tokenmill.output import export, read_skipped
 from tokenmill.scheduler.dispatch import Dispatcher
+from tokenmill.scheduler.plan import FleetMember
 from tokenmill.scheduler.submit import (
     Submission,
     auto_chunk_size,
@@ -103,7 +104,9 @@ def run_cmd(
     check_broker(app_, settings)
     started = time.monotonic()
     pref = prefer_value(prefer)
-    here = this_host(settings, detect(), count, threads or each)
+    def here() -> list[FleetMember]:
+        return this_host(settings, detect(), count, threads or each)
+
     choice = choose_for_job(settings, sub, pref, deadline, here, sources=("local", "registry"))
     if choice.pin:
         sub = replace(sub, model=choice.pin)
