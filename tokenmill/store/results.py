@@ -27,6 +27,27 @@ def write_result(s: Session, values: dict[str, Any]) -> bool:
     return s.execute(stmt.returning(Result.id)).first() is not None
 
 
+def write_results(s: Session, rows: Sequence[dict[str, Any]]) -> set[tuple[str, int]]:
+    """Insert a batch in one statement per column set, skipping rows already answered (``ON CONFLICT DO
+    NOTHING`` on the (job, row) constraint); returns the (job_id, seq) pairs this call really inserted,
+    so the caller counts only its own rows. One round trip for many rows is what makes group commit pay."""
+    now = time.time()
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for values in rows:
+        full = {"created_at": now, **values}
+        groups.setdefault(tuple(sorted(full)), []).append(full)
+    dialect = s.get_bind().dialect.name
+    inserted: set[tuple[str, int]] = set()
+    for group in groups.values():
+        stmt: Any
+        if dialect == "postgresql":
+            stmt = postgresql.insert(Result).values(group).on_conflict_do_nothing(constraint="uq_results_job_seq")
+        else:
+            stmt = sqlite.insert(Result).values(group).on_conflict_do_nothing(index_elements=["job_id", "seq"])
+        inserted.update((str(j), int(q)) for j, q in s.execute(stmt.returning(Result.job_id, Result.seq)).all())
+    return inserted
+
+
 def done_seqs(s: Session, job_id: str, first_seq: int, last_seq: int) -> set[int]:
     return set(
         s.scalars(select(Result.seq).where(Result.job_id == job_id, Result.seq >= first_seq, Result.seq <= last_seq))
