@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, Text, cast, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -123,6 +123,28 @@ def iter_results(s: Session, job_id: str, batch: int = 1000) -> Iterator[tuple[R
     )
     for page in keyset_pages(s, stmt, Result.seq, size=batch, key_of=lambda row: int(row[0].seq)):
         yield from ((result, request) for result, request in page)
+
+
+_EXPORT_COLUMNS = (
+    Result.job_id, Result.seq, Result.status, Result.custom_id, Result.worker_id, Result.variant, Result.cached,
+    Result.attempts, Result.error_code, Result.error, RequestRow.line,
+    RequestRow.payload["source"].as_string().label("source"),
+    cast(Result.body, Text).label("body_json"), cast(Result.timings, Text).label("timings_json"),
+)  # fmt: skip
+
+
+def export_rows(s: Session, job_id: str, *, page: int = 5_000) -> Iterator[Row[Any]]:
+    """What an export line needs of each result, in input order, as plain columns: no ORM objects, and
+    ``body_json``/``timings_json`` as the stored JSON text, so the exporter splices them into its line
+    instead of decoding and re-encoding two documents per row (the cost that kept export near 6k rows/s).
+    ``source`` is read from the payload inside the database, never the whole payload."""
+    stmt = (
+        select(*_EXPORT_COLUMNS)
+        .join(RequestRow, (RequestRow.job_id == Result.job_id) & (RequestRow.seq == Result.seq))
+        .where(Result.job_id == job_id)
+    )
+    for rows in keyset_pages(s, stmt, Result.seq, size=page):
+        yield from rows
 
 
 def iter_result_columns(s: Session, job_id: str, columns: Sequence[Any], *, page: int) -> Iterator[Row[Any]]:
