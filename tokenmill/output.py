@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -155,7 +155,7 @@ def read_skipped(skipped: Path | None) -> list[dict[str, Any]]:
 
 
 # ``json.dumps(text, ensure_ascii=False)`` of one string, quotes included: the C escaper, called directly.
-_q: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_q: Callable[[str], str] = json.encoder.encode_basestring
 
 
 @functools.lru_cache(maxsize=64)
@@ -173,7 +173,7 @@ def _scalar(value: bool | int | None) -> str:
     return "null" if value is None else ("true" if value is True else "false" if value is False else str(value))
 
 
-def success_text(row: Row[Any]) -> str:
+def success_text(row: Sequence[Any]) -> str:
     """:func:`output_line` of an :func:`~tokenmill.store.results.export_rows` row, as one JSON line.
 
     Built as text around the stored body and timings (already JSON) rather than decoded and encoded again,
