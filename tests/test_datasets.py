@@ -182,9 +182,10 @@ BAD_LINES: list[tuple[str, str | bytes, str | None, str]] = [
     ("method", batch({"messages": [USER]}, method="GET"), "method", "unsupported method 'GET' (batch lines use POST)"),
     (
         "endpoint",
-        batch({"input": "x"}, url="/v1/embeddings"),
+        batch({"input": "x"}, url="/v1/moderations"),
         "url",
-        "unsupported endpoint '/v1/embeddings' (tokenmill serves /v1/chat/completions and /v1/completions)",
+        "unsupported endpoint '/v1/moderations' (tokenmill serves /v1/chat/completions, /v1/completions and"
+        " /v1/embeddings)",
     ),
     ("no-body", json.dumps({"custom_id": "b", "method": "POST", "url": "/v1/completions"}), "body", "missing"),
     ("body-type", batch([1]), "body", "must be an object, got an array"),

@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 
-from tokenmill.rows import DatasetRow
+from tokenmill.rows import EMBEDDINGS, DatasetRow
 from tokenmill.store import Store, leases
 from tokenmill.store import cache as store_cache
 
 
 def request_hash(model_id: str, row: DatasetRow) -> str | None:
-    """Identity of a deterministic request; only temperature-0 rows are cacheable."""
-    if row.params.temperature != 0:
+    """Identity of a deterministic request: temperature-0 rows, and every embeddings row (no sampling)."""
+    if row.endpoint != EMBEDDINGS and row.params.temperature != 0:
         return None
     payload = {k: v for k, v in row.to_payload().items() if k != "source"}
     blob = json.dumps([model_id, payload], sort_keys=True, ensure_ascii=False)

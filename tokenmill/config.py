@@ -117,6 +117,11 @@ class Settings:
     # (a worker killed between receiving and claiming it, a broker that lost messages). None: the default
     # below, long enough that a healthy queue never triggers it; a duplicate message is harmless anyway.
     requeue_seconds: float | None = None
+    # `tokenmill serve`: bearer keys (TOKENMILL_API_KEYS, comma-separated; never printed) and upload caps.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    file_max_bytes: int = 200 * 2**20
+    file_max_lines: int = 50_000
+    batch_window_seconds: float | None = None  # None: what completion_window says ("24h"); tests shorten it
     # The inference backend a worker builds, by name (tokenmill.engines: "llama", "stub", or a plugin's).
     # Checked when a worker starts, not here: plugin names come from installed entry points.
     engine: str = "llama"
@@ -167,6 +172,12 @@ class Settings:
         values["result_batch_ms"] = _float(env, "RESULT_BATCH_MS", cls.result_batch_ms)
         if env.get(ENV_PREFIX + "REQUEUE_SECONDS"):
             values["requeue_seconds"] = _float(env, "REQUEUE_SECONDS", 0.0)
+        if env.get(ENV_PREFIX + "API_KEYS"):
+            values["api_keys"] = tuple(k.strip() for k in env[ENV_PREFIX + "API_KEYS"].split(",") if k.strip())
+        values["file_max_bytes"] = int(_float(env, "FILE_MAX_BYTES", cls.file_max_bytes))
+        values["file_max_lines"] = int(_float(env, "FILE_MAX_LINES", cls.file_max_lines))
+        if env.get(ENV_PREFIX + "BATCH_WINDOW_SECONDS"):
+            values["batch_window_seconds"] = _float(env, "BATCH_WINDOW_SECONDS", 1.0)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 

@@ -332,3 +332,78 @@ def compile_template(text: str) -> Template:
     if not template.fields:
         raise UsageError("invalid template: no {field} placeholders, so every row would get the same prompt")
     return template
+
+
+# -- /v1/embeddings bodies ---------------------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+TOKEN_ID_LIMIT = 2**31 - 1
+ENCODING_FORMATS = ("float", "base64")
+EMBEDDING_BODY_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+
+
+def embedding_request(body: Mapping[str, Any], prefix: str = "body.") -> dict[str, Any]:
+    """An embeddings body as keyword arguments for ``DatasetRow`` (``inputs``, ``encoding_format``, ``dimensions``).
+
+    Every body field is either honoured or refused: a typo or a generation field (``max_tokens``) here is a
+    sign the line was meant for another endpoint, and answering it anyway would hide that.
+    """
+    for key in body:
+        if key not in EMBEDDING_BODY_FIELDS:
+            accepted = ", ".join(sorted(EMBEDDING_BODY_FIELDS))
+            raise FieldError(f"is not an embeddings field (accepted: {accepted})", prefix + str(key))
+    if "input" not in body:
+        raise FieldError("missing (/v1/embeddings needs input)", prefix + "input")
+    out: dict[str, Any] = {"inputs": embedding_inputs(body["input"], prefix + "input")}
+    fmt = body.get("encoding_format")
+    if fmt is not None:
+        if fmt not in ENCODING_FORMATS:
+            raise FieldError(f"must be 'float' or 'base64', got {show(fmt)}", prefix + "encoding_format")
+        out["encoding_format"] = fmt
+    if body.get("dimensions") is not None:
+        out["dimensions"] = integer(body["dimensions"], prefix + "dimensions", 1, 65536)
+    if body.get("user") is not None:
+        text_value(body["user"], prefix + "user")
+    return out
+
+
+def embedding_inputs(value: Any, field: str) -> tuple[str | tuple[int, ...], ...]:
+    """``input`` as OpenAI takes it: a string, an array of strings, an array of tokens, or arrays of tokens."""
+    if isinstance(value, str):
+        return (_embedding_text(value, field),)
+    if not isinstance(value, list):
+        raise FieldError(f"must be a string, an array of strings or token arrays, got {describe(value)}", field)
+    if not value:
+        raise FieldError("must not be an empty array", field)
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        return (_token_ids(value, field),)
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise FieldError(f"has {len(value)} inputs; at most {MAX_EMBEDDING_INPUTS} are allowed", field)
+    out: list[str | tuple[int, ...]] = []
+    for i, item in enumerate(value):
+        where = f"{field}[{i}]"
+        if isinstance(item, str):
+            out.append(_embedding_text(item, where))
+        elif isinstance(item, list):
+            if not item:
+                raise FieldError("must not be an empty token array", where)
+            out.append(_token_ids(item, where))
+        else:
+            raise FieldError(f"must be a string or a token array, got {describe(item)}", where)
+    return tuple(out)
+
+
+def _embedding_text(value: str, field: str) -> str:
+    if not value:
+        raise FieldError("must not be an empty string", field)
+    return check_encodable(value, field)
+
+
+def _token_ids(value: list[Any], field: str) -> tuple[int, ...]:
+    for j, token in enumerate(value):
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise FieldError(f"must be a token id (integer), got {describe(token)}", f"{field}[{j}]")
+        if token < 0 or token > TOKEN_ID_LIMIT:
+            raise FieldError(f"must be a token id between 0 and {TOKEN_ID_LIMIT}, got {describe(token)}",
+                             f"{field}[{j}]")
+    return tuple(value)

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 from tokenmill import dataset_fields as fields
 from tokenmill.dataset_fields import FieldError, Template, compile_template, describe, show
 from tokenmill.errors import DatasetError, UsageError
-from tokenmill.rows import CHAT, COMPLETIONS, DatasetRow, SamplingParams
+from tokenmill.rows import CHAT, COMPLETIONS, EMBEDDINGS, GENERATION_ENDPOINTS, DatasetRow, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -225,8 +225,14 @@ class _RowBuilder:
         self.text_field = text_field
         self.defaults = defaults
         self._params_seen: dict[tuple[tuple[str, Any], ...], SamplingParams] = {}
+        self._kind = _JobKind()
 
     def build(self, line: int, custom_id: str, obj: dict[str, Any]) -> DatasetRow:
+        row = self._build(line, custom_id, obj)
+        self._kind.check(row)
+        return row
+
+    def _build(self, line: int, custom_id: str, obj: dict[str, Any]) -> DatasetRow:
         if self.template is not None or self.text_field is not None:
             return self._from_data(line, custom_id, obj)
         if "body" in obj or "url" in obj or "method" in obj:
@@ -281,9 +287,12 @@ class _RowBuilder:
         url = obj.get("url")
         if url is None:
             url = COMPLETIONS if "prompt" in body and "messages" not in body else CHAT
-        elif url not in (CHAT, COMPLETIONS):
-            served = f"tokenmill serves {CHAT} and {COMPLETIONS}"
+            url = EMBEDDINGS if "input" in body and not ("prompt" in body or "messages" in body) else url
+        elif url not in (CHAT, COMPLETIONS, EMBEDDINGS):
+            served = f"tokenmill serves {CHAT}, {COMPLETIONS} and {EMBEDDINGS}"
             raise FieldError(f"unsupported endpoint {show(url)} ({served})", "url")
+        if url == EMBEDDINGS:
+            return DatasetRow(line, custom_id, EMBEDDINGS, **fields.embedding_request(body, "body."))
         if url == CHAT:
             if "messages" not in body:
                 raise FieldError(f"missing ({CHAT} needs messages)", "body.messages")
@@ -293,3 +302,28 @@ class _RowBuilder:
             raise FieldError(f"missing ({COMPLETIONS} needs a prompt)", "body.prompt")
         text = fields.prompt(body["prompt"], "body.prompt")
         return DatasetRow(line, custom_id, COMPLETIONS, prompt=text, params=self._params(body, "body."))
+
+
+
+class _JobKind:
+    """A job is generation or embeddings, never both: a worker's context serves one kind of request.
+
+    The first row decides; each line of the other kind is a line error naming the line that decided.
+    """
+
+    def __init__(self) -> None:
+        self.first: tuple[bool, int] | None = None  # (embeddings?, line) of the first row
+
+    def check(self, row: DatasetRow) -> None:
+        embeds = row.endpoint not in GENERATION_ENDPOINTS
+        if self.first is None:
+            self.first = (embeds, row.line)
+            return
+        first_embeds, first_line = self.first
+        if embeds != first_embeds:
+            this, that = ("an embeddings", "a generation") if embeds else ("a generation", "an embeddings")
+            raise FieldError(
+                f"is {this} request but line {first_line} made this {that} job; "
+                "a job is either generation or embeddings, put them in separate files",
+                "url",
+            )

@@ -47,6 +47,17 @@ class Generation:
         return self.completion_tokens / (self.eval_ms / 1000.0) if self.eval_ms > 0 else 0.0
 
 
+@dataclass
+class EmbeddingResult(Generation):
+    """The vectors of one embeddings row, one per input in input order, L2-normalised.
+
+    A :class:`Generation` so the worker counts, times and stores it like any row; ``prompt_tokens`` counts
+    every input's tokens and ``text``/``completion_tokens`` stay empty.
+    """
+
+    vectors: list[list[float]] = field(default_factory=list)
+
+
 OnDone = Callable[[DatasetRow, "Generation | Exception"], None]
 
 

@@ -22,6 +22,7 @@ class GpuInfo:
     name: str
     vram_total_bytes: int
     vram_free_bytes: int
+    mem_bandwidth_bytes: int = 0  # peak bytes/s from NVML's memory clock x bus width; 0 = unknown
 
 
 @dataclass(frozen=True)

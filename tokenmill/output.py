@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
+import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -12,9 +14,9 @@ from typing import IO, Any
 from sqlalchemy import Row
 
 from tokenmill.datasets import InvalidLine
-from tokenmill.engine import Generation
+from tokenmill.engine import EmbeddingResult, Generation
 from tokenmill.errors import DatasetError
-from tokenmill.rows import CHAT, DatasetRow
+from tokenmill.rows import CHAT, EMBEDDINGS, DatasetRow
 from tokenmill.store import Store
 from tokenmill.store.results import export_rows
 from tokenmill.store.states import ResultStatus
@@ -22,6 +24,8 @@ from tokenmill.store.tables import RequestRow, Result
 
 
 def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: str) -> dict[str, Any]:
+    if row.endpoint == EMBEDDINGS:
+        return embeddings_body(row, gen, variant)
     created = int(time.time())
     usage = {
         "prompt_tokens": gen.prompt_tokens,
@@ -53,6 +57,27 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
         "choices": [{"index": 0, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": None}],
         "usage": usage,
     }
+
+
+def embeddings_body(row: DatasetRow, result: Generation, variant: str) -> dict[str, Any]:
+    """The OpenAI ``CreateEmbeddingResponse`` body: one entry per input, in input order.
+
+    ``base64`` is what the OpenAI SDK asks for by default: the float32 values little-endian, base64-encoded,
+    a quarter of the JSON size of ``float`` and exact.
+    """
+    if not isinstance(result, EmbeddingResult):
+        raise TypeError(f"line {row.line}: an embeddings row needs an EmbeddingResult, got {type(result).__name__}")
+    encode = encode_base64 if row.encoding_format == "base64" else None
+    data = [
+        {"object": "embedding", "index": i, "embedding": encode(v) if encode else v}
+        for i, v in enumerate(result.vectors)
+    ]
+    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+    return {"object": "list", "data": data, "model": variant, "usage": usage}
+
+
+def encode_base64(vector: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 def timings(gen: Generation, *, queue_ms: float, load_ms: float) -> dict[str, Any]:

@@ -11,6 +11,10 @@ from typing import Any
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+GENERATION_ENDPOINTS = frozenset({CHAT, COMPLETIONS})
+
+EmbeddingInput = str | tuple[int, ...]  # text, or token ids sent as they are
 
 
 @dataclass(frozen=True)
@@ -47,25 +51,34 @@ class DatasetRow:
 
     line: int
     custom_id: str
-    endpoint: str  # CHAT or COMPLETIONS
+    endpoint: str  # CHAT, COMPLETIONS or EMBEDDINGS
     messages: tuple[dict[str, str], ...] | None = None
     prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     source: str | None = None  # file name a document row came from
+    inputs: tuple[EmbeddingInput, ...] | None = None  # EMBEDDINGS rows: one vector per input
+    encoding_format: str = "float"  # EMBEDDINGS rows: "float" or "base64"
+    dimensions: int | None = None  # EMBEDDINGS rows: the size asked for, None for the model's own
 
     def to_payload(self) -> dict[str, Any]:
         """The JSON stored for this row; workers rebuild the row from it, never from the file."""
-        return {
+        payload: dict[str, Any] = {
             "endpoint": self.endpoint,
             "messages": list(self.messages) if self.messages is not None else None,
             "prompt": self.prompt,
             "params": self.params.to_json(),
             "source": self.source,
         }
+        if self.inputs is not None:  # only embeddings rows carry these, so generation payloads keep their shape
+            payload["inputs"] = [x if isinstance(x, str) else list(x) for x in self.inputs]
+            payload["encoding_format"] = self.encoding_format
+            payload["dimensions"] = self.dimensions
+        return payload
 
     @classmethod
     def from_payload(cls, line: int, custom_id: str, payload: dict[str, Any]) -> DatasetRow:
         messages = payload.get("messages")
+        inputs = payload.get("inputs")
         return cls(
             line=line,
             custom_id=custom_id,
@@ -74,4 +87,7 @@ class DatasetRow:
             prompt=payload.get("prompt"),
             params=SamplingParams.from_json(payload["params"]),
             source=payload.get("source"),
+            inputs=tuple(x if isinstance(x, str) else tuple(x) for x in inputs) if inputs is not None else None,
+            encoding_format=payload.get("encoding_format") or "float",
+            dimensions=payload.get("dimensions"),
         )

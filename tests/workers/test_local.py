@@ -13,6 +13,7 @@ import pytest
 import typer
 
 from tokenmill.cli.app import app
+from tokenmill.cli.options import PreferChoice
 from tokenmill.config import Settings
 from tokenmill.workers import local
 from tokenmill.workers.local import LocalFleet, worker_argv
@@ -96,7 +97,7 @@ def test_supervised_children_get_every_option_once() -> None:
 
 WORKER_DEFAULTS = {"model": "smollm2-135m-instruct", "concurrency": 1, "threads": None, "gpu": None, "n_seq": None,
                    "n_ctx": 2048, "metrics_port": None, "metrics_host": "127.0.0.1", "name": None, "share": 1,
-                   "engine": None}  # fmt: skip
+                   "engine": None, "prefer": PreferChoice.balanced}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -104,6 +105,7 @@ WORKER_DEFAULTS = {"model": "smollm2-135m-instruct", "concurrency": 1, "threads"
     [
         ({"share": 1}, {}),
         ({"share": 1, "gpu": True}, {"gpu": True}),
+        ({"share": 1, "prefer": "speed"}, {"prefer": PreferChoice.speed}),
         (
             {"n_ctx": 4096, "gpu": False, "n_seq": 3, "name": "local1", "threads": 2, "share": 4, "metrics_port": 9,
              "metrics_host": "0.0.0.0"},

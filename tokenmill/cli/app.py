@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from tokenmill import __version__
-from tokenmill.cli import fleet, jobs, models, report, run
+from tokenmill.cli import fleet, jobs, models, report, run, serve
 from tokenmill.cli.common import console, setup_logging
 from tokenmill.config import Settings, mask_text
 from tokenmill.errors import ConfigError, TokenmillError
@@ -56,6 +56,7 @@ jobs.register(app)
 fleet.register(app)
 report.register(app)
 models.register(app)
+app.command("serve")(serve.serve)
 
 
 def one_line(message: str) -> str:

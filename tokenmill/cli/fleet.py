@@ -13,9 +13,10 @@ from rich.table import Table
 
 from tokenmill.celery_app import make_app
 from tokenmill.cli.common import console, open_store, out, print_plain, settings_from
-from tokenmill.cli.options import DEFAULT_MODEL, JsonOpt, NCtxOpt
+from tokenmill.cli.options import DEFAULT_MODEL, JsonOpt, NCtxOpt, PreferChoice, PreferOpt, prefer_value
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.store import Store
+from tokenmill.store import speeds as store_speeds
 from tokenmill.store import workers as store_workers
 from tokenmill.store.clock import db_now
 from tokenmill.store.states import WorkerState
@@ -44,6 +45,7 @@ def worker_cmd(
         str | None, typer.Option(help="Backend: llama, stub (no model) or a plugin's [env: TOKENMILL_ENGINE]")
     ] = None,
     share: Annotated[int, typer.Option(hidden=True, min=1)] = 1,
+    prefer: PreferOpt = PreferChoice.balanced,
 ) -> None:
     """Serve a model family's queue: detects capacity, loads the variant that fits, takes chunks.
 
@@ -54,7 +56,7 @@ def worker_cmd(
 
     opts = WorkerOptions(
         model=model, threads=threads, gpu=gpu, n_seq=n_seq, n_ctx=n_ctx, name=name,
-        metrics_port=metrics_port, metrics_host=metrics_host, share=share,
+        metrics_port=metrics_port, metrics_host=metrics_host, share=share, prefer=prefer_value(prefer),
     )  # fmt: skip
     if concurrency > 1:
         raise typer.Exit(supervise(settings, opts, concurrency, use_gpus=gpu, metrics_port=metrics_port))
@@ -107,6 +109,7 @@ def _worker_rows(store: Store, lost_after: float, include_stopped: bool) -> list
     rows: list[dict[str, Any]] = []
     with store.session() as s:
         now = db_now(s)  # heartbeats are the store's time, whatever this host's clock says
+        measured = store_speeds.decode_rates(s)
         for w in store_workers.list_workers(s):
             state = store_workers.effective_state(w, lost_after, now)
             if state == WorkerState.STOPPED and not include_stopped:
@@ -121,6 +124,8 @@ def _worker_rows(store: Store, lost_after: float, include_stopped: bool) -> list
                     "current_job": w.current_job, "current_chunk": w.current_chunk,
                     "rows_done": w.rows_done, "tokens_generated": w.tokens_generated,
                     "heartbeat_age_s": round(now - w.heartbeat_at, 1), "error": w.error,
+                    "predicted_tps": (cap.get("predicted") or {}).get("per_sequence_tps"),
+                    "measured_tps": round(measured[w.id], 1) if w.id in measured else None,
                 }
             )  # fmt: skip
     return rows
@@ -128,7 +133,9 @@ def _worker_rows(store: Store, lost_after: float, include_stopped: bool) -> list
 
 def _workers_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="workers")
-    for col in ("host", "pid", "state", "variant", "device", "capacity", "load", "rows", "tokens", "heartbeat"):
+    cols = ("host", "pid", "state", "variant", "device", "capacity", "load", "rows", "tokens", "tok/s pred/meas",
+            "heartbeat")
+    for col in cols:
         table.add_column(col)
     for r in rows:
         cap_text = f"{r['cores']} cores, {_gib(r['ram_total'] or 0)}" + (
@@ -138,9 +145,16 @@ def _workers_table(rows: list[dict[str, Any]]) -> Table:
         state = r["state"] + (f": {r['error']}" if r["error"] else "")
         table.add_row(
             r["host"], str(r["pid"]), state, r["variant"] or "-", r["device"] or "-", cap_text, load,
-            str(r["rows_done"]), str(r["tokens_generated"]), f"{r['heartbeat_age_s']}s ago",
+            str(r["rows_done"]), str(r["tokens_generated"]), _rates(r), f"{r['heartbeat_age_s']}s ago",
         )  # fmt: skip
     return table
+
+
+def _rates(r: dict[str, Any]) -> str:
+    """Predicted and measured decode tok/s per sequence (at the worker's batch width), "-" when unknown."""
+    pred = f"{r['predicted_tps']:.0f}" if r.get("predicted_tps") else "-"
+    meas = f"{r['measured_tps']:.0f}" if r.get("measured_tps") else "-"
+    return f"{pred}/{meas}"
 
 
 def sysinfo_cmd(as_json: JsonOpt = False) -> None:

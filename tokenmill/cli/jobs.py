@@ -17,6 +17,7 @@ from tokenmill.cli.options import (
     DEFAULT_MODEL,
     ChunkOpt,
     DatasetArg,
+    DeadlineOpt,
     FailedRowsOpt,
     FieldOpt,
     JobArg,
@@ -24,18 +25,25 @@ from tokenmill.cli.options import (
     MaxTokensOpt,
     ModelOpt,
     NoCacheOpt,
+    PreferChoice,
+    PreferOpt,
     SkipOpt,
     TemperatureOpt,
     TemplateOpt,
     TokenBudgetOpt,
     build_submission,
+    prefer_value,
 )
+from tokenmill.cli.planning import JobChoice, choose_for_job, deadline_note, live_fleet
+from tokenmill.config import Settings
 from tokenmill.errors import DatasetError, JobIncomplete, UsageError
 from tokenmill.output import export
 from tokenmill.scheduler.submit import model_route, submit_dataset
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
+from tokenmill.store import workers as store_workers
 from tokenmill.store.states import UNFINISHED_STATES, JobState
+from tokenmill.workers.capacity import detect
 
 
 def submit_cmd(
@@ -52,6 +60,8 @@ def submit_cmd(
     no_cache: NoCacheOpt = False,
     token_budget: TokenBudgetOpt = None,
     ab: Annotated[str | None, typer.Option("--ab", help="Run every row on two variants: VARIANT_A,VARIANT_B")] = None,
+    prefer: PreferOpt = PreferChoice.balanced,
+    deadline: DeadlineOpt = None,
 ) -> None:
     """Store a dataset as a job for the fleet; prints the job id on the last line.
 
@@ -68,15 +78,36 @@ def submit_cmd(
     if not path.exists():  # before the store is touched, as `run` does
         raise DatasetError(str(path), "no such file or directory")
     store = open_store(settings)
+    choice = JobChoice(None, None)
+    if ab is None:
+        choice = choose_for_job(settings, sub, prefer_value(prefer), deadline, live_fleet(store, settings, detect()))
+        pins = [choice.pin]
+        if choice.pin:
+            _warn_if_unserved(store, settings, choice.pin)
+    elif deadline is not None:
+        raise UsageError("--deadline picks one variant; it cannot be combined with --ab")
     group = uuid.uuid4().hex[:12] if ab else None
     ids = []
     for pin in pins:
-        job_id, rows, invalid = submit_dataset(store, sub, errors_out=errors, ab_group=group, pin=pin)
+        job_id, rows, invalid = submit_dataset(
+            store, sub, errors_out=errors, ab_group=group, pin=pin, deadline=choice.deadline
+        )
         ids.append(job_id)
     skipped = f", {invalid} invalid lines skipped" + (f" → {errors}" if errors else "") if invalid else ""
     console.print(f"{rows} rows stored" + (f" twice (A/B group {group})" if group else "") + skipped)
     for job_id in ids:
         print_plain(job_id)
+
+
+def _warn_if_unserved(store: Store, settings: Settings, pin: str) -> None:
+    """A pinned job waits for a worker that loaded that variant: say how to start one when none has."""
+    lost_after = settings.lost_after
+    with store.session() as s:
+        serving = [w for w in store_workers.list_workers(s)
+                   if w.variant == pin and store_workers.effective_state(w, lost_after) in ("ready", "busy")]
+    if not serving:
+        hint = f"no live worker serves {pin} yet: start one with `tokenmill worker --model {pin}`"
+        console.print(hint, soft_wrap=True)
 
 
 def _ab_pins(model: str, ab: str | None) -> list[str | None]:
@@ -121,6 +152,8 @@ def status_cmd(
         for k in ("name", "model", "state", "total", "done", "succeeded", "failed", "cached", "pending",
                   "completion_tokens", "tokens_per_second", "elapsed_s"):  # fmt: skip
             table.add_row(k, str(info[k]))
+        if info.get("deadline_note"):
+            table.add_row("deadline", str(info["deadline_note"]))
         out.print(table)
     if wait and info["state"] != JobState.COMPLETED:
         raise JobIncomplete(f"job {info['job']} ended {info['state']} ({info['failed']} failed rows)")
@@ -134,9 +167,20 @@ def _job_status(store: Store, job: str, wait: bool, interval: float) -> dict[str
             info = store_jobs.progress(s, j).to_json()
             info["model"] = j.pinned_variant or j.family
             info["name"] = j.name
+            if j.options.get("deadline"):
+                info["deadline"] = j.options["deadline"]
+                info["eta"] = _eta(info)
+                info["deadline_note"] = deadline_note(j.options, info["eta"])
         if not wait or info["state"] not in UNFINISHED_STATES:
             return info
         time.sleep(interval)
+
+
+def _eta(info: dict[str, Any]) -> float | None:
+    """When the job will be done at the rate its finished rows were answered (None before the first)."""
+    if info["state"] not in ("queued", "running") or not info["done"] or not info["elapsed_s"]:
+        return None
+    return time.time() + info["pending"] * info["elapsed_s"] / info["done"]
 
 
 def jobs_cmd(

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from tokenmill.cli.common import console, out, print_plain, settings_from
-from tokenmill.cli.options import JsonOpt, NCtxOpt
-from tokenmill.models.catalog import CATALOG
+from tokenmill.cli.options import JsonOpt, NCtxOpt, PreferChoice, PreferOpt, prefer_value
+from tokenmill.errors import ModelError
+from tokenmill.host import Capacity
+from tokenmill.models.catalog import CATALOG, Family, get_family
+from tokenmill.models.quantize import catalog_with_local, quantize
 from tokenmill.models.resolve import PullSource, list_local, present, pull, remove, resolve_model
-from tokenmill.models.sizing import fmt_bytes, recommend
+from tokenmill.models.sizing import Choice, Recommendation, choose_variant, fmt_bytes, recommend
+from tokenmill.models.speed import HostSpeed, host_speed, predict
 
 
 def list_cmd(
@@ -78,40 +82,104 @@ def rm_cmd(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="family o
 
 
 def recommend_cmd(
+    ctx: typer.Context,
     n_ctx: NCtxOpt = 4096,
     n_seq: Annotated[int, typer.Option(help="Parallel sequences per worker")] = 1,
     share: Annotated[int, typer.Option(help="Worker processes sharing this host")] = 1,
+    prefer: PreferOpt = PreferChoice.balanced,
     as_json: JsonOpt = False,
 ) -> None:
-    """What this machine would load for each family, and why.
+    """What this machine would load for each family and why, with every candidate's memory and predicted speed.
 
-    Example: tokenmill models recommend --n-ctx 8192
+    Example: tokenmill models recommend --prefer quality
     """
     from tokenmill.workers.capacity import detect
 
+    settings = settings_from(ctx)
     cap = detect()
-    recs = recommend(cap, n_ctx=n_ctx, n_seq=n_seq, share=share)
+    speed = host_speed(settings.models_dir)
+    catalog = catalog_with_local(settings.models_dir)
+    recs = recommend(cap, catalog.values(), n_ctx=n_ctx, n_seq=n_seq, share=share, prefer=prefer_value(prefer))
+    rows = [_candidates(r.family, r.choice, cap, speed, n_ctx, n_seq, share) for r in recs]
     if as_json:
         data = [
-            {"family": r.family.name, "choice": r.choice.to_json() if r.choice else None, "error": r.error}
-            for r in recs
-        ]
+            {"family": r.family.name, "choice": r.choice.to_json() if r.choice else None, "error": r.error,
+             "candidates": cands}
+            for r, cands in zip(recs, rows, strict=True)
+        ]  # fmt: skip
         print_plain(json.dumps(data))
         return
-    console.print(cap.describe())
-    table = Table(title="recommendation")
-    for col in ("family", "variant", "device", "memory", "why"):
-        table.add_column(col)
+    console.print(f"{cap.describe()}; probe: {speed.describe()}")
+    out.print(_recommend_table(recs, rows))
     for r in recs:
-        if r.choice is None:
-            table.add_row(r.family.name, "-", "-", "-", r.error or "")
+        out.print(f"{r.family.name} → {r.choice.reason}" if r.choice else f"{r.family.name}: {r.error}")
+
+
+def _candidates(
+    family: Family, chosen: Choice | None, cap: Capacity, speed: HostSpeed, n_ctx: int, n_seq: int, share: int
+) -> list[dict[str, Any]]:
+    """Every variant of a family on this host: where it would run, its memory, its predicted tok/s."""
+    out_rows = []
+    for v in family.variants:
+        try:
+            c = choose_variant(family, cap, share=share, n_ctx=n_ctx, n_seq=n_seq, pinned=v.quant)
+        except ModelError:
+            out_rows.append({"variant": v.quant, "fits": False, "memory_bytes": None, "device": None,
+                             "gen_tps": None, "prompt_tps": None, "chosen": False})
             continue
-        c = r.choice
-        device = (
-            "cpu" if c.device == "cpu" else ("gpu (full)" if c.n_gpu_layers == -1 else f"gpu ({c.n_gpu_layers} layers)")
-        )
-        table.add_row(r.family.name, c.variant.quant, device, fmt_bytes(c.memory.total_bytes), c.reason)
-    out.print(table)
+        gpu = next((g for g in cap.usable_gpus if g.index == c.gpu_index), None) if c.n_gpu_layers == -1 else None
+        pred = predict(v, family, speed=speed, threads=c.n_threads, gpu=gpu)
+        out_rows.append({"variant": v.quant, "fits": True, "memory_bytes": c.memory.total_bytes,
+                         "device": _device(c), "gen_tps": round(pred.gen_tps, 1),
+                         "prompt_tps": round(pred.prompt_tps, 1),
+                         "chosen": chosen is not None and chosen.variant.quant == v.quant})
+    return out_rows
+
+
+def _device(c: Choice) -> str:
+    return "cpu" if c.device == "cpu" else ("gpu (full)" if c.n_gpu_layers == -1 else f"gpu ({c.n_gpu_layers} layers)")
+
+
+def _recommend_table(recs: list[Recommendation], rows: list[list[dict[str, Any]]]) -> Table:
+    table = Table(title="recommendation (→ chosen; tok/s predicted for one sequence)")
+    for col in ("family", "variant", "device", "memory", "gen tok/s", "prompt tok/s"):
+        table.add_column(col)
+    for r, cands in zip(recs, rows, strict=True):
+        for i, cand in enumerate(cands):
+            mark = "→ " if cand["chosen"] else "  "
+            mem = fmt_bytes(cand["memory_bytes"]) if cand["fits"] else "does not fit"
+            gen = f"{cand['gen_tps']:.0f}" if cand["fits"] else "-"
+            pp = f"{cand['prompt_tps']:.0f}" if cand["fits"] else "-"
+            table.add_row(r.family.name if i == 0 else "", mark + cand["variant"], cand["device"] or "-", mem, gen, pp)
+        table.add_section()
+    return table
+
+
+def quantize_cmd(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Catalog family, e.g. smollm2-135m-instruct")],
+    type_: Annotated[str, typer.Argument(metavar="TYPE", help="q4_k_m, q4_k_s, q5_k_m, q6_k, q8_0, q4_0 ...")],
+    from_: Annotated[
+        str | None, typer.Option("--from", help="Source variant (default: the best one present here)")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="Quantizer threads (0: all cores)")] = 0,
+) -> None:
+    """Make a variant locally with llama.cpp's quantizer and register it (sha256) in the local catalog.
+
+    Example: tokenmill models quantize smollm2-135m-instruct q4_k_m --from q4_1
+    """
+    settings = settings_from(ctx)
+    family = get_family(name)
+    ref = f"{family.name}:{from_}" if from_ else family.name
+    catalog = catalog_with_local(settings.models_dir)
+    src = resolve_model(ref, settings.models_dir, fetch=True, progress=True, catalog=catalog)
+    source_quant = src.variant_label.split(":", 1)[1]
+    v = quantize(family.name, type_, settings.models_dir, source_path=src.path, source_quant=source_quant,
+                 threads=threads)
+    note = " (requantized: it can be faster or slower than its source, never better)" if "_from_" in v.quant else ""
+    console.print(f"{v.label}: {fmt_bytes(v.size_bytes)}, {v.bits_per_weight:.2f} bits per weight, "
+                  f"sha256 {v.sha256}{note}")
+    print_plain(str(settings.models_dir / v.family / v.filename))
 
 
 def register(app: typer.Typer) -> None:
@@ -124,4 +192,5 @@ def register(app: typer.Typer) -> None:
     models.command("path")(path_cmd)
     models.command("rm")(rm_cmd)
     models.command("recommend")(recommend_cmd)
+    models.command("quantize")(quantize_cmd)
     app.add_typer(models, name="models")

@@ -6,11 +6,13 @@ A command module imports its shared options from here, never from a sibling comm
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from tokenmill.models.sizing import Prefer
 from tokenmill.rows import SamplingParams
 from tokenmill.scheduler.submit import Submission
 
@@ -81,3 +83,24 @@ def build_submission(
         token_budget=token_budget,
         models_dir=models_dir,
     )
+
+
+class PreferChoice(str, Enum):
+    quality = "quality"
+    balanced = "balanced"
+    speed = "speed"
+
+
+PreferOpt = Annotated[
+    PreferChoice,
+    typer.Option(help="Variant choice: quality (best that fits), balanced (4-bit K-quants on CPU), speed"),
+]
+DeadlineOpt = Annotated[
+    str | None,
+    typer.Option(help="Finish by 06:00 or within 8h: plan each variant's finish and pin the best in time",
+                 show_default=False),
+]
+
+
+def prefer_value(choice: PreferChoice) -> Prefer:
+    return choice.value

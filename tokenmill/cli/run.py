@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -19,19 +20,25 @@ from tokenmill.cli.options import (
     DEFAULT_MODEL,
     ChunkOpt,
     DatasetArg,
+    DeadlineOpt,
     FailedRowsOpt,
     FieldOpt,
     MaxTokensOpt,
     ModelOpt,
     NoCacheOpt,
     OutputOpt,
+    PreferChoice,
+    PreferOpt,
     SkipOpt,
     TemperatureOpt,
     TemplateOpt,
     TokenBudgetOpt,
     build_submission,
+    prefer_value,
 )
 from tokenmill.cli.phases import Phases
+from tokenmill.cli.planning import choose_for_job, this_host
+from tokenmill.cli.startup import FleetStarter
 from tokenmill.errors import DatasetError, JobIncomplete, ModelError
 from tokenmill.output import export, read_skipped
 from tokenmill.scheduler.dispatch import Dispatcher
@@ -62,6 +69,8 @@ def run_cmd(
     skip_invalid: SkipOpt = False,
     no_cache: NoCacheOpt = False,
     token_budget: TokenBudgetOpt = None,
+    prefer: PreferOpt = PreferChoice.balanced,
+    deadline: DeadlineOpt = None,
 ) -> None:
     """Run a dataset end to end on this machine; the same command again resumes.
 
@@ -84,19 +93,26 @@ def run_cmd(
     check_broker(app_, settings)
     started = time.monotonic()
     phases = Phases()
+    pref = prefer_value(prefer)
+    here = this_host(settings, detect(), count, threads or each)
+    choice = choose_for_job(settings, sub, pref, deadline, here, sources=("local", "registry"))
+    if choice.pin:
+        sub = replace(sub, model=choice.pin)
     # Lines --skip-invalid refused, kept by job key so a resumed run still reports them (export merges).
-    skipped = settings.data_dir / "skipped" / f"{job_key(path, model, sub.options())}.jsonl"
-    # Resolved here, once, so local workers do not race to fetch it; then the workers start importing and
+    skipped = settings.data_dir / "skipped" / f"{job_key(path, sub.model, sub.options())}.jsonl"
+    # The workers resolve nothing themselves: the model is resolved once, then they start importing and
     # loading it while the dataset is validated and stored (start-up in parallel, not in series).
-    sel = select_model(settings, WorkerOptions(model=sub.model, n_seq=n_seq, share=count), detect())
-    fleet = LocalFleet(settings, model, count, threads or each, n_seq=n_seq)
-    fleet.start()
+    opts = WorkerOptions(model=sub.model, n_seq=n_seq, share=count, prefer=pref)
+    fleet = LocalFleet(settings, sub.model, count, threads or each, n_seq=n_seq, prefer=pref)
+    starter = FleetStarter(lambda: select_model(settings, opts, detect()), fleet)
+    starter.start()
     try:
-        job_id = _resume_or_submit(store, sub, skipped, errors, count)
+        job_id = _resume_or_submit(store, sub, skipped, errors, count, choice.deadline)
         phases.stored = time.time()
-        fleet_needed = _answer_from_cache(store, job_id, sub, sel.model_id)
+        fleet_needed = _answer_from_cache(store, job_id, sub, starter.wait().model_id)
     except BaseException:
-        _stop_fleet(store, fleet, finished=False)
+        if starter.abandon():
+            _stop_fleet(store, fleet, finished=False)
         raise
     if not fleet_needed:
         _stop_fleet(store, fleet, finished=True)
@@ -108,7 +124,9 @@ def register(app: typer.Typer) -> None:
     app.command("run")(run_cmd)
 
 
-def _resume_or_submit(store: Store, sub: Submission, skipped: Path, errors: Path, workers: int) -> str:
+def _resume_or_submit(
+    store: Store, sub: Submission, skipped: Path, errors: Path, workers: int, deadline: float | None
+) -> str:
     """The same command again resumes its unfinished job instead of storing the dataset twice; lines
     --skip-invalid refuses go to ``skipped`` until the export merges them into ``errors``."""
     key = job_key(sub.path, sub.model, sub.options())
@@ -120,7 +138,9 @@ def _resume_or_submit(store: Store, sub: Submission, skipped: Path, errors: Path
         return job_id
     path = sub.path
     local_chunks = auto_chunk_size(path, workers=workers) if sub.chunk_size is None and path.is_file() else None
-    job_id, rows, invalid = submit_dataset(store, sub, errors_out=skipped, chunk_size=local_chunks)
+    job_id, rows, invalid = submit_dataset(
+        store, sub, errors_out=skipped, chunk_size=local_chunks, deadline=deadline
+    )
     console.print(f"job {job_id}: {rows} rows" + (f", {invalid} invalid lines → {errors}" if invalid else ""))
     return job_id
 

@@ -32,10 +32,11 @@ from typing import Any
 
 from tokenmill.engine import Generation, OnDone
 from tokenmill.engines import llama_guard
+from tokenmill.engines.llama_embed import LlamaEmbedder
 from tokenmill.engines.prefix import best_shared_prefix, common_prefix_len
 from tokenmill.engines.sampling import TextAccumulator, make_sampler
 from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong
-from tokenmill.rows import CHAT, DatasetRow
+from tokenmill.rows import CHAT, EMBEDDINGS, DatasetRow
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class LlamaEngine:
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
         self._formatter: Any = None
+        self._embedder: LlamaEmbedder | None = None  # an embeddings context on these weights, made on first use
         path = Path(model_path)
         if not path.is_file():
             raise ModelLoadError(f"model file {path} does not exist")
@@ -246,6 +248,9 @@ class LlamaEngine:
         fails to format (or is too long) is reported when its turn to be admitted comes, so a stop
         request leaves later rows unreported. The prefix's own evaluation is not charged to any row.
         """
+        if any(row.endpoint == EMBEDDINGS for row in rows):
+            self._embed([r for r in rows if r.endpoint == EMBEDDINGS], on_done, should_stop)
+            rows = [r for r in rows if r.endpoint != EMBEDDINGS]
         prepared: deque[tuple[DatasetRow, list[int] | Exception]] = deque()
         for row in rows:
             try:
@@ -286,6 +291,21 @@ class LlamaEngine:
             for left in slots:
                 if left is not None:
                     self._release(left)
+
+    def _embed(self, rows: list[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool]) -> None:
+        """Embeddings rows go to a second context on the loaded weights (see :mod:`.llama_embed`).
+
+        Made on the first such rows, so a generation-only worker never pays for it; a model that cannot
+        embed (a reranker) fails these rows, not the chunk.
+        """
+        if self._embedder is None:
+            try:
+                self._embedder = LlamaEmbedder(self._L, self._model, self.variant, n_threads=self.n_threads)
+            except Exception as exc:
+                for row in rows:
+                    on_done(row, exc)
+                return
+        self._embedder.generate(rows, on_done, should_stop)
 
     def _admit(
         self, seq_id: int, prepared: deque[tuple[DatasetRow, list[int] | Exception]], on_done: OnDone
@@ -468,6 +488,9 @@ class LlamaEngine:
         L = getattr(self, "_L", None)
         if L is None:
             return
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         if self._batch is not None:
             L.llama_batch_free(self._batch)
             self._batch = None

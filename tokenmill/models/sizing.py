@@ -12,7 +12,16 @@ Memory model (bytes), for ``n_ctx`` tokens per sequence and ``n_seq`` parallel s
   Measured on SmolLM2 135M with llama.cpp 0.3.36 (flash attention off): n_ctx 2048 → 99 MiB,
   8192 → 166 MiB, 32768 → 646 MiB compute buffer; the formula gives 100, 164 and 644 MiB.
 
-Choice rules, best quality first (:data:`~tokenmill.models.catalog.QUALITY_ORDER`):
+Preference (``--prefer``, default ``balanced``) orders the candidates before the rules below:
+
+- ``quality``: best quality first (:data:`~tokenmill.models.catalog.QUALITY_ORDER`), the rules as written.
+- ``balanced``: the source document's guidance. Decoding is bound by memory bandwidth, so on a CPU a
+  Q8_0 generates about half as fast as a 4-bit K-quant for 1-3 % of quality: the 4-bit class comes first
+  (``q4_k_m``, then ``q4_k_s`` when memory is tight). On a GPU, where everything fits, the best quality
+  whose predicted generation rate is within 25 % of the fastest variant above Q3 that fits.
+- ``speed``: the fastest (smallest) variant above Q3 that fits.
+
+Choice rules, in the preference's order:
 
 1. Full GPU offload with the best variant whose total fits the chosen GPU's free VRAM minus a margin
    (512 MiB + 3 % of the card: the CUDA context and allocator fragmentation are not in "free").
@@ -37,7 +46,7 @@ from typing import Any, Literal
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.host import Capacity, GpuInfo
-from tokenmill.models.catalog import CATALOG, QUANT_BPW, Family, Variant, get_family
+from tokenmill.models.catalog import CATALOG, QUANT_BPW, Family, Variant, get_family, quality_rank
 
 MiB = 1024**2
 GiB = 1024**3
@@ -50,6 +59,11 @@ MIN_OFFLOAD_FRACTION = 0.5
 CPU_MAX_BPW = QUANT_BPW["q8_0"]
 
 Device = Literal["cuda", "cpu"]
+Prefer = Literal["quality", "balanced", "speed"]
+PREFERENCES: tuple[str, ...] = ("quality", "balanced", "speed")
+FOUR_BIT_MAX_BPW = 5.0  # q4_k_m, q4_k_s, q4_1, q4_0: the 4-bit class
+ABOVE_Q3_MIN_BPW = 4.0
+BALANCED_GPU_SLOWDOWN = 0.75  # balanced on a GPU: the best quality within 25 % of the fastest that fits
 Obtainable = Callable[[Variant], bool]
 
 
@@ -174,8 +188,11 @@ def choose_variant(
     obtainable: Obtainable | None = None,
     gpu_index: int | None = None,
     cpu_max_bpw: float | None = CPU_MAX_BPW,
+    prefer: Prefer = "quality",
 ) -> Choice:
     """The variant this worker should load (module doc for the rules); ModelLoadError when none fits."""
+    if prefer not in PREFERENCES:
+        raise ValueError(f"prefer must be one of {', '.join(PREFERENCES)} (got {prefer!r})")
     fam = family if isinstance(family, Family) else get_family(family)
     budget = _budget(capacity, share, gpu_index)
     if pinned is not None:
@@ -188,12 +205,22 @@ def choose_variant(
             raise ModelLoadError(f"no variant of {fam.name} can be obtained on {capacity.hostname} "
                                  f"(catalog variants: {', '.join(fam.quants)})")
     estimates = {v.quant: estimate_memory(v, n_ctx, n_seq, family=fam) for v in candidates}
+    note = "" if pinned is not None or prefer == "quality" else f" [prefer {prefer}]"
 
     def make(v: Variant, device: Device, layers: int, reason: str) -> Choice:
-        return Choice(v, device, layers, budget.threads, estimates[v.quant], f"{v.quant}: {reason}",
+        return Choice(v, device, layers, budget.threads, estimates[v.quant], f"{v.quant}: {reason}{note}",
                       n_ctx, n_seq, budget.gpu.index if device == "cuda" and budget.gpu else None)
 
     gpu = budget.gpu
+    if pinned is None and gpu is not None and prefer == "balanced":
+        fits = [v for v in candidates if estimates[v.quant].total_bytes <= budget.vram]
+        picked = _balanced_gpu(fits)
+        if picked is not None:
+            where = f"{fmt_bytes(budget.vram)} usable VRAM on GPU{gpu.index} {gpu.name}"
+            return make(picked, "cuda", -1, f"{estimates[picked.quant].describe()} fits {where} (full offload; "
+                                            "the best quality within 25 % of the fastest that fits)")
+    if pinned is None:
+        candidates = order_candidates(candidates, prefer)
     if gpu is not None:
         where = f"{fmt_bytes(budget.vram)} usable VRAM on GPU{gpu.index} {gpu.name}"
         for v in candidates:
@@ -208,6 +235,9 @@ def choose_variant(
                                           f"rest ({fmt_bytes(ram_bytes)}) in {budget.ram_note} (partial offload)")
 
     skipped_for_cpu = []
+    # The cap only steers the choice: a family published at f16 alone (small embedding models) still runs.
+    if cpu_max_bpw is not None and not any(v.bits_per_weight <= cpu_max_bpw for v in candidates):
+        cpu_max_bpw = None
     for v in candidates:
         if pinned is None and cpu_max_bpw is not None and v.bits_per_weight > cpu_max_bpw:
             skipped_for_cpu.append(v.quant)
@@ -234,6 +264,31 @@ def choose_variant(
         have += f" and {fmt_bytes(budget.vram)} usable VRAM on GPU{gpu.index} {gpu.name}"
     raise ModelLoadError(f"{what} needs {est.describe()} at n_ctx={n_ctx} x {n_seq} sequences; {have}. "
                          "Lower --n-ctx/--n-seq, pin a smaller variant, or run fewer workers on this host")
+
+
+def order_candidates(candidates: Sequence[Variant], prefer: Prefer) -> list[Variant]:
+    """Candidates in the order a preference tries them (module doc); the first that fits is taken."""
+    ordered = sorted(candidates, key=lambda v: quality_rank(v.quant))
+    if prefer == "speed":
+        above_q3 = [v for v in ordered if v.bits_per_weight >= ABOVE_Q3_MIN_BPW]
+        return sorted(above_q3, key=lambda v: v.size_bytes) or sorted(ordered, key=lambda v: v.size_bytes)
+    if prefer == "balanced":
+        four_bit = [v for v in ordered if ABOVE_Q3_MIN_BPW <= v.bits_per_weight <= FOUR_BIT_MAX_BPW]
+        if four_bit:
+            lower = [v for v in ordered if v.bits_per_weight < ABOVE_Q3_MIN_BPW]
+            higher = [v for v in ordered if v.bits_per_weight > FOUR_BIT_MAX_BPW]
+            return four_bit + lower + higher
+    return ordered
+
+
+def _balanced_gpu(fits: Sequence[Variant]) -> Variant | None:
+    """The best quality whose decode rate (∝ 1 / weight bytes on a GPU) is within 25 % of the fastest."""
+    above_q3 = [v for v in fits if v.bits_per_weight >= ABOVE_Q3_MIN_BPW] or list(fits)
+    if not above_q3:
+        return None
+    fastest = min(v.size_bytes for v in above_q3)
+    ok = [v for v in above_q3 if fastest / v.size_bytes >= BALANCED_GPU_SLOWDOWN]
+    return min(ok, key=lambda v: quality_rank(v.quant))
 
 
 def _no_gpu_reason(capacity: Capacity, gpu: GpuInfo | None) -> str:
@@ -268,13 +323,15 @@ def recommend(
     n_seq: int = 1,
     share: int = 1,
     obtainable: Obtainable | None = None,
+    prefer: Prefer = "balanced",
 ) -> list[Recommendation]:
     """For each family, what :func:`choose_variant` would pick here (for ``tokenmill models recommend``)."""
     out: list[Recommendation] = []
     for f in (CATALOG.values() if families is None else families):
         fam = f if isinstance(f, Family) else get_family(f)
         try:
-            choice = choose_variant(fam, capacity, share=share, n_ctx=n_ctx, n_seq=n_seq, obtainable=obtainable)
+            choice = choose_variant(fam, capacity, share=share, n_ctx=n_ctx, n_seq=n_seq, obtainable=obtainable,
+                                    prefer=prefer)
         except ModelLoadError as exc:
             out.append(Recommendation(fam, None, str(exc)))
         else:

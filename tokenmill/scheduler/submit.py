@@ -8,15 +8,18 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenmill.celery_app import queue_for
 from tokenmill.datasets import InvalidLine, read_dataset
 from tokenmill.errors import DatasetError
 from tokenmill.output import rejected_line
-from tokenmill.rows import DatasetRow, SamplingParams
+from tokenmill.rows import GENERATION_ENDPOINTS, DatasetRow, SamplingParams
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
+
+if TYPE_CHECKING:
+    from tokenmill.models.catalog import Family
 
 
 def job_key(source: Path, model: str, options: dict[str, Any]) -> str:
@@ -155,15 +158,19 @@ def model_identity(model: str, models_dir: Path | None = None) -> str:
 def model_route(model: str, models_dir: Path | None = None) -> tuple[str, str | None]:
     """(family, pinned quant) for a catalog ref or a local .gguf path; unknown models fail before any work.
 
-    A path routes by its content, to the queue a worker serving those same bytes listens on.
+    A path routes by its content, to the queue a worker serving those same bytes listens on. With
+    ``models_dir``, variants quantized on this host (`models quantize`) are known too.
     """
     from tokenmill.models.catalog import get_family, parse_model_ref
     from tokenmill.models.resolve import file_family
 
     if _is_path(model):
         return file_family(model_identity(model, models_dir)), None
-    family_name, quant = parse_model_ref(model)
-    family = get_family(family_name)
+    from tokenmill.models.quantize import catalog_with_local
+
+    catalog = catalog_with_local(models_dir) if models_dir is not None else None
+    family_name, quant = parse_model_ref(model, catalog)
+    family = get_family(family_name, catalog)
     return family.name, family.variant(quant).quant if quant else None
 
 
@@ -199,16 +206,18 @@ class _Ingest:
     nothing is stored: validation before any work, at the cost of parsing the file once, not twice.
     """
 
-    def __init__(self, sub: Submission, errors_out: Path | None) -> None:
+    def __init__(self, sub: Submission, errors_out: Path | None, family: Family | None = None) -> None:
         self.sub = sub
         self.errors_out = errors_out
+        self.family = family  # the catalog's word on the job's model, when it is a catalog model
         self.rows = 0
         self.invalid = 0
 
     def __iter__(self) -> Iterator[DatasetRow]:
         fh = None
         try:
-            for item in self.sub.rows():
+            for row_or_invalid in self.sub.rows():
+                item = self._model_check(row_or_invalid)
                 if isinstance(item, InvalidLine):
                     self.invalid += 1
                     if self.errors_out is not None:
@@ -225,6 +234,31 @@ class _Ingest:
         if self.rows == 0:
             raise DatasetError(str(self.sub.path), "no valid rows to run")
 
+    def _model_check(self, item: DatasetRow | InvalidLine) -> DatasetRow | InvalidLine:
+        """A line the job's catalog model cannot serve is a line error too, before any model loads."""
+        family = self.family
+        if family is None or isinstance(item, InvalidLine):
+            return item
+        problem: tuple[str, str] | None = None
+        if family.embedding and item.endpoint in GENERATION_ENDPOINTS:
+            problem = (f"is a generation request, but {family.name} is an embedding model: it serves "
+                       "/v1/embeddings lines only", "url")
+        elif item.dimensions is not None and item.dimensions != family.n_embd:
+            problem = (f"dimensions={item.dimensions} is not supported: {family.name} gives {family.n_embd}-"
+                       "dimensional embeddings and cannot shorten them (leave dimensions out)", "body.dimensions")
+        if problem is None:
+            return item
+        error = DatasetError(str(self.sub.path), problem[0], item.line, problem[1])
+        if not self.sub.skip_invalid:
+            raise error
+        return InvalidLine(item.line, error, item.custom_id)
+
+
+def _catalog_family(family: str) -> Family | None:
+    from tokenmill.models.catalog import CATALOG
+
+    return CATALOG.get(family)
+
 
 def submit_dataset(
     store: Store,
@@ -234,14 +268,15 @@ def submit_dataset(
     ab_group: str | None = None,
     pin: str | None = None,
     chunk_size: int | None = None,
+    deadline: float | None = None,
 ) -> tuple[str, int, int]:
     """Store a dataset as a job; returns (job id, rows stored, invalid lines skipped).
 
-    ``chunk_size`` overrides the automatic choice without becoming part of the job's identity, so the
-    same command resumes the same job.
+    ``chunk_size`` overrides the automatic choice and ``deadline`` (epoch seconds, shown by ``status``) is
+    recorded, neither becoming part of the job's identity, so the same command resumes the same job.
     """
     family, quant = model_route(pin or sub.model, sub.models_dir)
-    ingest = _Ingest(sub, errors_out if sub.skip_invalid else None)
+    ingest = _Ingest(sub, errors_out if sub.skip_invalid else None, _catalog_family(family))
     job_id = submit_rows(
         store,
         ingest,
@@ -250,7 +285,7 @@ def submit_dataset(
         family=family,
         pinned_quant=quant,
         chunk_size=sub.chunk_size or chunk_size or auto_chunk_size(sub.path),
-        options=sub.options(),
+        options={**sub.options(), **({"deadline": deadline} if deadline else {})},
         ab_group=ab_group,
     )
     return job_id, ingest.rows, ingest.invalid

@@ -44,7 +44,7 @@ def _store(request: Request) -> Store:
 def _lost_after(request: Request) -> float:
     """A worker silent for three heartbeats is shown as lost (the dispatcher's rule)."""
     settings: Settings = request.app.state.settings
-    return max(3 * settings.heartbeat_seconds, 10.0)
+    return settings.lost_after
 
 
 def _page(name: str, **context: Any) -> HTMLResponse:

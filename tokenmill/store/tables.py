@@ -7,7 +7,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from tokenmill.store.states import ChunkState
@@ -136,3 +148,76 @@ class Worker(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[float] = mapped_column(Float)
     heartbeat_at: Mapped[float] = mapped_column(Float)
+
+
+class ApiFile(Base):
+    """A file uploaded through (or produced for) the OpenAI-compatible API; its bytes are ``ApiFileChunk`` rows.
+
+    ``owner`` is a digest of the API key that created it, never the key itself.
+    """
+
+    __tablename__ = "api_files"
+    __table_args__ = (Index("ix_api_files_owner_created", "owner", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    bytes: Mapped[int] = mapped_column(BigId, default=0)
+    lines: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class ApiFileChunk(Base):
+    """One slice (about 1 MiB) of a file's bytes, so any API replica can stream any file from the store."""
+
+    __tablename__ = "api_file_chunks"
+
+    file_id: Mapped[str] = mapped_column(ForeignKey("api_files.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ApiBatch(Base):
+    """An OpenAI batch: the API's face of one tokenmill job (``job_id``) plus the batch's own lifecycle.
+
+    ``lease_owner``/``lease_until`` let exactly one API process validate or finalize a batch at a time;
+    a crashed holder's lease runs out and another process takes over.
+    """
+
+    __tablename__ = "api_batches"
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key", name="uq_api_batches_owner_idem"),
+        Index("ix_api_batches_owner_created", "owner", "created_at"),
+        Index("ix_api_batches_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    model: Mapped[str | None] = mapped_column(String(200))
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    in_progress_at: Mapped[float | None] = mapped_column(Float)
+    finalizing_at: Mapped[float | None] = mapped_column(Float)
+    completed_at: Mapped[float | None] = mapped_column(Float)
+    failed_at: Mapped[float | None] = mapped_column(Float)
+    expired_at: Mapped[float | None] = mapped_column(Float)
+    cancelling_at: Mapped[float | None] = mapped_column(Float)
+    cancelled_at: Mapped[float | None] = mapped_column(Float)

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tokenmill.host import Capacity, GpuInfo
 
@@ -70,6 +71,16 @@ def _visible_filter() -> set[str] | None:
     return {item.strip() for item in raw.split(",") if item.strip()}
 
 
+def _nvml_bandwidth(pynvml: Any, handle: Any) -> int:
+    """Peak VRAM bytes/s from the memory clock (MHz, double data rate) and the bus width; 0 when unknown."""
+    try:
+        clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
+        bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
+    except (pynvml.NVMLError, AttributeError):
+        return 0
+    return int(clock_mhz) * 1_000_000 * 2 * int(bus_bits) // 8
+
+
 def detect_gpus() -> tuple[GpuInfo, ...]:
     """GPUs with their free VRAM from NVML; no driver (NVMLError) means no GPUs.
 
@@ -103,6 +114,7 @@ def detect_gpus() -> tuple[GpuInfo, ...]:
                     name=name.decode() if isinstance(name, bytes) else str(name),
                     vram_total_bytes=int(mem.total),
                     vram_free_bytes=int(mem.free),
+                    mem_bandwidth_bytes=_nvml_bandwidth(pynvml, handle),
                 )
             )
     except pynvml.NVMLError as exc:

@@ -31,6 +31,7 @@ def worker_argv(
     gpu: bool | None = None,
     metrics_port: int | None = None,
     metrics_host: str | None = None,
+    prefer: str | None = None,
 ) -> list[str]:
     """The command line of one single-process `tokenmill worker` that a parent starts on this host.
 
@@ -42,6 +43,7 @@ def worker_argv(
     optional = {"--threads": threads, "--name": name, "--n-seq": n_seq, "--n-ctx": n_ctx}
     optional["--metrics-port"] = metrics_port
     optional["--metrics-host"] = metrics_host if metrics_port else None
+    optional["--prefer"] = prefer
     for flag, value in optional.items():
         if value:
             args += [flag, str(value)]
@@ -71,12 +73,14 @@ class LocalFleet:
         threads_each: int,
         n_seq: int | None = None,
         extra_env: dict[str, str] | None = None,
+        prefer: str | None = None,
     ) -> None:
         self.settings = settings
         self.model = model
         self.count = count
         self.threads_each = threads_each
         self.n_seq = n_seq
+        self.prefer = prefer
         self.extra_env = extra_env or {}
         self.procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
@@ -88,7 +92,7 @@ class LocalFleet:
         for i in range(self.count):
             args = worker_argv(
                 model=self.model, engine=self.settings.engine, share=self.count, threads=self.threads_each,
-                name=f"local{i}", n_seq=self.n_seq,
+                name=f"local{i}", n_seq=self.n_seq, prefer=self.prefer,
             )  # fmt: skip
             log = open(self.log_dir / f"worker-{i}.log", "ab")  # noqa: SIM115
             self._logs.append(log)

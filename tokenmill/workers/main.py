@@ -96,6 +96,7 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
     quant = engine.variant.split(":", 1)[1] if choice is not None and ":" in engine.variant else None
     queues = [queue_for(family)] + ([queue_for(family, quant)] if quant else [])
     register(
+        capacity=_advertised(settings, capacity, sel, engine),
         state="starting",  # loaded; "ready" once Celery consumes (WorkerRuntime.mark_consuming)
         family=family,
         variant=engine.variant,
@@ -167,6 +168,36 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, args=(int(raw),), name="tokenmill-parent-watch", daemon=True).start()
 
 
+def _advertised(settings: Settings, capacity: Capacity, sel: ModelSelection, engine: Engine) -> dict[str, Any]:
+    """The capacity a worker registers, with its host probe and the predicted speed of what it loaded, so
+    deadline plans can size the fleet and `tokenmill workers` can show predicted beside measured."""
+    from dataclasses import asdict
+
+    from tokenmill.models.catalog import get_family
+    from tokenmill.models.speed import host_speed, predict, predict_batched
+
+    data: dict[str, Any] = capacity.to_json()
+    try:
+        speed = host_speed(settings.models_dir)
+    except Exception as exc:  # a probe that cannot run must not stop a worker that loaded its model
+        log.warning("host speed probe failed: %s", exc)
+        return data
+    data["speed"] = asdict(speed)
+    choice = sel.choice
+    if choice is None:
+        return data
+    family = get_family(choice.variant.family)
+    gpu = next((g for g in capacity.usable_gpus if g.index == choice.gpu_index), None)
+    gpu = gpu if choice.n_gpu_layers == -1 else None
+    single = predict(choice.variant, family, speed=speed, threads=engine.n_threads, gpu=gpu)
+    batched = predict_batched(
+        choice.variant, family, speed=speed, threads=engine.n_threads, n_seq=engine.n_seq, gpu=gpu
+    )
+    data["predicted"] = {"gen_tps": round(single.gen_tps, 1), "prompt_tps": round(single.prompt_tps, 1),
+                         "batched_tps": round(batched, 1), "per_sequence_tps": round(batched / engine.n_seq, 1)}
+    return data
+
+
 def supervise(
     settings: Settings,
     opts: WorkerOptions,
@@ -193,6 +224,7 @@ def supervise(
             model=opts.model, engine=settings.engine, share=count, threads=opts.threads, name=opts.name,
             n_seq=opts.n_seq, n_ctx=opts.n_ctx, gpu=opts.gpu, metrics_port=metrics_port + i if metrics_port else None,
             metrics_host=opts.metrics_host,
+            prefer=opts.prefer,
         )  # fmt: skip
         children.append(subprocess.Popen(args, env=env))
 

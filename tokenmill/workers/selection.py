@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from tokenmill.config import Settings
 from tokenmill.errors import ModelError
 from tokenmill.host import Capacity
-from tokenmill.models.catalog import get_family, parse_model_ref
+from tokenmill.models.catalog import Family, get_family, parse_model_ref
+from tokenmill.models.quantize import catalog_with_local
 from tokenmill.models.resolve import ResolvedModel, looks_like_path, obtainable_predicate, resolve_model
-from tokenmill.models.sizing import Choice, choose_variant
+from tokenmill.models.sizing import Choice, Prefer, choose_variant
 
 log = logging.getLogger(__name__)
 DEFAULT_N_SEQ = 8
@@ -34,6 +35,7 @@ class WorkerOptions:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"  # the metrics endpoint has no auth: loopback unless widened
     share: int = 1  # how many tokenmill worker processes split this host
+    prefer: Prefer = "balanced"
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ def select_model(settings: Settings, opts: WorkerOptions, capacity: Capacity) ->
         return ModelSelection(
             resolve_model(opts.model, settings.models_dir, fetch=False), None, opts.n_seq or DEFAULT_N_SEQ
         )
-    family_name, quant = parse_model_ref(opts.model)
+    catalog = catalog_with_local(settings.models_dir)
+    family_name, quant = parse_model_ref(opts.model, catalog)
     if opts.gpu is False:
         capacity = capacity.without_gpus()
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
@@ -69,21 +72,23 @@ def select_model(settings: Settings, opts: WorkerOptions, capacity: Capacity) ->
     while True:
         try:
             choice = choose_variant(
-                get_family(family_name),
+                get_family(family_name, catalog),
                 capacity,
                 share=opts.share,
                 n_ctx=opts.n_ctx,
                 n_seq=(opts.n_seq or DEFAULT_N_SEQ) + 1,  # the engine keeps one extra KV stream for shared prefixes
                 pinned=quant,
                 obtainable=lambda v: v.label not in failed and can_get(v),
+                prefer=opts.prefer,
             )
         except ModelError:
             if not failed:
                 raise
             raise ModelError("; ".join(f"{label}: {why}" for label, why in failed.items())) from None
-        n_seq = opts.n_seq or _widest_batch(choice, capacity, opts)
+        n_seq = opts.n_seq or _widest_batch(choice, get_family(family_name, catalog), capacity, opts)
         try:
-            return ModelSelection(resolve_model(choice.variant.label, settings.models_dir, fetch=True), choice, n_seq)
+            resolved = resolve_model(choice.variant.label, settings.models_dir, fetch=True, catalog=catalog)
+            return ModelSelection(resolved, choice, n_seq)
         except ModelError as exc:
             # The best fit may be unreachable (no hub access, corrupt download): take the next best.
             if quant is not None:
@@ -92,7 +97,7 @@ def select_model(settings: Settings, opts: WorkerOptions, capacity: Capacity) ->
             log.warning("cannot obtain %s (%s); trying the next variant", choice.variant.label, exc)
 
 
-def _widest_batch(choice: Choice, capacity: Capacity, opts: WorkerOptions) -> int:
+def _widest_batch(choice: Choice, family: Family, capacity: Capacity, opts: WorkerOptions) -> int:
     """The most sequences decoded together whose KV cache still fits beside the chosen variant.
 
     Batched decoding is where CPU throughput comes from (about 2x at 16 sequences on a small model),
@@ -101,7 +106,7 @@ def _widest_batch(choice: Choice, capacity: Capacity, opts: WorkerOptions) -> in
     for n_seq in N_SEQ_CHOICES:
         try:
             choose_variant(
-                choice.variant.family,
+                family,
                 capacity,
                 share=opts.share,
                 n_ctx=opts.n_ctx,
