@@ -11,8 +11,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Row
-
 from tokenmill.datasets import InvalidLine
 from tokenmill.engine import EmbeddingResult, Generation
 from tokenmill.errors import DatasetError
@@ -218,7 +216,7 @@ def success_text(row: Sequence[Any]) -> str:
     )
 
 
-def _failed_record(row: Row[Any]) -> dict[str, Any]:
+def _failed_record(row: Any) -> dict[str, Any]:
     """:func:`failed_line` of an export row (failures are few: the ORM objects are built only for them)."""
     result = Result(
         job_id=row.job_id, seq=row.seq, custom_id=row.custom_id, error_code=row.error_code, error=row.error,

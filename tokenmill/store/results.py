@@ -143,7 +143,7 @@ def export_rows(s: Session, job_id: str, *, page: int = 5_000) -> Iterator[Row[A
         .join(RequestRow, (RequestRow.job_id == Result.job_id) & (RequestRow.seq == Result.seq))
         .where(Result.job_id == job_id)
     )
-    for rows in keyset_pages(s, stmt, Result.seq, size=page):
+    for rows in keyset_pages(s.connection(), stmt, Result.seq, size=page):
         yield from rows
 
 
