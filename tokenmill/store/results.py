@@ -137,14 +137,25 @@ def export_rows(s: Session, job_id: str, *, page: int = 5_000) -> Iterator[Row[A
     """What an export line needs of each result, in input order, as plain columns: no ORM objects, and
     ``body_json``/``timings_json`` as the stored JSON text, so the exporter splices them into its line
     instead of decoding and re-encoding two documents per row (the cost that kept export near 6k rows/s).
-    ``source`` is read from the payload inside the database, never the whole payload."""
+    ``source`` is read from the payload inside the database, never the whole payload.
+
+    Pages are seq ranges (``lo < seq <= lo + page``) rather than ``LIMIT``: right after a bulk write Postgres's
+    statistics still say the job has a few dozen rows, and with ``LIMIT`` it hash-joined and sorted the whole
+    rest of the job for every page (6,800 rows/s on 200,000 rows); a bounded range joins by index lookups.
+    """
+    conn = s.connection()  # plain rows, without the ORM's per-row result layer
+    last = conn.execute(select(func.max(Result.seq)).where(Result.job_id == job_id)).scalar()
+    if last is None:
+        return
     stmt = (
         select(*_EXPORT_COLUMNS)
         .join(RequestRow, (RequestRow.job_id == Result.job_id) & (RequestRow.seq == Result.seq))
         .where(Result.job_id == job_id)
+        .order_by(Result.seq)
     )
-    for rows in keyset_pages(s.connection(), stmt, Result.seq, size=page):
-        yield from rows
+    for lo in range(-1, int(last), page):
+        hi = lo + page
+        yield from conn.execute(stmt.where(Result.seq > lo, Result.seq <= hi)).all()
 
 
 def iter_result_columns(s: Session, job_id: str, columns: Sequence[Any], *, page: int) -> Iterator[Row[Any]]:
