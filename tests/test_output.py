@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tokenmill.datasets import validate_dataset
-from tokenmill.output import failed_line, rejected_line
+from tokenmill.output import export, failed_line, jsonl_lines, output_line, rejected_line
+from tokenmill.rows import CHAT, DatasetRow
+from tokenmill.store import Store
+from tokenmill.store import jobs as store_jobs
+from tokenmill.store import results as store_results
+from tokenmill.store.states import ResultStatus
 from tokenmill.store.tables import RequestRow, Result
 
 
@@ -32,3 +41,71 @@ def test_both_error_lines_share_the_batch_shape(tmp_path: Path) -> None:
     assert set(failed) - set(rejected) == {"tokenmill"}
     assert set(rejected["error"]) == set(failed["error"]) == {"code", "message", "line"}
     assert (rejected["error"]["code"], failed["error"]["code"]) == ("invalid_request", "context_length_exceeded")
+
+
+def _stored_job(store: Store) -> str:
+    """A job with a succeeded row (non-ASCII text, a document source, cached), a failed one, and one with
+    no timings: the cases where text built around stored JSON could drift from :func:`output_line`."""
+    with store.session() as s:
+        job = store_jobs.create_job(s, key="k", name="t.jsonl", family="fam", queue="tm.fam", chunk_size=3)
+        rows = [DatasetRow(line=i + 2, custom_id=f'q"{i}', endpoint=CHAT, messages=({"role": "user", "content": "x"},),
+                           source="doc ü.txt" if i == 0 else None) for i in range(3)]  # fmt: skip
+        store_jobs.ingest_rows(s, job, rows)
+        body = {"choices": [{"message": {"content": 'naïve \u2603 "quoted"\n'}}], "usage": {"total_tokens": 3}}
+        common = {"job_id": job.id, "worker_id": "h:1:a", "variant": "m:q4"}
+        store_results.write_result(
+            s,
+            {
+                **common,
+                "seq": 0,
+                "custom_id": 'q"0',
+                "status": ResultStatus.SUCCEEDED,
+                "body": body,
+                "timings": {"ttft_ms": 1.5, "token_ms": [1.0]},
+                "cached": True,
+            },
+        )
+        store_results.write_result(
+            s,
+            {
+                **common,
+                "seq": 1,
+                "custom_id": 'q"1',
+                "status": ResultStatus.FAILED,
+                "error_code": "generation_failed",
+                "error": "line 3: boom",
+                "attempts": 3,
+            },
+        )
+        store_results.write_result(s, {**common, "seq": 2, "custom_id": 'q"2', "status": ResultStatus.SUCCEEDED,
+                                       "body": body, "timings": None, "attempts": 2})  # fmt: skip
+        return job.id
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def either_store(request: pytest.FixtureRequest, store: Store) -> Iterator[Store]:
+    if request.param == "sqlite":
+        yield store
+        return
+    pg = Store(request.getfixturevalue("pg_url"))  # JSON cast to text and ->> on Postgres
+    pg.migrate()
+    yield pg
+    pg.dispose()
+
+
+def test_export_lines_equal_output_line_of_the_stored_rows(either_store: Store, tmp_path: Path) -> None:
+    """The fast export splices stored JSON into text; what a reader parses must be exactly output_line."""
+    store = either_store
+    job_id = _stored_job(store)
+    out, err = tmp_path / "o.jsonl", tmp_path / "e.jsonl"
+    assert export(store, job_id, out, err) == (2, 1)
+    with store.session() as s:
+        pairs = list(store_results.iter_results(s, job_id))
+        expected = [output_line(r, q) for r, q in pairs if r.status == ResultStatus.SUCCEEDED]
+        expected_err = [failed_line(r, q) for r, q in pairs if r.status != ResultStatus.SUCCEEDED]
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == expected
+    assert expected[0]["tokenmill"]["source"] == "doc ü.txt" and expected[1]["tokenmill"]["timings"] == {}
+    assert [json.loads(line) for line in err.read_text(encoding="utf-8").splitlines()] == expected_err
+    assert "".join(jsonl_lines(store, job_id)).splitlines() == lines  # the HTTP download is the same file
+    assert [json.loads(x) for x in jsonl_lines(store, job_id, errors=True)] == expected_err

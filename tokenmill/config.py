@@ -89,6 +89,10 @@ def _default_broker_url(data_dir: Path) -> str:
     return f"sqla+sqlite:///{data_dir / 'broker.db'}"
 
 
+# One multi-row INSERT binds about 14 parameters a row: 1,000 rows stays far below SQLite's 32,766.
+MAX_RESULT_BATCH_ROWS = 1000
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a scheduler, worker or CLI command needs to find the store, the broker and models.
@@ -121,8 +125,18 @@ class Settings:
     # The inference backend a worker builds, by name (tokenmill.engines: "llama", "stub", or a plugin's).
     # Checked when a worker starts, not here: plugin names come from installed entry points.
     engine: str = "llama"
+    # Group commit of results: a worker's writer thread stores finished rows in one transaction per
+    # batch of up to this many rows, or sooner once the oldest waiting row is this many ms old. Bigger
+    # batches mean fewer commits; a kill -9 loses (and the next claimant regenerates) at most the rows
+    # not yet committed, about two batches' worth.
+    result_batch_rows: int = 64
+    result_batch_ms: float = 200.0
 
     def __post_init__(self) -> None:
+        if not 1 <= self.result_batch_rows <= MAX_RESULT_BATCH_ROWS:
+            raise ConfigError(
+                f"{ENV_PREFIX}RESULT_BATCH_ROWS={self.result_batch_rows} must be between 1 and {MAX_RESULT_BATCH_ROWS}"
+            )
         data_dir = Path(self.data_dir)
         object.__setattr__(self, "data_dir", data_dir)
         if not self.database_url:
@@ -154,6 +168,8 @@ class Settings:
         values["max_inflight_per_queue"] = int(_float(env, "MAX_INFLIGHT", cls.max_inflight_per_queue))
         values["max_row_attempts"] = int(_float(env, "MAX_ROW_ATTEMPTS", cls.max_row_attempts))
         values["max_chunk_attempts"] = int(_float(env, "MAX_CHUNK_ATTEMPTS", cls.max_chunk_attempts))
+        values["result_batch_rows"] = int(_float(env, "RESULT_BATCH_ROWS", cls.result_batch_rows))
+        values["result_batch_ms"] = _float(env, "RESULT_BATCH_MS", cls.result_batch_ms)
         if env.get(ENV_PREFIX + "REQUEUE_SECONDS"):
             values["requeue_seconds"] = _float(env, "REQUEUE_SECONDS", 0.0)
         if env.get(ENV_PREFIX + "API_KEYS"):
@@ -209,6 +225,8 @@ class Settings:
             ENV_PREFIX + "MAX_ROW_ATTEMPTS": str(self.max_row_attempts),
             ENV_PREFIX + "MAX_CHUNK_ATTEMPTS": str(self.max_chunk_attempts),
             ENV_PREFIX + "ENGINE": self.engine,
+            ENV_PREFIX + "RESULT_BATCH_ROWS": str(self.result_batch_rows),
+            ENV_PREFIX + "RESULT_BATCH_MS": str(self.result_batch_ms),
         }
         if self.requeue_seconds:
             env[ENV_PREFIX + "REQUEUE_SECONDS"] = str(self.requeue_seconds)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import STUB_ENV, run_cli
 from tokenmill.config import Settings
 
 pytestmark = pytest.mark.model
@@ -118,3 +119,18 @@ def test_run_skip_invalid_keeps_skipped_lines(tmp_path: Path, settings: Settings
     sha = hashlib.sha256(smollm2_path.read_bytes()).hexdigest()
     assert line["tokenmill"]["model"] == f"file:model@{sha[:12]}"
     assert line["response"]["body"]["model"] == f"file:model@{sha[:12]}"
+
+
+def test_run_summary_shows_where_the_seconds_went(tmp_path: Path, settings: Settings) -> None:
+    """Stub engine, so this is about start-up and the phases line, not generation."""
+    rows: list[dict[str, object]] = [{"id": f"r{i}", "prompt": f"say {i}", "max_tokens": 4} for i in range(40)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    env = {**STUB_ENV, "TOKENMILL_STUB_DELAY": "0.01", "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}
+    proc = run_cli(settings, "run", str(data), "--workers", "2", "--threads", "1", "--chunk-size", "10", env=env)
+    assert proc.returncode == 0, proc.stderr
+    line = next(row for row in proc.stdout.splitlines() if "phases" in row)
+    marks = re.findall(r"(stored|first chunk claimed|finished|exit) (\d+\.\d) s", line)
+    assert [name for name, _ in marks] == ["stored", "first chunk claimed", "finished", "exit"], line
+    seconds = [float(t) for _, t in marks]
+    assert seconds == sorted(seconds), line  # each phase ends after the one before it
+    assert len((tmp_path / "d.results.jsonl").read_text().splitlines()) == 40

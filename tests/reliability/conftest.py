@@ -190,6 +190,15 @@ class Stack:
             if len(parts) == 3 and parts[2] == "generated"
         )
 
+    def stored_by(self, job: str, worker_name: str) -> set[str]:
+        """custom_ids of the job's results that the named worker (or its ``--concurrency`` children) stored."""
+        rows = self.query(
+            "SELECT r.custom_id FROM results r JOIN workers w ON r.worker_id = w.id"
+            " WHERE r.job_id = :j AND (w.name = :n OR w.name LIKE :children)",
+            j=job, n=worker_name, children=f"{worker_name}-%",
+        )  # fmt: skip
+        return {str(cid) for (cid,) in rows}
+
     def adopt(self, pids: list[int]) -> None:
         """Kill these (indirectly started) processes at teardown if they are still around."""
         self.adopted.extend(pids)

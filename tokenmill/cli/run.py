@@ -37,10 +37,10 @@ from tokenmill.cli.options import (
     prefer_value,
     print_ignored,
 )
+from tokenmill.cli.phases import Phases
 from tokenmill.cli.planning import choose_for_job, this_host
-from tokenmill.config import Settings
+from tokenmill.cli.startup import FleetStarter
 from tokenmill.errors import DatasetError, JobIncomplete, ModelError
-from tokenmill.models.sizing import Prefer
 from tokenmill.output import export, read_skipped
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.scheduler.plan import FleetMember
@@ -103,6 +103,7 @@ def run_cmd(
     app_ = make_app(settings)
     check_broker(app_, settings)
     started = time.monotonic()
+    phases = Phases()
     pref = prefer_value(prefer)
     def here() -> list[FleetMember]:
         return this_host(settings, detect(), count, threads or each)
@@ -112,11 +113,24 @@ def run_cmd(
         sub = replace(sub, model=choice.pin)
     # Lines --skip-invalid refused, kept by job key so a resumed run still reports them (export merges).
     skipped = settings.data_dir / "skipped" / f"{job_key(path, sub.model, sub.options())}.jsonl"
-    job_id = _resume_or_submit(store, sub, skipped, errors, count, choice.deadline)
-    fleet_needed = _answer_from_cache(store, settings, job_id, sub, n_seq, count, pref)
+    # The workers resolve nothing themselves: the model is resolved once, then they start importing and
+    # loading it while the dataset is validated and stored (start-up in parallel, not in series).
+    opts = WorkerOptions(model=sub.model, n_seq=n_seq, share=count, prefer=pref)
     fleet = LocalFleet(settings, sub.model, count, threads or each, n_seq=n_seq, prefer=pref)
+    starter = FleetStarter(lambda: select_model(settings, opts, detect()), fleet)
+    starter.start()
+    try:
+        job_id = _resume_or_submit(store, sub, skipped, errors, count, choice.deadline)
+        phases.stored = time.time()
+        fleet_needed = _answer_from_cache(store, job_id, sub, starter.wait().model_id)
+    except BaseException:
+        if starter.abandon():
+            _stop_fleet(store, fleet, finished=False)
+        raise
+    if not fleet_needed:
+        _stop_fleet(store, fleet, finished=True)
     _drive(store, Dispatcher(store, app_, settings), job_id, fleet if fleet_needed else None)
-    _finish(store, job_id, output, errors, skipped, time.monotonic() - started, sub)
+    _finish(store, job_id, output, errors, skipped, time.monotonic() - started, sub, phases)
 
 
 def register(app: typer.Typer) -> None:
@@ -145,14 +159,11 @@ def _resume_or_submit(
     return job_id
 
 
-def _answer_from_cache(
-    store: Store, settings: Settings, job_id: str, sub: Submission, n_seq: int | None, workers: int, prefer: Prefer
-) -> bool:
-    """Resolve (fetch, verify) the model once here, so local workers do not race for it, and answer rows an
-    identical earlier request already answered before any worker starts. True when rows are left to run."""
-    sel = select_model(settings, WorkerOptions(model=sub.model, n_seq=n_seq, share=workers, prefer=prefer), detect())
+def _answer_from_cache(store: Store, job_id: str, sub: Submission, model_id: str) -> bool:
+    """Answer rows an identical earlier request already answered before any chunk is sent. True when rows
+    are left to run."""
     if not sub.no_cache:
-        served = prefill(store, job_id, sel.model_id)
+        served = prefill(store, job_id, model_id)
         if served:
             close_answered_chunks(store, job_id)
             console.print(f"{served} rows answered from the result cache")
@@ -165,8 +176,6 @@ def _drive(store: Store, dispatcher: Dispatcher, job_id: str, fleet: LocalFleet 
     ends, showing progress; the workers are stopped however this ends."""
     stop = threading.Event()
     loop = threading.Thread(target=dispatcher.run, args=(stop, job_id), daemon=True)
-    if fleet is not None:
-        fleet.start()
     loop.start()
     finished = False
     try:
@@ -176,23 +185,31 @@ def _drive(store: Store, dispatcher: Dispatcher, job_id: str, fleet: LocalFleet 
         stop.set()
         loop.join(timeout=10)
         if fleet is not None:
-            # A finished job leaves its workers idle with every result committed, and an idle Celery
-            # worker needs ~4 s to wind down; after an interrupt they get a moment to let go of a row.
-            killed = fleet.stop(grace=0.0 if finished else 1.0)
-            with store.session() as s:
-                store_workers.mark_stopped(s, socket.gethostname(), killed)
+            _stop_fleet(store, fleet, finished=finished)
+
+
+def _stop_fleet(store: Store, fleet: LocalFleet, *, finished: bool) -> None:
+    """A finished job leaves its workers idle with every result committed (a chunk completes only after
+    its rows are flushed), and an idle Celery worker needs ~4 s to wind down: kill them at once. After an
+    interrupt they get a moment to let go of a row."""
+    killed = fleet.stop(grace=0.0 if finished else 1.0)
+    with store.session() as s:
+        store_workers.mark_stopped(s, socket.gethostname(), killed)
 
 
 def _finish(
-    store: Store, job_id: str, output: Path, errors: Path, skipped: Path, wall: float, sub: Submission
+    store: Store, job_id: str, output: Path, errors: Path, skipped: Path, wall: float, sub: Submission, phases: Phases
 ) -> None:
     """Write the outputs (failed rows and skipped lines together in ``errors``) and the summary; exit 7
     when not every line was answered."""
     ok, bad = export(store, job_id, output, errors, skipped=skipped)
     n_skipped = len(read_skipped(skipped))
     with store.session() as s:
-        prog = store_jobs.progress(s, store_jobs.get_job(s, job_id))
-    _summary(prog.to_json(), wall, output, errors if bad or n_skipped else None, sub, n_skipped)
+        job = store_jobs.get_job(s, job_id)
+        prog = store_jobs.progress(s, job)
+        timeline = phases.line(leases.first_claimed_at(s, job_id), job.finished_at)
+    info = {**prog.to_json(), "phases": timeline}
+    _summary(info, wall, output, errors if bad or n_skipped else None, sub, n_skipped)
     if bad or n_skipped:
         what = [f"{bad} of {ok + bad} rows failed"] if bad else []
         what += [f"{n_skipped} invalid lines skipped"] if n_skipped else []
@@ -237,6 +254,8 @@ def _summary(
         table.add_row("skipped", f"{skipped} invalid lines (not run; in the errors file)")
     table.add_row("tokens", f"{info['prompt_tokens']} prompt, {info['completion_tokens']} generated")
     table.add_row("wall time", f"{wall:.1f} s")
+    if info.get("phases"):
+        table.add_row("phases", str(info["phases"]))
     ct = info["completion_tokens"]
     table.add_row("throughput", f"{(ct if isinstance(ct, int) else 0) / wall:.1f} generated tok/s end to end")
     table.add_row("results", str(output))

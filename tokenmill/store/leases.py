@@ -278,3 +278,8 @@ def close_answered(s: Session, job_id: str) -> int:
 
 def unfinished_chunks(s: Session, job_id: str) -> int:
     return int(s.scalar(select(func.count()).where(Chunk.job_id == job_id, Chunk.state.notin_(CHUNK_CLOSED))) or 0)
+
+
+def first_claimed_at(s: Session, job_id: str) -> float | None:
+    """When a worker first took a chunk of the job (a chunk claimed again shows its latest claim)."""
+    return s.scalar(select(func.min(Chunk.started_at)).where(Chunk.job_id == job_id))

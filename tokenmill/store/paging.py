@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TypeVarTuple, Unpack
 
-from sqlalchemy import Row, Select
+from sqlalchemy import Connection, Row, Select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from tokenmill.store.db import Store
@@ -21,7 +21,7 @@ Ts = TypeVarTuple("Ts")
 
 
 def keyset_pages(
-    reader: Session | Store,
+    reader: Session | Connection | Store,
     stmt: Select[Unpack[Ts]],
     key: InstrumentedAttribute[int],
     *,
@@ -32,7 +32,8 @@ def keyset_pages(
     """Pages of ``stmt``'s rows in ``key`` order, ``size`` at a time.
 
     ``key_of`` reads the key from a row; by default the row's attribute named after ``key``, so select
-    the key column (or pass e.g. ``lambda r: r[0].seq`` when selecting whole entities).
+    the key column (or pass e.g. ``lambda r: r[0].seq`` when selecting whole entities). A session's
+    ``connection()`` reads plain columns without the ORM's per-row result layer (a bulk export's choice).
     """
     name = key.key
     position = key_of or (lambda row: int(getattr(row, name)))

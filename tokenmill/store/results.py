@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, Text, cast, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -25,6 +25,27 @@ def write_result(s: Session, values: dict[str, Any]) -> bool:
     else:
         stmt = sqlite.insert(Result).values(**values).on_conflict_do_nothing(index_elements=["job_id", "seq"])
     return s.execute(stmt.returning(Result.id)).first() is not None
+
+
+def write_results(s: Session, rows: Sequence[dict[str, Any]]) -> set[tuple[str, int]]:
+    """Insert a batch in one statement per column set, skipping rows already answered (``ON CONFLICT DO
+    NOTHING`` on the (job, row) constraint); returns the (job_id, seq) pairs this call really inserted,
+    so the caller counts only its own rows. One round trip for many rows is what makes group commit pay."""
+    now = time.time()
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for values in rows:
+        full = {"created_at": now, **values}
+        groups.setdefault(tuple(sorted(full)), []).append(full)
+    dialect = s.get_bind().dialect.name
+    inserted: set[tuple[str, int]] = set()
+    for group in groups.values():
+        stmt: Any
+        if dialect == "postgresql":
+            stmt = postgresql.insert(Result).values(group).on_conflict_do_nothing(constraint="uq_results_job_seq")
+        else:
+            stmt = sqlite.insert(Result).values(group).on_conflict_do_nothing(index_elements=["job_id", "seq"])
+        inserted.update((str(j), int(q)) for j, q in s.execute(stmt.returning(Result.job_id, Result.seq)).all())
+    return inserted
 
 
 def done_seqs(s: Session, job_id: str, first_seq: int, last_seq: int) -> set[int]:
@@ -102,6 +123,39 @@ def iter_results(s: Session, job_id: str, batch: int = 1000) -> Iterator[tuple[R
     )
     for page in keyset_pages(s, stmt, Result.seq, size=batch, key_of=lambda row: int(row[0].seq)):
         yield from ((result, request) for result, request in page)
+
+
+_EXPORT_COLUMNS = (
+    Result.job_id, Result.seq, Result.status, Result.custom_id, Result.worker_id, Result.variant, Result.cached,
+    Result.attempts, Result.error_code, Result.error, RequestRow.line,
+    RequestRow.payload["source"].as_string().label("source"),
+    cast(Result.body, Text).label("body_json"), cast(Result.timings, Text).label("timings_json"),
+)  # fmt: skip
+
+
+def export_rows(s: Session, job_id: str, *, page: int = 5_000) -> Iterator[Row[Any]]:
+    """What an export line needs of each result, in input order, as plain columns: no ORM objects, and
+    ``body_json``/``timings_json`` as the stored JSON text, so the exporter splices them into its line
+    instead of decoding and re-encoding two documents per row (the cost that kept export near 6k rows/s).
+    ``source`` is read from the payload inside the database, never the whole payload.
+
+    Pages are seq ranges (``lo < seq <= lo + page``) rather than ``LIMIT``: right after a bulk write Postgres's
+    statistics still say the job has a few dozen rows, and with ``LIMIT`` it hash-joined and sorted the whole
+    rest of the job for every page (6,800 rows/s on 200,000 rows); a bounded range joins by index lookups.
+    """
+    conn = s.connection()  # plain rows, without the ORM's per-row result layer
+    last = conn.execute(select(func.max(Result.seq)).where(Result.job_id == job_id)).scalar()
+    if last is None:
+        return
+    stmt = (
+        select(*_EXPORT_COLUMNS)
+        .join(RequestRow, (RequestRow.job_id == Result.job_id) & (RequestRow.seq == Result.seq))
+        .where(Result.job_id == job_id)
+        .order_by(Result.seq)
+    )
+    for lo in range(-1, int(last), page):
+        hi = lo + page
+        yield from conn.execute(stmt.where(Result.seq > lo, Result.seq <= hi)).all()
 
 
 def iter_result_columns(s: Session, job_id: str, columns: Sequence[Any], *, page: int) -> Iterator[Row[Any]]:

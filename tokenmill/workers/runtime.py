@@ -26,6 +26,7 @@ from tokenmill.store import workers as store_workers
 from tokenmill.store.states import ErrorCode, ResultStatus, WorkerState
 from tokenmill.store.tables import Chunk, Job
 from tokenmill.workers.metrics import WorkerMetrics
+from tokenmill.workers.writer import ResultWriter
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class WorkerRuntime:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, name="tokenmill-heartbeat", daemon=True)
+        self.writer = ResultWriter(
+            store, worker_id, batch_rows=settings.result_batch_rows, batch_ms=settings.result_batch_ms
+        )
 
     def start(self) -> None:
         self._beat.start()
@@ -84,8 +88,10 @@ class WorkerRuntime:
             log.warning("could not mark worker ready: %s", mask_text(str(exc)))
 
     def close(self) -> None:
+        self.writer.close()
         self._closing.set()
-        self._beat.join(timeout=5)
+        if self._beat.is_alive():
+            self._beat.join(timeout=5)
 
     def stop_current(self, reason: str = "shutdown") -> None:
         """Stop the chunk in progress at the next row boundary and hand its lease back (warm shutdown).
@@ -231,6 +237,7 @@ class WorkerRuntime:
         self.metrics.cached.inc(outcome.cached)
 
         outcome.stopped = cur.stop_reason
+        self.writer.flush()  # the chunk is done only once its rows are in the store
 
         def finish() -> None:
             with self.store.session() as s:
@@ -271,13 +278,7 @@ class WorkerRuntime:
             "attempts": attempt,
             "request_hash": h,
         }
-
-        def write() -> None:
-            with self.store.session() as s:
-                if store_results.write_result(s, values):
-                    store_workers.count_tokens(s, self.worker_id, 1, gen.completion_tokens)
-
-        self.store.retrying(write)
+        self.writer.put(values, gen.completion_tokens)
 
     def _write_failure(self, job: Job, row: DatasetRow, seq: int, exc: Exception, attempt: int) -> None:
         code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if isinstance(exc, RequestTooLong) else ErrorCode.GENERATION_FAILED
@@ -295,10 +296,4 @@ class WorkerRuntime:
             "variant": self.engine.variant,
             "attempts": attempt,
         }
-
-        def write() -> None:
-            with self.store.session() as s:
-                if store_results.write_result(s, values):
-                    store_workers.count_tokens(s, self.worker_id, 1, 0)
-
-        self.store.retrying(write)
+        self.writer.put(values, 0)

@@ -1,0 +1,127 @@
+"""Group commit: results stored in batches by the writer thread, counted once per batch, flushed per chunk."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from tests.workers.test_runtime_claims import ScriptedEngine, chunk_ids, make_job, results, runtime
+from tokenmill.config import Settings
+from tokenmill.errors import ConfigError
+from tokenmill.store import Store
+from tokenmill.store import results as store_results
+from tokenmill.store import workers as store_workers
+from tokenmill.store.states import ResultStatus
+from tokenmill.store.tables import Worker
+from tokenmill.workers.writer import ResultWriter
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[tuple[Store, Settings]]:
+    url = settings.database_url if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    st = Store(url)
+    st.migrate()
+    yield st, settings.with_(database_url=url)
+    st.dispose()
+
+
+def _row(job_id: str, seq: int, tokens: int = 2) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "seq": seq,
+        "custom_id": f"r{seq}",
+        "status": ResultStatus.SUCCEEDED,
+        "body": {"n": seq},
+        "worker_id": "w1",
+        "completion_tokens": tokens,
+    }
+
+
+def test_write_results_skips_answered_rows_and_returns_only_its_own(any_store: tuple[Store, Settings]) -> None:
+    store, _ = any_store
+    job = make_job(store, 6, 6)
+    with store.session() as s:
+        assert store_results.write_result(s, _row(job, 1))
+    failed = {"job_id": job, "seq": 4, "custom_id": "r4", "status": ResultStatus.FAILED, "error": "x", "attempts": 3}
+    with store.session() as s:  # two column sets (succeeded and failed rows) in one transaction
+        inserted = store_results.write_results(s, [_row(job, 0), _row(job, 1), _row(job, 2), failed])
+    assert inserted == {(job, 0), (job, 2), (job, 4)}
+    stored = results(store, job)
+    assert [r.seq for r in stored] == [0, 1, 2, 4]
+    assert stored[3].status == ResultStatus.FAILED and stored[3].attempts == 3
+
+
+def test_writer_batches_counts_once_per_batch_and_flush_waits(any_store: tuple[Store, Settings]) -> None:
+    store, _ = any_store
+    job = make_job(store, 10, 10)
+    with store.session() as s:
+        store_workers.register(s, id="w1", name="w1", host="h", pid=1, state="ready", queues=["q"])
+    writer = ResultWriter(store, "w1", batch_rows=4, batch_ms=60_000)  # only size or a flush cuts a batch
+    try:
+        for seq in range(10):
+            writer.put(_row(job, seq, tokens=seq), seq)
+        writer.flush()
+        assert [r.seq for r in results(store, job)] == list(range(10))
+        assert writer.batches == 3  # 4 + 4 + the 2 the flush cut short
+        writer.put(_row(job, 3), 100)  # already stored: neither inserted nor counted
+        writer.flush()
+    finally:
+        writer.close()
+    with store.session() as s:
+        w = s.scalars(select(Worker).where(Worker.id == "w1")).one()
+        assert (w.rows_done, w.tokens_generated) == (10, sum(range(10)))
+
+
+def test_writer_cuts_a_batch_after_batch_ms(store: Store) -> None:
+    job = make_job(store, 3, 3)
+    writer = ResultWriter(store, "w1", batch_rows=64, batch_ms=50)
+    try:
+        writer.put(_row(job, 0), 1)
+        for _ in range(200):  # no flush: the time limit alone must commit it
+            if results(store, job):
+                break
+            time.sleep(0.05)
+        assert [r.seq for r in results(store, job)] == [0]
+    finally:
+        writer.close()
+
+
+def test_a_failed_batch_surfaces_at_flush_and_the_chunk_stays_open(store: Store, settings: Settings) -> None:
+    job = make_job(store, 4, 4)
+    writer = ResultWriter(store, "w1", batch_rows=8, batch_ms=10)
+    try:
+        writer.put({**_row(job, 0), "job_id": "no-such-job"}, 1)  # violates the foreign key: the batch fails
+        with pytest.raises(Exception, match=r"(?i)foreign key"):
+            writer.flush()
+        writer.put(_row(job, 1), 1)  # the writer outlives the error
+        writer.flush()
+    finally:
+        writer.close()
+    assert [r.seq for r in results(store, job)] == [1]
+
+
+def test_runtime_completes_a_chunk_with_all_rows_stored_in_few_commits(store: Store, settings: Settings) -> None:
+    job = make_job(store, 40, 40)
+    rt = runtime(store, settings.with_(result_batch_rows=16, result_batch_ms=60_000), ScriptedEngine())
+    try:
+        outcome = rt.process_chunk(job, chunk_ids(store, job)[0])
+    finally:
+        rt.close()
+    assert outcome.generated == 40
+    assert len(results(store, job)) == 40
+    assert rt.writer.batches == 3  # 16 + 16 + 8 at the chunk's flush, not 40 commits
+    with store.session() as s:
+        w = s.get(Worker, "w1")
+        assert w is not None and (w.rows_done, w.tokens_generated) == (40, 80)
+
+
+def test_result_batch_settings_from_env() -> None:
+    s = Settings.from_env({"TOKENMILL_RESULT_BATCH_ROWS": "128", "TOKENMILL_RESULT_BATCH_MS": "50"})
+    assert (s.result_batch_rows, s.result_batch_ms) == (128, 50.0)
+    assert s.as_env()["TOKENMILL_RESULT_BATCH_ROWS"] == "128"
+    with pytest.raises(ConfigError, match="RESULT_BATCH_ROWS"):
+        Settings.from_env({"TOKENMILL_RESULT_BATCH_ROWS": "5000"})

@@ -1,0 +1,129 @@
+"""Group commit of results: a worker's finished rows are stored by a thread, in batches, off the decode loop.
+
+Writing one result per transaction cost a commit (an fsync on SQLite, a round trip on Postgres) and a
+worker-counter UPDATE per row, inside the engine's callback, so ``llama_decode`` waited on the store and a
+fleet topped out at a few hundred results/s. Here the callback only enqueues; this thread stores up to
+``batch_rows`` rows (or what arrived within ``batch_ms`` of the oldest) in one multi-row INSERT and bumps
+the worker's counters once for the batch. Exactly-once still rests on the unique (job, seq) constraint.
+The queue is bounded (two batches), so a store slower than the engine slows the engine instead of
+growing memory, and a kill -9 loses at most those uncommitted rows: the chunk is completed only after
+:meth:`ResultWriter.flush`, so the next claimant regenerates exactly the rows that never reached the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.config import mask_text
+from tokenmill.store import Store
+from tokenmill.store import results as store_results
+from tokenmill.store import workers as store_workers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    values: dict[str, Any]
+    tokens: int
+
+
+class _Flush:
+    """A marker: everything queued before it is committed (or has failed) once ``done`` is set."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+_CLOSE = object()
+
+
+class ResultWriter:
+    """One per worker process; :meth:`put` from the engine callback, :meth:`flush` before completing a chunk."""
+
+    def __init__(self, store: Store, worker_id: str, *, batch_rows: int, batch_ms: float) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        self.batch_rows = max(1, batch_rows)
+        self.batch_s = max(0.0, batch_ms) / 1000.0
+        self.batches = 0  # transactions committed, for tests and metrics
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=2 * self.batch_rows)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="tokenmill-result-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, values: dict[str, Any], tokens: int) -> None:
+        """Queue one result row (blocks while two batches already wait: backpressure, not memory growth)."""
+        self._queue.put(_Row(values, tokens))
+
+    def flush(self) -> None:
+        """Wait until every row queued so far is committed; re-raise what a failed batch raised.
+
+        A failed batch's rows are gone from the buffer, so the chunk must not be completed: the error
+        reaches the chunk's task, the lease is left to expire, and the next claimant writes those rows.
+        """
+        marker = _Flush()
+        self._queue.put(marker)
+        marker.done.wait()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Commit what is queued and stop the thread (a warm shutdown keeps the rows it generated)."""
+        if self._thread.is_alive():
+            self._queue.put(_CLOSE)
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        closing = False
+        while not closing:
+            first = self._queue.get()
+            if first is _CLOSE:
+                return
+            batch: list[_Row] = []
+            flushes: list[_Flush] = []
+            self._take(first, batch, flushes)
+            deadline = time.monotonic() + self.batch_s
+            while len(batch) < self.batch_rows and not flushes:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is _CLOSE:
+                    closing = True
+                    break
+                self._take(item, batch, flushes)
+            self._commit(batch)
+            for marker in flushes:
+                marker.done.set()
+
+    @staticmethod
+    def _take(item: object, batch: list[_Row], flushes: list[_Flush]) -> None:
+        if isinstance(item, _Flush):
+            flushes.append(item)
+        elif isinstance(item, _Row):
+            batch.append(item)
+
+    def _commit(self, batch: list[_Row]) -> None:
+        if not batch:
+            return
+        tokens = {(r.values["job_id"], r.values["seq"]): r.tokens for r in batch}
+
+        def write() -> None:
+            with self.store.session() as s:
+                inserted = store_results.write_results(s, [r.values for r in batch])
+                if inserted:
+                    store_workers.count_tokens(s, self.worker_id, len(inserted), sum(tokens[k] for k in inserted))
+
+        try:
+            self.store.retrying(write)
+            self.batches += 1
+        except BaseException as exc:  # this thread must outlive any error; the chunk's flush reports it
+            log.warning("storing %d results failed: %s: %s", len(batch), type(exc).__name__, mask_text(str(exc)))
+            self._error = exc
