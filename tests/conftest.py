@@ -109,6 +109,17 @@ def pg_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_store(request: pytest.FixtureRequest, store: Store) -> Store:
+    """The same test on the embedded SQLite store and on a fresh Postgres database."""
+    if request.param == "sqlite":
+        return store
+    pg = Store(request.getfixturevalue("pg_url"))
+    pg.migrate()
+    request.addfinalizer(pg.dispose)
+    return pg
+
+
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A Redis database number of its own, flushed before and after."""
@@ -270,7 +281,7 @@ def app_server(settings: Settings, store: Store, procs: Procs) -> str:
 
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [  # DESIGN.md "Headless Chromium here": no network chatter on a closed network
+CHROMIUM_ARGS = [  # no network chatter on a closed network (background services, updates, sync)
     "--no-sandbox",
     "--disable-gpu",
     "--no-first-run",

@@ -66,7 +66,9 @@ def test_batch_chat_line(tmp_path: Path) -> None:
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": "again"},
     )
-    assert row.params == SamplingParams(max_tokens=12, temperature=0.0, top_p=0.5, stop=("\n\n", "END"), seed=7)
+    assert row.params == SamplingParams(
+        max_tokens=12, temperature=0.0, top_p=0.5, stop=("\n\n", "END"), seed=7, logprobs=0
+    )
     assert DatasetRow.from_payload(row.line, row.custom_id, json.loads(json.dumps(row.to_payload()))) == row
 
 
@@ -193,7 +195,7 @@ BAD_LINES: list[tuple[str, str | bytes, str | None, str]] = [
     ("batch-no-prompt", batch({"messages": [USER]}, url="/v1/completions"), "body.prompt", "missing"),
     ("prompt-list", batch({"prompt": ["a", "b"]}, url="/v1/completions"), "body.prompt", "a list of prompts"),
     ("token-array", batch({"prompt": [1, 2, 3]}, url="/v1/completions"), "body.prompt", "token arrays"),
-    ("batch-n", batch({"messages": [USER], "n": 2}), "body.n", "n=2 is not supported"),
+    ("batch-n", batch({"messages": [USER], "n": 17}), "body.n", "must be at most 16"),
     ("batch-stream", batch({"messages": [USER], "stream": True}), "body.stream", "streaming is not supported"),
     ("batch-temp", batch({"messages": [USER], "temperature": 3}), "body.temperature", "got 3"),
     ("messages-type", chat("hi"), "messages", "must be an array of messages, got a string"),
@@ -243,7 +245,7 @@ BAD_LINES: list[tuple[str, str | bytes, str | None, str]] = [
     ("seed-float", ok({"seed": 1.0}), "seed", "must be an integer, got 1.0"),
     ("seed-negative", ok({"seed": -1}), "seed", "must be at least 0"),
     ("seed-huge", ok({"seed": 2**32}), "seed", "must be at most 4294967295"),
-    ("n", ok({"n": 3}), "n", "n=3 is not supported: one completion per line"),
+    ("n", ok({"n": 99}), "n", "must be at most 16"),
     ("n-zero", ok({"n": 0}), "n", "must be at least 1"),
     ("stream", ok({"stream": True}), "stream", "streaming is not supported in batch jobs"),
     ("stream-type", ok({"stream": "yes"}), "stream", "must be true or false, got a string"),

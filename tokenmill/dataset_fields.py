@@ -145,13 +145,7 @@ def sampling_overrides(src: Mapping[str, Any], prefix: str = "") -> dict[str, An
 
 
 def _refuse_unsupported(src: Mapping[str, Any], prefix: str) -> None:
-    """Silently answering one completion where n were asked for would look like success; refuse instead."""
-    n = src.get("n")
-    if n is not None and integer(n, prefix + "n", 1, MAX_TOKENS_LIMIT) > 1:
-        raise FieldError(
-            f"n={n} is not supported: one completion per line (repeat the line with another custom_id)",
-            prefix + "n",
-        )
+    """Streaming has no meaning in a batch job; refuse it rather than answer in another shape."""
     stream = src.get("stream")
     if stream is True:
         raise FieldError("streaming is not supported in batch jobs; remove it", prefix + "stream")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tokenmill import dataset_fields as fields
+from tokenmill import request_contract as contract
 from tokenmill.dataset_fields import FieldError, Template, compile_template, describe, show
 from tokenmill.errors import DatasetError, UsageError
 from tokenmill.rows import CHAT, COMPLETIONS, EMBEDDINGS, GENERATION_ENDPOINTS, DatasetRow, SamplingParams
@@ -68,19 +69,26 @@ def read_dataset(
     text_field: str | None = None,
     defaults: SamplingParams | None = None,
     skip_invalid: bool = False,
+    ignored: contract.Ignored | None = None,
+    line_model: contract.LineModel | None = None,
 ) -> Iterator[DatasetRow | InvalidLine]:
     """Yield rows of a JSONL file in order. Raises DatasetError on the first bad line unless skip_invalid.
 
     File-level problems (missing, unreadable, binary, empty) and a bad template are raised at call time,
     not at the first ``next()``, so a caller fails before it has started anything. With a template or
     ``text_field`` the object is data, not a request: its sampling-looking keys are ignored and every row
-    gets ``defaults``. With both, ``{text}`` in the template reads ``text_field``.
+    gets ``defaults``. With both, ``{text}`` in the template reads ``text_field``. A request field
+    tokenmill does not know is a line error, unless ``ignored`` is given: then it is counted there.
     """
     name = str(path)
     if text_field is not None and not text_field:
         raise UsageError("--field needs a field name")
     builder = _RowBuilder(
-        compile_template(template) if template is not None else None, text_field, defaults or SamplingParams()
+        compile_template(template) if template is not None else None,
+        text_field,
+        defaults or SamplingParams(),
+        ignored,
+        line_model,
     )
     _check_file(Path(path), name)
     return _rows(Path(path), name, builder, skip_invalid)
@@ -220,7 +228,16 @@ _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # json.loads with 
 class _RowBuilder:
     """Turns one parsed object into a row; all choices that depend on the read options live here."""
 
-    def __init__(self, template: Template | None, text_field: str | None, defaults: SamplingParams) -> None:
+    def __init__(
+        self,
+        template: Template | None,
+        text_field: str | None,
+        defaults: SamplingParams,
+        ignored: contract.Ignored | None = None,
+        line_model: contract.LineModel | None = None,
+    ) -> None:
+        self.ignored = ignored
+        self.line_model = line_model
         self.template = template
         self.text_field = text_field
         self.defaults = defaults
@@ -240,20 +257,31 @@ class _RowBuilder:
         if "messages" in obj and "prompt" in obj:
             raise FieldError("has both 'messages' and 'prompt'; keep one")
         if "messages" in obj:
+            self._check_fields(obj, CHAT, "", line, plain=True)
             chat = fields.messages(obj["messages"], "messages")
-            return DatasetRow(line, custom_id, CHAT, messages=chat, params=self._params(obj, ""))
+            return DatasetRow(line, custom_id, CHAT, messages=chat, params=self._params(obj, "", CHAT))
         if "prompt" in obj:
+            self._check_fields(obj, COMPLETIONS, "", line, plain=True)
             text = fields.prompt(obj["prompt"], "prompt")
-            return DatasetRow(line, custom_id, COMPLETIONS, prompt=text, params=self._params(obj, ""))
+            return DatasetRow(line, custom_id, COMPLETIONS, prompt=text, params=self._params(obj, "", COMPLETIONS))
         keys = ", ".join(show(k, 30) for k in list(obj)[:6]) or "none"
         raise FieldError(
             "no 'messages', 'prompt' or 'body' — use --template or --field to build prompts from other fields"
             f" (keys: {keys})"
         )
 
-    def _params(self, src: dict[str, Any], prefix: str) -> SamplingParams:
+    def _check_fields(self, src: dict[str, Any], endpoint: str, prefix: str, line: int, *, plain: bool) -> None:
+        if self.line_model is not None:
+            self.line_model.check(src, prefix)
+        for key in contract.unknown_fields(src, endpoint, prefix, plain=plain):
+            if self.ignored is None:
+                raise contract.unknown_error(key, prefix)
+            self.ignored.add(prefix + key, line)
+
+    def _params(self, src: dict[str, Any], prefix: str, endpoint: str) -> SamplingParams:
         """Rows of one file mostly set the same few parameters: build each distinct set once."""
         overrides = fields.sampling_overrides(src, prefix)
+        overrides.update(contract.extra_overrides(src, endpoint, prefix))
         if not overrides:
             return self.defaults
         key = tuple(overrides.items())
@@ -296,12 +324,14 @@ class _RowBuilder:
         if url == CHAT:
             if "messages" not in body:
                 raise FieldError(f"missing ({CHAT} needs messages)", "body.messages")
+            self._check_fields(body, CHAT, "body.", line, plain=False)
             chat = fields.messages(body["messages"], "body.messages")
-            return DatasetRow(line, custom_id, CHAT, messages=chat, params=self._params(body, "body."))
+            return DatasetRow(line, custom_id, CHAT, messages=chat, params=self._params(body, "body.", CHAT))
         if "prompt" not in body:
             raise FieldError(f"missing ({COMPLETIONS} needs a prompt)", "body.prompt")
+        self._check_fields(body, COMPLETIONS, "body.", line, plain=False)
         text = fields.prompt(body["prompt"], "body.prompt")
-        return DatasetRow(line, custom_id, COMPLETIONS, prompt=text, params=self._params(body, "body."))
+        return DatasetRow(line, custom_id, COMPLETIONS, prompt=text, params=self._params(body, "body.", COMPLETIONS))
 
 
 

@@ -16,6 +16,18 @@ from tokenmill.rows import DatasetRow
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability and the best alternatives, as token ids (the output layer
+    spells them), from the log-softmax of the model's logits at that step."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+    piece: bytes = b""
+    top_pieces: list[bytes] = field(default_factory=list)
+
+
+@dataclass
 class Generation:
     """One finished sequence with the timings a person compares across runs (Ollama/llama-server names)."""
 
@@ -29,6 +41,8 @@ class Generation:
     eval_ms: float = 0.0
     total_ms: float = 0.0
     token_ms: list[float] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # only when the row asked for them
+    choices: list[Generation] | None = None  # n > 1: every choice, in order (this one's text is choice 0)
 
     @property
     def reused_prompt_tokens(self) -> int:

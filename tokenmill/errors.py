@@ -86,7 +86,11 @@ class NoResultsYet(StoreError):
     """The job exists but no row has finished, so a report has nothing to measure yet."""
 
 
-class RequestTooLong(TokenmillError):
+class RowRefused(TokenmillError):
+    """The engine cannot serve a row as it was asked (retrying cannot help); the row fails, the job goes on."""
+
+
+class RequestTooLong(RowRefused):
     """A single row cannot fit the model's context window; the row fails, the job goes on."""
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tokenmill.datasets import InvalidLine
-from tokenmill.engine import EmbeddingResult, Generation
+from tokenmill.engine import EmbeddingResult, Generation, TokenLogprob
 from tokenmill.errors import DatasetError
 from tokenmill.rows import CHAT, EMBEDDINGS, DatasetRow
 from tokenmill.store import Store
@@ -39,11 +39,12 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
             "model": variant,
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": gen.text},
-                    "finish_reason": gen.finish_reason,
-                    "logprobs": None,
+                    "index": i,
+                    "message": {"role": "assistant", "content": choice.text},
+                    "finish_reason": choice.finish_reason,
+                    "logprobs": chat_logprobs(choice.logprobs),
                 }
+                for i, choice in enumerate(gen.choices or [gen])
             ],
             "usage": usage,
         }
@@ -52,7 +53,10 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
         "object": "text_completion",
         "created": created,
         "model": variant,
-        "choices": [{"index": 0, "text": gen.text, "finish_reason": gen.finish_reason, "logprobs": None}],
+        "choices": [
+            {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": completion_logprobs(c)}
+            for i, c in enumerate(gen.choices or [gen])
+        ],
         "usage": usage,
     }
 
@@ -76,6 +80,47 @@ def embeddings_body(row: DatasetRow, result: Generation, variant: str) -> dict[s
 
 def encode_base64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def _spell(piece: bytes) -> str:
+    """A token as text; a token ending inside a multi-byte character shows its bytes as escapes."""
+    return piece.decode("utf-8", errors="backslashreplace")
+
+
+def chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """``choices[i].logprobs`` of a chat completion: one entry per token, ``bytes`` its UTF-8 bytes."""
+    if items is None:
+        return None
+    content = []
+    for item in items:
+        tops = [
+            {"token": _spell(piece), "logprob": lp, "bytes": list(piece)}
+            for piece, (_, lp) in zip(item.top_pieces, item.top, strict=True)
+        ]
+        content.append(
+            {"token": _spell(item.piece), "logprob": item.logprob, "bytes": list(item.piece), "top_logprobs": tops}
+        )
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(gen: Generation) -> dict[str, Any] | None:
+    """The legacy completions shape: parallel lists, ``top_logprobs`` as token → logprob maps."""
+    if gen.logprobs is None:
+        return None
+    tokens, offsets, tops = [], [], []
+    offset = 0
+    for item in gen.logprobs:
+        text = _spell(item.piece)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(item.piece.decode("utf-8", errors="ignore"))
+        tops.append({_spell(p): lp for p, (_, lp) in zip(item.top_pieces, item.top, strict=True)})
+    return {
+        "tokens": tokens,
+        "token_logprobs": [item.logprob for item in gen.logprobs],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
 def timings(gen: Generation, *, queue_ms: float, load_ms: float) -> dict[str, Any]:

@@ -24,25 +24,58 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # The rest of the OpenAI contract (see README "Request fields"). Stored only when set, so payloads
+    # and cache keys written before these existed load and hash exactly as they did.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # llama.cpp/vLLM multiplicative penalty; 1.0 is off
+    top_k: int = 0  # 0 is off
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) sorted by token id
+    logprobs: int | None = None  # alternatives per token to report; None: no logprobs
+    grammar: str | None = None  # GBNF constraining decoding (from response_format or `grammar`)
+    n: int = 1
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "stop": list(self.stop),
             "seed": self.seed,
         }
+        for name, default in _EXTRA_DEFAULTS.items():
+            value = getattr(self, name)
+            if value != default:
+                out[name] = [list(pair) for pair in value] if name == "logit_bias" else value
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SamplingParams:
+        extras = {k: data[k] for k in _EXTRA_DEFAULTS if data.get(k) is not None}
+        if "logit_bias" in extras:
+            extras["logit_bias"] = tuple((int(t), float(b)) for t, b in extras["logit_bias"])
         return cls(
             max_tokens=int(data["max_tokens"]),
             temperature=float(data["temperature"]),
             top_p=float(data["top_p"]),
             stop=tuple(data.get("stop") or ()),
             seed=data.get("seed"),
+            **extras,
         )
+
+
+_EXTRA_DEFAULTS: dict[str, Any] = {
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "logit_bias": (),
+    "logprobs": None,
+    "grammar": None,
+    "n": 1,
+}
 
 
 @dataclass(frozen=True)

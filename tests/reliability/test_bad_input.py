@@ -68,7 +68,7 @@ CASES = [
         3,
         ("duplicate",),
     ),
-    Case("unsupported-endpoint", (GOOD + batch(url="/v1/embeddings")).encode(), 3, 2, ("url",)),
+    Case("unsupported-endpoint", (GOOD + batch(url="/v1/moderations")).encode(), 3, 2, ("url",)),
     Case("unsupported-method", (GOOD + batch(method="GET")).encode(), 3, 2, ("method",)),
     Case("invalid-utf8", GOOD.encode() + b'{"prompt": "\xff\xfe"}\n', 3, 2, ("utf-8",)),
     Case("binary-file", b"\x00\x01\x02\x03" * 64, 3, None, ("binary",)),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from sqlalchemy import select
 
 from tokenmill.rows import COMPLETIONS, DatasetRow, SamplingParams
@@ -17,16 +16,6 @@ def _rows(sizes: list[int]) -> list[DatasetRow]:
         DatasetRow(i + 1, f"r{i}", COMPLETIONS, prompt="x" * n, params=SamplingParams(max_tokens=4))
         for i, n in enumerate(sizes)
     ]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def any_store(request: pytest.FixtureRequest, store: Store) -> Store:
-    if request.param == "sqlite":
-        return store
-    pg = Store(request.getfixturevalue("pg_url"))
-    pg.migrate()
-    request.addfinalizer(pg.dispose)
-    return pg
 
 
 def test_chunks_are_cut_by_prompt_bytes_as_well_as_rows(any_store: Store) -> None:

@@ -23,16 +23,6 @@ SKEW = 300.0  # five minutes either way
 REAL_TIME: Callable[[], float] = time.time
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def any_store(request: pytest.FixtureRequest, store: Store) -> Store:
-    if request.param == "sqlite":
-        return store
-    pg = Store(request.getfixturevalue("pg_url"))
-    pg.migrate()
-    request.addfinalizer(pg.dispose)
-    return pg
-
-
 @contextmanager
 def host_clock(monkeypatch: pytest.MonkeyPatch, offset: float) -> Iterator[None]:
     """Run the block as a host whose clock is ``offset`` seconds off."""

@@ -36,16 +36,6 @@ def make_job(store: Store, n: int = 10, chunk_size: int = 4) -> str:
         return job.id
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def any_store(request: pytest.FixtureRequest, store: Store) -> Store:
-    if request.param == "sqlite":
-        return store
-    pg = Store(request.getfixturevalue("pg_url"))
-    pg.migrate()
-    request.addfinalizer(pg.dispose)
-    return pg
-
-
 def test_ingest_cuts_chunks_and_round_trips_rows(any_store: Store) -> None:
     job_id = make_job(any_store, n=10, chunk_size=4)
     with any_store.session() as s:

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from tokenmill.cli.common import add_id_column, console, open_store, out, print_plain, settings_from
 from tokenmill.cli.options import (
-    DEFAULT_MODEL,
+    AllowUnknownOpt,
     ChunkOpt,
     DatasetArg,
     DeadlineOpt,
@@ -33,12 +33,13 @@ from tokenmill.cli.options import (
     TokenBudgetOpt,
     build_submission,
     prefer_value,
+    print_ignored,
 )
 from tokenmill.cli.planning import JobChoice, choose_for_job, deadline_note, live_fleet
 from tokenmill.config import Settings
 from tokenmill.errors import DatasetError, JobIncomplete, UsageError
 from tokenmill.output import export
-from tokenmill.scheduler.submit import model_route, submit_dataset
+from tokenmill.scheduler.submit import choose_model, model_route, submit_dataset
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
@@ -49,7 +50,7 @@ from tokenmill.workers.capacity import detect
 def submit_cmd(
     ctx: typer.Context,
     path: DatasetArg,
-    model: ModelOpt = DEFAULT_MODEL,
+    model: ModelOpt = None,
     template: TemplateOpt = None,
     field: FieldOpt = None,
     max_tokens: MaxTokensOpt = None,
@@ -62,16 +63,18 @@ def submit_cmd(
     ab: Annotated[str | None, typer.Option("--ab", help="Run every row on two variants: VARIANT_A,VARIANT_B")] = None,
     prefer: PreferOpt = PreferChoice.balanced,
     deadline: DeadlineOpt = None,
+    allow_unknown_fields: AllowUnknownOpt = False,
 ) -> None:
     """Store a dataset as a job for the fleet; prints the job id on the last line.
 
     Example: tokenmill submit docs.jsonl --model smollm2-135m-instruct --chunk-size 32
     """
     settings = settings_from(ctx)
+    model, model_source = choose_model(path, model)
     sub = build_submission(
         path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
-        settings.models_dir,
-    )
+        settings.models_dir, allow_unknown_fields, model_source,
+    )  # fmt: skip
     pins = _ab_pins(model, ab)
     for pin in pins:
         model_route(pin or model, settings.models_dir)
@@ -80,7 +83,9 @@ def submit_cmd(
     store = open_store(settings)
     choice = JobChoice(None, None)
     if ab is None:
-        choice = choose_for_job(settings, sub, prefer_value(prefer), deadline, live_fleet(store, settings, detect()))
+        choice = choose_for_job(
+            settings, sub, prefer_value(prefer), deadline, lambda: live_fleet(store, settings, detect())
+        )
         pins = [choice.pin]
         if choice.pin:
             _warn_if_unserved(store, settings, choice.pin)
@@ -94,6 +99,7 @@ def submit_cmd(
         )
         ids.append(job_id)
     skipped = f", {invalid} invalid lines skipped" + (f" → {errors}" if errors else "") if invalid else ""
+    print_ignored(sub)
     console.print(f"{rows} rows stored" + (f" twice (A/B group {group})" if group else "") + skipped)
     for job_id in ids:
         print_plain(job_id)

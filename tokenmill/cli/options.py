@@ -14,14 +14,24 @@ import typer
 
 from tokenmill.models.sizing import Prefer
 from tokenmill.rows import SamplingParams
+from tokenmill.scheduler.submit import DEFAULT_MODEL as SUBMIT_DEFAULT_MODEL
 from tokenmill.scheduler.submit import Submission
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = SUBMIT_DEFAULT_MODEL
 
 DatasetArg = Annotated[Path, typer.Argument(help="JSONL dataset (or a folder of .txt/.md with --template)")]
 JobArg = Annotated[str, typer.Argument(help="Job id (or a unique prefix)")]
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Catalog name[:variant] or path to a .gguf file")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Catalog name[:variant] or path to a .gguf file [default: the lines' body.model when it names a "
+        "catalog model, else smollm2-135m-instruct]",
+        show_default=False,
+    ),
+]
 TemplateOpt = Annotated[
     str | None, typer.Option(help="Prompt template with {field} placeholders, or a file holding one")
 ]
@@ -30,6 +40,10 @@ MaxTokensOpt = Annotated[int | None, typer.Option(help="Default max_tokens for l
 TemperatureOpt = Annotated[float | None, typer.Option(help="Default temperature for lines that set none")]
 ChunkOpt = Annotated[
     int | None, typer.Option(help="Rows per chunk, the unit a worker leases [default: from the data]", min=1)
+]
+AllowUnknownOpt = Annotated[
+    bool,
+    typer.Option(help="Ignore request fields tokenmill does not know (one warning per field) instead of failing"),
 ]
 SkipOpt = Annotated[bool, typer.Option(help="Run the valid lines; write bad ones to the errors file")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Generate even when an identical answer is stored")]
@@ -63,6 +77,8 @@ def build_submission(
     no_cache: bool,
     token_budget: int | None = None,
     models_dir: Path | None = None,
+    allow_unknown_fields: bool = False,
+    model_source: str = "--model",
 ) -> Submission:
     """The dataset options of `run` and `submit` as one Submission: an unset --max-tokens/--temperature
     falls back to SamplingParams' own default, so both commands store the same job for the same flags."""
@@ -82,6 +98,8 @@ def build_submission(
         no_cache=no_cache,
         token_budget=token_budget,
         models_dir=models_dir,
+        allow_unknown_fields=allow_unknown_fields,
+        model_source=model_source,
     )
 
 
@@ -104,3 +122,11 @@ DeadlineOpt = Annotated[
 
 def prefer_value(choice: PreferChoice) -> Prefer:
     return choice.value
+
+
+def print_ignored(sub: Submission) -> None:
+    """One warning per unknown field name let through by --allow-unknown-fields (data, so no markup)."""
+    from tokenmill.cli.common import console
+
+    for warning in sub.ignored.warnings():
+        console.print(f"warning: {warning}", markup=False, highlight=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,12 +59,13 @@ def choose_for_job(
     sub: Submission,
     prefer: Prefer,
     deadline_text: str | None,
-    fleet: list[FleetMember],
+    fleet_of: Callable[[], list[FleetMember]],
     *,
     sources: tuple[str, ...] = ("local", "registry", "hub"),
 ) -> JobChoice:
     """The pin (and deadline) `--prefer`/`--deadline` give a job; no pin when the model names a variant
-    or a file, or when neither flag asks for one. ``sources``: where the variants may come from (`run`
+    or a file, or when neither flag asks for one. ``fleet_of`` is asked only when a plan needs the fleet
+    (it probes this host or reads the live workers). ``sources``: where the variants may come from (`run`
     pins only what this host has or a package registry gives: a pinned variant does not fall back)."""
     if deadline_text is None and prefer == "balanced":
         return JobChoice(None, None)
@@ -74,6 +76,7 @@ def choose_for_job(
     catalog = catalog_with_local(settings.models_dir)
     family = get_family(parse_model_ref(sub.model, catalog)[0], catalog)
     can_get = obtainable_predicate(settings.models_dir, sources=sources)
+    fleet = fleet_of()
     if deadline_text is None:
         return JobChoice(_preferred(family, prefer, fleet, can_get), None)
     deadline = parse_deadline(deadline_text)

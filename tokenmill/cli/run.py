@@ -17,7 +17,7 @@ from tokenmill.cache import close_answered_chunks, prefill
 from tokenmill.celery_app import check_broker, make_app
 from tokenmill.cli.common import console, default_output, open_store, out, settings_from
 from tokenmill.cli.options import (
-    DEFAULT_MODEL,
+    AllowUnknownOpt,
     ChunkOpt,
     DatasetArg,
     DeadlineOpt,
@@ -35,6 +35,7 @@ from tokenmill.cli.options import (
     TokenBudgetOpt,
     build_submission,
     prefer_value,
+    print_ignored,
 )
 from tokenmill.cli.phases import Phases
 from tokenmill.cli.planning import choose_for_job, this_host
@@ -42,7 +43,15 @@ from tokenmill.cli.startup import FleetStarter
 from tokenmill.errors import DatasetError, JobIncomplete, ModelError
 from tokenmill.output import export, read_skipped
 from tokenmill.scheduler.dispatch import Dispatcher
-from tokenmill.scheduler.submit import Submission, auto_chunk_size, job_key, model_route, submit_dataset
+from tokenmill.scheduler.plan import FleetMember
+from tokenmill.scheduler.submit import (
+    Submission,
+    auto_chunk_size,
+    choose_model,
+    job_key,
+    model_route,
+    submit_dataset,
+)
 from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
@@ -55,7 +64,7 @@ from tokenmill.workers.selection import WorkerOptions, select_model
 def run_cmd(
     ctx: typer.Context,
     path: DatasetArg,
-    model: ModelOpt = DEFAULT_MODEL,
+    model: ModelOpt = None,
     output: OutputOpt = None,
     errors: FailedRowsOpt = None,
     template: TemplateOpt = None,
@@ -71,18 +80,20 @@ def run_cmd(
     token_budget: TokenBudgetOpt = None,
     prefer: PreferOpt = PreferChoice.balanced,
     deadline: DeadlineOpt = None,
+    allow_unknown_fields: AllowUnknownOpt = False,
 ) -> None:
     """Run a dataset end to end on this machine; the same command again resumes.
 
     Example: tokenmill run docs.jsonl --model smollm2-135m-instruct -o docs.results.jsonl
     """
     settings = settings_from(ctx)
+    model, model_source = choose_model(path, model)
     count, each = default_worker_count()
     count = workers or count
     sub = build_submission(
         path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
-        settings.models_dir,
-    )
+        settings.models_dir, allow_unknown_fields, model_source,
+    )  # fmt: skip
     output = output or default_output(path, "results")
     errors = errors or default_output(path, "errors")
     model_route(model, settings.models_dir)
@@ -94,7 +105,9 @@ def run_cmd(
     started = time.monotonic()
     phases = Phases()
     pref = prefer_value(prefer)
-    here = this_host(settings, detect(), count, threads or each)
+    def here() -> list[FleetMember]:
+        return this_host(settings, detect(), count, threads or each)
+
     choice = choose_for_job(settings, sub, pref, deadline, here, sources=("local", "registry"))
     if choice.pin:
         sub = replace(sub, model=choice.pin)
@@ -117,7 +130,7 @@ def run_cmd(
     if not fleet_needed:
         _stop_fleet(store, fleet, finished=True)
     _drive(store, Dispatcher(store, app_, settings), job_id, fleet if fleet_needed else None)
-    _finish(store, job_id, output, errors, skipped, time.monotonic() - started, phases)
+    _finish(store, job_id, output, errors, skipped, time.monotonic() - started, sub, phases)
 
 
 def register(app: typer.Typer) -> None:
@@ -142,6 +155,7 @@ def _resume_or_submit(
         store, sub, errors_out=skipped, chunk_size=local_chunks, deadline=deadline
     )
     console.print(f"job {job_id}: {rows} rows" + (f", {invalid} invalid lines → {errors}" if invalid else ""))
+    print_ignored(sub)
     return job_id
 
 
@@ -183,7 +197,9 @@ def _stop_fleet(store: Store, fleet: LocalFleet, *, finished: bool) -> None:
         store_workers.mark_stopped(s, socket.gethostname(), killed)
 
 
-def _finish(store: Store, job_id: str, output: Path, errors: Path, skipped: Path, wall: float, phases: Phases) -> None:
+def _finish(
+    store: Store, job_id: str, output: Path, errors: Path, skipped: Path, wall: float, sub: Submission, phases: Phases
+) -> None:
     """Write the outputs (failed rows and skipped lines together in ``errors``) and the summary; exit 7
     when not every line was answered."""
     ok, bad = export(store, job_id, output, errors, skipped=skipped)
@@ -193,7 +209,7 @@ def _finish(store: Store, job_id: str, output: Path, errors: Path, skipped: Path
         prog = store_jobs.progress(s, job)
         timeline = phases.line(leases.first_claimed_at(s, job_id), job.finished_at)
     info = {**prog.to_json(), "phases": timeline}
-    _summary(info, wall, output, errors if bad or n_skipped else None, n_skipped)
+    _summary(info, wall, output, errors if bad or n_skipped else None, sub, n_skipped)
     if bad or n_skipped:
         what = [f"{bad} of {ok + bad} rows failed"] if bad else []
         what += [f"{n_skipped} invalid lines skipped"] if n_skipped else []
@@ -227,7 +243,9 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
             time.sleep(0.25)
 
 
-def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | None, skipped: int = 0) -> None:
+def _summary(
+    info: dict[str, object], wall: float, output: Path, errors: Path | None, sub: Submission, skipped: int = 0
+) -> None:
     table = Table(title="tokenmill run", show_header=False)
     table.add_row("job", str(info["job"]))
     table.add_row("state", str(info["state"]))
@@ -243,4 +261,8 @@ def _summary(info: dict[str, object], wall: float, output: Path, errors: Path | 
     table.add_row("results", str(output))
     if errors:
         table.add_row("errors", str(errors))
+    if sub.ignored.total:
+        names = len(sub.ignored.lines)
+        plural = "s" * (names != 1)
+        table.add_row("ignored fields", f"{names} unknown field name{plural} on {sub.ignored.total} lines")
     out.print(table)

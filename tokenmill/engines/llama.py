@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenmill.engine import Generation, OnDone
+from tokenmill.engine import Generation, OnDone, TokenLogprob
 from tokenmill.engines import llama_guard
+from tokenmill.engines.choices import ChoiceMerger
 from tokenmill.engines.llama_embed import LlamaEmbedder
 from tokenmill.engines.prefix import best_shared_prefix, common_prefix_len
-from tokenmill.engines.sampling import TextAccumulator, make_sampler
-from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong
+from tokenmill.engines.sampling import RowSampler, TextAccumulator
+from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong, RowRefused
 from tokenmill.rows import CHAT, EMBEDDINGS, DatasetRow
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class _Seq:
     row: DatasetRow
     prompt: list[int]
     max_tokens: int
-    sampler: Any
+    sampler: RowSampler | None
     text: TextAccumulator
     cached: int
     n_past: int
@@ -127,6 +128,7 @@ class LlamaEngine:
             prefix_cache = False  # recurrent state cannot be cut back to a prefix
         self.prefix_cache = prefix_cache
         self._vocab = L.llama_model_get_vocab(self._model)
+        self._n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
         self.n_ctx = min(n_ctx_per_seq, int(L.llama_model_n_ctx_train(self._model)) or n_ctx_per_seq)
         self._prefix_seq = n_seq if prefix_cache else -1
         n_streams = n_seq + (1 if prefix_cache else 0)
@@ -172,17 +174,17 @@ class LlamaEngine:
 
     # -- tokens and prompts ------------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
-        """Tokens of ``text`` with special-token markup parsed, as llama-cpp-python does for prompts."""
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Tokens of ``text``; ``parse_special`` turns markup such as ``<|im_start|>`` into control tokens."""
         L = self._L
         data = text.encode("utf-8")
         size = len(data) + 8
         buf = (L.llama_token * size)()
-        n = L.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, True)
+        n = L.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, parse_special)
         if n < 0:
             size = -n
             buf = (L.llama_token * size)()
-            n = L.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, True)
+            n = L.llama_tokenize(self._vocab, data, len(data), buf, size, add_special, parse_special)
         return list(buf[:n])
 
     def count_tokens(self, text: str) -> int:
@@ -192,13 +194,42 @@ class LlamaEngine:
     def format_prompt(self, row: DatasetRow) -> list[int]:
         """The prompt tokens of a row exactly as ``create_chat_completion``/``create_completion`` build them."""
         if row.endpoint == CHAT:
-            text = self._chat_formatter()(messages=[dict(m) for m in row.messages or ()]).prompt
-            return self.tokenize(text)
+            return self._chat_tokens([dict(m) for m in row.messages or ()])
         prompt = row.prompt or ""
         tokens = self._prompt_head + (self.tokenize(prompt) if prompt else []) + self._prompt_tail
         if not tokens and self._bos == -1:
             raise ValueError("the prompt is empty and the model has no BOS token to start from")
         return tokens or [self._bos]
+
+    def _chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat prompt with only the template's own markup special: user text never becomes control tokens.
+
+        The template is rendered with a placeholder per message content; the markup between placeholders
+        is tokenized with special tokens parsed, each content as plain text. Where the template changes a
+        content (drops a placeholder) the real rendering is tokenized as a whole, which is safe only if no
+        content holds control-token markup; such a row is refused rather than given injected turns.
+        """
+        formatter = self._chat_formatter()
+        marks = [f"\x00tm-content-{i}\x00" for i in range(len(messages))]
+        masked = formatter(messages=[{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]).prompt
+        tokens: list[int] = []
+        rest = masked
+        for mark, message in zip(marks, messages, strict=True):
+            head, found, rest = rest.partition(mark)
+            if not found:
+                return self._whole_chat_tokens(formatter, messages)
+            tokens += self.tokenize(head) if head else []
+            tokens += self.tokenize(message["content"], parse_special=False) if message["content"] else []
+        return tokens + (self.tokenize(rest) if rest else [])
+
+    def _whole_chat_tokens(self, formatter: Any, messages: list[dict[str, str]]) -> list[int]:
+        for message in messages:
+            text = message["content"]
+            if text and self.tokenize(text) != self.tokenize(text, parse_special=False):
+                raise RowRefused(
+                    "a message holds control-token markup and this model's chat template rewrites contents"
+                )
+        return list(self.tokenize(formatter(messages=messages).prompt))
 
     def _chat_formatter(self) -> Any:
         if self._formatter is None:
@@ -247,10 +278,13 @@ class LlamaEngine:
         Rows are tokenized up front so the shared prefix can be chosen over the whole call; a row that
         fails to format (or is too long) is reported when its turn to be admitted comes, so a stop
         request leaves later rows unreported. The prefix's own evaluation is not charged to any row.
+        A row asking for ``n`` choices runs as n sibling sequences (see :mod:`.choices`).
         """
         if any(row.endpoint == EMBEDDINGS for row in rows):
             self._embed([r for r in rows if r.endpoint == EMBEDDINGS], on_done, should_stop)
             rows = [r for r in rows if r.endpoint != EMBEDDINGS]
+        merger = ChoiceMerger(rows, on_done)
+        rows, on_done = merger.rows, merger.done
         prepared: deque[tuple[DatasetRow, list[int] | Exception]] = deque()
         for row in rows:
             try:
@@ -344,7 +378,7 @@ class LlamaEngine:
             row=row,
             prompt=tokens,
             max_tokens=max_tokens,
-            sampler=make_sampler(self._L, params),
+            sampler=RowSampler(self._L, self._vocab, params, self._n_vocab),
             text=text,
             cached=cached,
             n_past=cached,
@@ -418,7 +452,8 @@ class LlamaEngine:
         """Sample the sequence's next token; a Generation when the row is finished, else None."""
         if seq.n_generated == 0:
             seq.prompt_eval_ms = (now - seq.admitted) * 1000.0
-        token = int(self._L.llama_sampler_sample(seq.sampler, self._ctx, seq.out_idx))
+        assert seq.sampler is not None
+        token = seq.sampler.sample(self._ctx, seq.out_idx)
         now = time.perf_counter()
         if self._is_eog(token):
             return self._finish(seq, "stop", now)
@@ -447,12 +482,28 @@ class LlamaEngine:
             eval_ms=(seq.last_token_at - seq.first_token_at) * 1000.0 if seq.n_generated else 0.0,
             total_ms=(now - seq.admitted) * 1000.0,
             token_ms=seq.token_ms,
+            logprobs=self._kept_logprobs(seq),
         )
+
+    def _kept_logprobs(self, seq: _Seq) -> list[TokenLogprob] | None:
+        """Logprobs of the tokens that spell the returned text: not the end token, not past a stop string."""
+        if seq.sampler is None or seq.sampler.logprobs is None:
+            return None
+        keep = len(seq.text.kept_bytes())
+        out, offset = [], 0
+        for item in seq.sampler.logprobs[: seq.n_generated]:
+            if offset >= keep:
+                break
+            item.piece = self._piece(item.token)
+            item.top_pieces = [self._piece(t) for t, _ in item.top]
+            offset += len(item.piece)
+            out.append(item)
+        return out
 
     def _release(self, seq: _Seq) -> None:
         self._L.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
-        if seq.sampler:
-            self._L.llama_sampler_free(seq.sampler)
+        if seq.sampler is not None:
+            seq.sampler.free()
             seq.sampler = None
 
     def _set_prefix(self, prefix: list[int]) -> None:

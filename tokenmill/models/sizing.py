@@ -194,76 +194,107 @@ def choose_variant(
     if prefer not in PREFERENCES:
         raise ValueError(f"prefer must be one of {', '.join(PREFERENCES)} (got {prefer!r})")
     fam = family if isinstance(family, Family) else get_family(family)
-    budget = _budget(capacity, share, gpu_index)
-    if pinned is not None:
-        candidates: Sequence[Variant] = [fam.variant(pinned)]
-        if obtainable is not None and not obtainable(candidates[0]):
-            raise ModelLoadError(f"pinned variant {candidates[0].label} cannot be obtained on {capacity.hostname}")
-    else:
-        candidates = [v for v in fam.variants if obtainable is None or obtainable(v)]
-        if not candidates:
-            raise ModelLoadError(f"no variant of {fam.name} can be obtained on {capacity.hostname} "
-                                 f"(catalog variants: {', '.join(fam.quants)})")
-    estimates = {v.quant: estimate_memory(v, n_ctx, n_seq, family=fam) for v in candidates}
+    candidates = _candidates(fam, capacity, pinned, obtainable)
     note = "" if pinned is not None or prefer == "quality" else f" [prefer {prefer}]"
-
-    def make(v: Variant, device: Device, layers: int, reason: str) -> Choice:
-        return Choice(v, device, layers, budget.threads, estimates[v.quant], f"{v.quant}: {reason}{note}",
-                      n_ctx, n_seq, budget.gpu.index if device == "cuda" and budget.gpu else None)
-
-    gpu = budget.gpu
-    if pinned is None and gpu is not None and prefer == "balanced":
-        fits = [v for v in candidates if estimates[v.quant].total_bytes <= budget.vram]
-        picked = _balanced_gpu(fits)
+    c = _Chooser(fam, capacity, _budget(capacity, share, gpu_index), candidates, n_ctx, n_seq, note)
+    if pinned is None and prefer == "balanced":
+        picked = c.balanced_gpu()
         if picked is not None:
-            where = f"{fmt_bytes(budget.vram)} usable VRAM on GPU{gpu.index} {gpu.name}"
-            return make(picked, "cuda", -1, f"{estimates[picked.quant].describe()} fits {where} (full offload; "
-                                            "the best quality within 25 % of the fastest that fits)")
-    if pinned is None:
-        candidates = order_candidates(candidates, prefer)
-    if gpu is not None:
-        where = f"{fmt_bytes(budget.vram)} usable VRAM on GPU{gpu.index} {gpu.name}"
-        for v in candidates:
-            est = estimates[v.quant]
-            if est.total_bytes <= budget.vram:
-                return make(v, "cuda", -1, f"{est.describe()} fits {where} (full offload)")
-        need = math.ceil(MIN_OFFLOAD_FRACTION * fam.n_layers)
-        for v in candidates:
-            k, gpu_bytes, ram_bytes = _split(fam, v, estimates[v.quant], budget.vram)
-            if k >= need and ram_bytes <= budget.ram:
-                return make(v, "cuda", k, f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on {where}, "
-                                          f"rest ({fmt_bytes(ram_bytes)}) in {budget.ram_note} (partial offload)")
-
-    skipped_for_cpu = []
-    # The cap only steers the choice: a family published at f16 alone (small embedding models) still runs.
-    if cpu_max_bpw is not None and not any(v.bits_per_weight <= cpu_max_bpw for v in candidates):
+            return picked
+    ordered = candidates if pinned is not None else order_candidates(candidates, prefer)
+    # The CPU cap only steers the choice: a family published at f16 alone (small embedding models) still runs.
+    if cpu_max_bpw is not None and (pinned is not None or not any(v.bits_per_weight <= cpu_max_bpw for v in ordered)):
         cpu_max_bpw = None
-    for v in candidates:
-        if pinned is None and cpu_max_bpw is not None and v.bits_per_weight > cpu_max_bpw:
-            skipped_for_cpu.append(v.quant)
-            continue
-        est = estimates[v.quant]
-        if gpu is not None:
-            k, gpu_bytes, ram_bytes = _split(fam, v, est, budget.vram)
-            if k >= 1 and ram_bytes <= budget.ram:
-                return make(v, "cuda", k, f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on GPU{gpu.index} "
-                                          f"{gpu.name}, rest ({fmt_bytes(ram_bytes)}) in {budget.ram_note} "
-                                          f"(mostly CPU; {fmt_bytes(budget.vram)} usable VRAM)")
-        if est.total_bytes <= budget.ram:
-            why = _no_gpu_reason(capacity, gpu)
-            capped = f"; {'/'.join(skipped_for_cpu)} skipped on CPU" if skipped_for_cpu else ""
-            return make(v, "cpu", 0, f"{est.describe()} fits {budget.ram_note}, {budget.threads} threads "
-                                     f"({why}{capped})")
+    chosen = c.on_gpu(ordered) or c.on_cpu(ordered, cpu_max_bpw)
+    if chosen is None:
+        raise c.none_fits(pinned is not None)
+    return chosen
 
-    smallest = min(candidates, key=lambda v: estimates[v.quant].total_bytes)
-    est = estimates[smallest.quant]
-    what = (f"pinned variant {smallest.label}" if pinned
-            else f"no variant of {fam.name} fits; the smallest, {smallest.label},")
-    have = f"this worker has {budget.ram_note}"
-    if gpu is not None:
-        have += f" and {fmt_bytes(budget.vram)} usable VRAM on GPU{gpu.index} {gpu.name}"
-    raise ModelLoadError(f"{what} needs {est.describe()} at n_ctx={n_ctx} x {n_seq} sequences; {have}. "
-                         "Lower --n-ctx/--n-seq, pin a smaller variant, or run fewer workers on this host")
+
+def _candidates(fam: Family, capacity: Capacity, pinned: str | None, obtainable: Obtainable | None) -> list[Variant]:
+    if pinned is not None:
+        v = fam.variant(pinned)
+        if obtainable is not None and not obtainable(v):
+            raise ModelLoadError(f"pinned variant {v.label} cannot be obtained on {capacity.hostname}")
+        return [v]
+    candidates = [v for v in fam.variants if obtainable is None or obtainable(v)]
+    if not candidates:
+        raise ModelLoadError(f"no variant of {fam.name} can be obtained on {capacity.hostname} "
+                             f"(catalog variants: {', '.join(fam.quants)})")
+    return candidates
+
+
+class _Chooser:
+    """The fit rules of the module doc, each a method, over one family's candidates on one budget."""
+
+    def __init__(self, fam: Family, capacity: Capacity, budget: _Budget, candidates: Sequence[Variant],
+                 n_ctx: int, n_seq: int, note: str) -> None:
+        self.fam, self.capacity, self.budget = fam, capacity, budget
+        self.candidates, self.n_ctx, self.n_seq, self.note = candidates, n_ctx, n_seq, note
+        self.est = {v.quant: estimate_memory(v, n_ctx, n_seq, family=fam) for v in candidates}
+        gpu = budget.gpu
+        self.where = f"{fmt_bytes(budget.vram)} usable VRAM on GPU{gpu.index} {gpu.name}" if gpu else ""
+
+    def make(self, v: Variant, device: Device, layers: int, reason: str) -> Choice:
+        b = self.budget
+        return Choice(v, device, layers, b.threads, self.est[v.quant], f"{v.quant}: {reason}{self.note}",
+                      self.n_ctx, self.n_seq, b.gpu.index if device == "cuda" and b.gpu else None)
+
+    def balanced_gpu(self) -> Choice | None:
+        if self.budget.gpu is None:
+            return None
+        picked = _balanced_gpu([v for v in self.candidates if self.est[v.quant].total_bytes <= self.budget.vram])
+        if picked is None:
+            return None
+        return self.make(picked, "cuda", -1, f"{self.est[picked.quant].describe()} fits {self.where} (full "
+                                            "offload; the best quality within 25 % of the fastest that fits)")
+
+    def on_gpu(self, ordered: Sequence[Variant]) -> Choice | None:
+        """Full offload, else a partial offload that keeps at least half the layers on the GPU."""
+        b, fam = self.budget, self.fam
+        if b.gpu is None:
+            return None
+        for v in ordered:
+            if self.est[v.quant].total_bytes <= b.vram:
+                return self.make(v, "cuda", -1, f"{self.est[v.quant].describe()} fits {self.where} (full offload)")
+        need = math.ceil(MIN_OFFLOAD_FRACTION * fam.n_layers)
+        for v in ordered:
+            k, gpu_bytes, ram_bytes = _split(fam, v, self.est[v.quant], b.vram)
+            if k >= need and ram_bytes <= b.ram:
+                return self.make(v, "cuda", k, f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on {self.where}, "
+                                               f"rest ({fmt_bytes(ram_bytes)}) in {b.ram_note} (partial offload)")
+        return None
+
+    def on_cpu(self, ordered: Sequence[Variant], cpu_max_bpw: float | None) -> Choice | None:
+        """Mostly on the CPU (a few layers on a GPU when one is there), variants up to ``cpu_max_bpw``."""
+        b, fam, gpu = self.budget, self.fam, self.budget.gpu
+        skipped = [v.quant for v in ordered if cpu_max_bpw is not None and v.bits_per_weight > cpu_max_bpw]
+        for v in ordered:
+            if v.quant in skipped:
+                continue
+            est = self.est[v.quant]
+            if gpu is not None:
+                k, gpu_bytes, ram_bytes = _split(fam, v, est, b.vram)
+                if k >= 1 and ram_bytes <= b.ram:
+                    return self.make(v, "cuda", k, f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on "
+                                                   f"GPU{gpu.index} {gpu.name}, rest ({fmt_bytes(ram_bytes)}) in "
+                                                   f"{b.ram_note} (mostly CPU; {fmt_bytes(b.vram)} usable VRAM)")
+            if est.total_bytes <= b.ram:
+                why = _no_gpu_reason(self.capacity, gpu)
+                capped = f"; {'/'.join(skipped)} skipped on CPU" if skipped else ""
+                return self.make(v, "cpu", 0, f"{est.describe()} fits {b.ram_note}, {b.threads} threads "
+                                              f"({why}{capped})")
+        return None
+
+    def none_fits(self, pinned: bool) -> ModelLoadError:
+        smallest = min(self.candidates, key=lambda v: self.est[v.quant].total_bytes)
+        est, b = self.est[smallest.quant], self.budget
+        what = (f"pinned variant {smallest.label}" if pinned
+                else f"no variant of {self.fam.name} fits; the smallest, {smallest.label},")
+        have = f"this worker has {b.ram_note}" + (f" and {self.where}" if b.gpu is not None else "")
+        return ModelLoadError(f"{what} needs {est.describe()} at n_ctx={self.n_ctx} x {self.n_seq} sequences; "
+                              f"{have}. Lower --n-ctx/--n-seq, pin a smaller variant, or run fewer workers on "
+                              "this host")
 
 
 def order_candidates(candidates: Sequence[Variant], prefer: Prefer) -> list[Variant]:

@@ -9,13 +9,10 @@ from __future__ import annotations
 import difflib
 import heapq
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from tokenmill.store import Session
 from tokenmill.store import results as store_results
-
-if TYPE_CHECKING:
-    from tokenmill.report.data import JobReport
 
 PAGE = 2000
 MOST_DIFFERENT = 10
@@ -30,10 +27,20 @@ class ABRow:
     similarity: float
 
 
+class JobSide(Protocol):
+    """What the comparison needs of each side's report (the report module's JobReport)."""
+
+    @property
+    def job_id(self) -> str: ...
+
+
+R = TypeVar("R", bound=JobSide)
+
+
 @dataclass
-class ABReport:
-    a: JobReport
-    b: JobReport
+class ABReport(Generic[R]):
+    a: R
+    b: R
     compared: int
     exact: int
     mean_similarity: float
@@ -62,7 +69,7 @@ def _succeeded_texts(s: Session, job_id: str, lo: int, hi: int) -> dict[int, str
     return {seq: response_text(body) for seq, body in store_results.succeeded_bodies(s, job_id, lo, hi)}
 
 
-def compare_outputs(s: Session, a: JobReport, b: JobReport, *, limit: int = MOST_DIFFERENT) -> ABReport:
+def compare_outputs(s: Session, a: R, b: R, *, limit: int = MOST_DIFFERENT) -> ABReport[R]:
     """Agreement of two jobs' outputs over rows (same seq) that both answered."""
     compared = exact = 0
     similarity = 0.0

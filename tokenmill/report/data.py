@@ -227,7 +227,7 @@ class Plot:
 class Report:
     job: JobReport
     cost: Cost
-    ab: ABReport | None = None
+    ab: ABReport[JobReport] | None = None
     ab_note: str | None = None
 
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +14,7 @@ from tokenmill.celery_app import queue_for
 from tokenmill.datasets import InvalidLine, read_dataset
 from tokenmill.errors import DatasetError
 from tokenmill.output import rejected_line
+from tokenmill.request_contract import Ignored, LineModel
 from tokenmill.rows import GENERATION_ENDPOINTS, DatasetRow, SamplingParams
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
@@ -101,6 +102,9 @@ class Submission:
     no_cache: bool = False
     token_budget: int | None = None  # documents only; None: derived from the context and max_tokens
     models_dir: Path | None = None  # where a .gguf path's content hash is remembered (None: this process only)
+    allow_unknown_fields: bool = False  # unknown request fields: counted in ``ignored``, not line errors
+    model_source: str = "--model"  # where ``model`` came from, for the line error of a line naming another
+    ignored: Ignored = field(default_factory=Ignored, compare=False)
 
     def document_budget(self) -> int:
         if self.token_budget is not None:
@@ -117,7 +121,7 @@ class Submission:
             "chunk_size": self.chunk_size,
             "no_cache": self.no_cache,
             "token_budget": self.document_budget() if self.path.is_dir() else None,
-        }
+        } | ({"allow_unknown_fields": True} if self.allow_unknown_fields else {})
 
     def rows(self) -> Iterator[DatasetRow | InvalidLine]:
         if self.path.is_dir():
@@ -137,7 +141,55 @@ class Submission:
             text_field=self.text_field,
             defaults=self.defaults,
             skip_invalid=self.skip_invalid,
+            ignored=self.ignored if self.allow_unknown_fields else None,
+            line_model=LineModel(catalog_family, model_route(self.model, self.models_dir)[0], self.model_source),
         )
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+MODEL_SCAN_LINES = 1000
+
+
+def catalog_family(name: str) -> str | None:
+    """The catalog family a line's ``model`` names; None for names outside the catalog (``gpt-4o-mini``)."""
+    from tokenmill.models.catalog import CATALOG, parse_model_ref
+    from tokenmill.models.resolve import looks_like_path
+
+    if looks_like_path(name):
+        return None
+    family, _ = parse_model_ref(name)
+    return family if family in CATALOG else None
+
+
+def choose_model(path: Path, model: str | None) -> tuple[str, str]:
+    """(model, where it came from): ``--model``, else the first of the file's first lines naming a catalog
+    model (OpenAI batch files carry ``body.model``), else the default. Later lines must agree (a line error)."""
+    if model:
+        return model, "--model"
+    if path.is_file():
+        found = _first_line_model(path)
+        if found is not None:
+            return found[0], f"named on line {found[1]}"
+    return DEFAULT_MODEL, "the default; pass --model to choose"
+
+
+def _first_line_model(path: Path) -> tuple[str, int] | None:
+    try:
+        with open(path, "rb") as fh:
+            for line, raw in enumerate(fh, start=1):
+                if line > MODEL_SCAN_LINES:
+                    return None
+                try:
+                    obj = json.loads(raw)
+                except ValueError:
+                    continue  # the reader reports it, with its line
+                src = obj.get("body", obj) if isinstance(obj, dict) else None
+                name = src.get("model") if isinstance(src, dict) else None
+                if isinstance(name, str) and catalog_family(name) is not None:
+                    return name, line
+    except OSError:
+        return None  # the reader reports unreadable files
+    return None
 
 
 def _is_path(model: str) -> bool:
@@ -212,6 +264,8 @@ class _Ingest:
         self.family = family  # the catalog's word on the job's model, when it is a catalog model
         self.rows = 0
         self.invalid = 0
+        sub.ignored.lines.clear()
+        sub.ignored.first.clear()
 
     def __iter__(self) -> Iterator[DatasetRow]:
         fh = None

@@ -55,6 +55,7 @@ class ErrorCode(StrEnum):
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     GENERATION_FAILED = "generation_failed"
     CHUNK_ATTEMPTS_EXHAUSTED = "chunk_attempts_exhausted"
+    INVALID_REQUEST = "invalid_request"  # the row asks for what the model cannot do (RowRefused)
 
 
 # Jobs the dispatcher works on, and jobs that will not change again unless someone retries them.

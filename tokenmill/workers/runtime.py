@@ -16,7 +16,7 @@ from typing import Any
 from tokenmill.cache import copy_cached, request_hash
 from tokenmill.config import Settings, mask_text
 from tokenmill.engine import Engine, Generation
-from tokenmill.errors import RequestTooLong
+from tokenmill.errors import RequestTooLong, RowRefused
 from tokenmill.output import response_body, timings
 from tokenmill.rows import DatasetRow
 from tokenmill.store import DB_ERRORS, Store, leases
@@ -212,7 +212,7 @@ class WorkerRuntime:
             seq = seq_of[row.custom_id]
             if isinstance(res, Exception):
                 attempt = cur.attempts[seq] = self._count_attempt(job.id, seq)
-                retryable = not isinstance(res, RequestTooLong)
+                retryable = not isinstance(res, RowRefused)
                 if retryable and attempt < self.settings.max_row_attempts:
                     retry.append(row)
                     return
@@ -282,6 +282,8 @@ class WorkerRuntime:
 
     def _write_failure(self, job: Job, row: DatasetRow, seq: int, exc: Exception, attempt: int) -> None:
         code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if isinstance(exc, RequestTooLong) else ErrorCode.GENERATION_FAILED
+        if isinstance(exc, RowRefused) and not isinstance(exc, RequestTooLong):
+            code = ErrorCode.INVALID_REQUEST
         message = mask_text(str(exc)) or type(exc).__name__
         values: dict[str, Any] = {
             "job_id": job.id,
