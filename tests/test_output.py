@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tokenmill.datasets import validate_dataset
 from tokenmill.output import export, failed_line, jsonl_lines, output_line, rejected_line
@@ -82,20 +79,9 @@ def _stored_job(store: Store) -> str:
         return job.id
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def either_store(request: pytest.FixtureRequest, store: Store) -> Iterator[Store]:
-    if request.param == "sqlite":
-        yield store
-        return
-    pg = Store(request.getfixturevalue("pg_url"))  # JSON cast to text and ->> on Postgres
-    pg.migrate()
-    yield pg
-    pg.dispose()
-
-
-def test_export_lines_equal_output_line_of_the_stored_rows(either_store: Store, tmp_path: Path) -> None:
+def test_export_lines_equal_output_line_of_the_stored_rows(any_store: Store, tmp_path: Path) -> None:
     """The fast export splices stored JSON into text; what a reader parses must be exactly output_line."""
-    store = either_store
+    store = any_store
     job_id = _stored_job(store)
     out, err = tmp_path / "o.jsonl", tmp_path / "e.jsonl"
     assert export(store, job_id, out, err) == (2, 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,15 +19,6 @@ from tokenmill.store.tables import Worker
 from tokenmill.workers.writer import ResultWriter
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def any_store(request: pytest.FixtureRequest, settings: Settings) -> Iterator[tuple[Store, Settings]]:
-    url = settings.database_url if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    st = Store(url)
-    st.migrate()
-    yield st, settings.with_(database_url=url)
-    st.dispose()
-
-
 def _row(job_id: str, seq: int, tokens: int = 2) -> dict[str, Any]:
     return {
         "job_id": job_id,
@@ -41,8 +31,8 @@ def _row(job_id: str, seq: int, tokens: int = 2) -> dict[str, Any]:
     }
 
 
-def test_write_results_skips_answered_rows_and_returns_only_its_own(any_store: tuple[Store, Settings]) -> None:
-    store, _ = any_store
+def test_write_results_skips_answered_rows_and_returns_only_its_own(any_store: Store) -> None:
+    store = any_store
     job = make_job(store, 6, 6)
     with store.session() as s:
         assert store_results.write_result(s, _row(job, 1))
@@ -55,8 +45,8 @@ def test_write_results_skips_answered_rows_and_returns_only_its_own(any_store: t
     assert stored[3].status == ResultStatus.FAILED and stored[3].attempts == 3
 
 
-def test_writer_batches_counts_once_per_batch_and_flush_waits(any_store: tuple[Store, Settings]) -> None:
-    store, _ = any_store
+def test_writer_batches_counts_once_per_batch_and_flush_waits(any_store: Store) -> None:
+    store = any_store
     job = make_job(store, 10, 10)
     with store.session() as s:
         store_workers.register(s, id="w1", name="w1", host="h", pid=1, state="ready", queues=["q"])
