@@ -20,8 +20,8 @@ def test_soak_2000_rows_with_workers_killed_and_restarted(fleet: Stack) -> None:
     # A worker killed between receiving a message and claiming its chunk loses that message (Redis keeps it
     # unacked for the visibility timeout): requeue_seconds bounds that rare stall for the test's sake.
     fleet.settings = fleet.settings.with_(requeue_seconds=20.0)
-    n, delay = 2000, "0.03"
-    job = fleet.submit(write_dataset(fleet.tmp / "soak.jsonl", n), "--chunk-size", "20")
+    n, delay, chunk = 2000, "0.03", 20
+    job = fleet.submit(write_dataset(fleet.tmp / "soak.jsonl", n), "--chunk-size", str(chunk))
     started = time.monotonic()
     fleet.scheduler()
     names = ["s0", "s1", "s2"]
@@ -51,7 +51,9 @@ def test_soak_2000_rows_with_workers_killed_and_restarted(fleet: Stack) -> None:
     assert len(kills) >= 3, "the job finished before three workers could be killed; raise the stub delay"
     assert (counts.expected, counts.stored, counts.duplicated) == (n, n, 0)
     assert set(gens) == {f"r{i}" for i in range(n)}
-    assert sum(gens.values()) - n <= len(kills)  # only a row in flight at each kill is generated again
+    # A kill loses only the victim's rows not yet group-committed, all inside the one chunk it held: the
+    # claimant after it generates those again, nothing else (test_crashes counts them exactly).
+    assert sum(gens.values()) - n <= len(kills) * chunk
 
 
 @pytest.mark.model
