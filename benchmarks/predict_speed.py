@@ -82,7 +82,7 @@ def main() -> None:
           f"{'pred pp':>8} {'meas pp':>8} {'ratio':>6}")
     gen_factors, pp_factors = [], []
     for fam, v, path in local_variants(models_dir):
-        if not fam.chat and fam.n_vocab == 0:
+        if fam.embedding:  # no generation to time
             continue
         pred = predict(v, fam, speed=speed, threads=args.threads)
         pp, gen = measure(path, args.threads, args.tokens)

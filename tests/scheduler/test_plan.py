@@ -17,7 +17,7 @@ GiB = 1024**3
 NOW = dt.datetime(2026, 12, 2, 22, 0).astimezone().timestamp()
 SPEED = HostSpeed("h", "cpu", mem_bandwidth_bytes=20e9, flops=10e9)
 MISTRAL = get_family("mistral-7b-instruct-v0.3")
-CPU_BOX = FleetMember(Capacity("cpu", 16, 32, 64 * GiB, 64 * GiB), SPEED, threads=16, n_seq=8)
+CPU_BOX = FleetMember(Capacity("cpu", 16, 32, 64 * GiB, 64 * GiB), SPEED, threads=8, n_seq=1)
 GPU_BOX = FleetMember(
     Capacity("gpu", 16, 32, 64 * GiB, 64 * GiB, (GpuInfo(0, "RTX 4090", 24 * GiB, 24 * GiB),), True),
     SPEED, threads=16, n_seq=16,
@@ -44,7 +44,8 @@ def test_workload_estimates_prompt_and_generated_tokens() -> None:
 
 
 def test_a_generous_deadline_pins_a_better_variant_than_a_tight_one() -> None:
-    work = Workload(rows=2_000, prompt_tokens=1_000_000, gen_tokens=400_000)
+    # Generation-heavy on one sequence per worker: bandwidth-bound, so the smaller the variant the sooner.
+    work = Workload(rows=2_000, prompt_tokens=50_000, gen_tokens=400_000)
     loose = plan_job(MISTRAL, work, [CPU_BOX], NOW + 48 * 3600, now=NOW)
     timed = {o.variant.quant: o.seconds or 0.0 for o in loose.options}
     assert 0 < timed["q4_k_s"] < timed["q4_k_m"] < timed["q8_0"]  # smaller decodes faster

@@ -35,13 +35,26 @@ PROBE_VERSION = 2
 
 # Efficiency factors: measured tok/s divided by the bound computed from the probe. Calibrated on
 # SmolLM2-135M Q4_1 with llama-cpp-python 0.3.36 on the 2-core development hosts (see module doc).
-CPU_GEN_EFFICIENCY = 0.8
-CPU_PROMPT_EFFICIENCY = 0.75
+CPU_GEN_EFFICIENCY = 0.82
+CPU_PROMPT_EFFICIENCY = 1.2
 # llama.cpp's quantized dot products (fused multiply-adds over int8 blocks) do about this many times the
 # arithmetic per second of numpy's two-pass float32 loop the probe times.
 CPU_KERNEL_SPEEDUP = 8.0
 GPU_GEN_EFFICIENCY = 0.7  # typical share of peak VRAM bandwidth llama.cpp's CUDA decode reaches
 GPU_PROMPT_FLOPS_PER_BYTE = 40.0  # prompt throughput relative to decode on a GPU (batched, compute-bound)
+
+# Arithmetic per weight on a CPU relative to Q8_0: dequantizing a block costs more for some types than the
+# bytes it saves. Measured from prompt-processing throughput (pure compute) of SmolLM2 variants here
+# (benchmarks/predict_speed.py --quantize: Q8_0 677, Q4_K_M 542, Q4_1 264 tok/s); the others are set to the
+# K-quants' figure until measured.
+QUANT_COMPUTE_COST: dict[str, float] = {"q8_0": 1.0, "q4_k_m": 1.25, "q4_1": 2.56, "f16": 1.25, "bf16": 1.25}
+DEFAULT_COMPUTE_COST = 1.25
+
+
+def compute_cost(quant: str) -> float:
+    """Relative arithmetic per weight of a quant type (a requantized ``q4_k_m_from_q4_1`` is a q4_k_m file)."""
+    return QUANT_COMPUTE_COST.get(quant.split("_from_", 1)[0], DEFAULT_COMPUTE_COST)
+
 
 # Peak memory bandwidth (GB/s) of cards NVML cannot describe (no clock or bus width reported).
 KNOWN_GPU_BANDWIDTH_GBS: dict[str, float] = {
@@ -171,7 +184,7 @@ def _step_costs(
     bw = speed.mem_bandwidth_bytes * (1 + (threads - 1) / 3)
     compute = speed.flops * threads * CPU_KERNEL_SPEEDUP
     basis = f"{bw / 1e9:.1f} GB/s, {compute / 1e9:.0f} GFLOP/s, {threads} threads"
-    return weight_bytes / bw, flops_per_token / compute, basis
+    return weight_bytes / bw, flops_per_token * compute_cost(variant.quant) / compute, basis
 
 
 def predict(
