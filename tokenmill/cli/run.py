@@ -40,7 +40,9 @@ from tokenmill.cli.options import (
 from tokenmill.cli.phases import Phases
 from tokenmill.cli.planning import choose_for_job, this_host
 from tokenmill.cli.startup import FleetStarter
+from tokenmill.config import Settings
 from tokenmill.errors import DatasetError, JobIncomplete, ModelError
+from tokenmill.models.sizing import Prefer
 from tokenmill.output import export, read_skipped
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.scheduler.plan import FleetMember
@@ -105,22 +107,39 @@ def run_cmd(
     started = time.monotonic()
     phases = Phases()
     pref = prefer_value(prefer)
-    def here() -> list[FleetMember]:
-        return this_host(settings, detect(), count, threads or each)
-
-    choice = choose_for_job(settings, sub, pref, deadline, here, sources=("local", "registry"))
-    if choice.pin:
-        sub = replace(sub, model=choice.pin)
+    sub, job_deadline = _plan(settings, sub, pref, deadline, count, threads or each)
     # Lines --skip-invalid refused, kept by job key so a resumed run still reports them (export merges).
     skipped = settings.data_dir / "skipped" / f"{job_key(path, sub.model, sub.options())}.jsonl"
-    # The workers resolve nothing themselves: the model is resolved once, then they start importing and
-    # loading it while the dataset is validated and stored (start-up in parallel, not in series).
-    opts = WorkerOptions(model=sub.model, n_seq=n_seq, share=count, prefer=pref)
     fleet = LocalFleet(settings, sub.model, count, threads or each, n_seq=n_seq, prefer=pref)
+    opts = WorkerOptions(model=sub.model, n_seq=n_seq, share=count, prefer=pref)
+    job_id, fleet_needed = _submit_while_workers_start(store, settings, sub, opts, fleet, skipped, errors,
+                                                       job_deadline, phases)
+    _drive(store, Dispatcher(store, app_, settings), job_id, fleet if fleet_needed else None)
+    _finish(store, job_id, output, errors, skipped, time.monotonic() - started, sub, phases)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_cmd)
+
+
+def _submit_while_workers_start(
+    store: Store,
+    settings: Settings,
+    sub: Submission,
+    opts: WorkerOptions,
+    fleet: LocalFleet,
+    skipped: Path,
+    errors: Path,
+    deadline: float | None,
+    phases: Phases,
+) -> tuple[str, bool]:
+    """(job id, whether rows are left for workers). The workers resolve nothing themselves: the model is
+    resolved once, then they start importing and loading it while the dataset is validated and stored
+    (start-up in parallel, not in series); they are stopped again if storing fails or nothing is left."""
     starter = FleetStarter(lambda: select_model(settings, opts, detect()), fleet)
     starter.start()
     try:
-        job_id = _resume_or_submit(store, sub, skipped, errors, count, choice.deadline)
+        job_id = _resume_or_submit(store, sub, skipped, errors, opts.share, deadline)
         phases.stored = time.time()
         fleet_needed = _answer_from_cache(store, job_id, sub, starter.wait().model_id)
     except BaseException:
@@ -129,12 +148,20 @@ def run_cmd(
         raise
     if not fleet_needed:
         _stop_fleet(store, fleet, finished=True)
-    _drive(store, Dispatcher(store, app_, settings), job_id, fleet if fleet_needed else None)
-    _finish(store, job_id, output, errors, skipped, time.monotonic() - started, sub, phases)
+    return job_id, fleet_needed
 
 
-def register(app: typer.Typer) -> None:
-    app.command("run")(run_cmd)
+def _plan(
+    settings: Settings, sub: Submission, prefer: Prefer, deadline: str | None, count: int, threads: int
+) -> tuple[Submission, float | None]:
+    """The submission pinned to what --prefer/--deadline choose for this host's local workers (a pin
+    never falls back, so only variants this host has or a package registry gives are candidates)."""
+
+    def here() -> list[FleetMember]:
+        return this_host(settings, detect(), count, threads)
+
+    choice = choose_for_job(settings, sub, prefer, deadline, here, sources=("local", "registry"))
+    return (replace(sub, model=choice.pin) if choice.pin else sub), choice.deadline
 
 
 def _resume_or_submit(
