@@ -131,6 +131,9 @@ class Settings:
     # not yet committed, about two batches' worth.
     result_batch_rows: int = 64
     result_batch_ms: float = 200.0
+    # Continuous batching across chunks: a worker draining a chunk claims the job's next one and feeds
+    # its rows into the slots that free (tokenmill.workers.feed). Off: one chunk per task, as messages say.
+    chain_chunks: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.result_batch_rows <= MAX_RESULT_BATCH_ROWS:
@@ -170,6 +173,8 @@ class Settings:
         values["max_chunk_attempts"] = int(_float(env, "MAX_CHUNK_ATTEMPTS", cls.max_chunk_attempts))
         values["result_batch_rows"] = int(_float(env, "RESULT_BATCH_ROWS", cls.result_batch_rows))
         values["result_batch_ms"] = _float(env, "RESULT_BATCH_MS", cls.result_batch_ms)
+        if env.get(ENV_PREFIX + "CHAIN_CHUNKS"):
+            values["chain_chunks"] = env[ENV_PREFIX + "CHAIN_CHUNKS"].strip().lower() not in ("0", "false", "no", "off")
         if env.get(ENV_PREFIX + "REQUEUE_SECONDS"):
             values["requeue_seconds"] = _float(env, "REQUEUE_SECONDS", 0.0)
         if env.get(ENV_PREFIX + "API_KEYS"):
@@ -227,6 +232,7 @@ class Settings:
             ENV_PREFIX + "ENGINE": self.engine,
             ENV_PREFIX + "RESULT_BATCH_ROWS": str(self.result_batch_rows),
             ENV_PREFIX + "RESULT_BATCH_MS": str(self.result_batch_ms),
+            ENV_PREFIX + "CHAIN_CHUNKS": "1" if self.chain_chunks else "0",
         }
         if self.requeue_seconds:
             env[ENV_PREFIX + "REQUEUE_SECONDS"] = str(self.requeue_seconds)

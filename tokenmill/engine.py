@@ -7,7 +7,8 @@ Bottom layer: the worker runtime drives an engine through this Protocol and the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -74,6 +75,64 @@ class EmbeddingResult(Generation):
 
 OnDone = Callable[[DatasetRow, "Generation | Exception"], None]
 
+Refill = Callable[[bool], "Sequence[DatasetRow] | None"]
+"""More rows for a running ``generate``: ``refill(wait)`` returns rows to admit, ``[]`` for none yet (only
+when ``wait`` is False), or None once no more will come. The worker hands over the next chunk's rows this
+way while the current one drains, so the engine's slots never empty at a chunk boundary."""
+
+
+class RowQueue:
+    """Rows waiting for a slot, topped up from a :data:`Refill` whenever fewer than ``low_water`` wait.
+
+    ``expand`` maps rows as they arrive (an engine turns an n > 1 row into its sibling sequences there).
+    :meth:`top_up` with ``idle`` (nothing in flight) blocks until rows come or the source is exhausted,
+    so an engine loop ends exactly when :attr:`done` is true.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[DatasetRow],
+        refill: Refill | None,
+        low_water: int,
+        expand: Callable[[Sequence[DatasetRow]], Iterable[DatasetRow]] = lambda rows: rows,
+    ) -> None:
+        self._refill = refill
+        self._expand = expand
+        self.low_water = max(1, low_water)
+        self.rows: deque[DatasetRow] = deque(expand(rows))
+        self.exhausted = refill is None
+
+    def top_up(self, idle: bool) -> None:
+        while not self.exhausted and len(self.rows) < self.low_water:
+            assert self._refill is not None
+            more = self._refill(idle and not self.rows)
+            if more is None:
+                self.exhausted = True
+            elif more:
+                self.rows.extend(self._expand(more))
+            elif not (idle and not self.rows):
+                return  # nothing yet, and rows in flight: ask again after the next step
+
+    @property
+    def done(self) -> bool:
+        return self.exhausted and not self.rows
+
+
+@dataclass
+class SlotUse:
+    """Decode steps taken and sequence slots filled over them: busy fraction = filled / (steps * n_seq)."""
+
+    steps: int = 0
+    filled: int = 0
+    slots: int = 0  # steps * n_seq
+
+    @property
+    def busy_fraction(self) -> float | None:
+        return self.filled / self.slots if self.slots else None
+
+    def since(self, earlier: SlotUse) -> SlotUse:
+        return SlotUse(self.steps - earlier.steps, self.filled - earlier.filled, self.slots - earlier.slots)
+
 
 class Engine(Protocol):
     """A loaded model that turns dataset rows into generations.
@@ -81,7 +140,9 @@ class Engine(Protocol):
     ``generate`` calls ``on_done`` once per row, in completion order (batched engines finish rows out of
     order). A row that cannot be served (too long for the context, sampling failure) is reported as an
     exception for that row only; the engine keeps going. ``should_stop`` is polled between decode steps so
-    a cancelled job or a lost lease stops work at the next row boundary.
+    a cancelled job or a lost lease stops work at the next row boundary. With ``refill`` the engine asks for
+    more rows whenever fewer than ``n_seq`` wait to be admitted, and returns only once it answers None.
+    ``slot_use`` counts, over the engine's life, the decode steps and the slots they filled.
     """
 
     variant: str  # what the worker advertises and each result names, e.g. "smollm2-135m-instruct:Q4_K_M"
@@ -89,8 +150,15 @@ class Engine(Protocol):
     n_seq: int  # sequences decoded together; the worker registers it so `tokenmill workers` shows it
     n_threads: int  # CPU threads the engine really uses (after its own defaults), also registered
     load_ms: float  # model load time, reported in every result's timings
+    slot_use: SlotUse
 
-    def generate(self, rows: Sequence[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool]) -> None: ...
+    def generate(
+        self,
+        rows: Sequence[DatasetRow],
+        on_done: OnDone,
+        should_stop: Callable[[], bool],
+        refill: Refill | None = None,
+    ) -> None: ...
 
     def close(self) -> None: ...
 

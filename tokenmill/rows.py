@@ -93,6 +93,13 @@ class DatasetRow:
     encoding_format: str = "float"  # EMBEDDINGS rows: "float" or "base64"
     dimensions: int | None = None  # EMBEDDINGS rows: the size asked for, None for the model's own
 
+    @property
+    def prompt_chars(self) -> int:
+        """Characters of prompt text: stored per row at submit, it sizes chunks and lets an engine refuse a
+        row too long for its context (tokens >= bytes / longest token >= chars / longest token) before
+        tokenizing it."""
+        return len(self.prompt or "") + sum(len(m.get("content", "")) for m in self.messages or ())
+
     def to_payload(self) -> dict[str, Any]:
         """The JSON stored for this row; workers rebuild the row from it, never from the file."""
         payload: dict[str, Any] = {

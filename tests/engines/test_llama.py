@@ -324,3 +324,85 @@ def test_text_accumulator_handles_split_characters_and_stops_across_tokens() -> 
     plain = TextAccumulator(())
     assert not plain.add(b"STOP")
     assert plain.text() == "STOP"
+
+
+def test_refill_admits_a_later_chunks_rows_while_the_first_still_decode(engine: LlamaEngine) -> None:
+    first = [chat(f"a{i}", f"Name a colour, number {i}.", max_tokens=6, temperature=0) for i in range(4)]
+    later = [chat(f"b{i}", f"Name a fruit, number {i}.", max_tokens=6, temperature=0) for i in range(4)]
+    calls: list[tuple[bool, int]] = []
+    results: dict[str, Generation | Exception] = {}
+    handed = [later]
+
+    def refill(wait: bool) -> Sequence[DatasetRow] | None:
+        calls.append((wait, len(results)))
+        if handed:
+            return handed.pop()
+        return None if wait else []
+
+    def on_done(row: DatasetRow, result: Generation | Exception) -> None:
+        assert row.custom_id not in results
+        results[row.custom_id] = result
+
+    before = engine.slot_use.steps, engine.slot_use.filled, engine.slot_use.slots
+    engine.generate(first, on_done, lambda: False, refill=refill)
+    assert calls[0] == (False, 0)  # asked while all four first rows were in flight, without blocking
+    assert calls[-1][0] is True and len(results) == 8  # ended only once the source said "no more"
+    assert all(ok(results[r.custom_id]).completion_tokens > 0 for r in first + later)
+    steps, filled, slots = (a - b for a, b in zip((engine.slot_use.steps, engine.slot_use.filled,
+                                                    engine.slot_use.slots), before, strict=True))  # fmt: skip
+    assert steps > 0 and slots == steps * engine.n_seq and 0 < filled <= slots
+
+
+def test_n_choices_evaluate_the_prompt_once_and_copy_its_kv(smollm2_path: Path) -> None:
+    """Without the prefix stream, the only way a later choice starts with cached tokens is the KV copy."""
+    with LlamaEngine(smollm2_path, "Q4_1", n_ctx_per_seq=N_CTX, n_seq=4, n_threads=THREADS, prefix_cache=False) as eng:
+        results, _ = run(
+            eng,
+            [
+                chat("n3", "Describe the sea in one line.", max_tokens=10, temperature=0, n=3),
+                chat("one", "Describe the sea in one line.", max_tokens=10, temperature=0),
+            ],
+        )
+    gen, one = ok(results["n3"]), ok(results["one"])
+    assert gen.choices is not None and len(gen.choices) == 3
+    assert [c.cached_prompt_tokens for c in gen.choices] == [0, one.prompt_tokens - 1, one.prompt_tokens - 1]
+    assert [c.text for c in gen.choices] == [one.text] * 3  # greedy: the copied KV gives the same answer
+    assert gen.prompt_tokens == one.prompt_tokens
+
+
+def test_rows_are_tokenized_as_they_are_admitted_not_all_up_front(smollm2_path: Path) -> None:
+    with LlamaEngine(smollm2_path, "Q4_1", n_ctx_per_seq=N_CTX, n_seq=2, n_threads=THREADS) as eng:
+        events: list[str] = []
+        real = eng.format_prompt
+
+        def format_prompt(row: DatasetRow) -> list[int]:
+            events.append(f"tok:{row.custom_id}")
+            return real(row)
+
+        eng.format_prompt = format_prompt  # type: ignore[method-assign]
+        rows = [chat(f"r{i}", f"Say {i}.", max_tokens=3, temperature=0) for i in range(10)]
+        eng.generate(rows, lambda row, res: events.append(f"done:{row.custom_id}"), lambda: False)
+    # the look-ahead (2 * n_seq rows, to choose the shared prefix) first, the rest only as slots free
+    assert events[:4] == [f"tok:r{i}" for i in range(4)]
+    assert events.index("tok:r9") > events.index(next(e for e in events if e.startswith("done:")))
+    assert sorted(e for e in events if e.startswith("tok:")) == sorted(f"tok:r{i}" for i in range(10))
+    assert len([e for e in events if e.startswith("done:")]) == 10
+
+
+def test_a_row_too_long_by_its_length_alone_is_refused_before_tokenizing(engine: LlamaEngine) -> None:
+    huge = chat("huge", "word " * 2_000_000, max_tokens=4)  # 10 MB of text
+    tokenized: list[str] = []
+    real = engine.format_prompt
+
+    def format_prompt(row: DatasetRow) -> list[int]:
+        tokenized.append(row.custom_id)
+        return real(row)
+
+    engine.format_prompt = format_prompt  # type: ignore[method-assign]
+    try:
+        results, _ = run(engine, [huge, chat("fine", "Hello.", max_tokens=3, temperature=0)])
+    finally:
+        del engine.format_prompt
+    refused = results["huge"]
+    assert isinstance(refused, RequestTooLong) and "10000000 characters" in str(refused)
+    assert "huge" not in tokenized and ok(results["fine"]).completion_tokens > 0

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from tokenmill.config import Settings
-from tokenmill.engine import Generation, OnDone
+from tokenmill.engine import Generation, OnDone, Refill, RowQueue, SlotUse
 from tokenmill.rows import CHAT, DatasetRow, SamplingParams
 from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
@@ -33,16 +33,22 @@ class ScriptedEngine:
     load_ms = 1.0
     n_seq = 1
     n_threads = 1
+    slot_use = SlotUse()
 
     def __init__(self, fail: set[str] | None = None, on_fail: Callable[[], None] | None = None) -> None:
         self.fail = fail or set()
         self.on_fail = on_fail
         self.tries: Counter[str] = Counter()
 
-    def generate(self, rows: Sequence[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool]) -> None:
-        for row in rows:
-            if should_stop():
+    def generate(
+        self, rows: Sequence[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool], refill: Refill | None = None
+    ) -> None:
+        queue = RowQueue(rows, refill, low_water=1)
+        while not should_stop():
+            queue.top_up(idle=True)
+            if queue.done:
                 return
+            row = queue.rows.popleft()
             self.tries[row.custom_id] += 1
             if row.custom_id in self.fail:
                 on_done(row, RuntimeError(f"scripted failure of {row.custom_id}"))

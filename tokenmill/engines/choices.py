@@ -1,7 +1,7 @@
 """``n > 1``: one row asking for several choices runs as n sibling sequences, merged when all finish.
 
-Siblings are queued next to each other with identical prompts, so the engine's shared-prefix stream
-holds their prompt and each sibling starts from a KV copy rather than evaluating it again; each has its
+Siblings are queued next to each other with identical prompts. The engine evaluates the prompt once, in
+the first sibling's stream, and copies that KV into each later sibling (see ``LlamaEngine``); each has its
 own sampler seeded ``seed + i`` (OpenAI's n choices are independent samples). The merged
 :class:`Generation` counts the prompt once and the completion tokens of every choice.
 """
@@ -18,25 +18,40 @@ from tokenmill.rows import DatasetRow
 class ChoiceMerger:
     """Expands rows with ``params.n > 1`` into siblings and reports the parent once, when all are done."""
 
-    def __init__(self, rows: Sequence[DatasetRow], on_done: OnDone) -> None:
+    def __init__(self, on_done: OnDone) -> None:
         self._on_done = on_done
         self._parent: dict[int, tuple[DatasetRow, int]] = {}
+        self._leader: dict[int, DatasetRow] = {}
         self._results: dict[str, list[Generation | Exception | None]] = {}
-        self.rows: list[DatasetRow] = []
+
+    def expand(self, rows: Sequence[DatasetRow]) -> list[DatasetRow]:
+        """The sequences to run for ``rows``: each row itself, or its n siblings next to each other."""
+        out: list[DatasetRow] = []
         for row in rows:
             n = row.params.n
             if n <= 1:
-                self.rows.append(row)
+                out.append(row)
                 continue
             self._results[row.custom_id] = [None] * n
+            first: DatasetRow | None = None
             for i in range(n):
                 seed = None if row.params.seed is None else row.params.seed + i
                 child = replace(row, params=replace(row.params, n=1, seed=seed))
                 self._parent[id(child)] = (row, i)
-                self.rows.append(child)
+                if first is None:
+                    first = child
+                else:
+                    self._leader[id(child)] = first
+                out.append(child)
+        return out
+
+    def leader(self, row: DatasetRow) -> DatasetRow | None:
+        """The first sibling of ``row`` when it is a later choice of an n > 1 row (its prompt KV source)."""
+        return self._leader.get(id(row))
 
     def done(self, row: DatasetRow, result: Generation | Exception) -> None:
         parent = self._parent.pop(id(row), None)
+        self._leader.pop(id(row), None)
         if parent is None:
             self._on_done(row, result)
             return

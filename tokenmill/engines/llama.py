@@ -24,13 +24,12 @@ import importlib
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenmill.engine import Generation, OnDone, TokenLogprob
+from tokenmill.engine import Generation, OnDone, Refill, RowQueue, SlotUse, TokenLogprob
 from tokenmill.engines import llama_guard
 from tokenmill.engines.choices import ChoiceMerger
 from tokenmill.engines.llama_embed import LlamaEmbedder
@@ -65,6 +64,7 @@ class _Seq:
     token_ms: list[float] = field(default_factory=list)
     out_idx: int = -1  # batch index whose logits this sequence samples from after the current decode
     n_fed: int = 0  # tokens of ``feed`` placed in the current batch
+    follows: _Seq | None = None  # an n > 1 sibling waiting for this leader's prompt KV (see _attach_followers)
 
 
 class LlamaEngine:
@@ -108,6 +108,8 @@ class LlamaEngine:
         self._eog: dict[int, bool] = {}
         self._formatter: Any = None
         self._embedder: LlamaEmbedder | None = None  # an embeddings context on these weights, made on first use
+        self._longest_token: int | None = None
+        self.slot_use = SlotUse()
         path = Path(model_path)
         if not path.is_file():
             raise ModelLoadError(f"model file {path} does not exist")
@@ -272,59 +274,110 @@ class LlamaEngine:
 
     # -- generation --------------------------------------------------------------------------------
 
-    def generate(self, rows: Sequence[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool]) -> None:
-        """Serve ``rows`` with up to ``n_seq`` in flight; ``on_done`` once per row, as each finishes.
+    def generate(
+        self,
+        rows: Sequence[DatasetRow],
+        on_done: OnDone,
+        should_stop: Callable[[], bool],
+        refill: Refill | None = None,
+    ) -> None:
+        """Serve ``rows`` (and what ``refill`` adds) with up to ``n_seq`` in flight; ``on_done`` per row.
 
-        Rows are tokenized up front so the shared prefix can be chosen over the whole call; a row that
-        fails to format (or is too long) is reported when its turn to be admitted comes, so a stop
-        request leaves later rows unreported. The prefix's own evaluation is not charged to any row.
-        A row asking for ``n`` choices runs as n sibling sequences (see :mod:`.choices`).
+        Rows are tokenized one at a time as they are admitted (a chunk of huge rows never sits in memory
+        as tokens all at once); the first ``2 * n_seq`` are tokenized ahead to choose the shared prefix.
+        A row that fails to format or is too long is reported when its turn to be admitted comes, so a
+        stop request leaves later rows unreported. The prefix's own evaluation is not charged to any row.
+        A row asking for ``n`` choices runs as n sibling sequences sharing one prompt evaluation.
         """
-        if any(row.endpoint == EMBEDDINGS for row in rows):
-            self._embed([r for r in rows if r.endpoint == EMBEDDINGS], on_done, should_stop)
-            rows = [r for r in rows if r.endpoint != EMBEDDINGS]
-        merger = ChoiceMerger(rows, on_done)
-        rows, on_done = merger.rows, merger.done
-        prepared: deque[tuple[DatasetRow, list[int] | Exception]] = deque()
-        for row in rows:
-            try:
-                prepared.append((row, self.format_prompt(row)))
-            except Exception as exc:
-                prepared.append((row, exc))
-        if self.prefix_cache:
-            fits = [t for _, t in prepared if isinstance(t, list) and len(t) < self.n_ctx]
-            self._set_prefix(best_shared_prefix(fits, min_tokens=MIN_SHARED_PREFIX, max_tokens=self.n_ctx - 1))
+        merger = ChoiceMerger(on_done)
+
+        def expand(batch: Sequence[DatasetRow]) -> list[DatasetRow]:
+            embeds = [r for r in batch if r.endpoint == EMBEDDINGS]
+            if embeds:  # a job is all embeddings or none: they take the embeddings context, synchronously
+                self._embed(embeds, on_done, should_stop)
+            return merger.expand([r for r in batch if r.endpoint != EMBEDDINGS])
+
+        queue = RowQueue(rows, refill, low_water=self.n_seq, expand=expand)
+        ahead = self._tokenize_ahead(queue)
         slots: list[_Seq | None] = [None] * self.n_seq
+        live: dict[int, _Seq] = {}  # id(row) of each sequence in flight: later n > 1 siblings copy its prompt
         try:
             while True:
+                queue.top_up(idle=not any(slots))
                 for sid in range(self.n_seq):
                     if slots[sid] is None:
-                        slots[sid] = self._admit(sid, prepared, on_done)
-                if not prepared:
+                        slots[sid] = self._admit(sid, queue, ahead, merger, live, merger.done)
+                if not queue.rows:
                     self._compact(slots)
                 active = [s for s in slots if s is not None]
-                if not active or should_stop():
+                if (not active and queue.done) or should_stop():
                     return
-                self._decode_step(active)
-                now = time.perf_counter()
-                for seq in active:
-                    if seq.out_idx < 0:
-                        continue
-                    result: Generation | Exception | None
-                    try:
-                        result = self._advance(seq, now)
-                    except Exception as exc:
-                        result = exc
-                    if result is not None:
-                        slots[seq.seq_id] = None
-                        self._release(seq)
-                        on_done(seq.row, result)
+                if active:
+                    self._step(active, slots, live, merger.done)
                 if should_stop():
                     return
         finally:
             for left in slots:
                 if left is not None:
                     self._release(left)
+
+    def _step(self, active: list[_Seq], slots: list[_Seq | None], live: dict[int, _Seq], on_done: OnDone) -> None:
+        """One decode of every row in flight, then each row's next token; finished rows leave their slot."""
+        self._decode_step(active)
+        use = self.slot_use
+        use.steps, use.filled, use.slots = use.steps + 1, use.filled + len(active), use.slots + self.n_seq
+        self._attach_followers(active)
+        now = time.perf_counter()
+        for seq in active:
+            if seq.out_idx < 0:
+                continue
+            result: Generation | Exception | None
+            try:
+                result = self._advance(seq, now)
+            except Exception as exc:
+                result = exc
+            if result is not None:
+                slots[seq.seq_id] = None
+                live.pop(id(seq.row), None)
+                self._release(seq)
+                on_done(seq.row, result)
+
+    def _tokenize_ahead(self, queue: RowQueue) -> dict[int, list[int] | Exception]:
+        """Tokens of the first rows, by ``id(row)``, and the shared prefix chosen over them."""
+        ahead: dict[int, list[int] | Exception] = {}
+        if not self.prefix_cache:
+            return ahead
+        for row in list(queue.rows)[: 2 * self.n_seq]:
+            try:
+                ahead[id(row)] = self._row_tokens(row)
+            except Exception as exc:
+                ahead[id(row)] = exc
+        fits = [t for t in ahead.values() if isinstance(t, list) and len(t) < self.n_ctx]
+        self._set_prefix(best_shared_prefix(fits, min_tokens=MIN_SHARED_PREFIX, max_tokens=self.n_ctx - 1))
+        return ahead
+
+    def _row_tokens(self, row: DatasetRow) -> list[int]:
+        """The row's prompt tokens, refusing first, from its length alone, a row that cannot fit the context."""
+        chars = row.prompt_chars
+        if chars > self.n_ctx:
+            longest = self._longest_token_bytes()
+            if chars > self.n_ctx * longest:
+                raise RequestTooLong(
+                    f"prompt is {chars} characters, at least {chars // longest} tokens; "
+                    f"the model context is {self.n_ctx} per request"
+                )
+        return self.format_prompt(row)
+
+    def _longest_token_bytes(self) -> int:
+        """The longest text any token spells (control tokens included): bytes / this bounds tokens below."""
+        if self._longest_token is None:
+            L, buf = self._L, (ctypes.c_char * 512)()
+            longest = 1
+            for token in range(self._n_vocab):
+                n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+                longest = max(longest, abs(n))
+            self._longest_token = longest
+        return self._longest_token
 
     def _embed(self, rows: list[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool]) -> None:
         """Embeddings rows go to a second context on the loaded weights (see :mod:`.llama_embed`).
@@ -342,20 +395,37 @@ class LlamaEngine:
         self._embedder.generate(rows, on_done, should_stop)
 
     def _admit(
-        self, seq_id: int, prepared: deque[tuple[DatasetRow, list[int] | Exception]], on_done: OnDone
+        self,
+        seq_id: int,
+        queue: RowQueue,
+        ahead: dict[int, list[int] | Exception],
+        merger: ChoiceMerger,
+        live: dict[int, _Seq],
+        on_done: OnDone,
     ) -> _Seq | None:
         """Start the next servable row in stream ``seq_id``; rows that cannot be served are reported."""
-        while prepared:
-            row, tokens = prepared.popleft()
+        while queue.rows:
+            row = queue.rows.popleft()
+            tokens = ahead.pop(id(row), None)
             try:
-                if isinstance(tokens, Exception):
-                    raise tokens
-                return self._start(seq_id, row, tokens)
+                lead = merger.leader(row)
+                leader = live.get(id(lead)) if lead is not None else None
+                if leader is not None:
+                    seq = self._start(seq_id, row, leader.prompt, follows=leader)
+                else:
+                    if tokens is None:
+                        tokens = self._row_tokens(row)
+                    if isinstance(tokens, Exception):
+                        raise tokens
+                    seq = self._start(seq_id, row, tokens)
             except Exception as exc:
                 on_done(row, exc)
+                continue
+            live[id(row)] = seq
+            return seq
         return None
 
-    def _start(self, seq_id: int, row: DatasetRow, tokens: list[int]) -> _Seq:
+    def _start(self, seq_id: int, row: DatasetRow, tokens: list[int], follows: _Seq | None = None) -> _Seq:
         n_prompt, params = len(tokens), row.params
         if n_prompt + 1 > self.n_ctx:
             raise RequestTooLong(f"prompt is {n_prompt} tokens; the model context is {self.n_ctx} per request")
@@ -370,7 +440,7 @@ class LlamaEngine:
             stops.append(self._token_text(self._eos))  # what create_chat_completion adds
         text = TextAccumulator(stops)
         cached = 0
-        if self._prefix:
+        if self._prefix and follows is None:
             shared = min(common_prefix_len(tokens, self._prefix), n_prompt - 1)
             cached = shared if shared >= MIN_SHARED_PREFIX else 0
         seq = _Seq(
@@ -382,8 +452,9 @@ class LlamaEngine:
             text=text,
             cached=cached,
             n_past=cached,
-            feed=tokens[cached:],
+            feed=[] if follows is not None else tokens[cached:],
             admitted=time.perf_counter(),
+            follows=follows,
         )
         if cached:
             # Cross-stream copy: queued here, done by the next llama_decode before it places any token.
@@ -391,6 +462,25 @@ class LlamaEngine:
             if cached < len(self._prefix):
                 self._L.llama_memory_seq_rm(self._mem, seq_id, cached, -1)
         return seq
+
+    def _attach_followers(self, active: list[_Seq]) -> None:
+        """Give each waiting n > 1 sibling its leader's prompt KV, once the leader has evaluated it.
+
+        Done right after the decode that finished the leader's prompt and before the leader can be
+        released: the follower copies the stream, cuts it back to all but the last prompt token, and
+        decodes that one token itself next step, for logits of its own to sample from.
+        """
+        L = self._L
+        for seq in active:
+            leader = seq.follows
+            if leader is None or leader.n_past < len(leader.prompt):
+                continue
+            keep = len(seq.prompt) - 1
+            L.llama_memory_seq_cp(self._mem, leader.seq_id, seq.seq_id, -1, -1)
+            L.llama_memory_seq_rm(self._mem, seq.seq_id, keep, -1)
+            seq.n_past = seq.cached = keep
+            seq.feed = [seq.prompt[-1]]
+            seq.follows = None
 
     def _compact(self, slots: list[_Seq | None]) -> None:
         """Move the highest rows into free lower slots so in-flight seq_ids stay contiguous.

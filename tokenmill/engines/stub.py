@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tokenmill.engine import Generation, OnDone
+from tokenmill.engine import Generation, OnDone, Refill, RowQueue, SlotUse
 from tokenmill.errors import RequestTooLong
 from tokenmill.rows import DatasetRow
 
@@ -52,6 +52,7 @@ class StubEngine:
         self.n_seq = n_seq
         self.n_threads = n_threads or 1
         self.load_ms = 1.0
+        self.slot_use = SlotUse()  # no decode steps: the stub has no slots to fill
         self.delay = float(os.environ.get("TOKENMILL_STUB_DELAY", "0.01"))
         self.log_path = os.environ.get("TOKENMILL_STUB_LOG") or None
         self.fail_mark = os.environ.get("TOKENMILL_STUB_FAIL") or None
@@ -71,10 +72,19 @@ class StubEngine:
             return False
         return self.heal_path is None or not os.path.exists(self.heal_path)
 
-    def generate(self, rows: Sequence[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool]) -> None:
-        for row in rows:
-            if should_stop():
+    def generate(
+        self,
+        rows: Sequence[DatasetRow],
+        on_done: OnDone,
+        should_stop: Callable[[], bool],
+        refill: Refill | None = None,
+    ) -> None:
+        queue = RowQueue(rows, refill, low_water=self.n_seq)
+        while not should_stop():
+            queue.top_up(idle=True)
+            if queue.done:
                 return
+            row = queue.rows.popleft()
             text = row.prompt if row.prompt is not None else (row.messages or ({"content": ""},))[-1]["content"]
             if len(text) > self.n_ctx:
                 on_done(row, RequestTooLong(f"prompt is {len(text)} tokens; the model context is {self.n_ctx}"))

@@ -95,7 +95,7 @@ class _Chunker:
 
 
 def _row_record(job: Job, seq: int, row: DatasetRow, chunker: _Chunker) -> dict[str, Any]:
-    prompt_chars = len(row.prompt or "") + sum(len(m.get("content", "")) for m in row.messages or ())
+    prompt_chars = row.prompt_chars
     return {
         "job_id": job.id,
         "seq": seq,
@@ -150,8 +150,14 @@ def ingest_rows(
         s.execute(
             insert(Chunk),
             [
-                {"job_id": job.id, "idx": i, "first_seq": first, "last_seq": last, "state": ChunkState.PENDING,
-                 "attempts": 0}
+                {
+                    "job_id": job.id,
+                    "idx": i,
+                    "first_seq": first,
+                    "last_seq": last,
+                    "state": ChunkState.PENDING,
+                    "attempts": 0,
+                }
                 for i, (first, last) in enumerate(spans[start : start + INSERT_BATCH], start)
             ],
         )
@@ -285,13 +291,17 @@ def retry_failed(s: Session, job: Job) -> int:
     if not failed and not unfinished:
         return 0
     failed_seqs = select(Result.seq).where(Result.job_id == job.id, Result.status == ResultStatus.FAILED)
-    chunk_idx = set(  # chunks are cut by rows and by bytes: look each row's chunk up, never divide
-        s.scalars(
-            select(RequestRow.chunk_index)
-            .where(RequestRow.job_id == job.id, RequestRow.seq.in_(failed_seqs))
-            .distinct()
+    chunk_idx = (
+        set(  # chunks are cut by rows and by bytes: look each row's chunk up, never divide
+            s.scalars(
+                select(RequestRow.chunk_index)
+                .where(RequestRow.job_id == job.id, RequestRow.seq.in_(failed_seqs))
+                .distinct()
+            )
         )
-    ) if failed else set()
+        if failed
+        else set()
+    )
     if failed:
         s.execute(delete(Result).where(Result.job_id == job.id, Result.status == ResultStatus.FAILED))
         s.execute(update(RequestRow).where(RequestRow.job_id == job.id, RequestRow.seq.in_(failed)).values(attempts=0))
@@ -362,4 +372,20 @@ def load_rows(s: Session, job_id: str, first_seq: int, last_seq: int) -> list[Re
             .where(RequestRow.job_id == job_id, RequestRow.seq >= first_seq, RequestRow.seq <= last_seq)
             .order_by(RequestRow.seq)
         )
+    )
+
+
+def add_slot_use(s: Session, job_id: str, steps: int, slots: int, filled: int) -> None:
+    """Add one task's decode steps and slot fill to the job (once per task, not per row or step)."""
+    if steps <= 0:
+        return
+    s.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            decode_steps=Job.decode_steps + steps,
+            slot_steps=Job.slot_steps + slots,
+            filled_slot_steps=Job.filled_slot_steps + filled,
+        )
+        .execution_options(synchronize_session=False)
     )

@@ -113,6 +113,40 @@ def claim_for_worker(
     return Claim(chunk=chunk, job=job)
 
 
+def claim_next_for_worker(
+    s: Session, *, job_id: str, worker_id: str, lease_seconds: float, max_attempts: int, tries: int = 4
+) -> Claim:
+    """Claim the next waiting chunk of ``job_id`` without a message: how a worker keeps its batch full.
+
+    A worker draining one chunk takes the next this way, so its engine's free slots are refilled from it
+    at once instead of emptying while the chunk finishes and the next message arrives. Chunks the
+    dispatcher has not sent yet go first, so messages already in the broker stay good for other workers;
+    a chunk whose message is out is taken only when none is left, and that message is dropped later by
+    the claim it fails. Same checks and transaction as :func:`claim_for_worker`; an empty Claim when
+    there is nothing left to take (or others won every race for it).
+    """
+    candidates = list(
+        s.scalars(
+            select(Chunk.id)
+            .where(
+                Chunk.job_id == job_id,
+                Chunk.state.in_(CHUNK_WAITING),
+                or_(Chunk.lease_owner.is_(None), Chunk.lease_expires_at < now_sql(s)),
+            )
+            .order_by((Chunk.state == ChunkState.QUEUED).asc(), Chunk.idx)
+            .limit(tries)
+        )
+    )
+    for chunk_id in candidates:
+        claimed = claim_for_worker(
+            s, job_id=job_id, chunk_id=chunk_id, worker_id=worker_id, lease_seconds=lease_seconds,
+            max_attempts=max_attempts,
+        )  # fmt: skip
+        if claimed.chunk is not None:
+            return claimed
+    return Claim()
+
+
 def _mismatch(s: Session, job_id: str, chunk_id: int, queues: list[str]) -> str | None:
     """Why a message cannot be this worker's to run, or None when the chunk is merely taken or finished."""
     owner = s.scalar(select(Chunk.job_id).where(Chunk.id == chunk_id))

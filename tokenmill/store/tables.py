@@ -49,6 +49,10 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
+    # Engine batch fill over the job's decode steps (busy fraction = filled / slot steps), added per task.
+    decode_steps: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    slot_steps: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    filled_slot_steps: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class RequestRow(Base):

@@ -7,7 +7,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from tokenmill.engine import Generation
+from tokenmill.engine import Generation, SlotUse
 from tokenmill.store import Store, leases
 from tokenmill.store import workers as store_workers
 from tokenmill.store.states import ResultStatus
@@ -35,6 +35,14 @@ class WorkerMetrics:
         )
         self.prompt_tps = Gauge("tokenmill_prompt_tokens_seconds", "Prompt throughput of the last row", registry=r)
         self.processing = Gauge("tokenmill_requests_processing", "Rows in the current chunk", registry=r)
+        self.decode_steps = Counter("tokenmill_decode_steps", "llama_decode calls of the batched engine", registry=r)
+        self.slot_steps = Counter("tokenmill_slot_steps", "Sequence slots available over decode steps", registry=r)
+        self.filled_slot_steps = Counter(
+            "tokenmill_filled_slot_steps", "Sequence slots holding a row over decode steps", registry=r
+        )
+        self.busy_fraction = Gauge(
+            "tokenmill_engine_busy_fraction", "Slots filled / slots available over the last task", registry=r
+        )
         self.queue_depth = Gauge(
             "tokenmill_queue_depth", "Chunks waiting (pending or queued) on this worker's queues", registry=r
         )
@@ -55,6 +63,13 @@ class WorkerMetrics:
         self.chunk_seconds.observe(seconds)
         if seconds > 0:
             self.predicted_tps.set(tokens / seconds)
+
+    def observe_slots(self, use: SlotUse) -> None:
+        self.decode_steps.inc(use.steps)
+        self.slot_steps.inc(use.slots)
+        self.filled_slot_steps.inc(use.filled)
+        if use.busy_fraction is not None:
+            self.busy_fraction.set(use.busy_fraction)
 
     def bind_queue_depth(self, store: Store, worker_id: str) -> None:
         """Read lazily at scrape time, so an idle worker costs the store nothing."""

@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.cache import copy_cached, request_hash
+from tokenmill.cache import copy_cached
 from tokenmill.config import Settings, mask_text
-from tokenmill.engine import Engine, Generation
+from tokenmill.engine import Engine, Generation, SlotUse
 from tokenmill.errors import RequestTooLong, RowRefused
 from tokenmill.output import response_body, timings
 from tokenmill.rows import DatasetRow
@@ -25,27 +24,14 @@ from tokenmill.store import results as store_results
 from tokenmill.store import workers as store_workers
 from tokenmill.store.states import ErrorCode, ResultStatus, WorkerState
 from tokenmill.store.tables import Chunk, Job
+from tokenmill.workers.feed import ChunkFeed, ChunkOutcome, Held
 from tokenmill.workers.metrics import WorkerMetrics
 from tokenmill.workers.writer import ResultWriter
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ChunkOutcome:
-    claimed: bool
-    generated: int = 0
-    cached: int = 0
-    failed: int = 0
-    stopped: str | None = None  # "cancelled" | "lease_lost" | "shutdown"
-
-
-@dataclass
-class _Current:
-    job_id: str
-    chunk_id: int
-    stop_reason: str | None = None
-    attempts: dict[int, int] = field(default_factory=dict)
+__all__ = ["ChunkOutcome", "WorkerRuntime"]
 
 
 class WorkerRuntime:
@@ -65,7 +51,7 @@ class WorkerRuntime:
         self.engine = engine
         self.worker_id = worker_id
         self.model_id = model_id
-        self._current: _Current | None = None
+        self._current: Held | None = None
         self._stopping: str | None = None
         self._consuming = False  # Celery takes messages only a second or more after the model is loaded
         self._lock = threading.Lock()
@@ -77,6 +63,11 @@ class WorkerRuntime:
 
     def start(self) -> None:
         self._beat.start()
+
+    @property
+    def stopping(self) -> str | None:
+        """Why the worker is shutting down (its chunks are handed back), or None while it serves."""
+        return self._stopping
 
     def mark_consuming(self) -> None:
         """Celery now takes messages: from here on the worker is ``ready`` (``starting`` until then)."""
@@ -113,18 +104,14 @@ class WorkerRuntime:
             cur = self._current
             try:
                 with self.store.session() as s:
-                    if cur is not None:
-                        if store_jobs.is_cancelled(s, cur.job_id):
-                            cur.stop_reason = "cancelled"
-                        elif not leases.renew(s, cur.chunk_id, self.worker_id, self.settings.lease_seconds):
-                            cur.stop_reason = "lease_lost"
+                    held = self._renew(s, cur) if cur is not None else []
                     if time.monotonic() - last_beat >= self.settings.heartbeat_seconds or cur is not None:
                         store_workers.heartbeat(
                             s,
                             self.worker_id,
                             state=self._shown_state(cur),
                             current_job=cur.job_id if cur else None,
-                            current_chunk=cur.chunk_id if cur else None,
+                            current_chunk=held[0] if held else None,
                         )
                         last_beat = time.monotonic()
             except DB_ERRORS as exc:
@@ -134,7 +121,19 @@ class WorkerRuntime:
                 log.warning("heartbeat failed: %s: %s", type(exc).__name__, mask_text(str(exc)))
                 self.store.engine.dispose()
 
-    def _shown_state(self, cur: _Current | None) -> WorkerState:
+    def _renew(self, s: Any, cur: Held) -> list[int]:
+        """Renew every lease the task holds; note a cancel, or a lease lost (taken while we were away)."""
+        held = cur.snapshot()
+        if store_jobs.is_cancelled(s, cur.job_id):
+            cur.stop_reason = "cancelled"
+            return held
+        for chunk_id in held:
+            renewed = leases.renew(s, chunk_id, self.worker_id, self.settings.lease_seconds)
+            if not renewed and chunk_id in cur.snapshot():  # not merely completed meanwhile
+                cur.stop_reason = "lease_lost"
+        return held
+
+    def _shown_state(self, cur: Held | None) -> WorkerState:
         if cur is not None:
             return WorkerState.BUSY
         return WorkerState.READY if self._consuming else WorkerState.STARTING
@@ -149,14 +148,10 @@ class WorkerRuntime:
             log.info("chunk %s of job %s not claimed (done, cancelled, or leased by another worker)", chunk_id, job_id)
             return ChunkOutcome(claimed=False)
         if chunk.attempts > self.settings.max_chunk_attempts:  # the claim gave up on it and closed it
-            log.warning(
-                "chunk %s of job %s claimed %d times (limit %d): %d unanswered rows failed with %s",
-                chunk_id, job_id, chunk.attempts, self.settings.max_chunk_attempts, claim.exhausted,
-                ErrorCode.CHUNK_ATTEMPTS_EXHAUSTED,
-            )  # fmt: skip
+            self.report_exhausted(claim)
             return ChunkOutcome(claimed=True, failed=claim.exhausted)
         # A shutdown that arrived while we were claiming: hand the chunk straight back.
-        cur = _Current(job_id=job_id, chunk_id=chunk_id, stop_reason=self._stopping)
+        cur = Held(job_id=job_id, chunk_ids={chunk_id}, stop_reason=self._stopping)
         with self._lock:
             self._current = cur
         try:
@@ -164,6 +159,15 @@ class WorkerRuntime:
         finally:
             with self._lock:
                 self._current = None
+
+    def report_exhausted(self, claim: leases.Claim) -> None:
+        chunk = claim.chunk
+        assert chunk is not None
+        log.warning(
+            "chunk %s of job %s claimed %d times (limit %d): %d unanswered rows failed with %s",
+            chunk.id, chunk.job_id, chunk.attempts, self.settings.max_chunk_attempts, claim.exhausted,
+            ErrorCode.CHUNK_ATTEMPTS_EXHAUSTED,
+        )  # fmt: skip
 
     def _claim(self, chunk_id: int, job_id: str) -> leases.Claim:
         with self.store.session() as s:
@@ -176,80 +180,34 @@ class WorkerRuntime:
                 max_attempts=self.settings.max_chunk_attempts,
             )
 
-    def _run(self, job: Job, chunk: Chunk, cur: _Current) -> ChunkOutcome:
+    def _run(self, job: Job, chunk: Chunk, cur: Held) -> ChunkOutcome:
         started = time.monotonic()
-        tokens = 0
-        outcome = ChunkOutcome(claimed=True)
-        enqueued_at = chunk.enqueued_at or chunk.started_at or time.time()
-
-        def load() -> list[tuple[int, DatasetRow]]:
-            with self.store.session() as s:
-                done = store_results.done_seqs(s, job.id, chunk.first_seq, chunk.last_seq)
-                reqs = store_jobs.load_rows(s, job.id, chunk.first_seq, chunk.last_seq)
-            pending = [r for r in reqs if r.seq not in done]
-            cur.attempts.update((r.seq, r.attempts) for r in pending)  # earlier deliveries' failed tries count
-            return [(r.seq, DatasetRow.from_payload(r.line, r.custom_id, r.payload)) for r in pending]
-
-        pending = self.store.retrying(load)
-        seq_of = {row.custom_id: seq for seq, row in pending}
-        rows = [row for _, row in pending]
-        use_cache = not job.options.get("no_cache", False)
-        todo: list[DatasetRow] = []
-        for row in rows:
-            h = request_hash(self.model_id, row) if use_cache else None
-            if h is not None and self._serve_cached(job, row, seq_of[row.custom_id], h):
-                outcome.cached += 1
-            else:
-                todo.append(row)
-
-        retry: list[DatasetRow] = []
-
-        def should_stop() -> bool:
-            return cur.stop_reason is not None
-
-        def on_done(row: DatasetRow, res: Generation | Exception) -> None:
-            nonlocal tokens
-            seq = seq_of[row.custom_id]
-            if isinstance(res, Exception):
-                attempt = cur.attempts[seq] = self._count_attempt(job.id, seq)
-                retryable = not isinstance(res, RowRefused)
-                if retryable and attempt < self.settings.max_row_attempts:
-                    retry.append(row)
-                    return
-                outcome.failed += 1
-                self.metrics.observe_failure(type(res).__name__)
-                self._write_failure(job, row, seq, res, attempt)
-                return
-            outcome.generated += 1
-            tokens += res.completion_tokens
-            self.metrics.observe(res)
-            queue_ms = max(0.0, (time.time() - res.total_ms / 1000.0 - enqueued_at) * 1000.0)
-            attempt = cur.attempts.get(seq, 0) + 1
-            self._write_success(job, row, seq, res, queue_ms, attempt, request_hash(self.model_id, row))
-
-        self.metrics.processing.set(len(todo))
-        while todo and not should_stop():
-            self.engine.generate(todo, on_done, should_stop)
-            todo = list(retry)  # rows that failed but have attempts left go round again
-            retry.clear()
-        self.metrics.processing.set(0)
-        self.metrics.observe_chunk(time.monotonic() - started, tokens)
-        self.metrics.cached.inc(outcome.cached)
-
+        feed = ChunkFeed(self, job, cur, chain=self.settings.chain_chunks)
+        before = SlotUse(**vars(self.engine.slot_use))
+        try:
+            todo = feed.open(chunk)
+            self.metrics.processing.set(len(todo))
+            self.engine.generate(todo, feed.on_done, lambda: cur.stop_reason is not None, refill=feed.refill)
+        finally:
+            held = feed.close()
+            self.metrics.processing.set(0)
+        outcome = feed.outcome
         outcome.stopped = cur.stop_reason
-        self.writer.flush()  # the chunk is done only once its rows are in the store
+        use = self.engine.slot_use.since(before)
+        self.metrics.observe_chunk(time.monotonic() - started, feed.tokens)
+        self.metrics.observe_slots(use)
+        self.writer.flush()  # every chunk completed above is in the store, and so are its rows
 
         def finish() -> None:
             with self.store.session() as s:
-                if cur.stop_reason is None:
-                    leases.complete(s, chunk.id, self.worker_id)
-                elif cur.stop_reason in ("cancelled", "shutdown"):
-                    leases.release(s, chunk.id, self.worker_id)
+                for chunk_id in held:  # not completed: a stop, or claimed ahead and never started
+                    leases.release(s, chunk_id, self.worker_id)
+                store_jobs.add_slot_use(s, job.id, use.steps, use.slots, use.filled)
 
         self.store.retrying(finish)
         return outcome
 
-    def _count_attempt(self, job_id: str, seq: int) -> int:
+    def count_attempt(self, job_id: str, seq: int) -> int:
         """Store a failed try, so a redelivered chunk does not give the row a fresh set of attempts."""
 
         def count() -> int:
@@ -258,10 +216,10 @@ class WorkerRuntime:
 
         return self.store.retrying(count)
 
-    def _serve_cached(self, job: Job, row: DatasetRow, seq: int, h: str) -> bool:
+    def serve_cached(self, job: Job, row: DatasetRow, seq: int, h: str) -> bool:
         return self.store.retrying(lambda: copy_cached(self.store, job.id, seq, row, h, self.worker_id))
 
-    def _write_success(
+    def write_success(
         self, job: Job, row: DatasetRow, seq: int, gen: Generation, queue_ms: float, attempt: int, h: str | None
     ) -> None:
         values: dict[str, Any] = {
@@ -280,7 +238,7 @@ class WorkerRuntime:
         }
         self.writer.put(values, gen.completion_tokens)
 
-    def _write_failure(self, job: Job, row: DatasetRow, seq: int, exc: Exception, attempt: int) -> None:
+    def write_failure(self, job: Job, row: DatasetRow, seq: int, exc: Exception, attempt: int) -> None:
         code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if isinstance(exc, RequestTooLong) else ErrorCode.GENERATION_FAILED
         if isinstance(exc, RowRefused) and not isinstance(exc, RequestTooLong):
             code = ErrorCode.INVALID_REQUEST

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.config import mask_text
-from tokenmill.store import Store
+from tokenmill.store import Store, leases
 from tokenmill.store import results as store_results
 from tokenmill.store import workers as store_workers
 
@@ -38,6 +38,13 @@ class _Flush:
 
     def __init__(self) -> None:
         self.done = threading.Event()
+
+
+@dataclass
+class _Complete:
+    """A marker: mark this chunk done in the same transaction as the rows queued before it."""
+
+    chunk_id: int
 
 
 _CLOSE = object()
@@ -60,6 +67,14 @@ class ResultWriter:
     def put(self, values: dict[str, Any], tokens: int) -> None:
         """Queue one result row (blocks while two batches already wait: backpressure, not memory growth)."""
         self._queue.put(_Row(values, tokens))
+
+    def complete(self, chunk_id: int) -> None:
+        """Complete ``chunk_id`` once every row queued before this call is committed, in that transaction.
+
+        The engine goes on decoding the next chunk's rows meanwhile; if the batch fails, the chunk is not
+        completed (its lease runs out and the next claimant writes what is missing).
+        """
+        self._queue.put(_Complete(chunk_id))
 
     def flush(self) -> None:
         """Wait until every row queued so far is committed; re-raise what a failed batch raised.
@@ -87,10 +102,10 @@ class ResultWriter:
             if first is _CLOSE:
                 return
             batch: list[_Row] = []
-            flushes: list[_Flush] = []
-            self._take(first, batch, flushes)
+            markers: list[_Flush | _Complete] = []
+            self._take(first, batch, markers)
             deadline = time.monotonic() + self.batch_s
-            while len(batch) < self.batch_rows and not flushes:
+            while len(batch) < self.batch_rows and not markers:
                 try:
                     item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
@@ -98,32 +113,40 @@ class ResultWriter:
                 if item is _CLOSE:
                     closing = True
                     break
-                self._take(item, batch, flushes)
-            self._commit(batch)
-            for marker in flushes:
-                marker.done.set()
+                self._take(item, batch, markers)
+            self._commit(batch, [m.chunk_id for m in markers if isinstance(m, _Complete)])
+            for marker in markers:
+                if isinstance(marker, _Flush):
+                    marker.done.set()
 
     @staticmethod
-    def _take(item: object, batch: list[_Row], flushes: list[_Flush]) -> None:
-        if isinstance(item, _Flush):
-            flushes.append(item)
+    def _take(item: object, batch: list[_Row], markers: list[_Flush | _Complete]) -> None:
+        if isinstance(item, _Flush | _Complete):
+            markers.append(item)
         elif isinstance(item, _Row):
             batch.append(item)
 
-    def _commit(self, batch: list[_Row]) -> None:
-        if not batch:
+    def _commit(self, batch: list[_Row], completes: list[int]) -> None:
+        if not batch and not completes:
             return
         tokens = {(r.values["job_id"], r.values["seq"]): r.tokens for r in batch}
 
         def write() -> None:
             with self.store.session() as s:
-                inserted = store_results.write_results(s, [r.values for r in batch])
+                inserted = store_results.write_results(s, [r.values for r in batch]) if batch else set()
                 if inserted:
                     store_workers.count_tokens(s, self.worker_id, len(inserted), sum(tokens[k] for k in inserted))
+                for chunk_id in completes:
+                    if not leases.complete(s, chunk_id, self.worker_id):
+                        log.info("chunk %s was no longer ours to complete (lease lost or job cancelled)", chunk_id)
 
         try:
             self.store.retrying(write)
             self.batches += 1
         except BaseException as exc:  # this thread must outlive any error; the chunk's flush reports it
-            log.warning("storing %d results failed: %s: %s", len(batch), type(exc).__name__, mask_text(str(exc)))
+            log.warning(
+                "storing %d results%s failed: %s: %s",
+                len(batch), f" and completing chunks {completes}" if completes else "", type(exc).__name__,
+                mask_text(str(exc)),
+            )  # fmt: skip
             self._error = exc

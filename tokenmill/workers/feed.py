@@ -1,0 +1,264 @@
+"""Continuous batching across chunks: the rows of every chunk a worker task holds, fed to one engine call.
+
+A task starts from the chunk its message named. Once fewer rows wait than the engine has slots, the
+engine asks for more (:data:`tokenmill.engine.Refill`), and a thread claims the job's next chunk from the
+store (its own lease, :func:`tokenmill.store.leases.claim_next_for_worker`) and loads its rows while
+decoding goes on, so slots are refilled the step they free instead of emptying at every chunk boundary.
+
+Each chunk keeps its own meaning: it is completed, in the writer's transaction, once its last row is
+stored (:meth:`tokenmill.workers.writer.ResultWriter.complete`); cancel, shutdown and a lost lease stop
+every chunk held, and those not finished are handed back. Rows that failed with attempts left come back
+through the same refill, ahead of new chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tokenmill.cache import request_hash
+from tokenmill.config import Settings, mask_text
+from tokenmill.engine import Generation
+from tokenmill.errors import RowRefused
+from tokenmill.rows import DatasetRow
+from tokenmill.store import Store, leases
+from tokenmill.store import jobs as store_jobs
+from tokenmill.store import results as store_results
+from tokenmill.store.tables import Chunk, Job
+from tokenmill.workers.metrics import WorkerMetrics
+from tokenmill.workers.writer import ResultWriter
+
+
+class TaskHost(Protocol):
+    """What the feed needs from its worker (:class:`tokenmill.workers.runtime.WorkerRuntime`)."""
+
+    store: Store
+    settings: Settings
+    worker_id: str
+    model_id: str
+    metrics: WorkerMetrics
+    writer: ResultWriter
+
+    @property
+    def stopping(self) -> str | None: ...
+
+    def report_exhausted(self, claim: leases.Claim) -> None: ...
+
+    def serve_cached(self, job: Job, row: DatasetRow, seq: int, h: str) -> bool: ...
+
+    def count_attempt(self, job_id: str, seq: int) -> int: ...
+
+    def write_failure(self, job: Job, row: DatasetRow, seq: int, exc: Exception, attempt: int) -> None: ...
+
+    def write_success(
+        self, job: Job, row: DatasetRow, seq: int, gen: Generation, queue_ms: float, attempt: int, h: str | None
+    ) -> None: ...
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChunkOutcome:
+    claimed: bool
+    generated: int = 0
+    cached: int = 0
+    failed: int = 0
+    chunks: int = 0  # chunks this task served: the one its message named, and those it claimed after it
+    stopped: str | None = None  # "cancelled" | "lease_lost" | "shutdown"
+
+
+@dataclass
+class Held:
+    """The chunks a task holds leases on; the heartbeat renews them, the feed adds and completes them."""
+
+    job_id: str
+    chunk_ids: set[int]
+    stop_reason: str | None = None
+    attempts: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def snapshot(self) -> list[int]:
+        with self.lock:
+            return sorted(self.chunk_ids)
+
+    def add(self, chunk_id: int) -> None:
+        with self.lock:
+            self.chunk_ids.add(chunk_id)
+
+    def drop(self, chunk_id: int) -> None:
+        with self.lock:
+            self.chunk_ids.discard(chunk_id)
+
+
+@dataclass
+class _Opened:
+    """A claimed chunk's rows still to generate, read off the engine thread."""
+
+    chunk: Chunk
+    rows: list[tuple[int, DatasetRow]]
+    attempts: dict[int, int]
+    cached: int
+
+
+class ChunkFeed:
+    """One task's rows: the first chunk's, then each next chunk's as the engine asks (see module doc)."""
+
+    def __init__(self, rt: TaskHost, job: Job, held: Held, chain: bool) -> None:
+        self.rt, self.job, self.held = rt, job, held
+        self.outcome = ChunkOutcome(claimed=True)
+        self.tokens = 0
+        self._seq_of: dict[str, int] = {}
+        self._chunk_of: dict[int, int] = {}  # seq -> chunk id
+        self._left: dict[int, int] = {}  # chunk id -> rows not answered for good yet
+        self._enqueued_at: dict[int, float] = {}
+        self._retry: list[DatasetRow] = []
+        self._use_cache = not job.options.get("no_cache", False)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-next-chunk") if chain else None
+        self._next: Future[_Opened | None] | None = None
+        self._no_more = not chain
+
+    # -- chunks in ---------------------------------------------------------------------------------
+
+    def open(self, chunk: Chunk) -> list[DatasetRow]:
+        """The rows of the task's own chunk (already claimed), after serving its cache hits."""
+        return self._adopt(self.rt.store.retrying(lambda: self._prepare(chunk)))
+
+    def refill(self, wait: bool) -> list[DatasetRow] | None:
+        """Retries first, then the next chunk's rows; None (only when ``wait``) once nothing is left."""
+        while True:
+            if self._retry:
+                rows, self._retry = self._retry, []
+                return rows
+            if self.held.stop_reason is not None:
+                return None if wait else []
+            if self._next is None and not self._no_more and self._pool is not None:
+                self._next = self._pool.submit(self._claim_next)
+            if self._next is None:
+                return None if wait else []
+            if not wait and not self._next.done():
+                return []
+            opened = self._take_next()
+            if opened is not None:
+                rows = self._adopt(opened)
+                if rows or not wait:
+                    return rows
+
+    def _take_next(self) -> _Opened | None:
+        assert self._next is not None
+        future, self._next = self._next, None
+        try:
+            opened = future.result()
+        except Exception as exc:  # the store blinked: finish what we hold, take no more this task
+            log.warning("could not claim the next chunk: %s: %s", type(exc).__name__, mask_text(str(exc)))
+            opened = None
+        if opened is None:
+            self._no_more = True
+        return opened
+
+    def _claim_next(self) -> _Opened | None:
+        """On the prefetch thread: the job's next chunk, leased to us and loaded, or None when none is left."""
+        rt = self.rt
+        while self.held.stop_reason is None and rt.stopping is None:
+
+            def claim() -> leases.Claim:
+                with rt.store.session() as s:
+                    return leases.claim_next_for_worker(
+                        s, job_id=self.job.id, worker_id=rt.worker_id, lease_seconds=rt.settings.lease_seconds,
+                        max_attempts=rt.settings.max_chunk_attempts,
+                    )  # fmt: skip
+
+            got = rt.store.retrying(claim)
+            if got.chunk is None:
+                return None
+            if got.exhausted or got.chunk.attempts > rt.settings.max_chunk_attempts:
+                rt.report_exhausted(got)
+                self.outcome.failed += got.exhausted
+                continue
+            self.held.add(got.chunk.id)
+            return rt.store.retrying(functools.partial(self._prepare, got.chunk))
+        return None
+
+    def _prepare(self, chunk: Chunk) -> _Opened:
+        """Load the chunk's unanswered rows and serve those the result cache answers (either thread)."""
+        rt, job = self.rt, self.job
+        with rt.store.session() as s:
+            done = store_results.done_seqs(s, job.id, chunk.first_seq, chunk.last_seq)
+            reqs = store_jobs.load_rows(s, job.id, chunk.first_seq, chunk.last_seq)
+        pending = [r for r in reqs if r.seq not in done]
+        attempts = {r.seq: r.attempts for r in pending}  # earlier deliveries' failed tries count
+        rows: list[tuple[int, DatasetRow]] = []
+        cached = 0
+        for r in pending:
+            row = DatasetRow.from_payload(r.line, r.custom_id, r.payload)
+            h = request_hash(rt.model_id, row) if self._use_cache else None
+            if h is not None and rt.serve_cached(job, row, r.seq, h):
+                cached += 1
+            else:
+                rows.append((r.seq, row))
+        return _Opened(chunk, rows, attempts, cached)
+
+    def _adopt(self, opened: _Opened) -> list[DatasetRow]:
+        """Take a prepared chunk's rows into this task (engine thread only)."""
+        chunk = opened.chunk
+        self.outcome.chunks += 1
+        self.outcome.cached += opened.cached
+        self.rt.metrics.cached.inc(opened.cached)
+        self.held.attempts.update(opened.attempts)
+        self._enqueued_at[chunk.id] = chunk.enqueued_at or chunk.started_at or time.time()
+        self._left[chunk.id] = len(opened.rows)
+        for seq, row in opened.rows:
+            self._seq_of[row.custom_id] = seq
+            self._chunk_of[seq] = chunk.id
+        if not opened.rows:
+            self._complete(chunk.id)
+        return [row for _, row in opened.rows]
+
+    # -- rows out ----------------------------------------------------------------------------------
+
+    def on_done(self, row: DatasetRow, res: Generation | Exception) -> None:
+        rt, job = self.rt, self.job
+        seq = self._seq_of[row.custom_id]
+        if isinstance(res, Exception):
+            attempt = self.held.attempts[seq] = rt.count_attempt(job.id, seq)
+            if not isinstance(res, RowRefused) and attempt < rt.settings.max_row_attempts:
+                self._retry.append(row)  # goes round again through refill
+                return
+            self.outcome.failed += 1
+            rt.metrics.observe_failure(type(res).__name__)
+            rt.write_failure(job, row, seq, res, attempt)
+        else:
+            self.outcome.generated += 1
+            self.tokens += res.completion_tokens
+            rt.metrics.observe(res)
+            enqueued = self._enqueued_at[self._chunk_of[seq]]
+            queue_ms = max(0.0, (time.time() - res.total_ms / 1000.0 - enqueued) * 1000.0)
+            attempt = self.held.attempts.get(seq, 0) + 1
+            rt.write_success(job, row, seq, res, queue_ms, attempt, request_hash(rt.model_id, row))
+        chunk_id = self._chunk_of[seq]
+        self._left[chunk_id] -= 1
+        if self._left[chunk_id] == 0:
+            self._complete(chunk_id)
+
+    def _complete(self, chunk_id: int) -> None:
+        # Dropped from the renewals first: the commit that completes it makes a renewal fail, which
+        # must not read as a lost lease.
+        self.held.drop(chunk_id)
+        self.rt.writer.complete(chunk_id)
+
+    def close(self) -> list[int]:
+        """Wait for a claim in flight; the chunks still held (not completed), for the caller to hand back.
+
+        A chunk claimed ahead but never fed is among them, as is any whose rows a stop left unanswered.
+        """
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        left = self.held.snapshot()
+        if left and self.held.stop_reason is None:
+            log.info("chunks %s claimed ahead but not started; handed back", left)
+        return left
