@@ -37,7 +37,7 @@ def test_one_task_claims_and_completes_the_jobs_next_chunks(store: Store, settin
 
 def test_chunks_another_worker_holds_are_left_to_it(store: Store, settings: Settings) -> None:
     job = make_job(store, 20, 5)
-    first, second, third, _ = chunk_ids(store, job)
+    first, _, third, _ = chunk_ids(store, job)
     with store.session() as s:
         assert leases.claim(s, third, "w2", lease_seconds=60) is not None  # a live lease elsewhere
     engine = ScriptedEngine()
