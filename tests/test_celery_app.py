@@ -51,3 +51,4 @@ def test_processes_declaring_the_same_queue_at_once_all_succeed(tmp_path: Path) 
         assert isinstance(channel, SQLChannel)
         names = [q.name for q in channel.session.query(channel.queue_cls)]
     assert sorted(names) == sorted(f"tm.q{i}" for i in range(QUEUES))  # one row each, none twice
+

@@ -27,12 +27,8 @@ def embed_line(cid: str, body: dict[str, Any], url: str | None = "/v1/embeddings
 
 
 def chat_line(cid: str) -> dict[str, Any]:
-    return {
-        "custom_id": cid,
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-    }
+    return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}
 
 
 def rows_of(path: Path) -> list[DatasetRow]:
@@ -66,13 +62,8 @@ def test_payload_round_trip_and_old_payloads_still_load(tmp_path: Path) -> None:
     row = rows_of(path)[0]
     payload = json.loads(json.dumps(row.to_payload()))  # what the store keeps
     assert DatasetRow.from_payload(row.line, row.custom_id, payload) == row
-    old: dict[str, Any] = {
-        "endpoint": CHAT,
-        "messages": [{"role": "user", "content": "hi"}],
-        "prompt": None,
-        "params": {"max_tokens": 5, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": None},
-        "source": None,
-    }
+    old: dict[str, Any] = {"endpoint": CHAT, "messages": [{"role": "user", "content": "hi"}], "prompt": None,
+           "params": {"max_tokens": 5, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": None}, "source": None}
     chat = DatasetRow.from_payload(1, "c", old)
     assert chat.inputs is None and chat.encoding_format == "float" and chat.dimensions is None
     assert "inputs" not in chat.to_payload()  # generation payloads keep their shape
@@ -105,9 +96,8 @@ def test_bad_bodies_name_line_and_field(tmp_path: Path, body: dict[str, Any], fi
 
 
 def test_mixed_file_fails_at_first_line_of_the_other_kind(tmp_path: Path) -> None:
-    path = write(
-        tmp_path, embed_line("e1", {"input": "a"}), embed_line("e2", {"input": "b"}), chat_line("c3"), chat_line("c4")
-    )
+    path = write(tmp_path, embed_line("e1", {"input": "a"}), embed_line("e2", {"input": "b"}),
+                 chat_line("c3"), chat_line("c4"))
     with pytest.raises(DatasetError) as info:
         rows_of(path)
     message = str(info.value)
@@ -116,9 +106,8 @@ def test_mixed_file_fails_at_first_line_of_the_other_kind(tmp_path: Path) -> Non
 
 
 def test_mixed_file_every_line_of_the_other_kind_is_invalid(tmp_path: Path) -> None:
-    path = write(
-        tmp_path, chat_line("c1"), embed_line("e2", {"input": "b"}), chat_line("c3"), embed_line("e4", {"input": "d"})
-    )
+    path = write(tmp_path, chat_line("c1"), embed_line("e2", {"input": "b"}), chat_line("c3"),
+                 embed_line("e4", {"input": "d"}))
     summary = validate_dataset(path)
     assert summary.rows == 2
     assert [bad.line for bad in summary.invalid] == [2, 4]
@@ -141,10 +130,8 @@ def test_embeddings_rows_are_cacheable_by_their_whole_request() -> None:
     same = DatasetRow(9, "other-id", EMBEDDINGS, inputs=("x", (1, 2)))
     assert request_hash("sha-1", row) is not None
     assert request_hash("sha-1", row) == request_hash("sha-1", same)
-    others = [
-        DatasetRow(1, "a", EMBEDDINGS, inputs=("x", (1, 3))),
-        DatasetRow(1, "a", EMBEDDINGS, inputs=("x", (1, 2)), encoding_format="base64"),
-        DatasetRow(1, "a", EMBEDDINGS, inputs=("x", (1, 2)), dimensions=384),
-    ]
+    others = [DatasetRow(1, "a", EMBEDDINGS, inputs=("x", (1, 3))),
+              DatasetRow(1, "a", EMBEDDINGS, inputs=("x", (1, 2)), encoding_format="base64"),
+              DatasetRow(1, "a", EMBEDDINGS, inputs=("x", (1, 2)), dimensions=384)]
     assert len({request_hash("sha-1", r) for r in [row, *others]}) == 4
     assert request_hash("sha-2", row) != request_hash("sha-1", row)

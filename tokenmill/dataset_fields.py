@@ -398,7 +398,6 @@ def _token_ids(value: list[Any], field: str) -> tuple[int, ...]:
         if isinstance(token, bool) or not isinstance(token, int):
             raise FieldError(f"must be a token id (integer), got {describe(token)}", f"{field}[{j}]")
         if token < 0 or token > TOKEN_ID_LIMIT:
-            raise FieldError(
-                f"must be a token id between 0 and {TOKEN_ID_LIMIT}, got {describe(token)}", f"{field}[{j}]"
-            )
+            raise FieldError(f"must be a token id between 0 and {TOKEN_ID_LIMIT}, got {describe(token)}",
+                             f"{field}[{j}]")
     return tuple(value)

@@ -334,6 +334,7 @@ class _RowBuilder:
         return DatasetRow(line, custom_id, COMPLETIONS, prompt=text, params=self._params(body, "body.", COMPLETIONS))
 
 
+
 class _JobKind:
     """A job is generation or embeddings, never both: a worker's context serves one kind of request.
 

@@ -98,11 +98,9 @@ def test_run_skip_invalid_keeps_skipped_lines(tmp_path: Path, settings: Settings
     model.symlink_to(smollm2_path)
     data = tmp_path / "d.jsonl"
     data.write_text(
-        json.dumps({"id": "a", "prompt": "One, two,", "max_tokens": 3, "temperature": 0})
-        + "\n"
+        json.dumps({"id": "a", "prompt": "One, two,", "max_tokens": 3, "temperature": 0}) + "\n"
         + '{"id": "bad", "prompt": "x", "max_tokens": -3}\n'
-        + json.dumps({"id": "long", "prompt": "word " * 3000, "max_tokens": 3})
-        + "\n"
+        + json.dumps({"id": "long", "prompt": "word " * 3000, "max_tokens": 3}) + "\n"
         + "{not json\n",
         encoding="utf-8",
     )
@@ -115,9 +113,7 @@ def test_run_skip_invalid_keeps_skipped_lines(tmp_path: Path, settings: Settings
     assert "2 invalid lines (not run" in " ".join(proc.stdout.split())
     errors = [json.loads(line) for line in err.read_text().splitlines()]
     assert [(e["custom_id"], e["error"]["code"], e["error"]["line"]) for e in errors] == [
-        ("bad", "invalid_request", 2),
-        ("long", "context_length_exceeded", 3),
-        ("line-4", "invalid_request", 4),
+        ("bad", "invalid_request", 2), ("long", "context_length_exceeded", 3), ("line-4", "invalid_request", 4),
     ]
     [line] = [json.loads(line) for line in out.read_text().splitlines()]
     sha = hashlib.sha256(smollm2_path.read_bytes()).hexdigest()

@@ -25,14 +25,8 @@ def test_run_embeddings_file(tmp_path: Path, settings: Settings, minilm_path: Pa
     data = tmp_path / "embed.jsonl"
     data.write_text(
         line("one", {"model": "all-minilm-l6-v2", "input": "The cat sits on the mat."})
-        + line(
-            "pair",
-            {
-                "input": ["A cat is sitting on a rug.", "Stock markets fell sharply."],
-                "encoding_format": "base64",
-                "user": "u-1",
-            },
-        )
+        + line("pair", {"input": ["A cat is sitting on a rug.", "Stock markets fell sharply."],
+                        "encoding_format": "base64", "user": "u-1"})
         + line("tokens", {"input": [[101, 1996, 4937, 102], [101, 102]]})
         + line("too-long", {"input": ["fine", "word " * 700]}),
         encoding="utf-8",
@@ -63,12 +57,8 @@ def test_run_embeddings_file(tmp_path: Path, settings: Settings, minilm_path: Pa
 
 def test_run_refuses_a_file_mixing_generation_and_embeddings(tmp_path: Path, settings: Settings) -> None:
     data = tmp_path / "mixed.jsonl"
-    chat = {
-        "custom_id": "c",
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": {"messages": [{"role": "user", "content": "hi"}]},
-    }
+    chat = {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "hi"}]}}
     data.write_text(line("e", {"input": "x"}) + json.dumps(chat) + "\n", encoding="utf-8")
     proc = run_cli(settings, "run", str(data), timeout=60)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
@@ -79,14 +69,10 @@ def test_run_refuses_a_file_mixing_generation_and_embeddings(tmp_path: Path, set
 @pytest.mark.parametrize(
     ("text", "words"),
     [
-        (
-            json.dumps({"custom_id": "c", "messages": [{"role": "user", "content": "hi"}]}),
-            "field 'url': is a generation request, but all-minilm-l6-v2 is an embedding model",
-        ),
-        (
-            line("d", {"input": "x", "dimensions": 64}).strip(),
-            "field 'body.dimensions': dimensions=64 is not supported: all-minilm-l6-v2 gives 384-dimensional",
-        ),
+        (json.dumps({"custom_id": "c", "messages": [{"role": "user", "content": "hi"}]}),
+         "field 'url': is a generation request, but all-minilm-l6-v2 is an embedding model"),
+        (line("d", {"input": "x", "dimensions": 64}).strip(),
+         "field 'body.dimensions': dimensions=64 is not supported: all-minilm-l6-v2 gives 384-dimensional"),
     ],
 )
 def test_run_refuses_lines_the_model_cannot_serve(tmp_path: Path, settings: Settings, text: str, words: str) -> None:

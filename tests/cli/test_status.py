@@ -76,9 +76,7 @@ def test_status_jobs_and_wait_exit_codes(tmp_path: Path, settings: Settings, pro
     listed = json.loads(run_cli(settings, "jobs", "--json").stdout)
     assert [j["job"] for j in listed] == [gemma_id, bad_id, good_id]  # newest first
     assert [(j["state"], j["done"], j["failed"]) for j in listed] == [
-        ("cancelled", 0, 0),
-        ("completed_with_errors", 3, 1),
-        ("completed", 5, 0),
+        ("cancelled", 0, 0), ("completed_with_errors", 3, 1), ("completed", 5, 0)
     ]
 
 

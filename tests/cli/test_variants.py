@@ -49,28 +49,15 @@ def test_quantize_makes_a_variant_that_run_can_pin_and_workers_report(
     assert "q4_k_m_from_q4_1" in [c["variant"] for c in smol["candidates"]]
 
     data = tmp_path / "rows.jsonl"
-    data.write_text(
-        "".join(json.dumps({"prompt": f"Count to {i}:", "max_tokens": 8, "temperature": 0}) + "\n" for i in range(6))
-    )
+    data.write_text("".join(json.dumps({"prompt": f"Count to {i}:", "max_tokens": 8, "temperature": 0}) + "\n"
+                            for i in range(6)))
     out = tmp_path / "rows.results.jsonl"
-    run = run_cli(
-        local,
-        "run",
-        str(data),
-        "--model",
-        "smollm2-135m-instruct:q4_k_m_from_q4_1",
-        "-o",
-        str(out),
-        "--workers",
-        "1",
-        "--threads",
-        "2",
-    )
+    run = run_cli(local, "run", str(data), "--model", "smollm2-135m-instruct:q4_k_m_from_q4_1", "-o", str(out),
+                  "--workers", "1", "--threads", "2")
     assert run.returncode == 0, run.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 6 and {line["tokenmill"]["model"] for line in lines} == {
-        "smollm2-135m-instruct:q4_k_m_from_q4_1"
-    }
+        "smollm2-135m-instruct:q4_k_m_from_q4_1"}
     workers = json.loads(run_cli(local, "workers", "--all", "--json").stdout)
     assert workers and all(w["predicted_tps"] and w["measured_tps"] for w in workers), workers
 

@@ -143,13 +143,8 @@ def vectors_result(result: Generation | Exception) -> EmbeddingResult:
 def test_smollm2_serves_embeddings_through_the_generation_engine(smollm2_path: Path) -> None:
     """A decoder model's worker embeds too: LlamaEngine hands embeddings rows to a mean-pooled context."""
     with LlamaEngine(smollm2_path, "smollm2", n_seq=2, n_ctx_per_seq=256, n_threads=2) as engine:
-        chat = DatasetRow(
-            0,
-            "chat",
-            CHAT,
-            messages=({"role": "user", "content": "Say hi."},),
-            params=SamplingParams(max_tokens=4, temperature=0.0),
-        )
+        chat = DatasetRow(0, "chat", CHAT, messages=({"role": "user", "content": "Say hi."},),
+                          params=SamplingParams(max_tokens=4, temperature=0.0))
         got = run(engine, [embed_row("e", CAT, CAT2, STOCKS), chat])
         assert isinstance(got["chat"], Generation) and not isinstance(got["chat"], EmbeddingResult)
         assert got["chat"].completion_tokens > 0

@@ -78,7 +78,9 @@ def test_gemma3_is_a_four_part_registry_model_without_chat() -> None:
     assert v.size_bytes == 253_113_024
 
 
-@pytest.mark.parametrize("name", ["mistral-7b", "llama-3.1-8b", "qwen2.5-7b", "qwen2.5-14b", "gemma-2-9b"])
+@pytest.mark.parametrize(
+    "name", ["mistral-7b", "llama-3.1-8b", "qwen2.5-7b", "qwen2.5-14b", "gemma-2-9b"]
+)
 def test_popular_families_publish_the_usual_quants(name: str) -> None:
     fam = get_family(name)
     assert {"q4_k_s", "q4_k_m", "q5_k_m", "q6_k", "q8_0"} <= set(fam.quants)

@@ -14,13 +14,8 @@ from tokenmill.models.catalog import ALL_MINILM, CATALOG, ConvertSource, get_var
 from tokenmill.models.integrity import cached_sha256
 from tokenmill.models.resolve import resolve_model
 
-EMBEDDING_FAMILIES = (
-    "nomic-embed-text-v1.5",
-    "bge-small-en-v1.5",
-    "bge-base-en-v1.5",
-    ALL_MINILM,
-    "multilingual-e5-small",
-)
+EMBEDDING_FAMILIES = ("nomic-embed-text-v1.5", "bge-small-en-v1.5", "bge-base-en-v1.5", ALL_MINILM,
+                      "multilingual-e5-small")
 
 
 def test_catalog_has_the_embedding_families_with_sources() -> None:

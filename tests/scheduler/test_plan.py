@@ -20,9 +20,7 @@ MISTRAL = get_family("mistral-7b-instruct-v0.3")
 CPU_BOX = FleetMember(Capacity("cpu", 16, 32, 64 * GiB, 64 * GiB), SPEED, threads=8, n_seq=1)
 GPU_BOX = FleetMember(
     Capacity("gpu", 16, 32, 64 * GiB, 64 * GiB, (GpuInfo(0, "RTX 4090", 24 * GiB, 24 * GiB),), True),
-    SPEED,
-    threads=16,
-    n_seq=16,
+    SPEED, threads=16, n_seq=16,
 )
 
 
@@ -38,12 +36,8 @@ def test_deadlines_as_a_clock_time_or_a_duration() -> None:
 
 
 def test_workload_estimates_prompt_and_generated_tokens() -> None:
-    rows = [
-        DatasetRow(
-            i, f"r{i}", CHAT, messages=({"role": "user", "content": "x" * 400},), params=SamplingParams(max_tokens=100)
-        )
-        for i in range(10)
-    ]
+    rows = [DatasetRow(i, f"r{i}", CHAT, messages=({"role": "user", "content": "x" * 400},),
+                       params=SamplingParams(max_tokens=100)) for i in range(10)]
     w = Workload.of_rows(rows)
     assert (w.rows, w.gen_tokens) == (10, 1000)
     assert w.prompt_tokens == 10 * (100 + 6)

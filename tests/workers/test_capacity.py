@@ -56,15 +56,8 @@ def test_llama_probe_runs_out_of_process() -> None:
 
 
 def test_json_round_trip_and_helpers() -> None:
-    cap = Capacity(
-        "gpu-host",
-        8,
-        16,
-        64 * GiB,
-        60 * GiB,
-        (GpuInfo(0, "NVIDIA GeForce RTX 4090", 24 * GiB, 23 * GiB),),
-        gpu_offload=True,
-    )
+    cap = Capacity("gpu-host", 8, 16, 64 * GiB, 60 * GiB,
+                   (GpuInfo(0, "NVIDIA GeForce RTX 4090", 24 * GiB, 23 * GiB),), gpu_offload=True)
     data = cap.to_json()
     assert data["gpus"][0]["name"] == "NVIDIA GeForce RTX 4090"
     assert Capacity.from_json(data) == cap
@@ -106,10 +99,8 @@ def fake_pynvml(devices: list[tuple[str, int, int, str]] | None, calls: list[str
 
 def test_gpus_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    devices = [
-        ("NVIDIA A100-SXM4-80GB", 80 * GiB, 79 * GiB, "GPU-aaaa"),
-        ("NVIDIA GeForce RTX 3070", 8 * GiB, 7 * GiB, "GPU-bbbb"),
-    ]
+    devices = [("NVIDIA A100-SXM4-80GB", 80 * GiB, 79 * GiB, "GPU-aaaa"),
+               ("NVIDIA GeForce RTX 3070", 8 * GiB, 7 * GiB, "GPU-bbbb")]
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(devices, calls))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     gpus = detect_gpus()

@@ -107,26 +107,10 @@ WORKER_DEFAULTS = {"model": "smollm2-135m-instruct", "concurrency": 1, "threads"
         ({"share": 1, "gpu": True}, {"gpu": True}),
         ({"share": 1, "prefer": "speed"}, {"prefer": PreferChoice.speed}),
         (
-            {
-                "n_ctx": 4096,
-                "gpu": False,
-                "n_seq": 3,
-                "name": "local1",
-                "threads": 2,
-                "share": 4,
-                "metrics_port": 9,
-                "metrics_host": "0.0.0.0",
-            },
-            {
-                "n_ctx": 4096,
-                "gpu": False,
-                "n_seq": 3,
-                "name": "local1",
-                "threads": 2,
-                "share": 4,
-                "metrics_port": 9,
-                "metrics_host": "0.0.0.0",
-            },
+            {"n_ctx": 4096, "gpu": False, "n_seq": 3, "name": "local1", "threads": 2, "share": 4, "metrics_port": 9,
+             "metrics_host": "0.0.0.0"},
+            {"n_ctx": 4096, "gpu": False, "n_seq": 3, "name": "local1", "threads": 2, "share": 4, "metrics_port": 9,
+             "metrics_host": "0.0.0.0"},
         ),
     ],
 )
@@ -136,9 +120,5 @@ def test_worker_args_are_what_the_worker_command_parses(kwargs: dict[str, object
     argv = worker_argv(model="m", engine="stub", **kwargs)  # type: ignore[arg-type]
     assert argv[:4] == [sys.executable, "-m", "tokenmill.cli", "worker"]
     worker = typer.main.get_command(app).commands["worker"]  # type: ignore[attr-defined]
-    assert worker.make_context("worker", argv[4:]).params == {
-        **WORKER_DEFAULTS,
-        "model": "m",
-        "engine": "stub",
-        **expected,
-    }
+    assert worker.make_context("worker", argv[4:]).params == {**WORKER_DEFAULTS, "model": "m", "engine": "stub",
+                                                              **expected}

@@ -133,19 +133,8 @@ def _worker_rows(store: Store, lost_after: float, include_stopped: bool) -> list
 
 def _workers_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="workers")
-    cols = (
-        "host",
-        "pid",
-        "state",
-        "variant",
-        "device",
-        "capacity",
-        "load",
-        "rows",
-        "tokens",
-        "tok/s pred/meas",
-        "heartbeat",
-    )
+    cols = ("host", "pid", "state", "variant", "device", "capacity", "load", "rows", "tokens", "tok/s pred/meas",
+            "heartbeat")
     for col in cols:
         table.add_column(col)
     for r in rows:

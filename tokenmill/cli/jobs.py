@@ -109,11 +109,8 @@ def _warn_if_unserved(store: Store, settings: Settings, pin: str) -> None:
     """A pinned job waits for a worker that loaded that variant: say how to start one when none has."""
     lost_after = settings.lost_after
     with store.session() as s:
-        serving = [
-            w
-            for w in store_workers.list_workers(s)
-            if w.variant == pin and store_workers.effective_state(w, lost_after) in ("ready", "busy")
-        ]
+        serving = [w for w in store_workers.list_workers(s)
+                   if w.variant == pin and store_workers.effective_state(w, lost_after) in ("ready", "busy")]
     if not serving:
         hint = f"no live worker serves {pin} yet: start one with `tokenmill worker --model {pin}`"
         console.print(hint, soft_wrap=True)

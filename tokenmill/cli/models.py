@@ -124,31 +124,15 @@ def _candidates(
         try:
             c = choose_variant(family, cap, share=share, n_ctx=n_ctx, n_seq=n_seq, pinned=v.quant)
         except ModelError:
-            out_rows.append(
-                {
-                    "variant": v.quant,
-                    "fits": False,
-                    "memory_bytes": None,
-                    "device": None,
-                    "gen_tps": None,
-                    "prompt_tps": None,
-                    "chosen": False,
-                }
-            )
+            out_rows.append({"variant": v.quant, "fits": False, "memory_bytes": None, "device": None,
+                             "gen_tps": None, "prompt_tps": None, "chosen": False})
             continue
         gpu = next((g for g in cap.usable_gpus if g.index == c.gpu_index), None) if c.n_gpu_layers == -1 else None
         pred = predict(v, family, speed=speed, threads=c.n_threads, gpu=gpu)
-        out_rows.append(
-            {
-                "variant": v.quant,
-                "fits": True,
-                "memory_bytes": c.memory.total_bytes,
-                "device": _device(c),
-                "gen_tps": round(pred.gen_tps, 1),
-                "prompt_tps": round(pred.prompt_tps, 1),
-                "chosen": chosen is not None and chosen.variant.quant == v.quant,
-            }
-        )
+        out_rows.append({"variant": v.quant, "fits": True, "memory_bytes": c.memory.total_bytes,
+                         "device": _device(c), "gen_tps": round(pred.gen_tps, 1),
+                         "prompt_tps": round(pred.prompt_tps, 1),
+                         "chosen": chosen is not None and chosen.variant.quant == v.quant})
     return out_rows
 
 
@@ -190,13 +174,11 @@ def quantize_cmd(
     catalog = catalog_with_local(settings.models_dir)
     src = resolve_model(ref, settings.models_dir, fetch=True, progress=True, catalog=catalog)
     source_quant = src.variant_label.split(":", 1)[1]
-    v = quantize(
-        family.name, type_, settings.models_dir, source_path=src.path, source_quant=source_quant, threads=threads
-    )
+    v = quantize(family.name, type_, settings.models_dir, source_path=src.path, source_quant=source_quant,
+                 threads=threads)
     note = " (requantized: it can be faster or slower than its source, never better)" if "_from_" in v.quant else ""
-    console.print(
-        f"{v.label}: {fmt_bytes(v.size_bytes)}, {v.bits_per_weight:.2f} bits per weight, sha256 {v.sha256}{note}"
-    )
+    console.print(f"{v.label}: {fmt_bytes(v.size_bytes)}, {v.bits_per_weight:.2f} bits per weight, "
+                  f"sha256 {v.sha256}{note}")
     print_plain(str(settings.models_dir / v.family / v.filename))
 
 

@@ -115,9 +115,8 @@ PreferOpt = Annotated[
 ]
 DeadlineOpt = Annotated[
     str | None,
-    typer.Option(
-        help="Finish by 06:00 or within 8h: plan each variant's finish and pin the best in time", show_default=False
-    ),
+    typer.Option(help="Finish by 06:00 or within 8h: plan each variant's finish and pin the best in time",
+                 show_default=False),
 ]
 
 

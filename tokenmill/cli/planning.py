@@ -46,14 +46,8 @@ def live_fleet(store: Store, settings: Settings, fallback: Capacity) -> list[Fle
             raw: dict[str, Any] = dict(w.capacity or {})
             if "speed" not in raw:
                 continue
-            members.append(
-                FleetMember(
-                    Capacity.from_json(raw),
-                    HostSpeed(**raw["speed"]),
-                    threads=max(1, w.n_threads),
-                    n_seq=max(1, w.n_seq),
-                )
-            )
+            members.append(FleetMember(Capacity.from_json(raw), HostSpeed(**raw["speed"]),
+                                       threads=max(1, w.n_threads), n_seq=max(1, w.n_seq)))
     if not members:
         console.print("no live workers advertise their speed; planning for this host")
         members = this_host(settings, fallback, 1, max(1, fallback.physical_cores))
@@ -98,20 +92,12 @@ def choose_for_job(
 
 def _preferred(family: Family, prefer: Prefer, fleet: list[FleetMember], can_get: Any) -> str:
     """The preference's pick for the fleet member with the least memory, so every member can run it."""
-
     def memory(m: FleetMember) -> int:
         return m.capacity.ram_available_bytes + sum(g.vram_free_bytes for g in m.capacity.gpus)
 
     smallest = min(fleet, key=memory)
-    c = choose_variant(
-        family,
-        smallest.capacity,
-        share=smallest.share,
-        n_ctx=smallest.n_ctx,
-        n_seq=smallest.n_seq + 1,
-        obtainable=can_get,
-        prefer=prefer,
-    )
+    c = choose_variant(family, smallest.capacity, share=smallest.share, n_ctx=smallest.n_ctx,
+                       n_seq=smallest.n_seq + 1, obtainable=can_get, prefer=prefer)
     console.print(f"--prefer {prefer}: {c.variant.label} ({c.reason})", soft_wrap=True)
     return c.variant.label
 

@@ -52,6 +52,11 @@ def report_cmd(
         console.print(f"report for job {written.job_id} → {written.html}")
     if written.pngs:
         console.print(f"{len(written.pngs)} plots → {png}/")
+    if written.busy_fraction is not None:
+        console.print(
+            f"engine busy {written.busy_fraction:.1%} "
+            f"(slots filled / available over {written.decode_steps:,} decode steps)"
+        )
 
 
 def register(app: typer.Typer) -> None:

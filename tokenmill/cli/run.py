@@ -112,9 +112,8 @@ def run_cmd(
     skipped = settings.data_dir / "skipped" / f"{job_key(path, sub.model, sub.options())}.jsonl"
     fleet = LocalFleet(settings, sub.model, count, threads or each, n_seq=n_seq, prefer=pref)
     opts = WorkerOptions(model=sub.model, n_seq=n_seq, share=count, prefer=pref)
-    job_id, fleet_needed = _submit_while_workers_start(
-        store, settings, sub, opts, fleet, skipped, errors, job_deadline, phases
-    )
+    job_id, fleet_needed = _submit_while_workers_start(store, settings, sub, opts, fleet, skipped, errors,
+                                                       job_deadline, phases)
     _drive(store, Dispatcher(store, app_, settings), job_id, fleet if fleet_needed else None)
     _finish(store, job_id, output, errors, skipped, time.monotonic() - started, sub, phases)
 
@@ -179,7 +178,9 @@ def _resume_or_submit(
         return job_id
     path = sub.path
     local_chunks = auto_chunk_size(path, workers=workers) if sub.chunk_size is None and path.is_file() else None
-    job_id, rows, invalid = submit_dataset(store, sub, errors_out=skipped, chunk_size=local_chunks, deadline=deadline)
+    job_id, rows, invalid = submit_dataset(
+        store, sub, errors_out=skipped, chunk_size=local_chunks, deadline=deadline
+    )
     console.print(f"job {job_id}: {rows} rows" + (f", {invalid} invalid lines → {errors}" if invalid else ""))
     print_ignored(sub)
     return job_id

@@ -86,21 +86,8 @@ def converter_dir(models_dir: Path, *, timeout_s: float | None = None) -> Path:
 
 
 def _download_sdist(requirement: str, dest: Path, timeout_s: float | None) -> Path:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        "--disable-pip-version-check",
-        "--no-input",
-        "-q",
-        "-d",
-        str(dest),
-        requirement,
-    ]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "--disable-pip-version-check", "--no-input", "-q", "-d", str(dest), requirement]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -191,15 +178,8 @@ def convert_registry(
 
 def _run_converter(tree: Path, weights: Path, out: Path, outtype: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree / "gguf-py"), str(tree)])}
-    cmd = [
-        sys.executable,
-        str(tree / "convert_hf_to_gguf.py"),
-        str(weights),
-        "--outfile",
-        str(out),
-        "--outtype",
-        outtype,
-    ]
+    cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(weights), "--outfile", str(out),
+           "--outtype", outtype]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     except OSError as exc:

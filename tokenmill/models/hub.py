@@ -55,9 +55,8 @@ def hub_download(
     staging = Path(tempfile.mkdtemp(prefix=".hub-", dir=target.parent))
     try:
         try:
-            url = huggingface_hub.hf_hub_url(
-                source.repo_id, source.filename, revision=source.revision, endpoint=endpoint
-            )
+            url = huggingface_hub.hf_hub_url(source.repo_id, source.filename, revision=source.revision,
+                                             endpoint=endpoint)
             meta = huggingface_hub.get_hf_file_metadata(url, token=token)
             kwargs: dict[str, Any] = {
                 "revision": meta.commit_hash or source.revision,

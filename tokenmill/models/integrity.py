@@ -74,17 +74,8 @@ def record_sha256(path: Path, sha256: str, models_dir: Path | None) -> None:
         st = path.stat()
         side.parent.mkdir(parents=True, exist_ok=True)
         tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "path": str(path.resolve()),
-                    "size": st.st_size,
-                    "mtime_ns": st.st_mtime_ns,
-                    "ino": st.st_ino,
-                    "sha256": sha256,
-                }
-            )
-        )
+        tmp.write_text(json.dumps({"path": str(path.resolve()), "size": st.st_size,
+                                   "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "sha256": sha256}))
         os.replace(tmp, side)
 
 
@@ -115,7 +106,9 @@ def content_sha256(path: Path, models_dir: Path | None) -> str:
     return sha
 
 
-def verify_file(path: Path, expected: str | None, models_dir: Path | None, *, expected_size: int | None = None) -> str:
+def verify_file(
+    path: Path, expected: str | None, models_dir: Path | None, *, expected_size: int | None = None
+) -> str:
     """The file's sha256, checked against ``expected`` (or, lacking one, against the hash recorded when
     the file was last verified, so a file changed behind our back is still caught)."""
     st = path.stat()

@@ -28,17 +28,8 @@ UNQUANTIZED = ("f16", "bf16", "f32")
 
 # llama.cpp's llama_ftype values (llama.h) for the types `models quantize` makes.
 FTYPES: dict[str, int] = {
-    "q4_0": 2,
-    "q4_1": 3,
-    "q8_0": 7,
-    "q4_k_s": 14,
-    "q4_k_m": 15,
-    "q5_k_s": 16,
-    "q5_k_m": 17,
-    "q6_k": 18,
-    "q3_k_s": 11,
-    "q2_k": 10,
-    "f16": 1,
+    "q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18,
+    "q3_k_s": 11, "q2_k": 10, "f16": 1,
 }
 
 
@@ -72,16 +63,8 @@ def local_variants(models_dir: Path) -> list[Variant]:
     """Variants made here whose file is still present."""
     out = []
     for e in _read_entries(models_dir):
-        v = Variant(
-            family=e["family"],
-            quant=e["quant"],
-            filename=e["filename"],
-            size_bytes=int(e["size_bytes"]),
-            sources=(),
-            sha256=e.get("sha256"),
-            size_exact=True,
-            bits_per_weight=float(e["bits_per_weight"]),
-        )
+        v = Variant(family=e["family"], quant=e["quant"], filename=e["filename"], size_bytes=int(e["size_bytes"]),
+                    sources=(), sha256=e.get("sha256"), size_exact=True, bits_per_weight=float(e["bits_per_weight"]))
         if (models_dir / v.family / v.filename).is_file():
             out.append(v)
     return out
@@ -120,29 +103,12 @@ def quantize(
     # Measured, not the type's nominal figure: tensors whose rows do not divide into the type's blocks
     # fall back to a wider type (SmolLM2's 576-wide rows do for every K-quant).
     bpw = round(size * 8 / (family.params_b * 1e9), 2) if family.params_b else QUANT_BPW.get(target, 16.0)
-    variant = Variant(
-        family=family.name,
-        quant=quant,
-        filename=filename,
-        size_bytes=size,
-        sources=(),
-        sha256=sha,
-        size_exact=True,
-        bits_per_weight=bpw,
-    )
+    variant = Variant(family=family.name, quant=quant, filename=filename, size_bytes=size,
+                      sources=(), sha256=sha, size_exact=True, bits_per_weight=bpw)
     entries = [e for e in _read_entries(models_dir) if not (e["family"] == family.name and e["quant"] == quant)]
-    entries.append(
-        {
-            "family": family.name,
-            "quant": quant,
-            "filename": filename,
-            "size_bytes": variant.size_bytes,
-            "sha256": sha,
-            "bits_per_weight": variant.bits_per_weight,
-            "quantized_from": source_quant,
-            "requantized": source_quant not in UNQUANTIZED,
-        }
-    )
+    entries.append({"family": family.name, "quant": quant, "filename": filename, "size_bytes": variant.size_bytes,
+                    "sha256": sha, "bits_per_weight": variant.bits_per_weight, "quantized_from": source_quant,
+                    "requantized": source_quant not in UNQUANTIZED})
     _write_entries(models_dir, entries)
     return variant
 

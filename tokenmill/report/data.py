@@ -186,6 +186,8 @@ class JobReport:
     scatter: list[tuple[int, float, str]]
     failures: list[tuple[str, int]]
     failure_examples: list[Failure]
+    decode_steps: int = 0
+    busy_fraction: float | None = None  # engine slots filled / available over the job's decode steps
 
     @property
     def pending(self) -> int:
@@ -395,6 +397,8 @@ def job_report(s: Session, job: Job) -> JobReport:
         scatter=scatter.items,
         failures=failures.most_common(),
         failure_examples=examples,
+        decode_steps=job.decode_steps or 0,
+        busy_fraction=job.filled_slot_steps / job.slot_steps if job.slot_steps else None,
     )
 
 

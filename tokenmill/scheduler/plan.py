@@ -78,10 +78,8 @@ class Plan:
 
     def lines(self) -> list[str]:
         """What `submit`/`run` print: the pick, when it finishes, and what the neighbours would give."""
-        out = [
-            f"plan: {self.workload.rows} rows, ~{self.workload.prompt_tokens:,} prompt + "
-            f"≤{self.workload.gen_tokens:,} generated tokens, deadline {_clock(self.deadline)}"
-        ]
+        out = [f"plan: {self.workload.rows} rows, ~{self.workload.prompt_tokens:,} prompt + "
+               f"≤{self.workload.gen_tokens:,} generated tokens, deadline {_clock(self.deadline)}"]
         for opt in self.options:
             at = opt.finish_at(self.start)
             if at is None:

@@ -113,19 +113,15 @@ class Submission:
 
     def options(self) -> dict[str, Any]:
         extra = {"model_sha256": model_identity(self.model, self.models_dir)} if _is_path(self.model) else {}
-        return (
-            extra
-            | {
-                "model": self.model,
-                "template": self.template,
-                "field": self.text_field,
-                "defaults": self.defaults.to_json() if self.defaults else None,
-                "chunk_size": self.chunk_size,
-                "no_cache": self.no_cache,
-                "token_budget": self.document_budget() if self.path.is_dir() else None,
-            }
-            | ({"allow_unknown_fields": True} if self.allow_unknown_fields else {})
-        )
+        return extra | {
+            "model": self.model,
+            "template": self.template,
+            "field": self.text_field,
+            "defaults": self.defaults.to_json() if self.defaults else None,
+            "chunk_size": self.chunk_size,
+            "no_cache": self.no_cache,
+            "token_budget": self.document_budget() if self.path.is_dir() else None,
+        } | ({"allow_unknown_fields": True} if self.allow_unknown_fields else {})
 
     def rows(self) -> Iterator[DatasetRow | InvalidLine]:
         if self.path.is_dir():
@@ -299,17 +295,11 @@ class _Ingest:
             return item
         problem: tuple[str, str] | None = None
         if family.embedding and item.endpoint in GENERATION_ENDPOINTS:
-            problem = (
-                f"is a generation request, but {family.name} is an embedding model: it serves "
-                "/v1/embeddings lines only",
-                "url",
-            )
+            problem = (f"is a generation request, but {family.name} is an embedding model: it serves "
+                       "/v1/embeddings lines only", "url")
         elif item.dimensions is not None and item.dimensions != family.n_embd:
-            problem = (
-                f"dimensions={item.dimensions} is not supported: {family.name} gives {family.n_embd}-"
-                "dimensional embeddings and cannot shorten them (leave dimensions out)",
-                "body.dimensions",
-            )
+            problem = (f"dimensions={item.dimensions} is not supported: {family.name} gives {family.n_embd}-"
+                       "dimensional embeddings and cannot shorten them (leave dimensions out)", "body.dimensions")
         if problem is None:
             return item
         error = DatasetError(str(self.sub.path), problem[0], item.line, problem[1])

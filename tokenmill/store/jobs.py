@@ -150,14 +150,8 @@ def ingest_rows(
         s.execute(
             insert(Chunk),
             [
-                {
-                    "job_id": job.id,
-                    "idx": i,
-                    "first_seq": first,
-                    "last_seq": last,
-                    "state": ChunkState.PENDING,
-                    "attempts": 0,
-                }
+                {"job_id": job.id, "idx": i, "first_seq": first, "last_seq": last, "state": ChunkState.PENDING,
+                 "attempts": 0}
                 for i, (first, last) in enumerate(spans[start : start + INSERT_BATCH], start)
             ],
         )
@@ -291,17 +285,13 @@ def retry_failed(s: Session, job: Job) -> int:
     if not failed and not unfinished:
         return 0
     failed_seqs = select(Result.seq).where(Result.job_id == job.id, Result.status == ResultStatus.FAILED)
-    chunk_idx = (
-        set(  # chunks are cut by rows and by bytes: look each row's chunk up, never divide
-            s.scalars(
-                select(RequestRow.chunk_index)
-                .where(RequestRow.job_id == job.id, RequestRow.seq.in_(failed_seqs))
-                .distinct()
-            )
+    chunk_idx = set(  # chunks are cut by rows and by bytes: look each row's chunk up, never divide
+        s.scalars(
+            select(RequestRow.chunk_index)
+            .where(RequestRow.job_id == job.id, RequestRow.seq.in_(failed_seqs))
+            .distinct()
         )
-        if failed
-        else set()
-    )
+    ) if failed else set()
     if failed:
         s.execute(delete(Result).where(Result.job_id == job.id, Result.status == ResultStatus.FAILED))
         s.execute(update(RequestRow).where(RequestRow.job_id == job.id, RequestRow.seq.in_(failed)).values(attempts=0))

@@ -51,10 +51,8 @@ def _cgroup_cpu_limit(root: Path) -> float | None:
 
 def _cgroup_memory(root: Path) -> tuple[int, int] | None:
     """(limit, current usage) of a cgroup memory limit, None when unlimited."""
-    for limit_name, usage_name in (
-        ("memory.max", "memory.current"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
-    ):
+    for limit_name, usage_name in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
         limit_s = _read(root / limit_name)
         if limit_s is None:
             continue

@@ -193,12 +193,8 @@ def _advertised(settings: Settings, capacity: Capacity, sel: ModelSelection, eng
     batched = predict_batched(
         choice.variant, family, speed=speed, threads=engine.n_threads, n_seq=engine.n_seq, gpu=gpu
     )
-    data["predicted"] = {
-        "gen_tps": round(single.gen_tps, 1),
-        "prompt_tps": round(single.prompt_tps, 1),
-        "batched_tps": round(batched, 1),
-        "per_sequence_tps": round(batched / engine.n_seq, 1),
-    }
+    data["predicted"] = {"gen_tps": round(single.gen_tps, 1), "prompt_tps": round(single.prompt_tps, 1),
+                         "batched_tps": round(batched, 1), "per_sequence_tps": round(batched / engine.n_seq, 1)}
     return data
 
 
