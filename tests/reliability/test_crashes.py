@@ -86,8 +86,11 @@ def test_kill9_scheduler_and_start_again(fleet: Stack) -> None:
     n = 200
     job = fleet.submit(write_dataset(fleet.tmp / "d.jsonl", n), "--chunk-size", "10")
     scheduler = fleet.scheduler()
-    fleet.worker(env={"TOKENMILL_STUB_DELAY": "0.03"})
-    fleet.worker(env={"TOKENMILL_STUB_DELAY": "0.03"})
+    # One chunk per task: only the dispatcher sends work. (A worker claiming the job's next chunks
+    # itself, the default, would go on through the whole job with the scheduler dead.)
+    single = {"TOKENMILL_STUB_DELAY": "0.03", "TOKENMILL_CHAIN_CHUNKS": "0"}
+    fleet.worker(env=single)
+    fleet.worker(env=single)
     fleet.wait_results(job, 20)
     kill9(scheduler)
     time.sleep(3)  # workers drain what was already queued; nothing new is dispatched
