@@ -161,11 +161,13 @@ def banana_token(model_path: Path) -> int:
 
 
 def write_batch_file(path: Path, banana: int) -> list[str]:
+    """The lines in file order, the schema rows (the longest) first so they start in the engine's first wave."""
     lines = [
         (cid, url, body)
         for url, bodies in ((CHAT_URL, chat_bodies(banana)), (COMPLETIONS_URL, completion_bodies(banana)))
         for cid, body in bodies.items()
     ]
+    lines.sort(key=lambda line: line[2].get("max_tokens", 0) < 100)
     with path.open("w", encoding="utf-8") as fh:
         for cid, url, body in lines:
             request = {"custom_id": cid, "method": "POST", "url": url, "body": {"model": MODEL, **body}}
