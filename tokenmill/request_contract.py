@@ -40,18 +40,29 @@ MAX_GRAMMAR_CHARS = 256 * 1024
 
 @dataclass
 class Ignored:
-    """Unknown fields let through by ``--allow-unknown-fields``: per field name, lines and the first line."""
+    """Unknown fields let through by ``--allow-unknown-fields``: per field name, lines and the first line.
+
+    ``total`` counts lines, not field occurrences: the run summary says "N names on M lines", and a line
+    carrying two unknown fields is one line. Lines arrive in order, so remembering the last one is enough.
+    """
 
     lines: dict[str, int] = field(default_factory=dict)
     first: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+    _last_line: int | None = None
 
     def add(self, name: str, line: int) -> None:
         self.lines[name] = self.lines.get(name, 0) + 1
         self.first.setdefault(name, line)
+        if line != self._last_line:
+            self.total += 1
+            self._last_line = line
 
-    @property
-    def total(self) -> int:
-        return sum(self.lines.values())
+    def reset(self) -> None:
+        """Forget what an earlier pass over the file counted (an ingest starts over)."""
+        self.lines.clear()
+        self.first.clear()
+        self.total, self._last_line = 0, None
 
     def warnings(self) -> list[str]:
         """One line per field name, for the console and the run summary."""

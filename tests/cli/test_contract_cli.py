@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from tests.conftest import run_cli
+from tests.conftest import STUB_ENV, WORKER_ENV, run_cli
 from tokenmill.config import Settings
 from tokenmill.store import Store
 from tokenmill.store.tables import Job
@@ -52,6 +52,23 @@ def test_unknown_field_fails_submit_and_allow_unknown_fields_warns(tmp_path: Pat
     assert "ignored unknown field 'body.max_token' on 2 lines (first on line 2)" in err
     assert "ignored unknown field 'body.tools' on 1 line (first on line 2)" in err
     assert "3 rows stored" in err
+
+
+def test_run_allow_unknown_fields_counts_names_and_lines_in_the_summary(tmp_path: Path, settings: Settings) -> None:
+    """`run` refuses the same line as submit; allowed, its summary counts field names and lines (stub engine)."""
+    data = batch_file(tmp_path / "b.jsonl", [{"max_tokens": 4}, {"max_token": 4, "tools": []}, {"max_token": 2}])
+    refused = run_cli(settings, "run", str(data), timeout=60)
+    assert refused.returncode == 3 and "Traceback" not in refused.stderr
+    assert "b.jsonl:2: field 'body.max_token'" in refused.stderr
+
+    env = {**STUB_ENV, **WORKER_ENV, "COLUMNS": "400"}
+    allowed = run_cli(settings, "run", str(data), "--allow-unknown-fields", "--workers", "1", env=env)
+    assert allowed.returncode == 0, allowed.stderr
+    warnings = [line for line in allowed.stderr.splitlines() if line.startswith("warning: ignored unknown field")]
+    assert len(warnings) == 2, allowed.stderr  # one per field name, however many lines carry it
+    summary = " ".join(allowed.stdout.split())
+    assert "ignored fields │ 2 unknown field names on 2 lines" in summary, allowed.stdout
+    assert len((tmp_path / "b.results.jsonl").read_text().splitlines()) == 3
 
 
 def test_the_job_model_comes_from_the_lines(tmp_path: Path, settings: Settings) -> None:

@@ -264,8 +264,7 @@ class _Ingest:
         self.family = family  # the catalog's word on the job's model, when it is a catalog model
         self.rows = 0
         self.invalid = 0
-        sub.ignored.lines.clear()
-        sub.ignored.first.clear()
+        sub.ignored.reset()
 
     def __iter__(self) -> Iterator[DatasetRow]:
         fh = None
