@@ -88,7 +88,9 @@ def assert_exactly_once(stack: Stack, job: str, n: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def partitioned(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, smollm2_path: Path) -> Iterator[Partitioned]:
+def partitioned(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, smollm2_path: Path
+) -> Iterator[Partitioned]:
     """Postgres, Redis, a scheduler, W1 behind the proxies and W2 direct, for the whole module."""
     need(port_open("127.0.0.1", 5432), "PostgreSQL on 127.0.0.1:5432")
     need(port_open(REDIS_HOST, REDIS_PORT), "Redis on 127.0.0.1:6379")
@@ -123,7 +125,9 @@ def partitioned(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, smol
         w1 = stack.worker(*REAL, name="w1", stub=False, env=through_proxies)
         stack.worker(*REAL, name="w2", stub=False)
         ready = "SELECT id FROM workers WHERE state = 'ready' ORDER BY name"
-        ids = wait_for(lambda: len(stack.query(ready)) == 2 and stack.query(ready), 120, "two ready workers", stack.logs)
+        ids = wait_for(
+            lambda: len(stack.query(ready)) == 2 and stack.query(ready), 120, "two ready workers", stack.logs
+        )
         yield Partitioned(stack, db, broker, w1, str(ids[0][0]), str(ids[1][0]))
     finally:
         db.resume()
@@ -151,9 +155,14 @@ def test_worker_cut_off_from_the_store_mid_write_lets_its_lease_lapse_and_rejoin
     committed_before = {seq for seq, w in p.chunk_results(lost).items() if w == p.w1_id}
     # W1's lease lapses; the dispatcher reopens the chunk and W2 takes it over, W1 still cut off.
     wait_for(lambda: p.owner_of(lost)[0] == p.w2_id or p.owner_of(lost)[1] == "done", CUT_FOR - 1, "W2 to take over")
+    taken_after = time.monotonic() - cut_at
     time.sleep(max(0.0, CUT_FOR - (time.monotonic() - cut_at)))
     p.db.resume()
     stack.wait_state(job, timeout=120)
+    print(
+        f"\nstore cut {CUT_FOR:.0f}s mid-INSERT: W2 took chunk {lost} over {taken_after:.1f}s in; W1 had stored"
+        f" {len(committed_before)} of its rows; {stack.counts(job)}; job done {time.monotonic() - cut_at:.1f}s after the cut"
+    )
 
     assert_exactly_once(stack, job, n)
     # Nothing of the lost chunk is W1's but what it had committed before the cut: its open transaction
@@ -181,6 +190,7 @@ def test_worker_cut_off_from_the_broker_as_it_is_handed_a_message_rejoins(partit
     # The job does not wait for W1: W2 answers every chunk, the swallowed one included (the dispatcher
     # sends it again once the broker holds no message for it).
     stack.wait_state(job, timeout=CUT_FOR - 1)
+    print(f"\nbroker cut {CUT_FOR:.0f}s as W1 was handed a message: job done {time.monotonic() - cut_at:.1f}s into it")
     assert_exactly_once(stack, job, n)
     p.assert_w1_alive_and_unchanged()
     assert p.heartbeat_age(p.w1_id) < 3  # the store still hears W1: cut from the broker only

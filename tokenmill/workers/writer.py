@@ -127,7 +127,9 @@ class ResultWriter:
             with self.store.session() as s:
                 # A worker that lost its lease (cut off past it, its chunk claimed by another) stops writing:
                 # rows it generated since belong to the chunk's next owner, whose flush decides the chunk.
-                held = {(job, q) for job, seqs in by_job.items() for q in leases.held_rows(s, self.worker_id, job, seqs)}
+                held = {
+                    (job, q) for job, seqs in by_job.items() for q in leases.held_rows(s, self.worker_id, job, seqs)
+                }
                 lost.clear()
                 for job, seqs in by_job.items():
                     if missing := [q for q in seqs if (job, q) not in held]:
