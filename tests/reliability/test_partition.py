@@ -161,7 +161,7 @@ def test_worker_cut_off_from_the_store_mid_write_lets_its_lease_lapse_and_rejoin
     stack.wait_state(job, timeout=120)
     print(
         f"\nstore cut {CUT_FOR:.0f}s mid-INSERT: W2 took chunk {lost} over {taken_after:.1f}s in; W1 had stored"
-        f" {len(committed_before)} of its rows; {stack.counts(job)}; job done {time.monotonic() - cut_at:.1f}s after the cut"
+        f" {len(committed_before)} of its rows; {stack.counts(job)}; done {time.monotonic() - cut_at:.1f}s after it"
     )
 
     assert_exactly_once(stack, job, n)
