@@ -153,16 +153,22 @@ def test_worker_cut_off_from_the_store_mid_write_lets_its_lease_lapse_and_rejoin
     cut_at = time.monotonic()
     (lost,) = [int(c) for (c,) in stack.query("SELECT id FROM chunks WHERE lease_owner = :w", w=p.w1_id)]
     committed_before = {seq for seq, w in p.chunk_results(lost).items() if w == p.w1_id}
-    # W1's lease lapses; the dispatcher reopens the chunk and W2 takes it over, W1 still cut off.
+    # W1's lease lapses; the dispatcher reopens the chunk and W2 takes it over and finishes it, W1 still cut
+    # off: the server rolled back W1's open transaction, whose unique keys would hold W2's INSERT till the heal.
     wait_for(lambda: p.owner_of(lost)[0] == p.w2_id or p.owner_of(lost)[1] == "done", CUT_FOR - 1, "W2 to take over")
     taken_after = time.monotonic() - cut_at
+    wait_for(lambda: p.owner_of(lost)[1] == "done", CUT_FOR - taken_after, "W2 to finish the chunk", stack.logs)
+    done_after = time.monotonic() - cut_at
+    assert p.db.paused.is_set()
     time.sleep(max(0.0, CUT_FOR - (time.monotonic() - cut_at)))
     p.db.resume()
     stack.wait_state(job, timeout=120)
     print(
-        f"\nstore cut {CUT_FOR:.0f}s mid-INSERT: W2 took chunk {lost} over {taken_after:.1f}s in; W1 had stored"
-        f" {len(committed_before)} of its rows; {stack.counts(job)}; done {time.monotonic() - cut_at:.1f}s after it"
+        f"\nstore cut {CUT_FOR:.0f}s mid-INSERT: W2 took chunk {lost} over {taken_after:.1f}s and finished it"
+        f" {done_after:.1f}s in; W1 had stored {len(committed_before)} of its rows; {stack.counts(job)}"
     )
+    w1_log = "".join(f.read_text(errors="replace") for f in stack.procs.logdir.glob("w1-*.log"))
+    print("W1 logged:", *sorted({line.strip()[:150] for line in w1_log.splitlines() if "WARNING" in line}), sep="\n  ")
 
     assert_exactly_once(stack, job, n)
     # Nothing of the lost chunk is W1's but what it had committed before the cut: its open transaction
