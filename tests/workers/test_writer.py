@@ -11,7 +11,7 @@ from sqlalchemy import select
 from tests.workers.test_runtime_claims import ScriptedEngine, chunk_ids, make_job, results, runtime
 from tokenmill.config import Settings
 from tokenmill.errors import ConfigError
-from tokenmill.store import Store
+from tokenmill.store import Store, leases
 from tokenmill.store import results as store_results
 from tokenmill.store import workers as store_workers
 from tokenmill.store.states import ResultStatus
@@ -29,6 +29,13 @@ def _row(job_id: str, seq: int, tokens: int = 2) -> dict[str, Any]:
         "worker_id": "w1",
         "completion_tokens": tokens,
     }
+
+
+def _claimed(store: Store, job_id: str, worker_id: str = "w1") -> None:
+    """Give ``worker_id`` the lease of every chunk of the job: the writer stores rows only under a lease."""
+    for chunk_id in chunk_ids(store, job_id):
+        with store.session() as s:
+            assert leases.claim(s, chunk_id, worker_id, 60.0) is not None
 
 
 def test_write_results_skips_answered_rows_and_returns_only_its_own(any_store: Store) -> None:
@@ -50,6 +57,7 @@ def test_writer_batches_counts_once_per_batch_and_flush_waits(any_store: Store) 
     job = make_job(store, 10, 10)
     with store.session() as s:
         store_workers.register(s, id="w1", name="w1", host="h", pid=1, state="ready", queues=["q"])
+    _claimed(store, job)
     writer = ResultWriter(store, "w1", batch_rows=4, batch_ms=60_000)  # only size or a flush cuts a batch
     try:
         for seq in range(10):
@@ -68,6 +76,7 @@ def test_writer_batches_counts_once_per_batch_and_flush_waits(any_store: Store) 
 
 def test_writer_cuts_a_batch_after_batch_ms(store: Store) -> None:
     job = make_job(store, 3, 3)
+    _claimed(store, job)
     writer = ResultWriter(store, "w1", batch_rows=64, batch_ms=50)
     try:
         writer.put(_row(job, 0), 1)
@@ -82,16 +91,38 @@ def test_writer_cuts_a_batch_after_batch_ms(store: Store) -> None:
 
 def test_a_failed_batch_surfaces_at_flush_and_the_chunk_stays_open(store: Store, settings: Settings) -> None:
     job = make_job(store, 4, 4)
+    _claimed(store, job)
     writer = ResultWriter(store, "w1", batch_rows=8, batch_ms=10)
     try:
-        writer.put({**_row(job, 0), "job_id": "no-such-job"}, 1)  # violates the foreign key: the batch fails
-        with pytest.raises(Exception, match=r"(?i)foreign key"):
+        writer.put({**_row(job, 0), "status": None}, 1)  # violates NOT NULL: the batch fails
+        with pytest.raises(Exception, match=r"(?i)not null"):
             writer.flush()
         writer.put(_row(job, 1), 1)  # the writer outlives the error
         writer.flush()
     finally:
         writer.close()
     assert [r.seq for r in results(store, job)] == [1]
+
+
+def test_a_worker_that_lost_its_lease_stores_nothing_for_that_chunk(any_store: Store) -> None:
+    """Cut off past its lease (tests/reliability/test_partition.py), a worker's late batch is not stored,
+    even for rows the chunk's new owner has not answered yet; its other chunk's rows still are."""
+    store = any_store
+    job = make_job(store, 8, 4)
+    first, second = chunk_ids(store, job)
+    with store.session() as s:
+        assert leases.claim(s, first, "w1", -1.0) is not None  # a lease that has already run out ...
+        assert leases.claim(s, first, "w2", 60.0) is not None  # ... so w2 takes the chunk over
+        assert leases.claim(s, second, "w1", 60.0) is not None
+    writer = ResultWriter(store, "w1", batch_rows=64, batch_ms=60_000)
+    try:
+        for seq in (0, 1, 4):  # rows 0-3 are the first chunk, now w2's
+            writer.put(_row(job, seq), 2)
+        writer.flush()
+    finally:
+        writer.close()
+    assert [r.seq for r in results(store, job)] == [4]
+    assert writer.dropped == 2
 
 
 def test_runtime_completes_a_chunk_with_all_rows_stored_in_few_commits(store: Store, settings: Settings) -> None:

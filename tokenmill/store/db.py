@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,7 +40,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class Store:
     """A handle on the store at ``url``. Cheap to create; one per process."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, idle_in_transaction_timeout: float | None = None) -> None:
+        """``idle_in_transaction_timeout`` (Postgres, seconds): the server rolls back a transaction of ours
+        left idle that long and closes its connection. A worker cut off from the database in the middle of
+        a transaction would otherwise keep its row locks (a chunk's, a result's unique key) until its TCP
+        connection died, minutes later: the dispatcher and the chunk's next owner would wait on it.
+        """
         self.url = url
         self.masked_url = mask_url(url)
         sa_url = sqlalchemy_url(url)
@@ -54,8 +59,14 @@ class Store:
             self.engine: Engine = create_engine(sa_url, connect_args={"timeout": 60})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
+            connect_args: dict[str, Any] = {"connect_timeout": 5}
+            if idle_in_transaction_timeout:
+                ms = max(1000, int(idle_in_transaction_timeout * 1000))
+                options = make_url(sa_url).query.get("options")  # the URL's own libpq options are kept
+                given = options if isinstance(options, str) else " ".join(options or ())
+                connect_args["options"] = f"{given} -c idle_in_transaction_session_timeout={ms}".strip()
             self.engine = create_engine(
-                sa_url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args={"connect_timeout": 5}
+                sa_url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=connect_args
             )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 

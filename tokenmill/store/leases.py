@@ -7,6 +7,7 @@ function here (claim, renew, complete, release, expire, requeue, unqueue, mark q
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, func, or_, select, update
@@ -169,6 +170,30 @@ def renew(s: Session, chunk_id: int, worker_id: str, lease_seconds: float) -> bo
         .execution_options(synchronize_session=False)
     )
     return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def held_rows(s: Session, worker_id: str, job_id: str, seqs: Collection[int]) -> set[int]:
+    """The rows among ``seqs`` whose chunk ``worker_id`` still holds the lease of (owner, and running).
+
+    The same test as :func:`renew` and :func:`complete`. On Postgres the chunks stay locked (FOR SHARE)
+    to the end of the caller's transaction, so no claim can take them between this check and the writes
+    after it; SQLite has one writer at a time on one host, where a takeover needs a lease that already
+    ran out, and the unique (job, seq) key still keeps every row once.
+    """
+    if not seqs:
+        return set()
+    chunks = s.execute(
+        select(Chunk.first_seq, Chunk.last_seq)
+        .where(
+            Chunk.job_id == job_id,
+            Chunk.first_seq <= max(seqs),
+            Chunk.last_seq >= min(seqs),
+            Chunk.lease_owner == worker_id,
+            Chunk.state == ChunkState.RUNNING,
+        )
+        .with_for_update(read=True)
+    ).all()
+    return {seq for seq in seqs if any(first <= seq <= last for first, last in chunks)}
 
 
 def complete(s: Session, chunk_id: int, worker_id: str) -> bool:

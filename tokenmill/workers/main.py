@@ -63,7 +63,10 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
 
     check_backend(settings.engine)  # a misspelt --engine is one line, before anything is registered
     _exit_with_parent()
-    store = Store(settings.database_url)
+    # Every transaction of a worker is a few statements long; one left idle for a lease's length means the
+    # worker was cut off mid-transaction, and its locks must not outlive its lease (tests/reliability/
+    # test_partition.py).
+    store = Store(settings.database_url, idle_in_transaction_timeout=settings.lease_seconds)
     store.retrying(store.migrate)
     capacity = detect()
     host = socket.gethostname()

@@ -8,6 +8,9 @@ the worker's counters once for the batch. Exactly-once still rests on the unique
 The queue is bounded (two batches), so a store slower than the engine slows the engine instead of
 growing memory, and a kill -9 loses at most those uncommitted rows: the chunk is completed only after
 :meth:`ResultWriter.flush`, so the next claimant regenerates exactly the rows that never reached the store.
+Each batch is stored only while this worker still holds its chunk's lease, checked (and on Postgres
+locked) in the batch's own transaction: a worker cut off from the store past its lease writes nothing
+for that chunk when the path heals (tests/reliability/test_partition.py).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class ResultWriter:
         self.batch_rows = max(1, batch_rows)
         self.batch_s = max(0.0, batch_ms) / 1000.0
         self.batches = 0  # transactions committed, for tests and metrics
+        self.dropped = 0  # results not stored because this worker no longer held their chunk's lease
         self._queue: queue.Queue[object] = queue.Queue(maxsize=2 * self.batch_rows)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="tokenmill-result-writer", daemon=True)
@@ -130,10 +134,24 @@ class ResultWriter:
         if not batch and not completes:
             return
         tokens = {(r.values["job_id"], r.values["seq"]): r.tokens for r in batch}
+        by_job: dict[str, list[int]] = {}
+        for r in batch:
+            by_job.setdefault(r.values["job_id"], []).append(r.values["seq"])
+        lost: dict[str, list[int]] = {}
 
         def write() -> None:
             with self.store.session() as s:
-                inserted = store_results.write_results(s, [r.values for r in batch]) if batch else set()
+                # A worker that lost its lease (cut off past it, its chunk claimed by another) stops writing:
+                # rows it generated since belong to the chunk's next owner, whose flush decides the chunk.
+                held = {
+                    (job, q) for job, seqs in by_job.items() for q in leases.held_rows(s, self.worker_id, job, seqs)
+                }
+                lost.clear()
+                for job, seqs in by_job.items():
+                    if missing := [q for q in seqs if (job, q) not in held]:
+                        lost[job] = missing
+                rows = [r.values for r in batch if (r.values["job_id"], r.values["seq"]) in held]
+                inserted = store_results.write_results(s, rows) if rows else set()
                 if inserted:
                     store_workers.count_tokens(s, self.worker_id, len(inserted), sum(tokens[k] for k in inserted))
                 for chunk_id in completes:
@@ -150,3 +168,8 @@ class ResultWriter:
                 mask_text(str(exc)),
             )  # fmt: skip
             self._error = exc
+            return
+        for job, seqs in lost.items():
+            log.warning("lease lost: %d results of job %s (rows %d-%d) not stored; the chunk's next owner answers "
+                        "them", len(seqs), job, min(seqs), max(seqs))  # fmt: skip
+            self.dropped += len(seqs)
