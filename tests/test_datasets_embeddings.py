@@ -135,3 +135,21 @@ def test_embeddings_rows_are_cacheable_by_their_whole_request() -> None:
               DatasetRow(1, "a", EMBEDDINGS, inputs=("x", (1, 2)), dimensions=384)]
     assert len({request_hash("sha-1", r) for r in [row, *others]}) == 4
     assert request_hash("sha-2", row) != request_hash("sha-1", row)
+
+
+def test_embeddings_lines_must_agree_on_the_model(tmp_path: Path) -> None:
+    from tokenmill.request_contract import LineModel
+
+    families = {"all-minilm-l6-v2": "all-minilm-l6-v2", "bge-small-en-v1.5": "bge-small-en-v1.5"}
+    model = LineModel(families.get, "all-minilm-l6-v2", "line 1")
+    path = write(
+        tmp_path,
+        embed_line("a", {"model": "all-minilm-l6-v2", "input": "one"}),
+        embed_line("b", {"model": "bge-small-en-v1.5", "input": "two"}),
+        embed_line("c", {"model": "text-embedding-3-small", "input": "three"}),  # not a catalog name: ignored
+    )
+    with pytest.raises(DatasetError) as failed:
+        list(read_dataset(path, line_model=model))
+    assert ":2: field 'body.model'" in str(failed.value) and "one job runs one model" in str(failed.value)
+    kept = list(read_dataset(path, line_model=model, skip_invalid=True))
+    assert [type(r).__name__ for r in kept] == ["DatasetRow", "InvalidLine", "DatasetRow"]  # line 3: not ours

@@ -320,6 +320,8 @@ class _RowBuilder:
             served = f"tokenmill serves {CHAT}, {COMPLETIONS} and {EMBEDDINGS}"
             raise FieldError(f"unsupported endpoint {show(url)} ({served})", "url")
         if url == EMBEDDINGS:
+            if self.line_model is not None:  # one job, one model: embeddings lines name it too
+                self.line_model.check(body, "body.")
             return DatasetRow(line, custom_id, EMBEDDINGS, **fields.embedding_request(body, "body."))
         if url == CHAT:
             if "messages" not in body:

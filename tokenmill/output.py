@@ -54,7 +54,7 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
         "created": created,
         "model": variant,
         "choices": [
-            {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": completion_logprobs(c)}
+            {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": completion_logprobs(c, len(row.prompt or ""))}
             for i, c in enumerate(gen.choices or [gen])
         ],
         "usage": usage,
@@ -103,12 +103,16 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(gen: Generation) -> dict[str, Any] | None:
-    """The legacy completions shape: parallel lists, ``top_logprobs`` as token → logprob maps."""
+def completion_logprobs(gen: Generation, prompt_chars: int = 0) -> dict[str, Any] | None:
+    """The legacy completions shape: parallel lists, ``top_logprobs`` as token → logprob maps.
+
+    ``text_offset`` counts characters of prompt + completion, as OpenAI and llama-cpp-python count them
+    without ``echo``: the first token sits at the prompt's length.
+    """
     if gen.logprobs is None:
         return None
     tokens, offsets, tops = [], [], []
-    offset = 0
+    offset = prompt_chars
     for item in gen.logprobs:
         text = _spell(item.piece)
         tokens.append(text)

@@ -270,15 +270,15 @@ def check_json(cid: str, choice: Any, schema: dict[str, Any]) -> None:
 def check_completion_rows(rows: dict[str, Completion]) -> None:
     basic = rows["c-basic"].choices[0].text
     assert basic.strip() and "\n" not in basic
-    check_completion_logprobs(rows["c-sampling"], top=1)
-    check_completion_logprobs(rows["c-logprobs"], top=2)
+    check_completion_logprobs(rows["c-sampling"], top=1, prompt="Once upon a time")
+    check_completion_logprobs(rows["c-logprobs"], top=2, prompt="One, two, three,")
     assert rows["c-forced"].choices[0].text == " banana" * 2
     check_json("c-json", rows["c-json"].choices[0], SCHEMAS["stock"])
     grammar = rows["c-grammar"].choices[0]
     assert grammar.text in ("yes", "no") and grammar.finish_reason == "stop"
 
 
-def check_completion_logprobs(body: Completion, top: int) -> None:
+def check_completion_logprobs(body: Completion, top: int, prompt: str) -> None:
     """The legacy shape: parallel lists as long as the choice's tokens; they sum to the usage over choices."""
     total = 0
     for choice in body.choices:
@@ -288,7 +288,8 @@ def check_completion_logprobs(body: Completion, top: int) -> None:
         total += len(lp.tokens)
         assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(lp.tokens)
         assert "".join(lp.tokens) == choice.text
-        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+        # offsets into prompt + completion, as OpenAI (and llama-cpp-python) count them without echo
+        assert lp.text_offset == [len(prompt) + sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
         assert all(x is not None and x <= 0.0 for x in lp.token_logprobs)
         assert all(1 <= len(alts) <= top and max(alts.values()) <= 0.0 for alts in lp.top_logprobs)
     assert body.usage is not None and body.usage.completion_tokens == total

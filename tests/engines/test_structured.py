@@ -170,7 +170,7 @@ def test_completion_logprobs_in_the_legacy_shape(engine: LlamaEngine) -> None:
     lp = parsed.choices[0].logprobs
     assert lp is not None and lp.tokens is not None and lp.text_offset is not None and lp.top_logprobs is not None
     assert "".join(lp.tokens) == gen.text and len(lp.tokens) == gen.completion_tokens
-    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == len("The capital of France is")
     assert all(len(top) <= 2 for top in lp.top_logprobs) and all(
         x is not None and x <= 0 for x in lp.token_logprobs or []
     )
