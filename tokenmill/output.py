@@ -54,7 +54,12 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
         "created": created,
         "model": variant,
         "choices": [
-            {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": completion_logprobs(c, len(row.prompt or ""))}
+            {
+                "index": i,
+                "text": c.text,
+                "finish_reason": c.finish_reason,
+                "logprobs": completion_logprobs(c, len(row.prompt or "")),
+            }
             for i, c in enumerate(gen.choices or [gen])
         ],
         "usage": usage,
