@@ -121,6 +121,10 @@ def partitioned(
         through_proxies = {
             "TOKENMILL_DATABASE_URL": f"{pg_base.rsplit(':', 1)[0]}:{db.port}/{name}",
             "TOKENMILL_BROKER_URL": f"redis://127.0.0.1:{broker.port}/{redis_db}",
+            # W1 takes one chunk per message, so it asks the broker for work at every chunk boundary (a
+            # chaining worker would take the job's chunks from the store and never fetch the message the
+            # broker cut is aimed at); W2 chains, as workers do by default.
+            "TOKENMILL_CHAIN_CHUNKS": "0",
         }
         w1 = stack.worker(*REAL, name="w1", stub=False, env=through_proxies)
         stack.worker(*REAL, name="w2", stub=False)

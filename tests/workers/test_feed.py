@@ -86,3 +86,16 @@ def test_slot_use_is_added_to_the_job(store: Store, settings: Settings) -> None:
     with store.session() as s:
         row = s.get(Job, job)
         assert row is not None and (row.decode_steps, row.slot_steps, row.filled_slot_steps) == (4, 4, 3)
+
+
+def test_a_task_yields_to_another_job_waiting_on_the_queue(store: Store, settings: Settings) -> None:
+    first = make_job(store, 10, 5, tag="a")
+    second = make_job(store, 10, 5, tag="b")
+    a0, a1 = chunk_ids(store, first)
+    outcome = runtime(store, settings, ScriptedEngine()).process_chunk(first, a0)
+    assert outcome.chunks == 1  # the second job has chunks waiting and none running: the task ends
+    assert [state for state, _ in chunks(store, first)] == ["done", "pending"]
+    b0, _ = chunk_ids(store, second)
+    with store.session() as s:
+        assert leases.claim(s, a1, "w9", lease_seconds=60) is not None  # the first job runs elsewhere again
+    assert runtime(store, settings, ScriptedEngine(), "w2").process_chunk(second, b0).chunks == 2  # balanced

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from tokenmill.store.clock import now_sql
@@ -124,8 +124,11 @@ def claim_next_for_worker(
     dispatcher has not sent yet go first, so messages already in the broker stay good for other workers;
     a chunk whose message is out is taken only when none is left, and that message is dropped later by
     the claim it fails. Same checks and transaction as :func:`claim_for_worker`; an empty Claim when
-    there is nothing left to take (or others won every race for it).
+    there is nothing left to take (or others won every race for it), and when another job on the queue
+    waits with fewer chunks running: then the task ends and the dispatcher's round robin decides.
     """
+    if _others_wait_with_fewer_running(s, job_id):
+        return Claim()
     candidates = list(
         s.scalars(
             select(Chunk.id)
@@ -146,6 +149,22 @@ def claim_next_for_worker(
         if claimed.chunk is not None:
             return claimed
     return Claim()
+
+
+def _others_wait_with_fewer_running(s: Session, job_id: str) -> bool:
+    """Whether chaining into ``job_id`` would starve another active job on its queue (jobs share a fleet)."""
+    queue = select(Job.queue).where(Job.id == job_id).scalar_subquery()
+    running = func.sum(case((Chunk.state == ChunkState.RUNNING, 1), else_=0))
+    waiting = func.sum(case((Chunk.state.in_(CHUNK_WAITING), 1), else_=0))
+    per_job = s.execute(
+        select(Chunk.job_id, running, waiting)
+        .join(Job, Job.id == Chunk.job_id)
+        .where(Job.queue == queue, Job.state.in_(ACTIVE_STATES), Chunk.state.in_((ChunkState.RUNNING, *CHUNK_WAITING)))
+        .group_by(Chunk.job_id)
+    ).all()
+    # At least one: the asking task serves this job even when its last chunk was completed a moment ago.
+    mine = max(1, next((int(r or 0) for j, r, _ in per_job if j == job_id), 0))
+    return any(j != job_id and int(w or 0) > 0 and int(r or 0) < mine for j, r, w in per_job)
 
 
 def _mismatch(s: Session, job_id: str, chunk_id: int, queues: list[str]) -> str | None:

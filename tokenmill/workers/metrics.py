@@ -23,7 +23,7 @@ class WorkerMetrics:
         self.failures = Counter("tokenmill_request_failures", "Rows failed", ["reason"], registry=r)
         self.cached = Counter("tokenmill_cached_requests", "Rows served from the result cache", registry=r)
         self.chunk_seconds = Histogram(
-            "tokenmill_chunk_duration_seconds", "Wall time per chunk", registry=r,
+            "tokenmill_chunk_duration_seconds", "Wall time per task (its chunk and the next it claimed)", registry=r,
             buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
         )  # fmt: skip
         self.ttft = Histogram(

@@ -32,6 +32,7 @@ def process_chunk(ctx: ChunkContext, job_id: str, chunk_id: int) -> dict[str, An
         "generated": outcome.generated,
         "cached": outcome.cached,
         "failed": outcome.failed,
+        "chunks": outcome.chunks,
         "stopped": outcome.stopped,
     }
 
