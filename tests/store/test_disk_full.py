@@ -3,11 +3,12 @@ command works once space is freed."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 from pathlib import Path
 
-from tests.conftest import run_cli
+from tests.conftest import STUB_ENV, WORKER_ENV, Procs, run_cli, wait_for
 from tokenmill.config import Settings
 
 
@@ -45,3 +46,73 @@ def test_full_disk_is_a_clear_error_and_the_same_command_works_after(
         assert check.execute("SELECT total_rows, state FROM jobs").fetchall() == [(10_000, "queued")]
     finally:
         check.close()
+
+
+def _fill(disk: Path) -> Path:
+    """Write a filler file until the filesystem has no byte left (tmpfs: no reserved blocks)."""
+    filler = disk / "filler-run"
+    block = b"\0" * (256 * 1024)
+    with open(filler, "wb", buffering=0) as fh:
+        for size in (len(block), 4096, 1):
+            try:
+                while True:
+                    fh.write(block[:size])
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    return filler
+
+
+def _stored(db: Path) -> dict[str, str]:
+    """custom id -> worker id of every stored result (read-only: the disk may be full)."""
+    if not db.exists():
+        return {}
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return dict(con.execute("SELECT custom_id, worker_id FROM results"))
+    except sqlite3.OperationalError:  # not migrated yet, or locked for a moment
+        return {}
+    finally:
+        con.close()
+
+
+def test_disk_filling_during_a_run_exits_6_and_the_same_command_resumes(
+    tmp_path: Path, settings: Settings, small_tmpfs: Path, procs: Procs
+) -> None:
+    rows = 400
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"row {i} " + "x" * 200}) + "\n"
+                            for i in range(rows)), encoding="utf-8")  # fmt: skip
+    on_small = settings.with_(data_dir=small_tmpfs / "tm")
+    db = small_tmpfs / "tm" / "tokenmill.db"
+    gen_log = tmp_path / "generated.log"  # off the small disk: the stub's line per generation
+    env = {**STUB_ENV, **WORKER_ENV, "TOKENMILL_STUB_DELAY": "0.02", "TOKENMILL_STUB_LOG": str(gen_log)}
+    args = ("run", str(data), "--workers", "1", "--chunk-size", "25", "-o", str(tmp_path / "out.jsonl"))
+
+    first = procs.start(on_small, *args, env=env, name="run")
+    wait_for(lambda: len(_stored(db)) > 0 or first.poll() is not None, 60, "the first results", procs)
+    filler = _fill(small_tmpfs)
+    code = first.wait(timeout=60)  # bounded: a run that hangs on a full disk fails here
+    stderr = (procs.logdir / "run-0.log").read_text(errors="replace")
+    assert code == 6, stderr
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"disk is full at {db}" in " ".join(errors[0].split()), stderr
+
+    kept = _stored(db)
+    assert 0 < len(kept) < rows
+    filler.unlink()
+    check = sqlite3.connect(db)
+    try:
+        assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        check.close()
+    before = gen_log.read_text().splitlines()
+
+    again = run_cli(on_small, *args, env=env, timeout=120)
+    assert again.returncode == 0, again.stderr
+    after = _stored(db)
+    assert sorted(after) == sorted(f"r{i}" for i in range(rows))  # every row, once (unique on job+seq)
+    assert {cid: after[cid] for cid in kept} == kept  # what was stored stays as it was
+    regenerated = [line.split()[1] for line in gen_log.read_text().splitlines()[len(before) :]]
+    assert sorted(regenerated) == sorted(set(after) - set(kept))  # only the rows not stored before
