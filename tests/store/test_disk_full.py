@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import sqlite3
+import threading
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import STUB_ENV, WORKER_ENV, Procs, run_cli, wait_for
+from tokenmill.celery_app import make_app
 from tokenmill.config import Settings
+from tokenmill.errors import StoreFull
+from tokenmill.scheduler.dispatch import Dispatcher
+from tokenmill.scheduler.submit import Submission, submit_dataset
+from tokenmill.store import Store, leases
+from tokenmill.workers.diskfull import FullWatch
 
 
 def test_full_disk_is_a_clear_error_and_the_same_command_works_after(
@@ -116,3 +126,41 @@ def test_disk_filling_during_a_run_exits_6_and_the_same_command_resumes(
     assert {cid: after[cid] for cid in kept} == kept  # what was stored stays as it was
     regenerated = [line.split()[1] for line in gen_log.read_text().splitlines()[len(before) :]]
     assert sorted(regenerated) == sorted(set(after) - set(kept))  # only the rows not stored before
+
+
+def test_a_full_store_ends_runs_dispatch_loop_and_the_fleet_scheduler_waits_for_space(
+    tmp_path: Path, settings: Settings, small_tmpfs: Path
+) -> None:
+    on_small = settings.with_(data_dir=small_tmpfs / "tm")
+    store = Store(on_small.database_url)
+    store.migrate()
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"row {i}"}) + "\n" for i in range(8)))
+    job_id, _, _ = submit_dataset(store, Submission(path=data, model="smollm2-135m-instruct", chunk_size=4))
+    run_watch = FullWatch(store, None)
+    seen: list[StoreFull] = []
+    store.on_full(seen.append)
+    filler = _fill(small_tmpfs)
+    app = make_app(on_small)
+    stop = threading.Event()
+    try:
+        # `tokenmill run`'s loop returns (no traceback from its thread), and the command's watch raises
+        Dispatcher(store, app, on_small).run(stop, job_id)
+        with pytest.raises(StoreFull, match="disk is full at " + re.escape(str(small_tmpfs / "tm" / "tokenmill.db"))):
+            run_watch.check()
+
+        fleet = threading.Thread(target=Dispatcher(store, app, on_small).run, args=(stop,), daemon=True)
+        fleet.start()
+        wait_for(lambda: len(seen) >= 3, 30, "the scheduler to try again on the full store")
+        assert fleet.is_alive()  # it waits for space instead of dying
+        filler.unlink()
+
+        def pending() -> int:
+            with store.session() as s:
+                return len(leases.pending_chunks(s, job_id, limit=10))
+
+        assert pending() == 2
+        wait_for(lambda: pending() == 0, 30, "the chunks sent once space was freed")
+    finally:
+        stop.set()
+        store.dispose()
