@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -86,7 +87,9 @@ def main() -> None:
         code = app(standalone_mode=False)
     except TokenmillError as exc:
         # soft_wrap: never folded at the terminal width (80 columns when stderr is a file or a pipe).
-        console.print(f"[red]error:[/red] {one_line(str(exc))}", markup=True, soft_wrap=True)
+        # stderr may be a log file on the very disk that is full: the exit code must still say why.
+        with contextlib.suppress(OSError):
+            console.print(f"[red]error:[/red] {one_line(str(exc))}", markup=True, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -59,6 +60,7 @@ from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
 from tokenmill.store.states import ACTIVE_STATES, WorkerState
 from tokenmill.workers.capacity import detect
+from tokenmill.workers.diskfull import FullWatch
 from tokenmill.workers.local import LocalFleet, default_worker_count
 from tokenmill.workers.selection import WorkerOptions, select_model
 
@@ -202,11 +204,12 @@ def _drive(store: Store, dispatcher: Dispatcher, job_id: str, fleet: LocalFleet 
     """Dispatch on a thread and the local workers (none when the cache answered everything) until the job
     ends, showing progress; the workers are stopped however this ends."""
     stop = threading.Event()
+    full = FullWatch(store, fleet)  # the disk fills meanwhile: exit 6 with one line (workers/diskfull.py)
     loop = threading.Thread(target=dispatcher.run, args=(stop, job_id), daemon=True)
     loop.start()
     finished = False
     try:
-        _watch(store, job_id, fleet)
+        _watch(store, job_id, fleet, full.check)
         finished = True
     finally:
         stop.set()
@@ -243,7 +246,7 @@ def _finish(
         raise JobIncomplete(f"{', '.join(what)}; see {errors}")
 
 
-def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
+def _watch(store: Store, job_id: str, fleet: LocalFleet | None, check: Callable[[], None] = lambda: None) -> None:
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -264,6 +267,7 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet | None) -> None:
             bar.update(task, total=prog.total, completed=prog.done, tps=f"{info['tokens_per_second']:.1f}")
             if state not in ACTIVE_STATES:
                 return
+            check()
             if fleet is not None and fleet.alive() == 0:
                 reason = failed_workers[-1].error if failed_workers else "see .tokenmill/logs/"
                 raise ModelError(f"every local worker exited before the job finished: {reason}")

@@ -17,6 +17,7 @@ from celery import Celery
 
 from tokenmill.celery_app import TASK_PROCESS_CHUNK
 from tokenmill.config import Settings, mask_text, mask_url
+from tokenmill.errors import StoreFull
 from tokenmill.store import DB_ERRORS, Session, Store, leases
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store.tables import Job
@@ -180,7 +181,12 @@ class Dispatcher:
             log.info("job %s %s", job.id, job.state)
 
     def run(self, stop: threading.Event, until_job: str | None = None) -> None:
-        """Loop until ``stop`` is set (or the given job reaches a final state), riding out outages."""
+        """Loop until ``stop`` is set (or the given job reaches a final state), riding out outages.
+
+        A full store disk ends the loop that serves one job (`tokenmill run`: the command stops with the
+        store's one line, see workers/diskfull.py); the fleet scheduler waits for space instead, since
+        the store is shared and someone may free it.
+        """
         delay = self.settings.dispatch_interval
         while not stop.is_set():
             try:
@@ -188,6 +194,11 @@ class Dispatcher:
                 delay = self.settings.dispatch_interval
                 if until_job is not None and self.job_finished(until_job):
                     return
+            except StoreFull as exc:
+                if until_job is not None:
+                    return
+                log.warning("%s; dispatching again in %.1fs", exc, delay)
+                delay = min(delay * 2, 10.0)
             except DB_ERRORS as exc:
                 log.warning("store unavailable, retrying in %.1fs: %s", delay, _first_line(exc))
                 self.store.engine.dispose()

@@ -69,6 +69,13 @@ class Store:
                 sa_url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=connect_args
             )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._full_listeners: list[Callable[[StoreFull], None]] = []
+
+    def on_full(self, listener: Callable[[StoreFull], None]) -> None:
+        """Call ``listener`` (on the failing thread) each time a transaction meets a full disk, before it
+        raises: a process with many threads writing (a worker's writer, heartbeat, claims) learns of it in
+        one place instead of in each thread's error path."""
+        self._full_listeners.append(listener)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -78,8 +85,13 @@ class Store:
                 yield s
         except (OperationalError, DBAPIError) as exc:
             if _is_disk_full(exc):
-                raise self.full(exc) from None
+                raise self._noticed(self.full(exc)) from None
             raise
+
+    def _noticed(self, error: StoreFull) -> StoreFull:
+        for listener in self._full_listeners:
+            listener(error)
+        return error
 
     def full(self, exc: BaseException) -> StoreFull:
         """The one line for a full disk: where (the SQLite file, or the masked URL), and what to do."""
@@ -135,7 +147,7 @@ class Store:
             if _is_connection_error(exc):
                 raise self.unavailable(exc) from None
             if _is_disk_full(exc):
-                raise self.full(exc) from None
+                raise self._noticed(self.full(exc)) from None
             raise StoreError(f"cannot migrate {self.masked_url}: {mask_text(str(exc.orig)).splitlines()[0]}") from None
 
     def dispose(self) -> None:

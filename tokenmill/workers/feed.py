@@ -70,7 +70,7 @@ class ChunkOutcome:
     cached: int = 0
     failed: int = 0
     chunks: int = 0  # chunks this task served: the one its message named, and those it claimed after it
-    stopped: str | None = None  # "cancelled" | "lease_lost" | "shutdown"
+    stopped: str | None = None  # "cancelled" | "lease_lost" | "shutdown" | "store_full"
 
 
 @dataclass

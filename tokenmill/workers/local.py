@@ -104,6 +104,10 @@ class LocalFleet:
     def alive(self) -> int:
         return sum(1 for p in self.procs if p.poll() is None)
 
+    def exit_codes(self) -> list[int]:
+        """The exit codes of the workers that have exited (6: the store's disk is full)."""
+        return [code for p in self.procs if (code := p.poll()) is not None]
+
     def stop(self, grace: float = 15.0) -> list[int]:
         """SIGTERM, then SIGKILL whoever is still up after ``grace`` seconds; returns the killed pids.
 

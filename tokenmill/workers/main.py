@@ -28,6 +28,7 @@ from tokenmill.host import Capacity
 from tokenmill.store import Store
 from tokenmill.store import workers as store_workers
 from tokenmill.workers import tasks
+from tokenmill.workers.diskfull import FullStop
 from tokenmill.workers.local import PARENT_PID_ENV, child_env, worker_argv
 from tokenmill.workers.metrics import WorkerMetrics, start_metrics_server
 from tokenmill.workers.runtime import WorkerRuntime
@@ -114,7 +115,9 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
     rt = WorkerRuntime(
         settings=settings, store=store, engine=engine, worker_id=worker_id, model_id=model_id, metrics=metrics
     )
+    full = FullStop(store, rt.stop_current)  # a full store disk: stop, exit 6 (workers/diskfull.py)
     rt.start()
+    signals.worker_ready.connect(lambda **_: full.arm(), weak=False)
     signals.worker_ready.connect(lambda **_: rt.mark_consuming(), weak=False)
     # A warm shutdown (SIGTERM, Ctrl-C, the parent gone) stops the chunk at the next row and reopens it
     # at once; Celery alone would wait for the whole chunk, often past the grace period before SIGKILL.
@@ -138,7 +141,7 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
             optimization="fair",
         )
         worker.start()
-        return int(worker.exitcode or 0)
+        code = int(worker.exitcode or 0)
     finally:
         rt.close()
         try:
@@ -147,6 +150,7 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
         except Exception as exc:  # the store may be the reason we are stopping
             log.warning("could not mark worker stopped: %s", mask_text(str(exc)))
         engine.close()
+    return full.exit_code(code)
 
 
 def _exit_with_parent() -> None:

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 from celery import Celery, Task
 
 from tokenmill.celery_app import TASK_PROCESS_CHUNK
+from tokenmill.errors import StoreFull
+from tokenmill.workers.diskfull import STOP_REASON
 from tokenmill.workers.runtime import ChunkOutcome
 
 
@@ -25,8 +27,15 @@ class ChunkContext(Protocol):
 
 
 def process_chunk(ctx: ChunkContext, job_id: str, chunk_id: int) -> dict[str, Any]:
-    """Serve one chunk with ``ctx``; the summary is for logs and Flower (results go to the store)."""
-    outcome = ctx.process_chunk(job_id, int(chunk_id))
+    """Serve one chunk with ``ctx``; the summary is for logs and Flower (results go to the store).
+
+    A full store disk is not the task's failure (no traceback per message): the worker is already
+    stopping for it (:mod:`tokenmill.workers.diskfull`), and the chunk's lease hands it on.
+    """
+    try:
+        outcome = ctx.process_chunk(job_id, int(chunk_id))
+    except StoreFull:
+        return {"claimed": True, "stopped": STOP_REASON}
     return {
         "claimed": outcome.claimed,
         "generated": outcome.generated,
