@@ -40,6 +40,7 @@ def test_run_generates_every_row_with_timings(tmp_path: Path, settings: Settings
                    "--workers", "1", "--threads", "2")  # fmt: skip
     assert proc.returncode == 7, proc.stderr  # JobIncomplete: one row failed, the rest succeeded
     assert "1 of 5 rows failed" in proc.stderr
+    assert "engine busy" in proc.stdout and "of slots filled over" in proc.stdout  # from the job's slot use
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["custom_id"] for line in lines] == ["a", "b", "line-3", "d"]
     for line in lines:

@@ -238,7 +238,8 @@ def _finish(
         job = store_jobs.get_job(s, job_id)
         prog = store_jobs.progress(s, job)
         timeline = phases.line(leases.first_claimed_at(s, job_id), job.finished_at)
-    info = {**prog.to_json(), "phases": timeline}
+    busy = job.filled_slot_steps / job.slot_steps if job.slot_steps else None
+    info = {**prog.to_json(), "phases": timeline, "engine_busy": busy, "decode_steps": job.decode_steps}
     _summary(info, wall, output, errors if bad or n_skipped else None, sub, n_skipped)
     if bad or n_skipped:
         what = [f"{bad} of {ok + bad} rows failed"] if bad else []
@@ -287,6 +288,9 @@ def _summary(
     table.add_row("wall time", f"{wall:.1f} s")
     if info.get("phases"):
         table.add_row("phases", str(info["phases"]))
+    busy = info.get("engine_busy")
+    if isinstance(busy, float):
+        table.add_row("engine busy", f"{busy:.1%} of slots filled over {info['decode_steps']:,} decode steps")
     ct = info["completion_tokens"]
     table.add_row("throughput", f"{(ct if isinstance(ct, int) else 0) / wall:.1f} generated tok/s end to end")
     table.add_row("results", str(output))
