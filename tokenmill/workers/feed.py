@@ -122,6 +122,7 @@ class ChunkFeed:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-next-chunk") if chain else None
         self._next: Future[_Opened | None] | None = None
         self._no_more = not chain
+        self._exhausted = 0
 
     # -- chunks in ---------------------------------------------------------------------------------
 
@@ -178,7 +179,7 @@ class ChunkFeed:
                 return None
             if got.exhausted or got.chunk.attempts > rt.settings.max_chunk_attempts:
                 rt.report_exhausted(got)
-                self.outcome.failed += got.exhausted
+                self._exhausted += got.exhausted  # this thread's own count, added to the outcome at close
                 continue
             self.held.add(got.chunk.id)
             return rt.store.retrying(functools.partial(self._prepare, got.chunk))
@@ -258,6 +259,7 @@ class ChunkFeed:
         """
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        self.outcome.failed += self._exhausted
         left = self.held.snapshot()
         if left and self.held.stop_reason is None:
             log.info("chunks %s claimed ahead but not started; handed back", left)
