@@ -29,7 +29,7 @@ from tokenmill.store import Store
 from tokenmill.store import workers as store_workers
 from tokenmill.workers import tasks
 from tokenmill.workers.first_claim import FirstClaim
-from tokenmill.workers.local import PARENT_PID_ENV, child_env, worker_argv
+from tokenmill.workers.local import PARENT_PID_ENV, SCHEMA_READY_ENV, child_env, worker_argv
 from tokenmill.workers.metrics import WorkerMetrics, start_metrics_server
 from tokenmill.workers.runtime import WorkerRuntime
 from tokenmill.workers.selection import ModelSelection, WorkerOptions, select_model
@@ -65,7 +65,8 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
     check_backend(settings.engine)  # a misspelt --engine is one line, before anything is registered
     _exit_with_parent()
     store = Store(settings.database_url)
-    store.retrying(store.migrate)
+    if os.environ.get(SCHEMA_READY_ENV) != "1":  # `run` migrated a moment ago
+        store.retrying(store.migrate)
     capacity = detect()
     host = socket.gethostname()
     worker_id = f"{opts.name or host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
