@@ -50,8 +50,13 @@ def test_the_default_detect_asks_llama_only_when_there_is_a_gpu(monkeypatch: pyt
     """No GPU to offload to: the answer cannot change a choice, so the start-up path skips the probe."""
     asked: list[bool] = []
     gpus: tuple[GpuInfo, ...] = ()
+
+    def probe() -> bool:
+        asked.append(True)
+        return True
+
     monkeypatch.setattr(capmod, "detect_gpus", lambda: gpus)
-    monkeypatch.setattr(capmod, "llama_gpu_offload", lambda: asked.append(True) or True)
+    monkeypatch.setattr(capmod, "llama_gpu_offload", probe)
     assert capmod.detect().gpu_offload is False
     assert asked == []
     assert capmod.detect(probe_llama=True).gpu_offload is True  # sysinfo still asks the build

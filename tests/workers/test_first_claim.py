@@ -69,7 +69,8 @@ def test_the_message_for_the_direct_chunk_waits_and_is_dropped(store: Store, set
     first.start()
     assert engine.running.wait(30)
     delivered: list[bool] = []
-    message = threading.Thread(target=lambda: delivered.append(first.process_chunk(job_id, chunk_ids(store, job_id)[0]).claimed))
+    chunk_id = chunk_ids(store, job_id)[0]
+    message = threading.Thread(target=lambda: delivered.append(first.process_chunk(job_id, chunk_id).claimed))
     message.start()
     message.join(0.3)
     assert message.is_alive() and delivered == []  # waiting for the direct chunk, not running it again
