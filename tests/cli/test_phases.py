@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tokenmill.cli.phases import Phases, process_start
+from tokenmill.cli.phases import Phases
 
 TICK = 0.011  # /proc's start time is in clock ticks (10 ms), rounded down
 
@@ -23,6 +23,6 @@ def test_launch_is_when_the_process_started() -> None:
 
 
 def test_the_line_counts_from_launch() -> None:
-    phases = Phases(launch=process_start() - 10.0, stored=process_start() - 9.0)
-    line = phases.line(claimed=phases.launch + 2.5, finished=None)
-    assert line.startswith("launch → stored 1.0 s → first chunk claimed 2.5 s → exit 1")
+    launch = time.time() - 10.0
+    line = Phases(launch=launch, stored=launch + 1.02).line(claimed=launch + 2.46, finished=None)
+    assert line.startswith("launch → stored 1.0 s → first chunk claimed 2.5 s → exit 1"), line
