@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,8 +17,6 @@ from tokenmill.cli.options import PreferChoice
 from tokenmill.config import Settings
 from tokenmill.workers import local
 from tokenmill.workers.local import LocalFleet, worker_argv
-from tokenmill.workers.preload import PRELOAD_ENV
-from tokenmill.workers.selection import WorkerOptions
 
 # The parent waits for "ready" so each child's SIGTERM handler is in place before it is signalled.
 READY = "print('ready', flush=True); import time; time.sleep(60)"
@@ -95,34 +92,6 @@ def test_local_workers_get_the_parents_engine_and_settings(
     migrated.start()
     migrated.stop(grace=5.0)
     assert started[0][1][local.SCHEMA_READY_ENV] == "1"
-
-
-def test_the_preloaded_options_are_the_ones_the_child_parses(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A child loads its model early for the options in its environment and uses it only if they equal the
-    options its command line parses (workers/preload.py): the two must never drift apart."""
-    started: list[tuple[list[str], dict[str, str]]] = []
-    real_popen = subprocess.Popen
-
-    def record(args: list[str], *, env: dict[str, str], **kw: Any) -> subprocess.Popen[bytes]:
-        started.append((args, env))
-        return real_popen([sys.executable, "-c", "pass"], env=env, **kw)
-
-    monkeypatch.setattr(local.subprocess, "Popen", record)
-    worker = typer.main.get_command(app).commands["worker"]  # type: ignore[attr-defined]
-    for n_seq, prefer in ((None, None), (4, "speed")):
-        started.clear()
-        fleet = LocalFleet(settings.with_(data_dir=settings.data_dir / str(n_seq)), "m", 2, 3, n_seq=n_seq,
-                           prefer=prefer)
-        fleet.start()
-        fleet.stop(grace=5.0)
-        for args, env in started:
-            p = worker.make_context("worker", args[4:]).params
-            parsed = WorkerOptions(model=p["model"], threads=p["threads"], gpu=p["gpu"], n_seq=p["n_seq"],
-                                   n_ctx=p["n_ctx"], name=p["name"], metrics_port=p["metrics_port"],
-                                   metrics_host=p["metrics_host"], share=p["share"], prefer=p["prefer"].value)
-            assert WorkerOptions(**json.loads(env[PRELOAD_ENV])) == parsed  # as worker_cmd builds them
 
 
 def test_supervised_children_get_every_option_once() -> None:

@@ -9,14 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, cast
+from typing import IO
 
 import psutil
 
 from tokenmill.config import Settings
-from tokenmill.models.sizing import Prefer
-from tokenmill.workers.preload import preload_env
-from tokenmill.workers.selection import WorkerOptions
 
 # Set by a parent that starts workers (`run`, `worker --concurrency N`): the worker stops when it dies.
 PARENT_PID_ENV = "TOKENMILL_PARENT_PID"
@@ -104,13 +101,9 @@ class LocalFleet:
             )  # fmt: skip
             log = open(self.log_dir / f"worker-{i}.log", "ab")  # noqa: SIM115
             self._logs.append(log)
-            # The options the child's `tokenmill worker` parses from ``args``, so it loads its model early.
-            opts = WorkerOptions(model=self.model, threads=self.threads_each, n_seq=self.n_seq, name=f"local{i}",
-                                 share=self.count, prefer=cast("Prefer", self.prefer or "balanced"))
             # Own process group: a Ctrl-C in the terminal reaches `run`, which stops workers in order.
             self.procs.append(
-                subprocess.Popen(args, env={**env, **preload_env(opts)}, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+                subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             )
 
     def alive(self) -> int:

@@ -22,23 +22,40 @@ from celery import signals
 from tokenmill.celery_app import make_app, queue_for
 from tokenmill.config import Settings, mask_text
 from tokenmill.engine import Engine
-from tokenmill.engines import check_backend
+from tokenmill.engines import check_backend, load_backend
 from tokenmill.errors import ModelError, TokenmillError
 from tokenmill.host import Capacity
 from tokenmill.store import Store
 from tokenmill.store import workers as store_workers
-from tokenmill.workers import preload, tasks
+from tokenmill.workers import tasks
 from tokenmill.workers.first_claim import FirstClaim
 from tokenmill.workers.local import PARENT_PID_ENV, SCHEMA_READY_ENV, child_env, worker_argv
 from tokenmill.workers.metrics import WorkerMetrics, start_metrics_server
-from tokenmill.workers.preload import load_engine
 from tokenmill.workers.runtime import WorkerRuntime
-from tokenmill.workers.selection import ModelSelection, WorkerOptions
+from tokenmill.workers.selection import ModelSelection, WorkerOptions, select_model
 
 __all__ = ["WorkerOptions", "load_engine", "serve", "supervise"]
 
 log = logging.getLogger(__name__)
 EXIT_MODEL_FAILED = 4
+
+
+def load_engine(settings: Settings, opts: WorkerOptions, capacity: Capacity) -> tuple[Engine, ModelSelection]:
+    """Choose, fetch, verify and load the variant that fits this worker, with the backend ``settings.engine``."""
+    sel = select_model(settings, opts, capacity)
+    choice = sel.choice
+    threads = opts.threads or (choice.n_threads if choice is not None else max(1, (os.cpu_count() or 1) // opts.share))
+    gpu_layers = choice.n_gpu_layers if choice is not None else (-1 if opts.gpu else 0)
+    factory = load_backend(settings.engine)
+    engine = factory(
+        sel.resolved.path,
+        sel.resolved.variant_label,
+        n_ctx_per_seq=opts.n_ctx,
+        n_seq=sel.n_seq,
+        n_threads=threads,
+        n_gpu_layers=gpu_layers,
+    )
+    return engine, sel
 
 
 def serve(settings: Settings, opts: WorkerOptions) -> int:
@@ -69,8 +86,7 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
         queues=[],
     )
     try:
-        loaded = preload.take(settings, opts)  # loaded while this process imported (workers/preload.py)
-        engine, sel = (loaded[0], loaded[1]) if loaded is not None else load_engine(settings, opts, capacity)
+        engine, sel = load_engine(settings, opts, capacity)
     except (TokenmillError, OSError, ValueError, RuntimeError) as exc:
         message = mask_text(str(exc))
         log.error("worker %s cannot load %s: %s", worker_id, opts.model, message)
