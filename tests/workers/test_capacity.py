@@ -26,7 +26,7 @@ def _llama_has_gpu_backend() -> bool:
 
 
 def test_detect_on_this_machine() -> None:
-    cap = detect()
+    cap = detect(probe_llama=True)
     assert 1 <= cap.physical_cores <= cap.logical_cores <= (psutil.cpu_count() or 1)
     assert 0 < cap.ram_available_bytes <= cap.ram_total_bytes
     assert cap.ram_total_bytes > 256 * 1024**2
@@ -44,6 +44,25 @@ def test_detect_on_this_machine() -> None:
     if not _llama_has_gpu_backend():
         assert cap.gpu_offload is False
     assert Capacity.from_json(json.dumps(cap.to_json())) == cap
+
+
+def test_the_default_detect_asks_llama_only_when_there_is_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU to offload to: the answer cannot change a choice, so the start-up path skips the probe."""
+    asked: list[bool] = []
+    gpus: tuple[GpuInfo, ...] = ()
+
+    def probe() -> bool:
+        asked.append(True)
+        return True
+
+    monkeypatch.setattr(capmod, "detect_gpus", lambda: gpus)
+    monkeypatch.setattr(capmod, "llama_gpu_offload", probe)
+    assert capmod.detect().gpu_offload is False
+    assert asked == []
+    assert capmod.detect(probe_llama=True).gpu_offload is True  # sysinfo still asks the build
+    gpus = (GpuInfo(0, "NVIDIA L4", 24 * GiB, 23 * GiB),)
+    assert capmod.detect().gpu_offload is True
+    assert asked == [True, True]
 
 
 def test_llama_probe_runs_out_of_process() -> None:

@@ -85,6 +85,13 @@ def test_local_workers_get_the_parents_engine_and_settings(
     env = started[0][1]
     assert env["TOKENMILL_ENGINE"] == "stub" and env["TOKENMILL_DATABASE_URL"] == child_settings.database_url
     assert env[local.PARENT_PID_ENV] == str(os.getpid())
+    assert local.SCHEMA_READY_ENV not in env  # a child of a parent that did not migrate migrates itself
+
+    started.clear()
+    migrated = LocalFleet(child_settings, "smollm2-135m-instruct", 1, 1, schema_ready=True)  # as `run` does
+    migrated.start()
+    migrated.stop(grace=5.0)
+    assert started[0][1][local.SCHEMA_READY_ENV] == "1"
 
 
 def test_supervised_children_get_every_option_once() -> None:

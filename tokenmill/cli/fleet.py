@@ -164,7 +164,7 @@ def sysinfo_cmd(as_json: JsonOpt = False) -> None:
     """
     from tokenmill.workers.capacity import detect
 
-    cap = detect()
+    cap = detect(probe_llama=True)  # the build's own answer, GPU or not
     data = cap.to_json()
     if as_json:
         print_plain(json.dumps(data))

@@ -112,7 +112,7 @@ def run_cmd(
     sub, job_deadline = _plan(settings, sub, pref, deadline, count, threads or each)
     # Lines --skip-invalid refused, kept by job key so a resumed run still reports them (export merges).
     skipped = settings.data_dir / "skipped" / f"{job_key(path, sub.model, sub.options())}.jsonl"
-    fleet = LocalFleet(settings, sub.model, count, threads or each, n_seq=n_seq, prefer=pref)
+    fleet = LocalFleet(settings, sub.model, count, threads or each, n_seq=n_seq, prefer=pref, schema_ready=True)
     opts = WorkerOptions(model=sub.model, n_seq=n_seq, share=count, prefer=pref)
     job_id, fleet_needed = _submit_while_workers_start(store, settings, sub, opts, fleet, skipped, errors,
                                                        job_deadline, phases)

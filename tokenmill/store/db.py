@@ -9,8 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -134,7 +132,14 @@ class Store:
             raise self.unavailable(exc) from None
 
     def migrate(self) -> None:
-        """Bring the schema to head with Alembic; safe when many workers start at once."""
+        """Bring the schema to head with Alembic; safe when many workers start at once.
+
+        Alembic is imported here, not at the top: a local worker whose parent has just migrated skips this
+        (workers/local.py, ``SCHEMA_READY_ENV``) and need not import it on its way to the first chunk.
+        """
+        from alembic import command
+        from alembic.config import Config
+
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         try:

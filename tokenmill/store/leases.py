@@ -361,3 +361,23 @@ def unfinished_chunks(s: Session, job_id: str) -> int:
 def first_claimed_at(s: Session, job_id: str) -> float | None:
     """When a worker first took a chunk of the job (a chunk claimed again shows its latest claim)."""
     return s.scalar(select(func.min(Chunk.started_at)).where(Chunk.job_id == job_id))
+
+
+def first_waiting(s: Session, queues: list[str]) -> tuple[str, int] | None:
+    """(job id, chunk id) of the oldest chunk waiting (pending or queued) on one of ``queues``, for a worker
+    that takes its first chunk from the store instead of waiting for its message (workers/first_claim.py).
+
+    Only a candidate: the worker still takes it with :func:`claim_for_worker`, which checks the state,
+    the lease, the job and the queue in one statement, so two workers picking the same chunk is harmless.
+    A chunk with a running lease, even an expired one, is left to :func:`expire` and its message path.
+    """
+    if not queues:
+        return None
+    row = s.execute(
+        select(Chunk.job_id, Chunk.id)
+        .join(Job, Job.id == Chunk.job_id)
+        .where(Job.queue.in_(queues), Job.state.in_(ACTIVE_STATES), Chunk.state.in_(CHUNK_WAITING))
+        .order_by(Job.created_at, Chunk.idx)
+        .limit(1)
+    ).first()
+    return (str(row[0]), int(row[1])) if row is not None else None

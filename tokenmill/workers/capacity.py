@@ -154,8 +154,15 @@ def llama_gpu_offload(timeout: float = 120.0) -> bool:
     return out.stdout.strip().endswith("1")
 
 
-def detect(*, probe_llama: bool = True, cgroup_root: Path = _CGROUP_ROOT) -> Capacity:
-    """Measure this host now. ``probe_llama=False`` skips the llama.cpp subprocess (reports no offload)."""
+def detect(*, probe_llama: bool | None = None, cgroup_root: Path = _CGROUP_ROOT) -> Capacity:
+    """Measure this host now.
+
+    ``probe_llama``: ask llama.cpp whether it can offload (True), never ask (False, reports no offload), or
+    ask only when NVML found a GPU (None, the default). The answer is a subprocess importing llama.cpp
+    (half a second, on the start-up path of every worker and `run`), and without a GPU it cannot change
+    any choice (:attr:`Capacity.usable_gpus` is empty either way); `sysinfo`, which shows the build's
+    answer, passes True.
+    """
     import psutil
 
     logical_total = psutil.cpu_count(logical=True) or os.cpu_count() or 1
@@ -178,7 +185,7 @@ def detect(*, probe_llama: bool = True, cgroup_root: Path = _CGROUP_ROOT) -> Cap
         ram_available = max(0, min(ram_available, limit_bytes - usage))
 
     gpus = detect_gpus()
-    offload = llama_gpu_offload() if probe_llama else False
+    offload = llama_gpu_offload() if (probe_llama if probe_llama is not None else bool(gpus)) else False
     return Capacity(
         hostname=socket.gethostname(),
         physical_cores=physical,

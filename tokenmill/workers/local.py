@@ -17,6 +17,9 @@ from tokenmill.config import Settings
 
 # Set by a parent that starts workers (`run`, `worker --concurrency N`): the worker stops when it dies.
 PARENT_PID_ENV = "TOKENMILL_PARENT_PID"
+# Set by a parent that brought the store's schema to head before starting its workers (`run`): they skip
+# the migration (and importing Alembic) on their way to the first chunk.
+SCHEMA_READY_ENV = "TOKENMILL_SCHEMA_READY"
 
 
 def worker_argv(
@@ -74,6 +77,8 @@ class LocalFleet:
         n_seq: int | None = None,
         extra_env: dict[str, str] | None = None,
         prefer: str | None = None,
+        *,
+        schema_ready: bool = False,
     ) -> None:
         self.settings = settings
         self.model = model
@@ -81,7 +86,7 @@ class LocalFleet:
         self.threads_each = threads_each
         self.n_seq = n_seq
         self.prefer = prefer
-        self.extra_env = extra_env or {}
+        self.extra_env = {**({SCHEMA_READY_ENV: "1"} if schema_ready else {}), **(extra_env or {})}
         self.procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
         self.log_dir = Path(settings.data_dir) / "logs"

@@ -29,7 +29,8 @@ from tokenmill.store import Store
 from tokenmill.store import workers as store_workers
 from tokenmill.workers import tasks
 from tokenmill.workers.diskfull import FullStop
-from tokenmill.workers.local import PARENT_PID_ENV, child_env, worker_argv
+from tokenmill.workers.first_claim import FirstClaim
+from tokenmill.workers.local import PARENT_PID_ENV, SCHEMA_READY_ENV, child_env, worker_argv
 from tokenmill.workers.metrics import WorkerMetrics, start_metrics_server
 from tokenmill.workers.runtime import WorkerRuntime
 from tokenmill.workers.selection import ModelSelection, WorkerOptions, select_model
@@ -68,7 +69,8 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
     # worker was cut off mid-transaction, and its locks must not outlive its lease (tests/reliability/
     # test_partition.py).
     store = Store(settings.database_url, idle_in_transaction_timeout=settings.lease_seconds)
-    store.retrying(store.migrate)
+    if os.environ.get(SCHEMA_READY_ENV) != "1":  # `run` migrated a moment ago
+        store.retrying(store.migrate)
     capacity = detect()
     host = socket.gethostname()
     worker_id = f"{opts.name or host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -117,32 +119,17 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
     )
     full = FullStop(store, rt.stop_current)  # a full store disk: stop, exit 6 (workers/diskfull.py)
     rt.start()
-    signals.worker_ready.connect(lambda **_: full.arm(), weak=False)
-    signals.worker_ready.connect(lambda **_: rt.mark_consuming(), weak=False)
-    # A warm shutdown (SIGTERM, Ctrl-C, the parent gone) stops the chunk at the next row and reopens it
-    # at once; Celery alone would wait for the whole chunk, often past the grace period before SIGKILL.
-    signals.worker_shutting_down.connect(lambda **_: rt.stop_current("shutdown"), weak=False)
+    # The first chunk comes straight from the store while Celery boots (workers/first_claim.py).
+    first = FirstClaim(rt, store, queues)
+    first.start()
     if opts.metrics_port:
         metrics.bind_queue_depth(store, worker_id)
         start_metrics_server(opts.metrics_port, metrics, opts.metrics_host)
-    app = make_app(settings)
-    tasks.register(app, rt)  # the task reaches this runtime through the app it is registered on, not a global
     log.info("worker %s serving %s on %s", worker_id, engine.variant, ", ".join(queues))
     try:
-        worker = app.Worker(
-            hostname=f"{worker_id.replace(':', '-')}@{host}",
-            pool="threads",
-            concurrency=1,
-            queues=queues,
-            loglevel=logging.getLevelName(logging.getLogger().level),
-            send_events=True,
-            without_mingle=True,
-            without_gossip=True,
-            optimization="fair",
-        )
-        worker.start()
-        code = int(worker.exitcode or 0)
+        code = _consume(settings, rt, first, full, f"{worker_id.replace(':', '-')}@{host}", queues)
     finally:
+        first.stop()
         rt.close()
         try:
             with store.session() as s:
@@ -151,6 +138,43 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
             log.warning("could not mark worker stopped: %s", mask_text(str(exc)))
         engine.close()
     return full.exit_code(code)
+
+
+def _consume(
+    settings: Settings, rt: WorkerRuntime, first: FirstClaim, full: FullStop, hostname: str, queues: list[str]
+) -> int:
+    """Celery's worker on ``queues`` until it is told to stop; its exit code."""
+
+    def ready(**_: Any) -> None:
+        full.arm()
+        first.consuming()
+        rt.mark_consuming()
+
+    def shutting_down(**_: Any) -> None:
+        # A warm shutdown (SIGTERM, Ctrl-C, the parent gone) stops the chunk at the next row and reopens it
+        # at once; Celery alone would wait for the whole chunk, often past the grace period before SIGKILL.
+        first.consuming()
+        rt.stop_current("shutdown")
+
+    signals.worker_ready.connect(ready, weak=False)
+    signals.worker_shutting_down.connect(shutting_down, weak=False)
+    app = make_app(settings)
+    # The task reaches this runtime through the app it is registered on, not a global; through
+    # ``first``, so it never runs beside the chunk taken from the store.
+    tasks.register(app, first)
+    worker = app.Worker(
+        hostname=hostname,
+        pool="threads",
+        concurrency=1,
+        queues=queues,
+        loglevel=logging.getLevelName(logging.getLogger().level),
+        send_events=True,
+        without_mingle=True,
+        without_gossip=True,
+        optimization="fair",
+    )
+    worker.start()
+    return int(worker.exitcode or 0)
 
 
 def _exit_with_parent() -> None:
