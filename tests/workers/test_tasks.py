@@ -37,7 +37,8 @@ def test_the_registered_task_serves_a_chunk_with_its_bound_runtime(
     app = make_app(settings)
     task = tasks.register(app, _runtime(settings, store, tmp_path))
     assert app.tasks[TASK_PROCESS_CHUNK] is task
-    assert task(job_id, chunk_id) == {"claimed": True, "generated": 4, "cached": 0, "failed": 0, "stopped": None}
+    summary = {"claimed": True, "generated": 4, "cached": 0, "failed": 0, "chunks": 1, "stopped": None}
+    assert task(job_id, chunk_id) == summary
     with store.session() as s:
         texts = {r.custom_id: (r.body or {})["choices"][0]["text"] for r in s.scalars(select(Result))}
     assert texts == {f"r{i}": f"echo:r{i}" for i in range(4)}
