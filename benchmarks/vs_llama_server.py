@@ -68,6 +68,13 @@ class Run:
     gen_tokens: int
     prompt_tokens: int
     work: float | None = None
+    seq_tps: float | None = None  # decode tokens per second of one sequence, over its decode time
+
+
+def per_sequence(tokens_and_ms: list[tuple[int, float]]) -> float | None:
+    """Generated tokens over decode time summed over rows, as `tokenmill workers` measures it."""
+    ms = sum(m for _, m in tokens_and_ms)
+    return sum(t for t, _ in tokens_and_ms) / ms * 1000.0 if ms else None
 
 
 def pinned_version() -> str:
@@ -157,7 +164,8 @@ def run_peer(bin_dir: Path, model: Path, items: list[dict[str, Any]], threads: i
         proc.wait()
     gen = sum(a["usage"]["completion_tokens"] for a in answers)
     prompt = sum(a["usage"]["prompt_tokens"] for a in answers)
-    return Run("llama-server", done - started, gen, prompt, done - sent)
+    timings = [(a["timings"]["predicted_n"], a["timings"]["predicted_ms"]) for a in answers if "timings" in a]
+    return Run("llama-server", done - started, gen, prompt, done - sent, per_sequence(timings))
 
 
 PHASE = re.compile(r"first chunk claimed ([\d.]+) s → finished ([\d.]+) s")
@@ -179,6 +187,9 @@ def run_tokenmill(model: str, data: Path, threads: int, work: Path, rnd: int) ->
     span = float(phases[2]) - float(phases[1]) if phases else None
     lines = [json.loads(line) for line in out.open(encoding="utf-8")]
     prompt = sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in lines)
+    timings = [
+        (x["response"]["body"]["usage"]["completion_tokens"], x["tokenmill"]["timings"]["eval_ms"]) for x in lines
+    ]
     listing = subprocess.run(
         [sys.executable, "-m", "tokenmill.cli", "workers", "--all", "--json"],
         env=env,
@@ -187,7 +198,7 @@ def run_tokenmill(model: str, data: Path, threads: int, work: Path, rnd: int) ->
         check=True,
     ).stdout
     worker = json.loads(listing)[0]
-    return Run("tokenmill", wall, tokens_in(out), prompt, span), worker
+    return Run("tokenmill", wall, tokens_in(out), prompt, span, per_sequence(timings)), worker
 
 
 def batched_bench(bin_dir: Path, model: Path, threads: int, npp: int, ntg: int) -> dict[str, float]:
@@ -213,16 +224,22 @@ def ratio_line(name: str, baseline: float, tokenmill: float, goal: float) -> str
 
 
 def run_line(name: str, r: Run, rnd: int) -> str:
-    work = f"{r.work:>7.1f}" if r.work is not None else f"{'-':>7}"
-    rate = f"{r.gen_tokens / r.work:>9.1f}" if r.work else f"{'-':>9}"
+    """One run: wall and end-to-end rate, the work span and its rate, and the per-sequence decode rate."""
+
+    def opt(value: float | None, width: int) -> str:
+        return f"{value:>{width}.1f}" if value is not None else f"{'-':>{width}}"
+
     return (
         f"{name:<7} {rnd:>5} {r.side:<13} {r.wall:>7.1f} {r.gen_tokens:>8} {r.prompt_tokens:>8} "
-        f"{r.gen_tokens / r.wall:>9.1f} {work} {rate}"
+        f"{r.gen_tokens / r.wall:>9.1f} {opt(r.work, 7)} {opt(r.gen_tokens / r.work if r.work else None, 9)} "
+        f"{opt(r.seq_tps, 9)}"
     )
 
 
-HEADER = f"{'set':<7} {'round':>5} {'side':<13} {'wall s':>7} {'gen tok':>8} {'prompt':>8} {'tok/s':>9} {'work s':>7} "
-HEADER += f"{'work t/s':>9}"
+HEADER = (
+    f"{'set':<7} {'round':>5} {'side':<13} {'wall s':>7} {'gen tok':>8} {'prompt':>8} {'tok/s':>9} {'work s':>7} "
+    f"{'work t/s':>9} {'seq t/s':>9}"
+)
 
 
 def bench_set(
@@ -247,7 +264,7 @@ def bench_set(
                 report(run_line(name, run, rnd))
         report(
             f"{name:<7} tokenmill's worker: {worker.get('variant')}, n_seq {worker.get('n_seq')}, "
-            f"{worker.get('n_threads')} threads"
+            f"{worker.get('threads')} threads, measured {worker.get('measured_tps')} tok/s per sequence"
         )
         peer, tm = best(runs, "llama-server"), best(runs, "tokenmill")
         lines = [
