@@ -18,7 +18,10 @@ then, once per set, the sequential llama-cpp-python loop (`Llama.create_chat_com
 same threads, flash attention on) with the set's mean prompt and completion lengths: the decode floor.
 Sets: gen = 32 chat rows, up to 160 new tokens; gen128 = the same kind, 128 rows; doc = 64 stdlib
 documentation excerpts to summarise in up to 64 tokens (rows from benchmarks/throughput.py).
-ratio = llama-server wall / tokenmill wall: above 1.0x tokenmill is faster.
+ratio = llama-server wall / tokenmill wall: above 1.0x tokenmill is faster. Per run: wall, generated and
+prompt tokens, end-to-end tok/s, the work span (first row in work to last answer, start-up excluded) and
+its tok/s, and one sequence's decode rate (`seq t/s`: the server's `timings`, tokenmill's `eval_ms`).
+Run it on a quiet host: both sides spin 2 OpenMP threads, so a busy neighbour swings every figure.
 """
 
 from __future__ import annotations
