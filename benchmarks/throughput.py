@@ -37,6 +37,11 @@ DOC_MODULES = [
     "subprocess", "sqlite3", "zipfile", "datetime", "decimal", "fractions", "statistics", "heapq",
     "bisect", "difflib", "shutil", "tempfile", "typing", "dataclasses", "enum", "string", "re",
     "random", "hashlib", "base64", "gzip", "pickle", "copy",
+    # rows 33-64 (vs_llama_server.py's 64-row set): other modules, so no prompt repeats
+    "os", "sys", "unittest", "http.client", "urllib.parse", "socket", "struct", "io", "time", "shelve",
+    "tokenize", "ast", "inspect", "pdb", "timeit", "sched", "uuid", "configparser", "plistlib", "mimetypes",
+    "ftplib", "smtplib", "socketserver", "cmd", "doctest", "gc", "trace", "wsgiref", "getopt", "optparse",
+    "zlib", "pprint",
 ]  # fmt: skip
 SYSTEM = "You are a helpful assistant."
 
