@@ -1,8 +1,9 @@
 """Engine busy fraction across chunk boundaries: continuous batching across chunks on and off.
 
-    .venv/bin/python benchmarks/busy_fraction.py [--rows 256] [--chunk-size 32] [--n-seq 8] [--max-tokens 48]
+    .venv/bin/python benchmarks/busy_fraction.py [--rows 256] [--chunk-size 32] [--n-seq 8] [--max-tokens 64]
 
-`tokenmill run` of the same generation rows (SmolLM2-135M-Instruct, temperature 0, the default variant)
+`tokenmill run` of the same generation rows (SmolLM2-135M-Instruct, temperature 0, the default variant;
+stories cut at max_tokens spread from 8 to --max-tokens, so rows end at different steps)
 on the embedded store with one local worker, twice: with the worker claiming the job's next chunk while
 its batch drains (the default) and with one chunk per task (TOKENMILL_CHAIN_CHUNKS=0), alternating.
 Prints each run's wall time and the job's busy fraction (slots filled / slots available over its decode
@@ -27,7 +28,9 @@ def dataset(path: Path, rows: int, max_tokens: int) -> None:
     with path.open("w", encoding="utf-8") as f:
         for i in range(rows):
             prompt = f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]} (variation {i})."
-            line = {"id": f"r{i}", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            # lengths spread from 8 to max_tokens: rows end at different steps, as real ones do
+            length = 8 + (i * 37) % max(1, max_tokens - 7)
+            line = {"id": f"r{i}", "messages": [{"role": "user", "content": prompt}], "max_tokens": length,
                     "temperature": 0}  # fmt: skip
             f.write(json.dumps(line) + "\n")
 
@@ -61,7 +64,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=32)
     p.add_argument("--n-seq", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=1)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="tm-busy-") as tmp:
