@@ -52,7 +52,7 @@ def run(data: Path, workdir: Path, chain: bool, args: argparse.Namespace) -> tup
     try:
         with store.session() as s:
             (job,) = s.query(Job).all()
-            busy = job.filled_slot_steps / job.slot_steps if job.slot_steps else None
+            busy = job.busy_fraction
             steps = job.decode_steps
     finally:
         store.dispose()

@@ -238,8 +238,7 @@ def _finish(
         job = store_jobs.get_job(s, job_id)
         prog = store_jobs.progress(s, job)
         timeline = phases.line(leases.first_claimed_at(s, job_id), job.finished_at)
-    busy = job.filled_slot_steps / job.slot_steps if job.slot_steps else None
-    info = {**prog.to_json(), "phases": timeline, "engine_busy": busy, "decode_steps": job.decode_steps}
+    info = {**prog.to_json(), "phases": timeline, "engine_busy": job.busy_fraction, "decode_steps": job.decode_steps}
     _summary(info, wall, output, errors if bad or n_skipped else None, sub, n_skipped)
     if bad or n_skipped:
         what = [f"{bad} of {ok + bad} rows failed"] if bad else []

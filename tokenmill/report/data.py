@@ -398,7 +398,7 @@ def job_report(s: Session, job: Job) -> JobReport:
         failures=failures.most_common(),
         failure_examples=examples,
         decode_steps=job.decode_steps or 0,
-        busy_fraction=job.filled_slot_steps / job.slot_steps if job.slot_steps else None,
+        busy_fraction=job.busy_fraction,
     )
 
 

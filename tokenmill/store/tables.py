@@ -54,6 +54,11 @@ class Job(Base):
     slot_steps: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     filled_slot_steps: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
+    @property
+    def busy_fraction(self) -> float | None:
+        """Slots filled / slots available over the job's decode steps; None before any step."""
+        return self.filled_slot_steps / self.slot_steps if self.slot_steps else None
+
 
 class RequestRow(Base):
     """A dataset row as submitted; workers rebuild requests from ``payload``, never from the file."""
