@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -134,3 +135,35 @@ def test_broker_watch_notices_an_emptied_redis(redis_url: str) -> None:
                 w._client.close()
     assert not BrokerWatch("sqla+sqlite:///x.db", "sqlite:///y.db").lost_messages()  # persistent: not watched
     assert not BrokerWatch("redis://127.0.0.1:1/0", "sqlite:///y.db").lost_messages()  # unreachable: no verdict
+
+
+class CountingDispatcher(Dispatcher):
+    """Counts its passes; ``busy`` passes report a chunk sent."""
+
+    def __init__(self, *args: Any, busy: int = 0) -> None:
+        super().__init__(*args)
+        self.passes = 0
+        self.busy = busy
+
+    def tick(self) -> int:
+        self.passes += 1
+        return 1 if self.passes <= self.busy else 0
+
+
+def _passes_in(dispatcher: CountingDispatcher, seconds: float) -> int:
+    stop = threading.Event()
+    loop = threading.Thread(target=dispatcher.run, args=(stop,), daemon=True)
+    loop.start()
+    stop.wait(seconds)
+    stop.set()
+    loop.join(5)
+    return dispatcher.passes
+
+
+def test_an_idle_dispatcher_looks_less_often_and_a_busy_one_at_its_interval(settings: Settings, store: Store) -> None:
+    settings = settings.with_(dispatch_interval=0.1)
+    # idle: waits 0.2, 0.4, 0.4 ... (capped at 4 intervals) instead of 0.1 each: about 4 passes in 1.2 s, not 12
+    idle = _passes_in(CountingDispatcher(store, DeadBroker(), settings), 1.2)
+    busy = _passes_in(CountingDispatcher(store, DeadBroker(), settings, busy=1000), 1.2)
+    assert 2 <= idle <= 6
+    assert busy >= 8

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from tokenmill.cache import close_answered_chunks, prefill
@@ -246,6 +254,12 @@ def _finish(
         raise JobIncomplete(f"{', '.join(what)}; see {errors}")
 
 
+# `run` shares two cores with the decode threads: a look at the job's state every POLL_S (one indexed
+# read) notices the end at once; the fuller progress read and the bar's redraw come every PROGRESS_S.
+POLL_S = 0.25
+PROGRESS_S = 1.0
+
+
 def _watch(store: Store, job_id: str, fleet: LocalFleet | None, check: Callable[[], None] = lambda: None) -> None:
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -255,23 +269,34 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet | None, check: Callable[
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as bar:
+    # No auto-refresh thread: redrawn after each progress read, which is as often as anything changes.
+    with Progress(*columns, console=console, transient=False, auto_refresh=False) as bar:
         task = bar.add_task("rows", total=None, tps="0.0")
+        next_progress = 0.0
         while True:
+            if time.monotonic() >= next_progress:
+                _show_progress(store, job_id, fleet, bar, task)
+                next_progress = time.monotonic() + PROGRESS_S
             with store.session() as s:
-                job = store_jobs.get_job(s, job_id)
-                prog = store_jobs.progress(s, job)
-                state = job.state
-                failed_workers = [w for w in store_workers.list_workers(s) if w.state == WorkerState.FAILED and w.error]
-            info = prog.to_json()
-            bar.update(task, total=prog.total, completed=prog.done, tps=f"{info['tokens_per_second']:.1f}")
+                state = store_jobs.state_of(s, job_id)
             if state not in ACTIVE_STATES:
+                _show_progress(store, job_id, None, bar, task)
                 return
             check()
-            if fleet is not None and fleet.alive() == 0:
-                reason = failed_workers[-1].error if failed_workers else "see .tokenmill/logs/"
-                raise ModelError(f"every local worker exited before the job finished: {reason}")
-            time.sleep(0.25)
+            time.sleep(POLL_S)
+
+
+def _show_progress(store: Store, job_id: str, fleet: LocalFleet | None, bar: Progress, task: TaskID) -> None:
+    """Redraw the bar; a fleet whose every worker has exited ends the run with the last one's error."""
+    with store.session() as s:
+        prog = store_jobs.progress(s, store_jobs.get_job(s, job_id))
+        failed_workers = [w for w in store_workers.list_workers(s) if w.state == WorkerState.FAILED and w.error]
+    info = prog.to_json()
+    bar.update(task, total=prog.total, completed=prog.done, tps=f"{info['tokens_per_second']:.1f}")
+    bar.refresh()
+    if fleet is not None and prog.state in ACTIVE_STATES and fleet.alive() == 0:
+        reason = failed_workers[-1].error if failed_workers else "see .tokenmill/logs/"
+        raise ModelError(f"every local worker exited before the job finished: {reason}")
 
 
 def _summary(

@@ -24,6 +24,7 @@ from tokenmill.store.tables import Job
 from tokenmill.store.workers import live_serving
 
 log = logging.getLogger(__name__)
+IDLE_BACKOFF = 4.0
 
 
 class BrokerWatch:
@@ -187,11 +188,14 @@ class Dispatcher:
         store's one line, see workers/diskfull.py); the fleet scheduler waits for space instead, since
         the store is shared and someone may free it.
         """
-        delay = self.settings.dispatch_interval
+        base = self.settings.dispatch_interval
+        delay = base
         while not stop.is_set():
             try:
-                self.tick()
-                delay = self.settings.dispatch_interval
+                # A pass that sent nothing makes the next wait longer, up to IDLE_BACKOFF times the interval:
+                # an idle scheduler (or `run` while its worker chains chunks itself) costs little CPU.
+                sent = self.tick()
+                delay = base if sent else min(delay * 2, base * IDLE_BACKOFF)
                 if until_job is not None and self.job_finished(until_job):
                     return
             except StoreFull as exc:
