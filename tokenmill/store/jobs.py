@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -325,10 +325,18 @@ def active_jobs(s: Session) -> list[Job]:
     return list(s.scalars(select(Job).where(Job.state.in_(ACTIVE_STATES)).order_by(Job.created_at)))
 
 
-def finish_jobs(s: Session) -> list[Job]:
-    """Close every active job with no chunk left to do; returns the jobs it closed."""
+def finish_jobs(s: Session, job_ids: Collection[str] | None = None) -> list[Job]:
+    """Close every active job (of ``job_ids``, when given) with no chunk left to do; returns those closed.
+
+    A worker task calls it for its job as it ends, so a job ends with its last chunk rather than at the
+    dispatcher's next pass; the dispatcher's pass closes the rest (chunks that failed or were cancelled,
+    and two last chunks committed side by side, each seeing the other still open).
+    """
     open_chunk = exists().where(Chunk.job_id == Job.id, Chunk.state.notin_(CHUNK_CLOSED))
-    closed = list(s.scalars(select(Job).where(Job.state.in_(ACTIVE_STATES), ~open_chunk)))
+    query = select(Job).where(Job.state.in_(ACTIVE_STATES), ~open_chunk)
+    if job_ids is not None:
+        query = query.where(Job.id.in_(list(job_ids)))
+    closed = list(s.scalars(query))
     for job in closed:
         failed = s.scalar(select(exists().where(Result.job_id == job.id, Result.status == ResultStatus.FAILED)))
         job.state = JobState.COMPLETED_WITH_ERRORS if failed else JobState.COMPLETED
@@ -340,6 +348,12 @@ def is_unfinished(s: Session, job_id: str) -> bool:
     """True while the job can still change by itself (ingesting, queued or running); False if gone."""
     state = s.scalar(select(Job.state).where(Job.id == job_id))
     return state is not None and state in UNFINISHED_STATES
+
+
+def state_of(s: Session, job_id: str) -> JobState | None:
+    """The job's state alone, one indexed lookup: what `run` polls between its fuller progress reads."""
+    state = s.scalar(select(Job.state).where(Job.id == job_id))
+    return None if state is None else JobState(state)
 
 
 def is_cancelled(s: Session, job_id: str) -> bool:

@@ -203,6 +203,8 @@ class WorkerRuntime:
                 for chunk_id in held:  # not completed: a stop, or claimed ahead and never started
                     leases.release(s, chunk_id, self.worker_id)
                 store_jobs.add_slot_use(s, job.id, use.steps, use.slots, use.filled)
+                for closed in store_jobs.finish_jobs(s, [job.id]):  # its last chunk: the job ends now
+                    log.info("job %s %s", closed.id, closed.state)
 
         self.store.retrying(finish)
         return outcome
