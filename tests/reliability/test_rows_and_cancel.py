@@ -109,7 +109,11 @@ def test_cancel_stops_dispatch_and_running_chunks(fleet: Stack) -> None:
         " AND c.last_seq), c.lease_owner FROM chunks c WHERE c.job_id = :j AND c.state = 'pending'",
         j=job,
     )
-    assert len(partial) == 2 and all(0 < done < size and owner is None for done, owner in partial), partial
+    # A chunk a worker had claimed ahead (its current one was draining, see workers/feed.py) comes back
+    # untouched.
+    started = [done for done, _ in partial if done > 0]
+    assert all(owner is None for _, owner in partial), partial
+    assert len(started) == 2 and all(0 < done < size for done in started), partial
     assert counts.duplicated == 0
     assert fleet.state(job) == "cancelled"
     assert all(p.poll() is None for p in fleet.procs.items)  # workers idle, not dead
