@@ -115,7 +115,10 @@ def test_many_rows_across_several_decodes(minilm: LlamaEmbedder) -> None:
     first = vectors(got["r0"])
     assert first.shape == (30, 384)
     single = vectors(run(minilm, [embed_row("one", texts[7])])["one"])
-    np.testing.assert_allclose(first[7], single[0], atol=1e-4)
+    # The same input in a batch of 30 or alone: the f16 matmuls sum in another order (by CPU kernel, 1.03e-4
+    # apart on one host), so the vectors agree to rounding, not bit for bit.
+    np.testing.assert_allclose(first[7], single[0], atol=5e-4)
+    assert float(first[7] @ single[0]) > 0.99999
 
 
 def test_body_validates_with_openai_sdk_and_base64_round_trips(minilm: LlamaEmbedder) -> None:
