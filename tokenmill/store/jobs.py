@@ -346,7 +346,7 @@ def finish_jobs(s: Session, job_ids: Collection[str] | None = None) -> list[Job]
 
 def is_unfinished(s: Session, job_id: str) -> bool:
     """True while the job can still change by itself (ingesting, queued or running); False if gone."""
-    state = s.scalar(select(Job.state).where(Job.id == job_id))
+    state = state_of(s, job_id)
     return state is not None and state in UNFINISHED_STATES
 
 
@@ -358,7 +358,7 @@ def state_of(s: Session, job_id: str) -> JobState | None:
 
 def is_cancelled(s: Session, job_id: str) -> bool:
     """What a worker asks between rows: stop if the job was cancelled (or deleted)."""
-    state = s.scalar(select(Job.state).where(Job.id == job_id))
+    state = state_of(s, job_id)
     return state is None or state == JobState.CANCELLED
 
 
