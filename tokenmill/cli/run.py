@@ -275,28 +275,28 @@ def _watch(store: Store, job_id: str, fleet: LocalFleet | None, check: Callable[
         next_progress = 0.0
         while True:
             if time.monotonic() >= next_progress:
-                _show_progress(store, job_id, fleet, bar, task)
+                _show_progress(store, job_id, bar, task)
                 next_progress = time.monotonic() + PROGRESS_S
             with store.session() as s:
                 state = store_jobs.state_of(s, job_id)
             if state not in ACTIVE_STATES:
-                _show_progress(store, job_id, None, bar, task)
+                _show_progress(store, job_id, bar, task)
                 return
-            check()
+            check()  # before the fleet check: a worker that exited on a full disk is exit 6, not a dead fleet
+            if fleet is not None and fleet.alive() == 0:
+                with store.session() as s:
+                    failed = [w for w in store_workers.list_workers(s) if w.state == WorkerState.FAILED and w.error]
+                reason = failed[-1].error if failed else "see .tokenmill/logs/"
+                raise ModelError(f"every local worker exited before the job finished: {reason}")
             time.sleep(POLL_S)
 
 
-def _show_progress(store: Store, job_id: str, fleet: LocalFleet | None, bar: Progress, task: TaskID) -> None:
-    """Redraw the bar; a fleet whose every worker has exited ends the run with the last one's error."""
+def _show_progress(store: Store, job_id: str, bar: Progress, task: TaskID) -> None:
     with store.session() as s:
         prog = store_jobs.progress(s, store_jobs.get_job(s, job_id))
-        failed_workers = [w for w in store_workers.list_workers(s) if w.state == WorkerState.FAILED and w.error]
     info = prog.to_json()
     bar.update(task, total=prog.total, completed=prog.done, tps=f"{info['tokens_per_second']:.1f}")
     bar.refresh()
-    if fleet is not None and prog.state in ACTIVE_STATES and fleet.alive() == 0:
-        reason = failed_workers[-1].error if failed_workers else "see .tokenmill/logs/"
-        raise ModelError(f"every local worker exited before the job finished: {reason}")
 
 
 def _summary(
