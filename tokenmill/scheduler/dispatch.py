@@ -102,10 +102,8 @@ class Dispatcher:
                 to_send.extend(self._fair_share(s, queue, queue_jobs, slots))
             if to_send:
                 leases.mark_queued(s, [chunk_id for _, _, chunk_id in to_send])
-                sent_jobs = {j for _, j, _ in to_send}
-                for job in active:
-                    if job.id in sent_jobs:
-                        store_jobs.start_job(job)
+                for job_id in sorted({j for _, j, _ in to_send}):
+                    store_jobs.start_job(s, job_id)
         self._broker_emptied = False
         for i, (queue, job_id, chunk_id) in enumerate(to_send):
             try:
@@ -178,8 +176,8 @@ class Dispatcher:
         return picked
 
     def _finish_jobs(self, s: Session) -> None:
-        for job in store_jobs.finish_jobs(s):
-            log.info("job %s %s", job.id, job.state)
+        for job_id in store_jobs.finish_jobs(s):
+            log.info("job %s %s", job_id, store_jobs.state_of(s, job_id))
 
     def run(self, stop: threading.Event, until_job: str | None = None) -> None:
         """Loop until ``stop`` is set (or the given job reaches a final state), riding out outages.
