@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 from tokenmill.errors import ConfigError
 
 ENV_PREFIX = "TOKENMILL_"
+DEFAULT_ENGINE = "llama"  # the inference backend a worker builds unless told otherwise (tokenmill.engines)
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@/\s]+)@")
 # Query parameters that carry a credential (`?password=`, libpq's and redis-py's form; tokens for mirrors).
@@ -113,6 +114,9 @@ class Settings:
     # Claims of one chunk before its unanswered rows fail (chunk_attempts_exhausted): a row that kills
     # every worker that tries it (out of memory, a crash in the engine) must not be redelivered forever.
     max_chunk_attempts: int = 5
+    # Seconds one row may take from admission to its last token; past it the row fails alone with
+    # row_time_limit_exceeded (a grammar that crawls must not hold a slot and a renewed lease for hours).
+    row_time_limit: float = 3600.0
     # A chunk marked queued this long without being claimed is queued again: its message may be gone
     # (a worker killed between receiving and claiming it, a broker that lost messages). None: the default
     # below, long enough that a healthy queue never triggers it; a duplicate message is harmless anyway.
@@ -124,7 +128,7 @@ class Settings:
     batch_window_seconds: float | None = None  # None: what completion_window says ("24h"); tests shorten it
     # The inference backend a worker builds, by name (tokenmill.engines: "llama", "stub", or a plugin's).
     # Checked when a worker starts, not here: plugin names come from installed entry points.
-    engine: str = "llama"
+    engine: str = DEFAULT_ENGINE
     # Group commit of results: a worker's writer thread stores finished rows in one transaction per
     # batch of up to this many rows, or sooner once the oldest waiting row is this many ms old. Bigger
     # batches mean fewer commits; a kill -9 loses (and the next claimant regenerates) at most the rows
@@ -171,6 +175,7 @@ class Settings:
         values["max_inflight_per_queue"] = int(_float(env, "MAX_INFLIGHT", cls.max_inflight_per_queue))
         values["max_row_attempts"] = int(_float(env, "MAX_ROW_ATTEMPTS", cls.max_row_attempts))
         values["max_chunk_attempts"] = int(_float(env, "MAX_CHUNK_ATTEMPTS", cls.max_chunk_attempts))
+        values["row_time_limit"] = _float(env, "ROW_TIME_LIMIT", cls.row_time_limit)
         values["result_batch_rows"] = int(_float(env, "RESULT_BATCH_ROWS", cls.result_batch_rows))
         values["result_batch_ms"] = _float(env, "RESULT_BATCH_MS", cls.result_batch_ms)
         if env.get(ENV_PREFIX + "CHAIN_CHUNKS"):
@@ -229,6 +234,7 @@ class Settings:
             ENV_PREFIX + "MAX_INFLIGHT": str(self.max_inflight_per_queue),
             ENV_PREFIX + "MAX_ROW_ATTEMPTS": str(self.max_row_attempts),
             ENV_PREFIX + "MAX_CHUNK_ATTEMPTS": str(self.max_chunk_attempts),
+            ENV_PREFIX + "ROW_TIME_LIMIT": str(self.row_time_limit),
             ENV_PREFIX + "ENGINE": self.engine,
             ENV_PREFIX + "RESULT_BATCH_ROWS": str(self.result_batch_rows),
             ENV_PREFIX + "RESULT_BATCH_MS": str(self.result_batch_ms),

@@ -94,6 +94,11 @@ class RequestTooLong(RowRefused):
     """A single row cannot fit the model's context window; the row fails, the job goes on."""
 
 
+class RowTimeLimit(RowRefused):
+    """A row ran past the per-row time limit (a grammar that crawls, a runaway generation): it fails alone,
+    and is not tried again, since another try would take as long."""
+
+
 class JobIncomplete(TokenmillError):
     """A job ended with failed rows or was cancelled; the exit code says so to scripts."""
 

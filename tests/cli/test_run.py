@@ -135,3 +135,25 @@ def test_run_summary_shows_where_the_seconds_went(tmp_path: Path, settings: Sett
     seconds = [float(t) for _, t in marks]
     assert seconds == sorted(seconds), line  # each phase ends after the one before it
     assert len((tmp_path / "d.results.jsonl").read_text().splitlines()) == 40
+
+
+def test_a_stub_runs_answers_never_reach_a_real_run(tmp_path: Path, settings: Settings, smollm2_path: Path) -> None:
+    """The engine is part of the model's identity: cache key, job key, queue and variant label."""
+    data = write_jsonl(
+        tmp_path / "a.jsonl",
+        [{"id": i, "messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 3, "temperature": 0}
+         for i in ("a", "b")],
+    )  # fmt: skip
+    out = tmp_path / "a.results.jsonl"
+    args = ("run", str(data), "--model", "smollm2-135m-instruct", "-o", str(out), "--workers", "1")
+    stub = run_cli(settings, *args, env=STUB_ENV)
+    assert stub.returncode == 0, stub.stderr
+    stubbed = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["tokenmill"]["model"].endswith("+stub") for r in stubbed), stubbed
+    real = run_cli(settings, *args)
+    assert real.returncode == 0, real.stderr
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(answers) == 2
+    for r in answers:
+        assert r["tokenmill"]["cached"] is False and "stub" not in r["tokenmill"]["model"], r
+        assert not r["response"]["body"]["choices"][0]["message"]["content"].startswith("echo:"), r

@@ -198,3 +198,35 @@ def test_the_chunk_attempt_cap_comes_from_the_environment_and_reaches_local_work
     assert settings.max_chunk_attempts == 7
     assert Settings.from_env(settings.as_env()).max_chunk_attempts == 7
     assert Settings.from_env({}).max_chunk_attempts == 5
+
+
+class SlowRowEngine(ScriptedEngine):
+    """Row r1 runs past the per-row time limit (what the llama engine reports as RowTimeLimit)."""
+
+    def generate(
+        self, rows: Sequence[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool], refill: Refill | None = None
+    ) -> None:
+        from tokenmill.errors import RowTimeLimit
+
+        for row in rows:
+            self.tries[row.custom_id] += 1
+            if row.custom_id == "r1":
+                on_done(row, RowTimeLimit("the row ran 9.0s, past the per-row limit of 5s"))
+            else:
+                on_done(row, Generation(text="ok", finish_reason="stop", prompt_tokens=1, completion_tokens=1))
+
+
+def test_a_row_past_its_time_limit_fails_alone_with_its_own_code_and_is_not_retried(
+    store: Store, settings: Settings
+) -> None:
+    job = make_job(store, 3, 3)
+    (chunk,) = chunk_ids(store, job)
+    engine = SlowRowEngine()
+    rt = runtime(store, settings, engine)
+    outcome = rt.process_chunk(job, chunk)
+    assert (outcome.generated, outcome.failed) == (2, 1)
+    assert engine.tries["r1"] == 1
+    stored = {r.custom_id: r for r in results(store, job)}
+    assert stored["r1"].error_code == "row_time_limit_exceeded" and "per-row limit" in (stored["r1"].error or "")
+    assert stored["r0"].status == stored["r2"].status == "succeeded"
+    rt.close()

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from tokenmill.config import MaskingFilter, Settings
 from tokenmill.store import Store
+from tokenmill.store import schedulers as store_schedulers
 
 # Markup and emoji codes off by default: what commands print is mostly data (paths, job names, worker
 # errors, model references), and a "[/x]" in it would raise MarkupError; styling is asked for explicitly
@@ -59,3 +60,17 @@ def add_id_column(table: Table, name: str) -> None:
     """Job ids are what people copy into the next command: never cut them to "8a5778ebc…" on a narrow
     terminal; the other columns fold instead."""
     table.add_column(name, no_wrap=True, min_width=16)
+
+
+def scheduler_state(store: Store, lost_after: float) -> str:
+    """One phrase for the dispatch loops the store has seen: whether anyone is sending chunks, and why not."""
+    with store.session() as s:
+        seen = store_schedulers.health(s, lost_after)
+    alive = [h for h in seen if h.alive]
+    if not alive:
+        return "none running (jobs on a fleet wait for `tokenmill scheduler`)" if not seen else "lost (no heartbeat)"
+    failing = [h for h in alive if h.failing_for is not None]
+    if len(failing) < len(alive):
+        return "ok"
+    worst = max(failing, key=lambda h: h.failing_for or 0.0)
+    return f"failing for {worst.failing_for or 0.0:.0f}s on {worst.host}: {worst.error}"

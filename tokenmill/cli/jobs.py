@@ -12,7 +12,15 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from tokenmill.cli.common import add_id_column, console, open_store, out, print_plain, settings_from
+from tokenmill.cli.common import (
+    add_id_column,
+    console,
+    open_store,
+    out,
+    print_plain,
+    scheduler_state,
+    settings_from,
+)
 from tokenmill.cli.options import (
     AllowUnknownOpt,
     ChunkOpt,
@@ -73,7 +81,7 @@ def submit_cmd(
     model, model_source = choose_model(path, model)
     sub = build_submission(
         path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
-        settings.models_dir, allow_unknown_fields, model_source,
+        settings.models_dir, allow_unknown_fields, model_source, settings.engine,
     )  # fmt: skip
     pins = _ab_pins(model, ab)
     for pin in pins:
@@ -151,6 +159,8 @@ def status_cmd(
         _jobs_table(store)
         return
     info = _job_status(store, job, wait, interval)
+    if info["state"] in UNFINISHED_STATES:
+        info["scheduler"] = scheduler_state(store, settings.lost_after)
     if as_json:
         print_plain(json.dumps(info))
     else:
@@ -160,6 +170,8 @@ def status_cmd(
             table.add_row(k, str(info[k]))
         if info.get("deadline_note"):
             table.add_row("deadline", str(info["deadline_note"]))
+        if info.get("scheduler"):
+            table.add_row("scheduler", str(info["scheduler"]))
         out.print(table)
     if wait and info["state"] != JobState.COMPLETED:
         raise JobIncomplete(f"job {info['job']} ended {info['state']} ({info['failed']} failed rows)")

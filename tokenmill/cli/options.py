@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from tokenmill.config import DEFAULT_ENGINE
 from tokenmill.models.sizing import Prefer
 from tokenmill.rows import SamplingParams
 from tokenmill.scheduler.submit import DEFAULT_MODEL as SUBMIT_DEFAULT_MODEL
@@ -79,6 +80,7 @@ def build_submission(
     models_dir: Path | None = None,
     allow_unknown_fields: bool = False,
     model_source: str = "--model",
+    engine: str = DEFAULT_ENGINE,
 ) -> Submission:
     """The dataset options of `run` and `submit` as one Submission: an unset --max-tokens/--temperature
     falls back to SamplingParams' own default, so both commands store the same job for the same flags."""
@@ -100,6 +102,7 @@ def build_submission(
         models_dir=models_dir,
         allow_unknown_fields=allow_unknown_fields,
         model_source=model_source,
+        engine=engine,
     )
 
 

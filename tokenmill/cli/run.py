@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from tokenmill.cache import close_answered_chunks, prefill
+from tokenmill.cache import close_answered_chunks, prefill, weights_identity
 from tokenmill.celery_app import check_broker, make_app
 from tokenmill.cli.common import console, default_output, open_store, out, settings_from
 from tokenmill.cli.options import (
@@ -104,7 +104,7 @@ def run_cmd(
     count = workers or count
     sub = build_submission(
         path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
-        settings.models_dir, allow_unknown_fields, model_source,
+        settings.models_dir, allow_unknown_fields, model_source, settings.engine,
     )  # fmt: skip
     output = output or default_output(path, "results")
     errors = errors or default_output(path, "errors")
@@ -151,7 +151,9 @@ def _submit_while_workers_start(
     try:
         job_id = _resume_or_submit(store, sub, skipped, errors, opts.share, deadline)
         phases.stored = time.time()
-        fleet_needed = _answer_from_cache(store, job_id, sub, starter.wait().model_id)
+        fleet_needed = _answer_from_cache(
+            store, job_id, sub, weights_identity(starter.wait().model_id, settings.engine)
+        )
     except BaseException:
         if starter.abandon():
             _stop_fleet(store, fleet, finished=False)

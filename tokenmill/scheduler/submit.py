@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenmill.celery_app import queue_for
+from tokenmill.config import DEFAULT_ENGINE
 from tokenmill.datasets import InvalidLine, read_dataset
 from tokenmill.errors import DatasetError
 from tokenmill.output import rejected_line
@@ -65,7 +66,7 @@ def submit_rows(
             key=key,
             name=name,
             family=family,
-            queue=queue_for(family, pinned_quant),
+            queue=queue_for(family, pinned_quant, engine=(options or {}).get("engine", DEFAULT_ENGINE)),
             chunk_size=chunk_size,
             pinned_variant=f"{family}:{pinned_quant}" if pinned_quant else None,
             options=options,
@@ -104,6 +105,7 @@ class Submission:
     models_dir: Path | None = None  # where a .gguf path's content hash is remembered (None: this process only)
     allow_unknown_fields: bool = False  # unknown request fields: counted in ``ignored``, not line errors
     model_source: str = "--model"  # where ``model`` came from, for the line error of a line naming another
+    engine: str = DEFAULT_ENGINE  # part of the job's identity and queue: a stub job never resumes as a real one
     ignored: Ignored = field(default_factory=Ignored, compare=False)
 
     def document_budget(self) -> int:
@@ -121,7 +123,9 @@ class Submission:
             "chunk_size": self.chunk_size,
             "no_cache": self.no_cache,
             "token_budget": self.document_budget() if self.path.is_dir() else None,
-        } | ({"allow_unknown_fields": True} if self.allow_unknown_fields else {})
+        } | ({"allow_unknown_fields": True} if self.allow_unknown_fields else {}) | (
+            {"engine": self.engine} if self.engine != DEFAULT_ENGINE else {}
+        )
 
     def rows(self) -> Iterator[DatasetRow | InvalidLine]:
         if self.path.is_dir():

@@ -127,10 +127,10 @@ class BatchDriver:
                 key=validation.job_key(batch_id),
                 name=f"{batch_id} ({b.input_file_id})",
                 family=family,
-                queue=queue_for(family, quant),
+                queue=queue_for(family, quant, engine=self.settings.engine),
                 chunk_size=validation.chunk_size(path),
                 pinned_variant=f"{family}:{quant}" if quant else None,
-                options={"model": model, "batch_id": batch_id, "no_cache": False},
+                options={"model": model, "batch_id": batch_id, "no_cache": False, "engine": self.settings.engine},
             )
             rows = validation.Rows(path, checked)
             total = store_jobs.ingest_rows(s, job, rows)

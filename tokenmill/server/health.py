@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from tokenmill.errors import ServiceUnavailable
 from tokenmill.store import Store
 from tokenmill.store import batches as store_batches
+from tokenmill.store import schedulers as store_schedulers
 
 router = APIRouter(tags=["health"])
 
@@ -51,6 +52,10 @@ def healthz(request: Request) -> JSONResponse:
         request.app.state.store.ping()
     except ServiceUnavailable as exc:
         return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+    with request.app.state.store.session() as s:
+        schedulers = store_schedulers.health(s, request.app.state.settings.lost_after)
+    if any(h.alive and h.failing_for is not None for h in schedulers):  # nobody is sending chunks
+        return JSONResponse({"status": "unavailable", "reason": "the dispatcher is failing"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 

@@ -56,6 +56,7 @@ class ErrorCode(StrEnum):
     GENERATION_FAILED = "generation_failed"
     CHUNK_ATTEMPTS_EXHAUSTED = "chunk_attempts_exhausted"
     INVALID_REQUEST = "invalid_request"  # the row asks for what the model cannot do (RowRefused)
+    ROW_TIME_LIMIT_EXCEEDED = "row_time_limit_exceeded"  # ran past TOKENMILL_ROW_TIME_LIMIT (RowTimeLimit)
 
 
 # Jobs the dispatcher works on, and jobs that will not change again unless someone retries them.

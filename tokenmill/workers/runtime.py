@@ -15,7 +15,7 @@ from typing import Any
 from tokenmill.cache import copy_cached
 from tokenmill.config import Settings, mask_text
 from tokenmill.engine import Engine, Generation, SlotUse
-from tokenmill.errors import RequestTooLong, RowRefused, StoreFull
+from tokenmill.errors import RequestTooLong, RowRefused, RowTimeLimit, StoreFull
 from tokenmill.output import response_body, timings
 from tokenmill.rows import DatasetRow
 from tokenmill.store import DB_ERRORS, Store, leases
@@ -261,8 +261,12 @@ class WorkerRuntime:
     def write_failure(
         self, job: Job, row: DatasetRow, seq: int, exc: Exception, attempt: int, ledger: Ledger | None = None
     ) -> None:
-        code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if isinstance(exc, RequestTooLong) else ErrorCode.GENERATION_FAILED
-        if isinstance(exc, RowRefused) and not isinstance(exc, RequestTooLong):
+        code = ErrorCode.GENERATION_FAILED
+        if isinstance(exc, RequestTooLong):
+            code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
+        elif isinstance(exc, RowTimeLimit):
+            code = ErrorCode.ROW_TIME_LIMIT_EXCEEDED
+        elif isinstance(exc, RowRefused):
             code = ErrorCode.INVALID_REQUEST
         message = mask_text(str(exc)) or type(exc).__name__
         values: dict[str, Any] = {
