@@ -14,7 +14,7 @@ from tokenmill.store import Store
 from tokenmill.store import cache as store_cache
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import results as store_results
-from tokenmill.store.tables import Chunk, Result
+from tokenmill.store.tables import OPERATOR, Chunk, Result
 
 H = "h" * 64
 
@@ -66,7 +66,7 @@ def test_the_lookup_takes_the_earliest_answer_whatever_the_physical_order(pg_url
             with store.session() as s:
                 s.execute(text("SET LOCAL enable_indexscan = off"))
                 s.execute(text("SET LOCAL enable_bitmapscan = off"))
-                hit = store_results.cache_hit(s, H)
+                hit = store_results.cache_hit(s, H, OPERATOR)
                 assert hit is not None and hit.job_id == earliest
     finally:
         store.dispose()
