@@ -10,7 +10,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -306,6 +306,7 @@ def chromium_browser() -> Iterator[object]:
 # --- `tokenmill serve` (tests/server) ------------------------------------------------------------------
 
 API_KEYS = ("sk-team-a", "sk-team-b", "sk-team-c")
+ADMIN_KEY = "sk-operator"
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
@@ -342,6 +343,7 @@ class ServeProcess:
             **self.settings.as_env(),
             **WORKER_ENV,
             "TOKENMILL_API_KEYS": ",".join(API_KEYS),
+            "TOKENMILL_ADMIN_KEYS": ADMIN_KEY,
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }
@@ -391,7 +393,8 @@ def api_server(
 class InProcessServer:
     """The app on a real uvicorn in a thread: real HTTP for tests that drive the batch driver by hand."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, wrap: Callable[[Any], Any] | None = None) -> None:
+        """``wrap``: an ASGI wrapper put between uvicorn and the app (a test's probe of what the app reads)."""
         import threading
 
         import uvicorn
@@ -404,7 +407,8 @@ class InProcessServer:
         self.app = create_app(settings, self.store)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        served = wrap(self.app) if wrap is not None else self.app
+        config = uvicorn.Config(served, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -421,7 +425,7 @@ class InProcessServer:
 
 @pytest.fixture
 def api_app(settings: Settings) -> Iterator[InProcessServer]:
-    keyed = settings.with_(api_keys=API_KEYS, file_max_bytes=3 * 2**20, file_max_lines=1000)
+    keyed = settings.with_(api_keys=API_KEYS, admin_keys=(ADMIN_KEY,), file_max_bytes=3 * 2**20, file_max_lines=1000)
     with InProcessServer(keyed) as server:
         yield server
 
@@ -430,5 +434,6 @@ def api_app(settings: Settings) -> Iterator[InProcessServer]:
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[InProcessServer]:
     """One in-process API for a module of generated requests (Hypothesis wants no per-example fixtures)."""
     settings = Settings(data_dir=tmp_path_factory.mktemp("fuzz") / ".tokenmill", models_dir=models_dir)
-    with InProcessServer(settings.with_(api_keys=API_KEYS, file_max_bytes=2**20, file_max_lines=100)) as server:
+    keyed = settings.with_(api_keys=API_KEYS, admin_keys=(ADMIN_KEY,), file_max_bytes=2**20, file_max_lines=100)
+    with InProcessServer(keyed) as server:
         yield server

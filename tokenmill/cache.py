@@ -1,8 +1,10 @@
 """The result cache: a temperature-0 request already answered by the same weights is not generated again.
 
-Identity = sha256 of (model file sha256, endpoint, messages/prompt, sampling params). Cached rows are
-copies marked ``cached`` with ``cached_from`` naming the job that generated them (the original job,
-also when the hit was itself a copy). The SQL side lives in :mod:`tokenmill.store.cache`.
+Identity = sha256 of (model file sha256, endpoint, messages/prompt, sampling params). Scope: one owner
+(a tenant's jobs, or the operator's); an answer is never copied into another owner's job. Cached rows
+are copies marked ``cached`` with ``cached_from`` naming the job that generated them (the original job,
+also when the hit was itself a copy) and their own ids in the body. The SQL side lives in
+:mod:`tokenmill.store.cache`.
 """
 
 from __future__ import annotations

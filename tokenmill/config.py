@@ -122,7 +122,10 @@ class Settings:
     # below, long enough that a healthy queue never triggers it; a duplicate message is harmless anyway.
     requeue_seconds: float | None = None
     # `tokenmill serve`: bearer keys (TOKENMILL_API_KEYS, comma-separated; never printed) and upload caps.
+    # Each API key is a tenant that sees only its own files, batches and jobs; an admin key
+    # (TOKENMILL_ADMIN_KEYS) is the operator's: every tenant's jobs on the dashboard, workers, /metrics.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)
     file_max_bytes: int = 200 * 2**20
     file_max_lines: int = 50_000
     batch_window_seconds: float | None = None  # None: what completion_window says ("24h"); tests shorten it
@@ -182,8 +185,9 @@ class Settings:
             values["chain_chunks"] = env[ENV_PREFIX + "CHAIN_CHUNKS"].strip().lower() not in ("0", "false", "no", "off")
         if env.get(ENV_PREFIX + "REQUEUE_SECONDS"):
             values["requeue_seconds"] = _float(env, "REQUEUE_SECONDS", 0.0)
-        if env.get(ENV_PREFIX + "API_KEYS"):
-            values["api_keys"] = tuple(k.strip() for k in env[ENV_PREFIX + "API_KEYS"].split(",") if k.strip())
+        for name in ("api_keys", "admin_keys"):
+            if env.get(ENV_PREFIX + name.upper()):
+                values[name] = tuple(k.strip() for k in env[ENV_PREFIX + name.upper()].split(",") if k.strip())
         values["file_max_bytes"] = int(_float(env, "FILE_MAX_BYTES", cls.file_max_bytes))
         values["file_max_lines"] = int(_float(env, "FILE_MAX_LINES", cls.file_max_lines))
         if env.get(ENV_PREFIX + "BATCH_WINDOW_SECONDS"):
@@ -216,6 +220,11 @@ class Settings:
         Three missed beats, never under 10 s, so a GC pause or a slow commit does not count as a death.
         """
         return max(3 * self.heartbeat_seconds, 10.0)
+
+    @property
+    def keyed(self) -> bool:
+        """Whether `serve` asks every caller for a key (with none configured it is open, on loopback only)."""
+        return bool(self.api_keys or self.admin_keys)
 
     @property
     def embedded(self) -> bool:

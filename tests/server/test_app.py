@@ -102,14 +102,14 @@ def test_errors_have_openai_shape(api_app: InProcessServer) -> None:
     meta = {f"k{i}": "v" for i in range(17)}
     spec = {"input_file_id": "file-x", "endpoint": CHAT, "completion_window": "24h", "metadata": meta}
     status, body = raw(api_app, "POST", "/v1/batches", json.dumps(spec).encode(), **auth)
-    assert status == 422 and body["error"]["param"] == "metadata"
+    assert status == 400 and body["error"]["param"] == "metadata"
     spec = {"input_file_id": "file-x", "endpoint": "/v1/responses", "completion_window": "24h"}
     status, body = raw(api_app, "POST", "/v1/batches", json.dumps(spec).encode(), **auth)
-    assert status == 422 and body["error"]["param"] == "endpoint"
+    assert status == 400 and body["error"]["param"] == "endpoint"
     status, body = raw(api_app, "GET", "/v1/batches?limit=101", None, **auth)
-    assert status == 422 and body["error"]["param"] == "limit"
+    assert status == 400 and body["error"]["param"] == "limit"
     status, body = raw(api_app, "POST", "/v1/batches", b"{not json", **auth)
-    assert status == 422 and "error" in body
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
 
 
 def test_bad_lines_fail_the_batch_with_line_numbers_and_store_nothing(api_app: InProcessServer) -> None:

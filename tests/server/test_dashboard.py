@@ -7,6 +7,7 @@ Screenshots are saved into the test's tmp folder and their paths printed (`pytes
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Procs
+from tests.conftest import ADMIN_KEY, API_KEYS, SERVE_APP, Procs, free_port, wait_http
 from tests.report.test_report import EVIL_ID, FAILED, N_ROWS, make_job
 from tokenmill.config import Settings
+from tokenmill.server.auth import tenant_of
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
@@ -214,3 +216,65 @@ def test_dashboard_follows_a_real_job_in_chromium(
     print(f"screenshot of the finished job: {shot_done}")
     assert shot_done.stat().st_size > 50_000
     assert run.wait(timeout=120) == 0, procs.logs()
+
+
+@pytest.fixture
+def keyed_app_server(settings: Settings, store: Store, procs: Procs) -> str:
+    """The app as ``app_server`` runs it, with tenant keys and an admin key configured."""
+    port = free_port()
+    keys = {"TOKENMILL_API_KEYS": ",".join(API_KEYS), "TOKENMILL_ADMIN_KEYS": ADMIN_KEY}
+    procs.spawn([sys.executable, "-c", SERVE_APP, str(port)], {**settings.as_env(), **keys}, "server")
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + "/healthz", 90)
+    return base
+
+
+def test_a_browser_sees_its_own_tenants_jobs_after_giving_its_key(
+    store: Store, keyed_app_server: str, chromium_browser: Any, tmp_path: Path
+) -> None:
+    """The browser asks for the key (HTTP Basic, the key as the password): no key, no page; a tenant's key,
+    that tenant's jobs and no workers; the admin key, everything."""
+    base = keyed_app_server
+    with store.session() as s:
+        mine = store_jobs.create_job(s, key="a", name="team-a.jsonl", family="f", queue="q", chunk_size=4,
+                                     owner=tenant_of(API_KEYS[0])).id  # fmt: skip
+        theirs = store_jobs.create_job(s, key="o", name="operator.jsonl", family="f", queue="q", chunk_size=4).id
+        store_workers.register(s, id="w-1", name="w1", host="gpu-host-secret", pid=1, state="ready", n_seq=4)
+    from playwright.sync_api import Error as BrowserError
+
+    for credentials in (None, {"username": "team-a", "password": "sk-guess"}):
+        stranger = chromium_browser.new_context(http_credentials=credentials)
+        page = stranger.new_page()
+        try:  # headless Chromium gives up on the login box it would show a person, or shows the 401
+            shown = page.goto(base + "/")
+            assert shown is not None and shown.status == 401 and "team-a.jsonl" not in shown.text()
+        except BrowserError as exc:
+            assert "ERR_INVALID_AUTH_CREDENTIALS" in str(exc)
+        for path in ("/", "/dashboard/api/jobs", f"/dashboard/jobs/{mine}/results.jsonl"):
+            answer = stranger.request.get(base + path)
+            assert answer.status == 401 and answer.headers["www-authenticate"].startswith("Basic ")
+            assert "team-a.jsonl" not in answer.text() and mine not in answer.text()
+        stranger.close()
+
+    tenant = chromium_browser.new_context(http_credentials={"username": "team-a", "password": API_KEYS[0]})
+    page = tenant.new_page()
+    assert page.goto(base + "/").status == 200
+    page.wait_for_function("document.getElementById('live').textContent.includes('updated')", timeout=30_000)
+    assert [r.get_attribute("data-job") for r in page.locator("#job-rows tr").all()] == [mine]
+    assert page.locator("#worker-rows tr").count() == 0 and "gpu-host-secret" not in page.content()
+    assert "operators" in (page.locator("#no-workers").text_content() or "")
+    shot = tmp_path / "dashboard-tenant.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+    assert page.goto(f"{base}/dashboard/jobs/{theirs}").status == 404
+    assert tenant.request.get(f"{base}/dashboard/jobs/{theirs}/results.jsonl").status == 404
+    assert tenant.request.get(f"{base}/dashboard/jobs/{mine}/results.jsonl").status == 200
+    tenant.close()
+
+    operator = chromium_browser.new_context(http_credentials={"username": "ops", "password": ADMIN_KEY})
+    page = operator.new_page()
+    assert page.goto(base + "/").status == 200
+    page.wait_for_function("document.getElementById('live').textContent.includes('updated')", timeout=30_000)
+    assert {r.get_attribute("data-job") for r in page.locator("#job-rows tr").all()} == {mine, theirs}
+    assert page.locator('tr[data-worker="w-1"] td.host').text_content() == "gpu-host-secret"
+    operator.close()

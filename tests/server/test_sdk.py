@@ -11,7 +11,7 @@ import pytest
 from openai.types import Batch, FileObject
 from openai.types.chat import ChatCompletion
 
-from tests.conftest import API_KEYS, ServeProcess
+from tests.conftest import ADMIN_KEY, API_KEYS, ServeProcess
 from tests.server.helpers import CHAT, chat_line, client, jsonl, upload, wait_status
 from tokenmill.store import Store
 from tokenmill.store.tables import Job
@@ -134,11 +134,12 @@ def test_health_metrics_and_no_keys_in_the_log(api_server: ServeProcess) -> None
     base = api_server.base_url.removesuffix("/v1")
     with urllib.request.urlopen(base + "/healthz", timeout=10) as resp:
         assert json.loads(resp.read()) == {"status": "ok"}
-    with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+    scrape = urllib.request.Request(base + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    with urllib.request.urlopen(scrape, timeout=10) as resp:
         text = resp.read().decode()
     assert 'tokenmill_batches{status="completed"}' in text and "tokenmill_http_requests_total" in text
     assert 'route="/v1/batches/{batch_id}"' in text
     logs = api_server.log.read_text(errors="replace") + "".join(
         p.read_text(errors="replace") for p in (api_server.data_dir / "logs").glob("*.log")
     )
-    assert all(key not in logs for key in API_KEYS)
+    assert all(key not in logs for key in (*API_KEYS, ADMIN_KEY))

@@ -14,14 +14,14 @@ from tokenmill.store import Store
 from tokenmill.store import cache as store_cache
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import results as store_results
-from tokenmill.store.tables import Chunk, Result
+from tokenmill.store.tables import OPERATOR, Chunk, Result
 
 H = "h" * 64
 
 
-def new_job(store: Store, name: str) -> str:
+def new_job(store: Store, name: str, owner: str = OPERATOR) -> str:
     with store.session() as s:
-        return store_jobs.create_job(s, key=name, name=name, family="fam", queue="tm.fam", chunk_size=4).id
+        return store_jobs.create_job(s, key=name, name=name, family="fam", queue="tm.fam", chunk_size=4, owner=owner).id
 
 
 def answer(store: Store, job_id: str, body: str, **extra: Any) -> None:
@@ -52,6 +52,27 @@ def test_a_generated_hit_is_named_by_its_own_job(store: Store) -> None:
     assert (copy_into(store, second).timings or {})["cached_from"] == first
 
 
+def test_an_answer_is_copied_only_within_its_owner_and_under_the_copys_own_id(store: Store) -> None:
+    """Tenant B's identical request must not learn that tenant A asked it, nor get A's answer or job id."""
+    first_a, job_b, again_a = (
+        new_job(store, "a1", "key_a"),
+        new_job(store, "b1", "key_b"),
+        new_job(store, "a2", "key_a"),
+    )
+    with store.session() as s:
+        values = {"job_id": first_a, "seq": 0, "custom_id": "r0", "status": "succeeded", "request_hash": H}
+        body = {"id": f"chatcmpl-{first_a}-0", "object": "chat.completion", "choices": []}
+        assert store_results.write_result(s, {**values, "body": body})
+    with store.session() as s:
+        assert not store_cache.copy_hit(s, job_b, 0, "r0", H, None)  # another owner: a miss
+        assert store_results.cache_hit(s, H, "key_b") is None
+    copy = copy_into(store, again_a)
+    assert copy.body == {"id": f"chatcmpl-{again_a}-0", "object": "chat.completion", "choices": []}
+    assert (copy.timings or {})["cached_from"] == first_a  # the owner's own job
+    with store.session() as s:
+        assert store_results.cache_hit(s, H, "key_a") is not None and store_results.cache_hit(s, H, OPERATOR) is None
+
+
 def test_the_lookup_takes_the_earliest_answer_whatever_the_physical_order(pg_url: str) -> None:
     """Postgres returns an unordered LIMIT 1 in heap order; an update moves a row to the end of the heap."""
     store = Store(pg_url)
@@ -66,7 +87,7 @@ def test_the_lookup_takes_the_earliest_answer_whatever_the_physical_order(pg_url
             with store.session() as s:
                 s.execute(text("SET LOCAL enable_indexscan = off"))
                 s.execute(text("SET LOCAL enable_bitmapscan = off"))
-                hit = store_results.cache_hit(s, H)
+                hit = store_results.cache_hit(s, H, OPERATOR)
                 assert hit is not None and hit.job_id == earliest
     finally:
         store.dispose()

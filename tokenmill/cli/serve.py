@@ -33,8 +33,9 @@ def serve(
     from tokenmill.server.embedded import Background
 
     settings = settings_from(ctx)
-    check_bind(host, settings.api_keys)
-    os.environ.pop("TOKENMILL_API_KEYS", None)  # read once; local workers inherit the environment and need none
+    check_bind(host, settings.api_keys + settings.admin_keys)
+    for name in ("TOKENMILL_API_KEYS", "TOKENMILL_ADMIN_KEYS"):  # read once; local workers inherit the environment
+        os.environ.pop(name, None)
     store = open_store(settings)
     embedded = settings.embedded
     background = Background(store, settings, embedded=embedded, idle_seconds=idle_stop, workers=workers)

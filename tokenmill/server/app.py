@@ -26,7 +26,7 @@ def create_app(settings: Settings, store: Store | None = None, background: Backg
     """``background`` (the batch driver, and in embedded mode the dispatcher and local workers) runs for
     the app's lifespan; without it the app only answers requests (tests, a dashboard-only replica)."""
     from tokenmill.server import api, dashboard, errors
-    from tokenmill.server.files import UploadLimit
+    from tokenmill.server.gate import Gate
     from tokenmill.server.health import ServerMetrics
 
     @asynccontextmanager
@@ -46,7 +46,7 @@ def create_app(settings: Settings, store: Store | None = None, background: Backg
     errors.install(app)
     app.include_router(api.router)
     app.include_router(dashboard.router)
-    app.add_middleware(UploadLimit, max_bytes=settings.file_max_bytes)
+    app.add_middleware(Gate, settings=settings)
     app.add_middleware(_Measure, metrics=app.state.metrics)
     return app
 

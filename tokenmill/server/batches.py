@@ -1,4 +1,5 @@
-"""``/v1/batches``: create (idempotent with ``Idempotency-Key``), retrieve, list, cancel.
+"""``/v1/batches``: create (idempotent with ``Idempotency-Key``: the same key and body return the same batch,
+the same key with another body is a 409), retrieve, list, cancel.
 
 The endpoints only record intent; validation, running and finalizing happen in the batch driver
 (tokenmill/server/driver.py), so a request never waits on a 50,000-line file.
@@ -6,6 +7,8 @@ The endpoints only record intent; validation, running and finalizing happen in t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Annotated
 
@@ -85,7 +88,23 @@ def create(
             idempotency_key=idempotency_key,
             window_seconds=settings.batch_window_seconds,
         )
+        digest = _digest(spec)
+        if b.request_digest is None:  # this request made it (or it predates digests: the first body seen wins)
+            b.request_digest = digest
+        elif b.request_digest != digest:
+            raise ApiError(
+                409,
+                "Idempotency-Key was already used with a different request body",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+            )
         return _view(s, b)
+
+
+def _digest(spec: BatchCreate) -> str:
+    """The request as the batch records it: the same key with another body is another request, refused."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @router.get("", response_model=BatchList)

@@ -5,27 +5,34 @@ named ``<script>`` is shown as text); a small script polls the JSON endpoints be
 numbers with ``textContent``. No front-end build step, nothing loaded from outside the server. Every
 read goes through ``tokenmill.store`` functions, so the dashboard works on any replica of the store.
 These routes stay out of the OpenAPI document: they are for people, the API is ``/v1``.
+
+Who sees what: once keys are configured every route here needs one (the gate asks a browser for it with
+HTTP Basic, the key as the password; scripts send ``Authorization: Bearer``). A tenant's key shows that
+tenant's jobs only, and no workers (their hosts and current jobs are the operator's); an admin key shows
+everything, as an open server (no keys, loopback only) does.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from tokenmill import __version__, templates
 from tokenmill.config import Settings
 from tokenmill.errors import NoResultsYet
 from tokenmill.output import jsonl_lines
+from tokenmill.server.auth import Caller, caller
 from tokenmill.store import Store, views
-from tokenmill.store.views import JobView
+from tokenmill.store.views import JobView, WorkerView
 
 if TYPE_CHECKING:
     from tokenmill.report.data import Plot, Report
 
 router = APIRouter(include_in_schema=False)
+Viewer = Annotated[Caller, Depends(caller)]
 POLL_MS = 1000
 JOBS_SHOWN = 50
 _PLOTS = threading.Lock()  # matplotlib's rc_context is process-global: one report drawn at a time
@@ -54,9 +61,27 @@ def _page(name: str, **context: Any) -> HTMLResponse:
     return HTMLResponse(html, headers=NO_STORE)
 
 
-def _job(store: Store, job_id: str) -> JobView | None:
+def _owner(viewer: Caller) -> str | None:
+    """The owner whose jobs this viewer may see; None: everyone's."""
+    return None if viewer.operator else viewer.owner
+
+
+def _job(store: Store, job_id: str, viewer: Caller) -> JobView | None:
+    """The job, or None when it does not exist or is another tenant's (the two read the same)."""
     with store.session() as s:
-        return views.job_view(s, job_id)
+        return views.job_view(s, job_id, owner=_owner(viewer))
+
+
+def _jobs(store: Store, viewer: Caller) -> list[JobView]:
+    with store.session() as s:
+        return views.recent_jobs(s, JOBS_SHOWN, owner=_owner(viewer))
+
+
+def _workers(request: Request, viewer: Caller) -> list[WorkerView]:
+    if not viewer.operator:
+        return []
+    with _store(request).session() as s:
+        return views.workers(s, _lost_after(request))
 
 
 def _missing(job_id: str) -> JSONResponse:
@@ -64,31 +89,27 @@ def _missing(job_id: str) -> JSONResponse:
 
 
 @router.get("/", response_class=HTMLResponse)
-def index(request: Request) -> HTMLResponse:
-    store = _store(request)
-    with store.session() as s:
-        jobs = views.recent_jobs(s, JOBS_SHOWN)
-        workers = views.workers(s, _lost_after(request))
-    return _page("dashboard_index.html", jobs=jobs, workers=workers)
+def index(request: Request, viewer: Viewer) -> HTMLResponse:
+    jobs = _jobs(_store(request), viewer)
+    workers = _workers(request, viewer)
+    return _page("dashboard_index.html", jobs=jobs, workers=workers, operator=viewer.operator)
 
 
 @router.get("/dashboard/api/jobs")
-def api_jobs(request: Request) -> JSONResponse:
-    with _store(request).session() as s:
-        jobs = views.recent_jobs(s, JOBS_SHOWN)
+def api_jobs(request: Request, viewer: Viewer) -> JSONResponse:
+    jobs = _jobs(_store(request), viewer)
     return JSONResponse({"jobs": [j.to_json() for j in jobs]}, headers=NO_STORE)
 
 
 @router.get("/dashboard/api/workers")
-def api_workers(request: Request) -> JSONResponse:
-    with _store(request).session() as s:
-        workers = views.workers(s, _lost_after(request))
+def api_workers(request: Request, viewer: Viewer) -> JSONResponse:
+    workers = _workers(request, viewer)
     return JSONResponse({"workers": [w.to_json() for w in workers]}, headers=NO_STORE)
 
 
 @router.get("/dashboard/api/jobs/{job_id}")
-def api_job(request: Request, job_id: str) -> JSONResponse:
-    job = _job(_store(request), job_id)
+def api_job(request: Request, viewer: Viewer, job_id: str) -> JSONResponse:
+    job = _job(_store(request), job_id, viewer)
     return _missing(job_id) if job is None else JSONResponse(job.to_json(), headers=NO_STORE)
 
 
@@ -105,9 +126,9 @@ def _report(store: Store, job_id: str) -> tuple[Report | None, list[Plot]]:
 
 
 @router.get("/dashboard/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(request: Request, job_id: str) -> HTMLResponse:
+def job_page(request: Request, viewer: Viewer, job_id: str) -> HTMLResponse:
     store = _store(request)
-    job = _job(store, job_id)
+    job = _job(store, job_id, viewer)
     if job is None:
         page = _page("dashboard_missing.html", job_id=job_id)
         page.status_code = 404
@@ -118,9 +139,9 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
     return _page("dashboard_job.html", job=job, report=report, figures=[html.figure(p) for p in figures])
 
 
-def _download(request: Request, job_id: str, *, errors: bool) -> Response:
+def _download(request: Request, viewer: Caller, job_id: str, *, errors: bool) -> Response:
     store = _store(request)
-    job = _job(store, job_id)
+    job = _job(store, job_id, viewer)
     if job is None:
         return _missing(job_id)
     kind = "errors" if errors else "results"
@@ -132,22 +153,22 @@ def _download(request: Request, job_id: str, *, errors: bool) -> Response:
 
 
 @router.get("/dashboard/jobs/{job_id}/results.jsonl")
-def download_results(request: Request, job_id: str) -> Response:
-    return _download(request, job_id, errors=False)
+def download_results(request: Request, viewer: Viewer, job_id: str) -> Response:
+    return _download(request, viewer, job_id, errors=False)
 
 
 @router.get("/dashboard/jobs/{job_id}/errors.jsonl")
-def download_errors(request: Request, job_id: str) -> Response:
-    return _download(request, job_id, errors=True)
+def download_errors(request: Request, viewer: Viewer, job_id: str) -> Response:
+    return _download(request, viewer, job_id, errors=True)
 
 
 @router.get("/dashboard/jobs/{job_id}/report.html", response_class=HTMLResponse)
-def full_report(request: Request, job_id: str) -> Response:
+def full_report(request: Request, viewer: Viewer, job_id: str) -> Response:
     """The same self-contained page `tokenmill report` writes, to keep or mail."""
     from tokenmill.report import html
 
     store = _store(request)
-    job = _job(store, job_id)
+    job = _job(store, job_id, viewer)
     if job is None:
         return _missing(job_id)
     report, figures = _report(store, job.id)

@@ -125,6 +125,7 @@ class BatchDriver:
             job = store_jobs.create_job(
                 s,
                 key=validation.job_key(batch_id),
+                owner=b.owner,
                 name=f"{batch_id} ({b.input_file_id})",
                 family=family,
                 queue=queue_for(family, quant, engine=self.settings.engine),

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenmill.server.auth import tenant
-from tokenmill.server.errors import ApiError, body, not_found
+from tokenmill.server.errors import ApiError, not_found
 from tokenmill.server.schemas import FileDeleted, FileList, FileObject
 from tokenmill.store import Store
 from tokenmill.store import files as store_files
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 Tenant = Annotated[str, Depends(tenant)]
-MULTIPART_OVERHEAD = 64 * 1024
 
 
 def _store(request: Request) -> Store:
@@ -31,7 +29,8 @@ def upload(
     file: Annotated[UploadFile, File()],
     purpose: Annotated[str, Form()],
 ) -> FileObject:
-    """The multipart body is already spooled to a temporary file by the parser; it is copied on in 1 MiB chunks."""
+    """The multipart body is already spooled to a temporary file by the parser (the gate capped it as it
+    streamed: tokenmill.server.gate); it is copied on in 1 MiB chunks."""
     if purpose != "batch":
         raise ApiError(400, f"purpose {purpose!r} is not supported (tokenmill serves 'batch')", param="purpose")
     settings = request.app.state.settings
@@ -100,28 +99,3 @@ def delete(request: Request, owner: Tenant, file_id: str) -> FileDeleted:
             raise not_found("file", file_id)
         store_files.delete_file(s, file_id)
     return FileDeleted(id=file_id, deleted=True)
-
-
-class UploadLimit:
-    """Answers 413 before a too-large upload is read at all, when its Content-Length already says so."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files":
-            length = dict(scope.get("headers") or ()).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes + MULTIPART_OVERHEAD:
-                await _reject(send, f"file is larger than {self.max_bytes} bytes")
-                return
-        await self.app(scope, receive, send)
-
-
-async def _reject(send: Send, message: str) -> None:
-    import json
-
-    payload: Any = json.dumps(body(413, message, "file", "file_too_large")).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tokenmill.errors import ServiceUnavailable
+from tokenmill.server.auth import CALLER, Caller, operator
 from tokenmill.store import Store
 from tokenmill.store import batches as store_batches
 from tokenmill.store import schedulers as store_schedulers
@@ -48,10 +49,14 @@ class ServerMetrics:
 
 @router.get("/healthz")
 def healthz(request: Request) -> JSONResponse:
+    """Open to anyone (load balancers send no key), so it says only up or down; the reason names the
+    database's host, user and name, and the driver's words: an operator's key is needed to see it."""
     try:
         request.app.state.store.ping()
     except ServiceUnavailable as exc:
-        return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+        who = request.scope.get(CALLER)
+        detail = {"reason": str(exc)} if isinstance(who, Caller) and who.operator else {}
+        return JSONResponse({"status": "unavailable", **detail}, status_code=503)
     with request.app.state.store.session() as s:
         schedulers = store_schedulers.health(s, request.app.state.settings.lost_after)
     if any(h.alive and h.failing_for is not None for h in schedulers):  # nobody is sending chunks
@@ -59,8 +64,10 @@ def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(operator)])
 def metrics(request: Request) -> Response:
+    """Every tenant's activity in one view (batches by status, request rates): the operator's, so it needs an
+    admin key once keys are configured (Prometheus sends it as ``authorization: {credentials: ...}``)."""
     m: ServerMetrics = request.app.state.metrics
     with contextlib.suppress(Exception):  # a scrape must not fail because the store blinked: last figures
         m.refresh()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -11,17 +12,19 @@ from tokenmill.store.db import Store
 from tokenmill.store.paging import keyset_pages
 from tokenmill.store.results import cache_hit, origin_of, write_result
 from tokenmill.store.states import ResultStatus
-from tokenmill.store.tables import RequestRow, Result
+from tokenmill.store.tables import Job, RequestRow, Result
 from tokenmill.store.workers import count_tokens
 
 
 def copy_hit(s: Session, job_id: str, seq: int, custom_id: str, h: str, worker_id: str | None) -> bool:
     """Answer row ``seq`` of ``job_id`` from an earlier job's identical request; False when there is none.
 
-    The copy's ``cached_from`` names the job that *generated* the answer, also when the hit was itself a
-    copy, so a chain of cached runs still leads back to the timings and worker that produced the text.
+    Only the same owner's answers are copied (:func:`cache_hit`). The copy's ``cached_from`` names the job
+    that *generated* the answer, also when the hit was itself a copy, so a chain of cached runs still leads
+    back to the timings and worker that produced the text; its body's ``id`` is this row's own.
     """
-    hit = cache_hit(s, h)
+    owner = select(Job.owner).where(Job.id == job_id).scalar_subquery()
+    hit = cache_hit(s, h, owner)
     if hit is None or hit.job_id == job_id:
         return False
     written = write_result(
@@ -31,7 +34,7 @@ def copy_hit(s: Session, job_id: str, seq: int, custom_id: str, h: str, worker_i
             "seq": seq,
             "custom_id": custom_id,
             "status": ResultStatus.SUCCEEDED,
-            "body": hit.body,
+            "body": own_ids(hit.body, job_id, seq),
             "worker_id": worker_id,
             "variant": hit.variant,
             "timings": {**(hit.timings or {}), "cached_from": origin_of(hit), "queue_ms": 0.0},
@@ -45,6 +48,15 @@ def copy_hit(s: Session, job_id: str, seq: int, custom_id: str, h: str, worker_i
     if written and worker_id is not None:
         count_tokens(s, worker_id, 1, 0)
     return True
+
+
+def own_ids(body: dict[str, Any] | None, job_id: str, seq: int) -> dict[str, Any] | None:
+    """A copied body with the copying row's id (``chatcmpl-<job>-<seq>``, as a generated one has), never the
+    id of the job it was copied from."""
+    if body is None or not isinstance(body.get("id"), str):
+        return body
+    kind = str(body["id"]).split("-", 1)[0]
+    return {**body, "id": f"{kind}-{job_id}-{seq}"}
 
 
 def unanswered_pages(store: Store, job_id: str, *, page: int) -> Iterator[list[RequestRow]]:

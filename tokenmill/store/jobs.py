@@ -27,7 +27,7 @@ from tokenmill.store.states import (
     JobState,
     ResultStatus,
 )
-from tokenmill.store.tables import Chunk, Job, RequestRow, Result
+from tokenmill.store.tables import OPERATOR, Chunk, Job, RequestRow, Result
 
 log = logging.getLogger(__name__)
 __all__ = ["ACTIVE_STATES", "FINAL_STATES"]  # re-exported: callers that ask "is this job still going?"
@@ -52,9 +52,11 @@ def create_job(
     pinned_variant: str | None = None,
     options: dict[str, Any] | None = None,
     ab_group: str | None = None,
+    owner: str = OPERATOR,
 ) -> Job:
     job = Job(
         id=new_job_id(),
+        owner=owner,
         key=key,
         name=name,
         family=family,

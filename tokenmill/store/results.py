@@ -6,13 +6,13 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Row, Text, cast, func, select, update
+from sqlalchemy import Row, ScalarSelect, Text, cast, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from tokenmill.store.paging import keyset_pages
 from tokenmill.store.states import ErrorCode, ResultStatus
-from tokenmill.store.tables import RequestRow, Result
+from tokenmill.store.tables import Job, RequestRow, Result
 
 
 def write_result(s: Session, values: dict[str, Any]) -> bool:
@@ -94,11 +94,14 @@ def fail_unanswered(
     return written
 
 
-def cache_hit(s: Session, request_hash: str) -> Result | None:
-    """The earliest succeeded result with this request hash: the same hit every time it is asked."""
+def cache_hit(s: Session, request_hash: str, owner: str | ScalarSelect[str]) -> Result | None:
+    """The earliest succeeded result with this request hash among ``owner``'s jobs: the same hit every time
+    it is asked. Never another owner's: a hit would tell a tenant what another tenant asked, and hand it the
+    answer."""
     return s.scalars(
         select(Result)
-        .where(Result.request_hash == request_hash, Result.status == ResultStatus.SUCCEEDED)
+        .join(Job, Job.id == Result.job_id)
+        .where(Result.request_hash == request_hash, Result.status == ResultStatus.SUCCEEDED, Job.owner == owner)
         .order_by(Result.id)
         .limit(1)
     ).first()

@@ -25,6 +25,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from tokenmill.store.states import ChunkState
 
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+# The owner of what the operator submits (the CLI, an admin key, a server with no keys): one party, so
+# their jobs share the result cache; a tenant's owner is a digest of its key (tokenmill.server.auth).
+OPERATOR = "operator"
 
 
 class Base(DeclarativeBase):
@@ -32,9 +35,13 @@ class Base(DeclarativeBase):
 
 
 class Job(Base):
+    """``owner`` decides who sees the job (the dashboard) and whose cached answers it may reuse."""
+
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_owner_created", "owner", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), default=OPERATOR, server_default=OPERATOR)
     key: Mapped[str] = mapped_column(String(64), index=True)
     name: Mapped[str] = mapped_column(String(512))
     family: Mapped[str] = mapped_column(String(128))
@@ -220,6 +227,8 @@ class ApiBatch(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner: Mapped[str] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    # sha256 of the creating request's body: the same Idempotency-Key with another body is refused.
+    request_digest: Mapped[str | None] = mapped_column(String(64))
     endpoint: Mapped[str] = mapped_column(String(64))
     input_file_id: Mapped[str] = mapped_column(String(40))
     completion_window: Mapped[str] = mapped_column(String(16))

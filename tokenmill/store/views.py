@@ -155,18 +155,20 @@ def _progress_counts(s: Session, jobs: list[Job]) -> dict[str, Counts]:
     return {**counted, **known}
 
 
-def recent_jobs(s: Session, limit: int = 50) -> list[JobView]:
-    """The newest jobs first, each with its progress."""
-    jobs = list(s.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)))
+def recent_jobs(s: Session, limit: int = 50, *, owner: str | None = None) -> list[JobView]:
+    """The newest jobs first (``owner``'s only, when given), each with its progress."""
+    query = select(Job) if owner is None else select(Job).where(Job.owner == owner)
+    jobs = list(s.scalars(query.order_by(Job.created_at.desc()).limit(limit)))
     counts = _progress_counts(s, jobs)
     now = time.time()
     return [_view(j, counts.get(j.id, (0, 0, 0)), now) for j in jobs]
 
 
-def job_view(s: Session, job_id: str) -> JobView | None:
-    """One job by its full id (a URL names it exactly; prefixes are for people typing)."""
+def job_view(s: Session, job_id: str, *, owner: str | None = None) -> JobView | None:
+    """One job by its full id (a URL names it exactly; prefixes are for people typing); another owner's job
+    (when ``owner`` is given) reads as absent."""
     job = s.get(Job, job_id)
-    if job is None:
+    if job is None or (owner is not None and job.owner != owner):
         return None
     return _view(job, _progress_counts(s, [job]).get(job.id, (0, 0, 0)), time.time())
 

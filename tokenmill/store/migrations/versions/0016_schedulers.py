@@ -1,14 +1,14 @@
 """schedulers: each dispatch loop's heartbeat and last failure (a dispatcher that fails is shown, not silent)
 
 Revision ID: 0016
-Revises: 0004
+Revises: 0010
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0016"
-down_revision = "0004"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
