@@ -99,6 +99,11 @@ class RowTimeLimit(RowRefused):
     and is not tried again, since another try would take as long."""
 
 
+class WorkerDied(RowRefused):
+    """A row was in flight each time its worker process died, as many times as a row may be tried: it
+    fails alone (worker_died) instead of taking its chunk's other rows down with it."""
+
+
 class JobIncomplete(TokenmillError):
     """A job ended with failed rows or was cancelled; the exit code says so to scripts."""
 

@@ -31,6 +31,9 @@ from tokenmill.store.tables import Chunk, Job, Result, Worker
 from tokenmill.store.workers import count_tokens, queues_of
 
 log = logging.getLogger(__name__)
+# Lapsed claims (a worker died or lost the lease with the chunk) after which its rows are tried one at a
+# time, each try recorded before it starts, so a row that kills its process fails alone (workers/isolate.py).
+ISOLATE_AFTER = 2
 
 
 def claim(
@@ -88,14 +91,36 @@ class Claim:
     job: Job | None = None
     refused: str | None = None  # why a message was dropped: it does not match this worker or this job
     exhausted: int = 0  # rows failed with chunk_attempts_exhausted (the chunk is done then)
+    gave_up: bool = False  # the chunk was claimed too often: its unanswered rows failed, the chunk is done
+
+    @property
+    def isolate(self) -> bool:
+        """Whether to try the chunk's rows one at a time: its workers died (or lost it) with it before."""
+        return self.chunk is not None and self.chunk.attempts > ISOLATE_AFTER
+
+
+def give_up_after(max_attempts: int, rows: int, max_row_attempts: int) -> int:
+    """Claims of a chunk before its unanswered rows fail: ``max_attempts`` (TOKENMILL_MAX_CHUNK_ATTEMPTS),
+    plus what trying its rows one at a time can take. A chunk isolated after :data:`ISOLATE_AFTER` lapses
+    spends at most ``max_row_attempts`` claims per row (each claim records the try of the row it is on
+    before starting it, and a row out of tries fails alone), so in practice only a poison row fails, and
+    this bound is the backstop should that bookkeeping ever not advance."""
+    return max_attempts + rows * max_row_attempts
 
 
 def claim_for_worker(
-    s: Session, *, job_id: str, chunk_id: int, worker_id: str, lease_seconds: float, max_attempts: int
+    s: Session,
+    *,
+    job_id: str,
+    chunk_id: int,
+    worker_id: str,
+    lease_seconds: float,
+    max_attempts: int,
+    max_row_attempts: int = 0,
 ) -> Claim:
     """A worker's whole claim in one transaction: verify the (job, chunk) pairing and the job's queue
     against the queues this worker registered, take the lease, start the job, and give up on a chunk
-    claimed more than ``max_attempts`` times (its unanswered rows fail; the job goes on)."""
+    claimed more than :func:`give_up_after` times (its unanswered rows fail; the job goes on)."""
     queues = queues_of(s, worker_id)
     chunk = claim(s, chunk_id, worker_id, lease_seconds, job_id=job_id, queues=queues)
     if chunk is None:
@@ -104,24 +129,32 @@ def claim_for_worker(
     job = s.get(Job, job_id, populate_existing=True)
     if job is None:  # cannot happen: the claim checked the job exists; kept for the type checker
         return Claim()
-    if chunk.attempts > max_attempts:
+    limit = give_up_after(max_attempts, chunk.last_seq - chunk.first_seq + 1, max_row_attempts)
+    if chunk.attempts > limit:
         failed = fail_unanswered(
             s,
             job_id,
             chunk.first_seq,
             chunk.last_seq,
             code=ErrorCode.CHUNK_ATTEMPTS_EXHAUSTED,
-            message=f"chunk {chunk.idx} was claimed {chunk.attempts} times (limit {max_attempts}); given up",
+            message=f"chunk {chunk.idx} was claimed {chunk.attempts} times (limit {limit}); given up",
             worker_id=worker_id,
         )
         count_tokens(s, worker_id, failed, 0)
         complete(s, chunk_id, worker_id)
-        return Claim(chunk=chunk, job=job, exhausted=failed)
+        return Claim(chunk=chunk, job=job, exhausted=failed, gave_up=True)
     return Claim(chunk=chunk, job=job)
 
 
 def claim_next_for_worker(
-    s: Session, *, job_id: str, worker_id: str, lease_seconds: float, max_attempts: int, tries: int = 4
+    s: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    lease_seconds: float,
+    max_attempts: int,
+    max_row_attempts: int = 0,
+    tries: int = 4,
 ) -> Claim:
     """Claim the next waiting chunk of ``job_id`` without a message: how a worker keeps its batch full.
 
@@ -142,6 +175,7 @@ def claim_next_for_worker(
                 Chunk.job_id == job_id,
                 Chunk.state.in_(CHUNK_WAITING),
                 or_(Chunk.lease_owner.is_(None), Chunk.lease_expires_at < now_sql(s)),
+                Chunk.attempts < ISOLATE_AFTER,  # those are run a row at a time, by a task of their own
             )
             .order_by((Chunk.state == ChunkState.QUEUED).asc(), Chunk.idx)
             .limit(tries)
@@ -150,7 +184,7 @@ def claim_next_for_worker(
     for chunk_id in candidates:
         claimed = claim_for_worker(
             s, job_id=job_id, chunk_id=chunk_id, worker_id=worker_id, lease_seconds=lease_seconds,
-            max_attempts=max_attempts,
+            max_attempts=max_attempts, max_row_attempts=max_row_attempts,
         )  # fmt: skip
         if claimed.chunk is not None:
             return claimed

@@ -57,6 +57,7 @@ class ErrorCode(StrEnum):
     CHUNK_ATTEMPTS_EXHAUSTED = "chunk_attempts_exhausted"
     INVALID_REQUEST = "invalid_request"  # the row asks for what the model cannot do (RowRefused)
     ROW_TIME_LIMIT_EXCEEDED = "row_time_limit_exceeded"  # ran past TOKENMILL_ROW_TIME_LIMIT (RowTimeLimit)
+    WORKER_DIED = "worker_died"  # its worker process died every time the row was tried (WorkerDied)
 
 
 # Jobs the dispatcher works on, and jobs that will not change again unless someone retries them.

@@ -96,8 +96,9 @@ class _Opened:
 class ChunkFeed:
     """One task's rows: the first chunk's, then each next chunk's as the engine asks (see module doc)."""
 
-    def __init__(self, rt: TaskHost, job: Job, ledger: Ledger, chain: bool) -> None:
+    def __init__(self, rt: TaskHost, job: Job, ledger: Ledger, chain: bool, *, isolated: bool = False) -> None:
         self.rt, self.job, self.ledger = rt, job, ledger
+        self.isolated = isolated  # tries are counted before each row starts (workers/isolate.py)
         self.outcome = ChunkOutcome(claimed=True)
         self.tokens = 0
         self._seq_of: dict[str, int] = {}
@@ -156,13 +157,13 @@ class ChunkFeed:
                 with rt.store.session() as s:
                     return leases.claim_next_for_worker(
                         s, job_id=self.job.id, worker_id=rt.worker_id, lease_seconds=rt.settings.lease_seconds,
-                        max_attempts=rt.settings.max_chunk_attempts,
+                        max_attempts=rt.settings.max_chunk_attempts, max_row_attempts=rt.settings.max_row_attempts,
                     )  # fmt: skip
 
             got = rt.store.retrying(claim)
             if got.chunk is None:
                 return None
-            if got.exhausted or got.chunk.attempts > rt.settings.max_chunk_attempts:
+            if got.gave_up:
                 rt.report_exhausted(got)
                 self._exhausted += got.exhausted  # this thread's own count, added to the outcome at close
                 continue
@@ -213,7 +214,8 @@ class ChunkFeed:
         rt, job, ledger = self.rt, self.job, self.ledger
         seq = self._seq_of[row.custom_id]
         if isinstance(res, Exception):
-            attempt = ledger.attempts[seq] = rt.count_attempt(job.id, seq)
+            attempt = ledger.attempts[seq] if self.isolated else rt.count_attempt(job.id, seq)
+            ledger.attempts[seq] = attempt
             if not isinstance(res, RowRefused) and attempt < rt.settings.max_row_attempts:
                 self._retry.append(row)  # goes round again through refill
                 return
@@ -228,6 +230,13 @@ class ChunkFeed:
             queue_ms = max(0.0, (time.time() - res.total_ms / 1000.0 - enqueued) * 1000.0)
             attempt = ledger.attempts.get(seq, 0) + 1
             rt.write_success(job, row, seq, res, queue_ms, attempt, request_hash(rt.model_id, row), ledger)
+
+    def seq_of(self, row: DatasetRow) -> int:
+        return self._seq_of[row.custom_id]
+
+    def take_retries(self) -> list[DatasetRow]:
+        rows, self._retry = self._retry, []
+        return rows
 
     def close(self) -> None:
         """Wait for a claim in flight (its chunk, never fed, stays in the ledger for the task to hand back)."""

@@ -15,7 +15,7 @@ from typing import Any
 from tokenmill.cache import copy_cached
 from tokenmill.config import Settings, mask_text
 from tokenmill.engine import Engine, Generation, SlotUse
-from tokenmill.errors import RequestTooLong, RowRefused, RowTimeLimit, StoreFull
+from tokenmill.errors import RequestTooLong, RowRefused, RowTimeLimit, StoreFull, WorkerDied
 from tokenmill.output import response_body, timings
 from tokenmill.rows import DatasetRow
 from tokenmill.store import DB_ERRORS, Store, leases
@@ -25,6 +25,7 @@ from tokenmill.store import workers as store_workers
 from tokenmill.store.states import ErrorCode, ResultStatus, WorkerState
 from tokenmill.store.tables import Chunk, Job
 from tokenmill.workers.feed import ChunkFeed, ChunkOutcome
+from tokenmill.workers.isolate import run_isolated
 from tokenmill.workers.ledger import Ledger
 from tokenmill.workers.metrics import WorkerMetrics
 from tokenmill.workers.writer import ResultWriter
@@ -148,7 +149,7 @@ class WorkerRuntime:
         if chunk is None or job is None:
             log.info("chunk %s of job %s not claimed (done, cancelled, or leased by another worker)", chunk_id, job_id)
             return ChunkOutcome(claimed=False)
-        if chunk.attempts > self.settings.max_chunk_attempts:  # the claim gave up on it and closed it
+        if claim.gave_up:  # the claim gave up on it and closed it
             self.report_exhausted(claim)
             return ChunkOutcome(claimed=True, failed=claim.exhausted)
         # A shutdown that arrived while we were claiming: hand the chunk straight back.
@@ -156,7 +157,7 @@ class WorkerRuntime:
         with self._lock:
             self._current = cur
         try:
-            return self._run(job, chunk, cur)
+            return self._run(job, chunk, cur, isolate=claim.isolate)
         finally:
             with self._lock:
                 self._current = None
@@ -179,16 +180,22 @@ class WorkerRuntime:
                 worker_id=self.worker_id,
                 lease_seconds=self.settings.lease_seconds,
                 max_attempts=self.settings.max_chunk_attempts,
+                max_row_attempts=self.settings.max_row_attempts,
             )
 
-    def _run(self, job: Job, chunk: Chunk, cur: Ledger) -> ChunkOutcome:
+    def _run(self, job: Job, chunk: Chunk, cur: Ledger, *, isolate: bool = False) -> ChunkOutcome:
         started = time.monotonic()
-        feed = ChunkFeed(self, job, cur, chain=self.settings.chain_chunks)
+        feed = ChunkFeed(self, job, cur, chain=self.settings.chain_chunks and not isolate, isolated=isolate)
         before = SlotUse(**vars(self.engine.slot_use))
         try:
             todo = feed.open(chunk)
             self.metrics.processing.set(len(todo))
-            self.engine.generate(todo, feed.on_done, lambda: cur.stop_reason is not None, refill=feed.refill)
+            if isolate:
+                log.warning("chunk %s of job %s was lost with its worker %d times: trying its %d rows one at a time",
+                            chunk.id, job.id, chunk.attempts - 1, len(todo))  # fmt: skip
+                run_isolated(self, feed, cur, todo, self.settings.max_row_attempts)
+            else:
+                self.engine.generate(todo, feed.on_done, lambda: cur.stop_reason is not None, refill=feed.refill)
         finally:
             feed.close()
             self.metrics.processing.set(0)
@@ -266,6 +273,8 @@ class WorkerRuntime:
             code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
         elif isinstance(exc, RowTimeLimit):
             code = ErrorCode.ROW_TIME_LIMIT_EXCEEDED
+        elif isinstance(exc, WorkerDied):
+            code = ErrorCode.WORKER_DIED
         elif isinstance(exc, RowRefused):
             code = ErrorCode.INVALID_REQUEST
         message = mask_text(str(exc)) or type(exc).__name__

@@ -89,12 +89,14 @@ class ResultWriter:
     def flush(self) -> None:
         """Wait until every row queued so far is committed; re-raise what a failed batch raised.
 
-        A failed batch's rows are gone from the buffer, so the chunk must not be completed: the error
-        reaches the chunk's task, the lease is left to expire, and the next claimant writes those rows.
+        A failed batch's rows are gone from the buffer, and their chunks stay open (the ledger still
+        counts them outstanding): the task hands those chunks back, and their next claim writes the rows.
         """
         marker = _Flush()
         self._queue.put(marker)
-        marker.done.wait()
+        while not marker.done.wait(1.0):
+            if not self._thread.is_alive():  # closed: nothing will ever commit what is queued
+                raise RuntimeError("the result writer is closed")
         error, self._error = self._error, None
         if error is not None:
             raise error
