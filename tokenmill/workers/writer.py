@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tokenmill.config import mask_text
 from tokenmill.store import Store, leases
 from tokenmill.store import results as store_results
 from tokenmill.store import workers as store_workers
+from tokenmill.store.db import log_reason
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +163,8 @@ class ResultWriter:
             self.batches += 1
         except BaseException as exc:  # this thread must outlive any error; the chunk's flush reports it
             log.warning(
-                "storing %d results%s failed: %s: %s",
-                len(batch), f" and completing chunks {completes}" if completes else "", type(exc).__name__,
-                mask_text(str(exc)),
+                "storing %d results%s failed: %s",
+                len(batch), f" and completing chunks {completes}" if completes else "", log_reason(exc),
             )  # fmt: skip
             self._error = exc
             return
