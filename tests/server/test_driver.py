@@ -88,7 +88,9 @@ def test_cancel_racing_completion_keeps_it_completed_with_one_output(
 
 
 @pytest.mark.timeout(60)
-def test_cancel_between_ingest_slices_stops_the_ingest_and_cancels_the_job(any_store: Store, settings: Settings) -> None:
+def test_cancel_between_ingest_slices_stops_the_ingest_and_cancels_the_job(
+    any_store: Store, settings: Settings
+) -> None:
     from tokenmill.server.batches import cancel_batch
 
     store = any_store

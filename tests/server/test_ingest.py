@@ -1,0 +1,81 @@
+"""Validation and ingest keep SQLite's one write lock only briefly: another writer (a worker's results, a
+heartbeat, the dispatcher) never waits long while a large file is uploaded and ingested."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.server.driving import batch, new_batch
+from tests.server.helpers import chat_line, jsonl
+from tokenmill.config import Settings
+from tokenmill.server.driver import BatchDriver
+from tokenmill.store import Store
+
+ROWS = 40_000
+# Generous: one slice of rows or one 1 MiB chunk commits in tens of milliseconds; holding the lock for a
+# whole upload or ingest took seconds, and past 15 s the dispatcher expires busy workers' leases.
+MAX_WAIT_S = 1.5
+
+
+class OtherWriter(threading.Thread):
+    """Small write transactions in a loop on a connection of its own, timing how long each waits."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(daemon=True)
+        self.path, self.waits, self.stop = path, [0.0], threading.Event()
+
+    def run(self) -> None:
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        conn.execute("CREATE TABLE IF NOT EXISTS probe (at REAL)")
+        while not self.stop.is_set():
+            started = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO probe VALUES (?)", (started,))
+            conn.execute("COMMIT")
+            self.waits.append(time.perf_counter() - started)
+            time.sleep(0.005)
+        conn.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_large_upload_and_ingest_never_make_another_writer_wait_long(store: Store, settings: Settings) -> None:
+    lines = [chat_line(i) for i in range(ROWS)]
+    for line in lines:
+        line["body"]["messages"][0]["content"] += " Say it plainly, in one word, without punctuation." * 8
+    data = jsonl(lines)
+    assert store.sqlite_path is not None
+    other = OtherWriter(store.sqlite_path)
+    other.start()
+    try:
+        batch_id = new_batch(store, data=data)
+        BatchDriver(store, settings).tick()
+    finally:
+        other.stop.set()
+        other.join(30)
+    b = batch(store, batch_id)
+    assert b.status == "in_progress" and b.total == ROWS
+    longest = max(other.waits)
+    print(f"{len(data) / 2**20:.1f} MiB, {ROWS} rows: another writer waited at most {longest:.3f}s")
+    assert len(other.waits) > 10 and longest < MAX_WAIT_S, f"another writer waited {longest:.2f}s"
+
+
+def test_the_probe_would_see_a_long_transaction(store: Store, tmp_path: Path) -> None:
+    """The measure itself: a write transaction held for a while shows up as the other writer's wait."""
+    assert store.sqlite_path is not None
+    other = OtherWriter(store.sqlite_path)
+    other.start()
+    time.sleep(0.1)
+    holder = sqlite3.connect(store.sqlite_path, timeout=60, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    time.sleep(MAX_WAIT_S + 0.3)
+    holder.execute("COMMIT")
+    holder.close()
+    time.sleep(0.1)
+    other.stop.set()
+    other.join(30)
+    assert max(other.waits) >= MAX_WAIT_S
