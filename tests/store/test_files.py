@@ -6,7 +6,7 @@ import io
 import time
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from tokenmill.errors import FileUnreadable
 from tokenmill.store import Store
@@ -44,7 +44,7 @@ def test_a_missing_chunk_is_found_before_a_download_promises_its_size(any_store:
     f = _upload(any_store)
     with any_store.session() as s:
         store_files.check_complete(s, f)
-        s.execute(ApiFileChunk.__table__.delete().where(ApiFileChunk.file_id == f.id, ApiFileChunk.idx == 1))
+        s.execute(delete(ApiFileChunk).where(ApiFileChunk.file_id == f.id, ApiFileChunk.idx == 1))
     with any_store.session() as s, pytest.raises(FileUnreadable, match="damaged"):
         store_files.check_complete(s, f)
     with pytest.raises(FileUnreadable):
@@ -56,7 +56,8 @@ class _Source(io.BytesIO):
 
     def __init__(self, store: Store, data: bytes, fail_at: int | None) -> None:
         super().__init__(data)
-        self.store, self.fail_at, self.calls, self.seen = store, fail_at, 0, []
+        self.store, self.fail_at, self.calls = store, fail_at, 0
+        self.seen: list[tuple[ApiFile | None, tuple[list[ApiFile], bool]]] = []
 
     def read(self, size: int | None = -1) -> bytes:
         self.calls += 1
@@ -79,7 +80,8 @@ def test_an_upload_is_invisible_until_whole_and_removed_when_it_fails(any_store:
     f = store_files.create_file(any_store, owner="t1", filename="x", purpose="batch", source=whole)
     assert whole.seen == [(None, ([], False))]
     with any_store.session() as s:
-        assert store_files.get_file(s, f.id, "t1") is not None and f.bytes == len(DATA) and f.lines == DATA.count(b"\n") + 1
+        assert store_files.get_file(s, f.id, "t1") is not None
+    assert f.bytes == len(DATA) and f.lines == DATA.count(b"\n") + 1
     assert b"".join(store_files.stream(any_store, f.id)) == DATA
 
 
