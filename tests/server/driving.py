@@ -51,11 +51,14 @@ def job_state(store: Store, job_id: str | None) -> str | None:
 
 
 def output_files(store: Store, batch_id: str) -> dict[str, int]:
-    """How many output and error files exist for the batch (each must be at most one, ever)."""
+    """How many output and error files of the batch anyone can see (each must be at most one, ever)."""
     with store.session() as s:
         rows = s.execute(
             select(ApiFile.filename, func.count())
-            .where(ApiFile.filename.in_([f"{batch_id}_output.jsonl", f"{batch_id}_error.jsonl"]))
+            .where(
+                ApiFile.filename.in_([f"{batch_id}_output.jsonl", f"{batch_id}_error.jsonl"]),
+                ApiFile.status == "processed",
+            )
             .group_by(ApiFile.filename)
         ).all()
     return {name.rsplit("_", 1)[1].split(".")[0]: int(n) for name, n in rows}

@@ -48,7 +48,7 @@ RETRY_LATER: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ServiceUnavai
 
 
 class _Lost(Exception):
-    """Raised inside a transaction to roll it back: the batch moved on (cancelled, taken over) meanwhile."""
+    """Raised inside a transaction to roll it back: the batch moved on, or another driver took it over."""
 
 
 def _error(message: str, code: str = "validation_failed") -> list[dict[str, Any]]:
@@ -218,45 +218,69 @@ class BatchDriver:
                     return False  # a worker is finishing its current row; next pass
         try:
             with self.store.session() as s:
-                b = store_batches.claim(s, batch_id, self.holder, LEASE_SECONDS, (BatchStatus.FINALIZING,))
-                if b is None:
-                    return False
+                b = self._renew(s, batch_id)
                 final = store_batches.final_status(b, store_jobs.state_of(s, job_id), time.time())
                 assert final is not None  # finalizing: cancelled, job finished, or past the window
-                self._write_files(s, b, job_id, final)
+                owner = b.owner
+            self._write_files(batch_id, owner, job_id, final)
         except _Lost:
             return False
         log.info("batch %s %s", batch_id, final.value)
         return True
 
-    def _write_files(self, s: Session, b: ApiBatch, job_id: str, final: BatchStatus) -> None:
-        """Output and error files from the store, streamed into the store, with the end state: one commit,
-        rolled back (no files) when the batch is no longer ours to finish."""
-        out = store_files.FileWriter(s, owner=b.owner, filename=f"{b.id}_output.jsonl", purpose="batch_output")
-        err = store_files.FileWriter(s, owner=b.owner, filename=f"{b.id}_error.jsonl", purpose="batch_output")
+    def _renew(self, s: Session, batch_id: str) -> ApiBatch:
+        b = store_batches.claim(s, batch_id, self.holder, LEASE_SECONDS, (BatchStatus.FINALIZING,))
+        if b is None:
+            raise _Lost
+        return b
+
+    def _write_files(self, batch_id: str, owner: str, job_id: str, final: BatchStatus) -> None:
+        """Output and error files from the store into the store, one chunk per short transaction (each
+        renewing the lease), then the end state and the files shown together in one last short one; files
+        of a finalizer that lost the batch meanwhile are deleted, so a batch gets them at most once."""
+        files = [
+            store_files.FileWriter(self.store, owner=owner, filename=f"{batch_id}_{kind}.jsonl",
+                                   purpose="batch_output", before_flush=lambda s: self._renew(s, batch_id))
+            for kind in ("output", "error")
+        ]  # fmt: skip
+        try:
+            counts = self._fill(files[0], files[1], job_id, final)
+            written = [f.close() for f in files]
+            with self.store.session() as s:
+                self._renew(s, batch_id)
+                ids = [f.id if f.lines and store_files.publish(s, f) else None for f in written]
+                if not store_batches.finish(s, batch_id, self.holder, final, output_file_id=ids[0],
+                                            error_file_id=ids[1], **counts):  # fmt: skip
+                    raise _Lost
+            for f, file_id in zip(files, ids, strict=True):
+                if file_id is None:
+                    f.discard()
+        except BaseException:
+            for f in files:
+                f.discard()
+            raise
+
+    def _fill(
+        self, out: store_files.FileWriter, err: store_files.FileWriter, job_id: str, final: BatchStatus
+    ) -> dict[str, Any]:
+        """The lines, read page by page in a session that writes nothing; the batch's counts and usage."""
         ok = bad = prompt = completion = 0
-        for result, request in iter_results(s, job_id):
-            if result.status == "succeeded":
-                ok += 1
-                prompt += result.prompt_tokens
-                completion += result.completion_tokens
-                out.write_line(json.dumps(output_line(result, request), ensure_ascii=False))
-            else:
-                bad += 1
-                err.write_line(json.dumps(failed_line(result, request), ensure_ascii=False))
-        if final in (BatchStatus.EXPIRED, BatchStatus.CANCELLED):
-            code = "batch_expired" if final == BatchStatus.EXPIRED else "batch_cancelled"
-            for request in store_batches.unfinished_requests(s, job_id):
-                bad += 1
-                err.write_line(json.dumps(_unfinished_line(job_id, request.seq, request.custom_id, request.line, code)))
-        files = [out.close(), err.close()]
-        ids: list[str | None] = []
-        for f in files:
-            if f.lines:
-                ids.append(f.id)
-            else:
-                store_files.delete_file(s, f.id)
-                ids.append(None)
+        with self.store.session() as reader:
+            for result, request in iter_results(reader, job_id):
+                if result.status == "succeeded":
+                    ok += 1
+                    prompt += result.prompt_tokens
+                    completion += result.completion_tokens
+                    out.write_line(json.dumps(output_line(result, request), ensure_ascii=False))
+                else:
+                    bad += 1
+                    err.write_line(json.dumps(failed_line(result, request), ensure_ascii=False))
+            if final in (BatchStatus.EXPIRED, BatchStatus.CANCELLED):
+                code = "batch_expired" if final == BatchStatus.EXPIRED else "batch_cancelled"
+                for request in store_batches.unfinished_requests(reader, job_id):
+                    bad += 1
+                    err.write_line(json.dumps(_unfinished_line(job_id, request.seq, request.custom_id,
+                                                               request.line, code)))  # fmt: skip
         usage = {
             "input_tokens": prompt,
             "output_tokens": completion,
@@ -264,9 +288,7 @@ class BatchDriver:
             "input_tokens_details": {"cached_tokens": 0},
             "output_tokens_details": {"reasoning_tokens": 0},
         }
-        if not store_batches.finish(s, b.id, self.holder, final, output_file_id=ids[0], error_file_id=ids[1],
-                                    completed=ok, failed=bad, usage=usage):  # fmt: skip
-            raise _Lost
+        return {"completed": ok, "failed": bad, "usage": usage}
 
 
 def _unfinished_line(job_id: str, seq: int, custom_id: str, line: int, code: str) -> dict[str, object]:

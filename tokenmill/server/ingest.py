@@ -28,8 +28,8 @@ from tokenmill.store.states import BatchStatus, JobState
 from tokenmill.store.tables import Job
 
 log = logging.getLogger(__name__)
-SLICE_ROWS = 2000
-SLICE_BYTES = 4 * 2**20  # a slice's rows, as staged JSON: what one short write transaction stores
+SLICE_ROWS = 500
+SLICE_BYTES = 2**20  # a slice's rows, as staged JSON: what one short write transaction stores
 
 
 @dataclass

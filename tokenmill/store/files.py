@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from sqlalchemy import delete, func, insert, select, update
@@ -116,19 +116,25 @@ def sweep_abandoned(s: Session, before: float) -> int:
 
 
 class FileWriter:
-    """Builds a file from text lines (batch output) inside the caller's transaction, one chunk at a time."""
+    """Builds a file from text lines (a batch's output), one chunk per short transaction, the file
+    ``uploading`` until :func:`publish` shows it in the caller's transaction (the one that finishes the batch).
 
-    def __init__(self, s: Session, *, owner: str, filename: str, purpose: str) -> None:
-        self.s = s
-        self.file = ApiFile(
-            id=new_file_id(), owner=owner, filename=filename, purpose=purpose, status=UPLOADED, created_at=time.time()
-        )
-        s.add(self.file)
-        s.flush()
+    ``before_flush`` runs in each chunk's transaction first: the batch driver renews its lease there, and
+    raises when the batch is no longer its to finish.
+    """
+
+    def __init__(
+        self, store: Store, *, owner: str, filename: str, purpose: str,
+        before_flush: Callable[[Session], object] | None = None,
+    ) -> None:  # fmt: skip
+        self.store = store
+        self.before_flush = before_flush
+        self.file = ApiFile(id=new_file_id(), owner=owner, filename=filename, purpose=purpose,
+                            status=FileStatus.UPLOADING, bytes=0, lines=0, created_at=time.time())  # fmt: skip
+        with store.session() as s:
+            s.add(self.file)
         self._buf = bytearray()
         self._idx = 0
-        self.file.bytes = 0
-        self.file.lines = 0
 
     def write_line(self, text: str) -> None:
         data = text.encode("utf-8") + b"\n"
@@ -139,14 +145,33 @@ class FileWriter:
             self._flush()
 
     def _flush(self) -> None:
-        if self._buf:
-            self.s.execute(insert(ApiFileChunk).values(file_id=self.file.id, idx=self._idx, data=bytes(self._buf)))
-            self._idx += 1
-            self._buf.clear()
+        if not self._buf:
+            return
+        with self.store.session() as s:
+            if self.before_flush is not None:
+                self.before_flush(s)
+            s.execute(insert(ApiFileChunk).values(file_id=self.file.id, idx=self._idx, data=bytes(self._buf)))
+        self._idx += 1
+        self._buf.clear()
 
     def close(self) -> ApiFile:
+        """Every line stored; the file (its size and line count in hand) is still to :func:`publish`."""
         self._flush()
         return self.file
+
+    def discard(self) -> None:
+        _discard(self.store, self.file.id)
+
+
+def publish(s: Session, f: ApiFile) -> bool:
+    """uploading → processed, with the size and line count the writer counted; False if it is gone."""
+    res = s.execute(
+        update(ApiFile)
+        .where(ApiFile.id == f.id, ApiFile.status == FileStatus.UPLOADING)
+        .values(status=FileStatus.PROCESSED, bytes=f.bytes, lines=f.lines)
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
 
 
 def get_file(s: Session, file_id: str, owner: str) -> ApiFile | None:
