@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,8 @@ class OtherWriter(threading.Thread):
         conn.close()
 
 
-def _longest_wait(store: Store, action: object) -> float:
-    assert store.sqlite_path is not None and callable(action)
+def _longest_wait(store: Store, action: Callable[[], None]) -> float:
+    assert store.sqlite_path is not None
     other = OtherWriter(store.sqlite_path)
     other.start()
     try:
@@ -78,7 +79,12 @@ def test_a_large_batch_never_makes_another_writer_wait_long(store: Store, settin
     data = jsonl(lines)
     driver = BatchDriver(store, settings)
     ids: list[str] = []
-    ingest = _longest_wait(store, lambda: (ids.append(new_batch(store, data=data)), driver.tick()))
+
+    def upload_and_ingest() -> None:
+        ids.append(new_batch(store, data=data))
+        driver.tick()
+
+    ingest = _longest_wait(store, upload_and_ingest)
     b = batch(store, ids[0])
     assert b.status == "in_progress" and b.total == ROWS and b.job_id
     _answer_all(store, b.job_id)
