@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.server.driving import batch, new_batch
@@ -10,7 +12,7 @@ from tokenmill.store import batches as store_batches
 from tokenmill.store.states import BATCH_FINAL, BatchStatus
 
 A, B = "driver-a", "driver-b"
-USAGE = {"completed": 0, "failed": 0, "usage": None, "output_file_id": None, "error_file_id": None}
+USAGE: dict[str, Any] = {"completed": 0, "failed": 0, "usage": None, "output_file_id": None, "error_file_id": None}
 
 
 def _claimed(store: Store, holder: str = A) -> str:
