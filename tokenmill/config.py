@@ -8,47 +8,56 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from tokenmill.errors import ConfigError
 
 ENV_PREFIX = "TOKENMILL_"
 DEFAULT_ENGINE = "llama"  # the inference backend a worker builds unless told otherwise (tokenmill.engines)
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@/\s]+)@")
-# Query parameters that carry a credential (`?password=`, libpq's and redis-py's form; tokens for mirrors).
+# ``scheme://user:password@``: the password runs to the LAST "@" after it, wherever that is, because people
+# write raw "@", "/" and spaces in passwords (``postgresql://u:p@ss@db/x``), which a URL parser reads as the
+# host's (SQLAlchemy's make_url, libpq) or as the path (urllib). Reading too far only masks too much.
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:@/]{0,256}):(?P<pw>.*)@", re.DOTALL)
+# Query and conninfo parameters that carry a credential: ``?password=``, ``sslpassword=``, ``client_secret=``,
+# ``api_key=``, libpq's ``password='a b'``.
 _QUERY_SECRET = re.compile(
-    r"(?P<key>[?&;](?:password|passwd|pwd|pass|secret|token|access_token|api_key|apikey|key|auth)=)"
-    r"(?P<value>[^&;#\s'\"]+)",
+    r"(?P<key>(?:^|[?&;\s])(?:[\w.\-]*(?:password|passwd|pwd|secret|token|apikey|api_key)|pass|key|auth)=)"
+    r"(?P<value>'[^']*'|\"[^\"]*\"|[^&;#\s'\"]+)",
     re.IGNORECASE,
 )
+# Lines of a Postgres error that quote the row or the value at fault (a prompt, an output, file bytes).
+_ROW_VALUES = re.compile(r"^(?P<key>[ \t]*(?:DETAIL|CONTEXT):).*$", re.MULTILINE)
+_BAD_VALUE = re.compile(r"(?P<key>invalid input (?:syntax|value) for (?:type|enum) [\w ]{1,64}: ).+$", re.MULTILINE)
 
 
 def mask_text(text: str) -> str:
-    """Mask every credential a URL can carry inside free text: ``user:pw@`` and ``?password=`` alike.
+    """Mask every credential a URL can carry inside free text (``user:pw@`` and ``?password=`` alike), and
+    the row values a database error quotes.
 
     The one masking function: every URL tokenmill prints (settings views, errors, logs through
     :class:`MaskingFilter`) goes through it, because drivers quote URLs in their exception messages.
     """
-    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:***@", text)
+    text = _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)
+    text = _ROW_VALUES.sub(lambda m: f"{m['key']} (values not logged)", text)
+    return _BAD_VALUE.sub(lambda m: f"{m['key']}***", text)
 
 
 def mask_url(url: str) -> str:
-    """One URL with its credentials masked; also right for a password holding ``@`` or ``/``."""
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-            url = urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        pass
+    """One URL with its credentials masked; also right for a password holding ``@``, ``/`` or spaces."""
     return mask_text(url)
 
 
+_TRACEBACKS = logging.Formatter()
+
+
 class MaskingFilter(logging.Filter):
-    """Masks a log record's final message, so a URL logged from an exception (a download error, a
-    driver's message) is masked even where the caller forgot to."""
+    """Masks a log record's message, its traceback and its stack, so a URL or a row value in an exception
+    (a download error, a driver's message) is masked even where the caller forgot to.
+
+    It belongs on handlers (:func:`install_masking`): a logger's own filters never see the records its
+    children propagate.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -58,7 +67,23 @@ class MaskingFilter(logging.Filter):
         masked = mask_text(message)
         if masked != message:
             record.msg, record.args = masked, None
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask_text(record.exc_text)
+            record.exc_info = None  # nothing downstream renders the raw exception (its message, its locals) again
+        if record.stack_info:
+            record.stack_info = mask_text(record.stack_info)
         return True
+
+
+def install_masking(*logger_names: str) -> None:
+    """One :class:`MaskingFilter` on every handler of the root logger and of ``logger_names`` (uvicorn's
+    loggers have handlers of their own and do not propagate)."""
+    for name in ("", *logger_names):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, MaskingFilter) for f in handler.filters):
+                handler.addFilter(MaskingFilter())
 
 
 def sqlalchemy_url(url: str) -> str:

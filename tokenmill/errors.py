@@ -78,6 +78,10 @@ class StoreFull(StoreError):
     """The disk under the store is full: the transaction rolled back; free space and run it again."""
 
 
+class FileUnreadable(StoreError):
+    """A stored file's bytes are not all there: it was deleted while being read, or a chunk is missing."""
+
+
 class JobNotFound(StoreError):
     """No job with that id (or unique id prefix) exists."""
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from tokenmill.config import MaskingFilter, Settings
+from tokenmill.config import Settings, install_masking
 from tokenmill.store import Store
 from tokenmill.store import schedulers as store_schedulers
 
@@ -45,8 +45,8 @@ def open_store(settings: Settings) -> Store:
 def setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING
     handler = RichHandler(console=console, show_path=False)
-    handler.addFilter(MaskingFilter())  # every log line, whoever wrote it, with URL credentials masked
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    install_masking()  # every log line and traceback, whoever wrote it, with credentials and row values masked
     for noisy in ("celery", "kombu", "amqp"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 

@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 
 from tokenmill.cli.common import console, open_store, settings_from
+from tokenmill.config import install_masking
+
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
 def serve(
@@ -42,5 +45,8 @@ def serve(
     app = create_app(settings, store, background)
     mode = "embedded: dispatcher and local workers in this process" if embedded else "API only (fleet)"
     console.print(f"tokenmill serve on http://{host}:{port}/v1 — {mode}; store {store.masked_url}")
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)  # fmt: skip
     logging.getLogger("uvicorn.access").disabled = True  # paths only, but keep the log to what matters
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    install_masking(*UVICORN_LOGGERS)  # uvicorn's handlers exist once its config is made, and bypass the root's
+    uvicorn.Server(config).run()

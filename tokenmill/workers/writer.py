@@ -26,10 +26,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from tokenmill.config import mask_text
 from tokenmill.store import Store, leases
 from tokenmill.store import results as store_results
 from tokenmill.store import workers as store_workers
+from tokenmill.store.db import log_reason
 from tokenmill.workers.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,8 @@ class ResultWriter:
             for key, ledger in ledgers.items():
                 ledger.reopen(closing.get(key, []))
             log.warning(
-                "storing %d results failed: %s: %s (their chunks stay open; their next claim answers them)",
-                len(batch), type(exc).__name__, _reason(exc),
+                "storing %d results failed: %s (their chunks stay open; their next claim answers them)",
+                len(batch), log_reason(exc),
             )  # fmt: skip
             self._error = exc
             return
@@ -210,8 +210,3 @@ class ResultWriter:
                     log.info("chunk %s was no longer ours to complete (lease lost, job cancelled, or a row missing)",
                              chunk_id)  # fmt: skip
 
-
-def _reason(exc: BaseException) -> str:
-    """The driver's own first line (masked): never SQLAlchemy's statement or its bound parameters."""
-    lines = mask_text(str(getattr(exc, "orig", None) or exc)).splitlines()
-    return lines[0][:200] if lines else ""
