@@ -60,6 +60,11 @@ class MaskingFilter(logging.Filter):
         return True
 
 
+def split_list(text: str) -> tuple[str, ...]:
+    """A comma-separated setting (keys, model names) as its non-empty items."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def sqlalchemy_url(url: str) -> str:
     """Pick the psycopg 3 driver for plain ``postgresql://`` URLs, the one tokenmill depends on."""
     for prefix in ("postgresql://", "postgres://"):
@@ -122,6 +127,9 @@ class Settings:
     file_max_bytes: int = 200 * 2**20
     file_max_lines: int = 50_000
     batch_window_seconds: float | None = None  # None: what completion_window says ("24h"); tests shorten it
+    # `serve`: the catalog models a batch may name (TOKENMILL_SERVE_MODELS / --models, comma-separated;
+    # "*" for any). Empty: an embedded server serves the models in models_dir, an API-only one any.
+    serve_models: tuple[str, ...] = ()
     # The inference backend a worker builds, by name (tokenmill.engines: "llama", "stub", or a plugin's).
     # Checked when a worker starts, not here: plugin names come from installed entry points.
     engine: str = "llama"
@@ -181,6 +189,8 @@ class Settings:
             values["api_keys"] = tuple(k.strip() for k in env[ENV_PREFIX + "API_KEYS"].split(",") if k.strip())
         values["file_max_bytes"] = int(_float(env, "FILE_MAX_BYTES", cls.file_max_bytes))
         values["file_max_lines"] = int(_float(env, "FILE_MAX_LINES", cls.file_max_lines))
+        if env.get(ENV_PREFIX + "SERVE_MODELS"):
+            values["serve_models"] = split_list(env[ENV_PREFIX + "SERVE_MODELS"])
         if env.get(ENV_PREFIX + "BATCH_WINDOW_SECONDS"):
             values["batch_window_seconds"] = _float(env, "BATCH_WINDOW_SECONDS", 1.0)
         values.update({k: v for k, v in overrides.items() if v is not None})

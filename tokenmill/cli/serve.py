@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from tokenmill.cli.common import console, open_store, settings_from
+from tokenmill.config import split_list
 
 
 def serve(
@@ -21,6 +22,13 @@ def serve(
     idle_stop: Annotated[float, typer.Option(help="Embedded: stop a model's workers after this many idle seconds")] = (
         60.0
     ),
+    models: Annotated[
+        str | None,
+        typer.Option(
+            help="Catalog models a batch may name, comma-separated ('*': any, fetched on demand). "
+            "Default: embedded, the models already in the models folder; API-only, any"
+        ),
+    ] = None,
 ) -> None:
     """Serve the OpenAI Files + Batches API; with no database/broker configured, also run the work.
 
@@ -31,8 +39,12 @@ def serve(
     from tokenmill.server.app import create_app
     from tokenmill.server.auth import check_bind
     from tokenmill.server.embedded import Background
+    from tokenmill.server.served_models import served_models
 
     settings = settings_from(ctx)
+    if models is not None:
+        settings = settings.with_(serve_models=split_list(models) or ("",))
+    served = served_models(settings)  # a typo in the list fails here, not on every batch
     check_bind(host, settings.api_keys)
     os.environ.pop("TOKENMILL_API_KEYS", None)  # read once; local workers inherit the environment and need none
     store = open_store(settings)
@@ -41,5 +53,6 @@ def serve(
     app = create_app(settings, store, background)
     mode = "embedded: dispatcher and local workers in this process" if embedded else "API only (fleet)"
     console.print(f"tokenmill serve on http://{host}:{port}/v1 — {mode}; store {store.masked_url}")
+    console.print("models: any catalog model" if served is None else f"models: {', '.join(served.names()) or 'none'}")
     logging.getLogger("uvicorn.access").disabled = True  # paths only, but keep the log to what matters
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)

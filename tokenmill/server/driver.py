@@ -94,7 +94,7 @@ class BatchDriver:
             file_id, endpoint = b.input_file_id, b.endpoint
         with validation.scratch() as folder:
             path = validation.spool(self.store, file_id, Path(folder))
-            checked = validation.check_lines(path, endpoint)
+            checked = validation.check_lines(path, endpoint, self.settings)
             if not checked.errors and checked.model is not None:
                 try:
                     self._ingest(batch_id, path, checked)
