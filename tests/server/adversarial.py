@@ -57,8 +57,11 @@ def _insert(line: bytes, at: int, what: bytes) -> bytes:
 
 
 def _deep(n: int) -> Poison:
+    """About ``n`` bytes, never under 2,000 levels (past Python's recursion limit)."""
     opener = (b"[", b'{"a": ', b'[{"a": ')[n % 3]
-    return Poison("deep nesting", b'{"custom_id": "@ID@", "x": ' + opener * n, "nested too deeply")
+    return Poison(
+        "deep nesting", b'{"custom_id": "@ID@", "x": ' + opener * max(2_000, n // len(opener)), "nested too deeply"
+    )
 
 
 def _replace_tokens(kind: str, value: bytes, words: str) -> Poison:
