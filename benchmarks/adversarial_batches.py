@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/adversarial_batches.py --examples 40 --scale 5000000 --seed 1
 
-Batches come from tests/server/adversarial.py's Hypothesis generator (deep nesting, huge strings and
+First the GBNF check alone on 2,000 chained rules and on a 256 KiB grammar. Then batches come from
+tests/server/adversarial.py's Hypothesis generator (deep nesting, huge strings and
 numbers, NUL, invalid UTF-8, giant schemas, grammar bombs), then one batch with every kind at its largest
 (``--scale`` bytes) and one of 49,994 lines. Each is uploaded with the openai SDK and must end `failed`
 with exactly its poisoned lines as errors; the clock starts when its upload has returned. Meanwhile a
@@ -32,7 +33,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from api_poll import PeakRss, free_port  # noqa: E402
 
-from tests.server.adversarial import HostileBatch, every_kind, hostile_batches, mismatches  # noqa: E402
+from tests.server.adversarial import (  # noqa: E402
+    HostileBatch,
+    big_grammar,
+    chain_grammar,
+    every_kind,
+    hostile_batches,
+    mismatches,
+)
+from tokenmill import gbnf  # noqa: E402
 
 KEY = "sk-bench"
 CHAT: Literal["/v1/chat/completions"] = "/v1/chat/completions"
@@ -108,6 +117,14 @@ def run_one(c: OpenAI, poller: Poller, batch: HostileBatch, timeout: float) -> t
     return took, [f"{batch.describe()}: {p}" for p in mismatches(batch, errors)]
 
 
+def bench_grammar_check() -> None:
+    """The GBNF check alone, on grammars far over the cap (it is linear in their size)."""
+    for text, what in ((chain_grammar(2000), "2,000 chained rules"), (big_grammar(256), "a 256 KiB grammar")):
+        started = time.perf_counter()
+        gbnf.check_grammar(text, max_chars=None)
+        print(f"grammar check, {what} ({len(text) / 1024:.0f} KiB): {(time.perf_counter() - started) * 1000:.0f} ms")
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
@@ -122,6 +139,7 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.05, help="seconds between the poller's requests")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds a batch may take to reach a final state")
     args = ap.parse_args()
+    bench_grammar_check()
     with tempfile.TemporaryDirectory(prefix="tm-adversarial-") as tmp:
         port = free_port()
         proc = start_server(Path(tmp) / ".tokenmill", port)

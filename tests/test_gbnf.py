@@ -8,30 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.server.adversarial import big_grammar, chain_grammar
 from tokenmill import gbnf
 
 Alts = list[list[tuple[str | None, bool]]]
 
 
-def chain(n: int) -> str:
-    """n rules, each needing the next, nullable from the end: the old fixpoint took n rounds of n rules."""
-    return (
-        'root ::= r0 "z"\n' + "".join(f"r{i} ::= r{i + 1} r{i + 1}?\n" for i in range(n - 1)) + f'r{n - 1} ::= "x"?\n'
-    )
-
-
-def big_grammar(kib: int) -> str:
-    rules = ['root ::= c0 "z"']
-    i = 0
-    while sum(len(r) + 1 for r in rules) < kib * 1024:
-        rules.append(f'c{i} ::= c{i + 1} c{i + 1}? ("a" | [b-d]+ c{i + 1})* | "q"')
-        i += 1
-    rules.append(f'c{i} ::= "e"?')
-    return "\n".join(rules) + "\n"
-
-
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("text", "what"), [(chain(2000), "2,000 rules"), (big_grammar(256), "256 KiB")])
+@pytest.mark.parametrize(("text", "what"), [(chain_grammar(2000), "2,000 rules"), (big_grammar(256), "256 KiB")])
 def test_large_grammars_are_checked_in_linear_time(text: str, what: str) -> None:
     """A hang guard only (the figures are printed by benchmarks/adversarial_batches.py): 2,000 chained rules
     took 2 s and a 256 KiB grammar about 95 s with the quadratic check."""
@@ -41,7 +25,7 @@ def test_large_grammars_are_checked_in_linear_time(text: str, what: str) -> None
 
 
 def test_a_left_recursive_rule_at_the_end_of_a_long_chain_is_found() -> None:
-    text = chain(3000).replace('r2999 ::= "x"?', "r2999 ::= r5 r2999")
+    text = chain_grammar(3000).replace('r2999 ::= "x"?', "r2999 ::= r5 r2999")
     with pytest.raises(gbnf.GrammarError, match="rule 'r5' is left-recursive"):
         gbnf.check_grammar(text, max_chars=None)
 

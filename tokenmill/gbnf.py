@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -108,12 +109,10 @@ class _Parser:
         return pos
 
     def name(self, pos: int) -> int:
-        end = pos
-        while end < len(self.s) and _word(self.s[end]):
-            end += 1
-        if end == pos:
+        match = _NAME.match(self.s, pos)
+        if match is None:
             raise self.fail("expecting a rule name", pos)
-        return end
+        return match.end()
 
     def char(self, pos: int) -> int:
         s = self.s
@@ -184,7 +183,7 @@ class _Parser:
                 pos += 1
             elif c in "<!":
                 raise self.fail("token references (<...>) are not supported; write the text as a literal", pos)
-            elif _word(c):
+            elif c in _WORD:
                 end = self.name(pos)
                 self.rules.referenced.add(s[pos:end])
                 items.append((s[pos:end], False))
@@ -249,8 +248,8 @@ class _Parser:
         return int(self.s[pos:end]), end
 
 
-def _word(c: str) -> bool:
-    return c.isascii() and (c.isalnum() or c == "-")
+_NAME = re.compile(r"[A-Za-z0-9-]+")
+_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
 @lru_cache(maxsize=256)

@@ -137,6 +137,23 @@ def every_kind(scale: int, good: int = 2) -> HostileBatch:
     return assemble(bad, [(good + 1) * (i + 1) for i in range(len(bad))], (good + 1) * len(bad))
 
 
+def chain_grammar(n: int) -> str:
+    """n rules, each needing the next, nullable from the end: the old fixpoint took n rounds of n rules."""
+    return (
+        'root ::= r0 "z"\n' + "".join(f"r{i} ::= r{i + 1} r{i + 1}?\n" for i in range(n - 1)) + f'r{n - 1} ::= "x"?\n'
+    )
+
+
+def big_grammar(kib: int) -> str:
+    rules = ['root ::= c0 "z"']
+    i = 0
+    while sum(len(r) + 1 for r in rules) < kib * 1024:
+        rules.append(f'c{i} ::= c{i + 1} c{i + 1}? ("a" | [b-d]+ c{i + 1})* | "q"')
+        i += 1
+    rules.append(f'c{i} ::= "e"?')
+    return "\n".join(rules) + "\n"
+
+
 def _left_recursive_chain(n: int) -> str:
     """A chain of rules whose last one loops back to the first, before any character: found only at the end."""
     return 'root ::= r0 "z"\n' + "".join(f"r{i} ::= r{i + 1}? r{i + 1}\n" for i in range(n)) + f"r{n} ::= r0\n"
