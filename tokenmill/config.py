@@ -86,6 +86,11 @@ def install_masking(*logger_names: str) -> None:
                 handler.addFilter(MaskingFilter())
 
 
+def split_list(text: str) -> tuple[str, ...]:
+    """A comma-separated setting (keys, model names) as its non-empty items."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def sqlalchemy_url(url: str) -> str:
     """Pick the psycopg 3 driver for plain ``postgresql://`` URLs, the one tokenmill depends on."""
     for prefix in ("postgresql://", "postgres://"):
@@ -154,6 +159,9 @@ class Settings:
     file_max_bytes: int = 200 * 2**20
     file_max_lines: int = 50_000
     batch_window_seconds: float | None = None  # None: what completion_window says ("24h"); tests shorten it
+    # `serve`: the catalog models a batch may name (TOKENMILL_SERVE_MODELS / --models, comma-separated;
+    # "*" for any). Empty: an embedded server serves the models in models_dir, an API-only one any.
+    serve_models: tuple[str, ...] = ()
     # The inference backend a worker builds, by name (tokenmill.engines: "llama", "stub", or a plugin's).
     # Checked when a worker starts, not here: plugin names come from installed entry points.
     engine: str = DEFAULT_ENGINE
@@ -215,6 +223,8 @@ class Settings:
                 values[name] = tuple(k.strip() for k in env[ENV_PREFIX + name.upper()].split(",") if k.strip())
         values["file_max_bytes"] = int(_float(env, "FILE_MAX_BYTES", cls.file_max_bytes))
         values["file_max_lines"] = int(_float(env, "FILE_MAX_LINES", cls.file_max_lines))
+        if env.get(ENV_PREFIX + "SERVE_MODELS"):
+            values["serve_models"] = split_list(env[ENV_PREFIX + "SERVE_MODELS"])
         if env.get(ENV_PREFIX + "BATCH_WINDOW_SECONDS"):
             values["batch_window_seconds"] = _float(env, "BATCH_WINDOW_SECONDS", 1.0)
         values.update({k: v for k, v in overrides.items() if v is not None})

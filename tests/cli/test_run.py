@@ -83,6 +83,24 @@ def test_run_rejects_bad_input_before_loading_anything(tmp_path: Path, settings:
         ).fetchone() == (0,)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [("run",), ("run", "--model", "smollm2-135m-instruct"), ("submit",)],
+    ids=["run", "run-model", "submit"],
+)
+def test_a_line_nested_100000_deep_is_a_line_error_on_every_cli_path(
+    tmp_path: Path, settings: Settings, command: tuple[str, ...]
+) -> None:
+    """Without --model, `run` and `submit` read the first lines for body.model before the reader: the same
+    parser, so the same line error, never a RecursionError traceback."""
+    data = tmp_path / "deep.jsonl"
+    data.write_bytes(b'{"prompt": "ok"}\n' + b"[" * 100_000 + b"\n")
+    proc = run_cli(settings, command[0], str(data), *command[1:], timeout=60, env={"COLUMNS": "400"})
+    assert "Traceback" not in proc.stderr and "RecursionError" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 3, proc.stderr
+    assert f"{data}:2: invalid JSON: nested too deeply" in " ".join(proc.stderr.split())
+
+
 def test_run_unknown_model_is_a_clean_error(tmp_path: Path, settings: Settings) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi"}])
     proc = run_cli(settings, "run", str(data), "--model", "smollm3-9000b", timeout=60)

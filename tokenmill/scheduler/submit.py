@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from tokenmill.celery_app import queue_for
 from tokenmill.config import DEFAULT_ENGINE
-from tokenmill.datasets import InvalidLine, read_dataset
+from tokenmill.dataset_fields import FieldError
+from tokenmill.datasets import InvalidLine, json_lines, read_dataset
 from tokenmill.errors import DatasetError
 from tokenmill.output import rejected_line
 from tokenmill.request_contract import Ignored, LineModel
@@ -178,20 +179,17 @@ def choose_model(path: Path, model: str | None) -> tuple[str, str]:
 
 
 def _first_line_model(path: Path) -> tuple[str, int] | None:
+    """Read through the dataset reader's own line parser: a poisoned line is skipped here and reported,
+    with its line number, by the reader that follows."""
     try:
-        with open(path, "rb") as fh:
-            for line, raw in enumerate(fh, start=1):
-                if line > MODEL_SCAN_LINES:
-                    return None
-                try:
-                    obj = json.loads(raw)
-                except ValueError:
-                    continue  # the reader reports it, with its line
-                src = obj.get("body", obj) if isinstance(obj, dict) else None
-                name = src.get("model") if isinstance(src, dict) else None
-                if isinstance(name, str) and catalog_family(name) is not None:
-                    return name, line
-    except OSError:
+        for line, obj in json_lines(path, str(path), limit=MODEL_SCAN_LINES):
+            if isinstance(obj, FieldError):
+                continue
+            src = obj.get("body", obj)
+            name = src.get("model") if isinstance(src, dict) else None
+            if isinstance(name, str) and catalog_family(name) is not None:
+                return name, line
+    except DatasetError:
         return None  # the reader reports unreadable files
     return None
 

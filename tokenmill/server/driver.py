@@ -153,7 +153,7 @@ class BatchDriver:
             file_id, endpoint = b.input_file_id, b.endpoint
         try:
             with validation.scratch() as folder:
-                parsed = parse(self.store, file_id, endpoint, Path(folder))
+                parsed = parse(self.store, file_id, endpoint, Path(folder), self.settings)
                 checked = parsed.checked
                 if checked.errors:
                     self._fail(batch_id, checked.sorted_errors(), checked.lines)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.celery_app import queue_for
-from tokenmill.config import DEFAULT_ENGINE
+from tokenmill.config import DEFAULT_ENGINE, Settings
 from tokenmill.server import validation
 from tokenmill.store import Store
 from tokenmill.store import batches as store_batches
@@ -43,10 +43,11 @@ class Parsed:
     chunk_size: int
 
 
-def parse(store: Store, file_id: str, endpoint: str, folder: Path) -> Parsed:
-    """Both validation passes over the stored file, outside any transaction; valid rows staged to disk."""
+def parse(store: Store, file_id: str, endpoint: str, folder: Path, settings: Settings | None = None) -> Parsed:
+    """Both validation passes over the stored file, outside any transaction; valid rows staged to disk.
+    ``settings`` carry serve's model allow-list (none: any catalog model)."""
     path = validation.spool(store, file_id, folder)
-    checked = validation.check_lines(path, endpoint)
+    checked = validation.check_lines(path, endpoint, settings)
     staged = folder / "staged.jsonl"
     total = 0
     with open(staged, "w", encoding="utf-8") as out:
