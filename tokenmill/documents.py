@@ -278,36 +278,51 @@ def _split(text: str, budget: int, count: CountTokens, level: int) -> list[str]:
     pieces = [piece for piece in (raw.strip() for raw in pattern.split(text)) if piece]
     if len(pieces) <= 1:
         return _split(text, budget, count, level + 1)
+    join_cost = count(joiner)
     parts: list[str] = []
     group: list[str] = []
     used = 0
     for piece in pieces:
         size = count(piece)
         if size > budget:
-            _flush(group, joiner, budget, count, parts)
-            group, used = [], 0
-            parts.extend(_split(piece, budget, count, level + 1))
+            # Cut the piece finer; its first part may join the part before and its last starts the next
+            # group, so the parts around a long paragraph are filled instead of left half empty.
+            sub = _split(piece, budget, count, level + 1)
+            while group:
+                group = _take(group, joiner, budget, count, parts)
+            if parts and count(merged := parts[-1] + joiner + sub[0]) <= budget:
+                parts[-1] = merged
+            else:
+                parts.append(sub[0])
+            parts.extend(sub[1:-1])
+            group = sub[-1:] if len(sub) > 1 else []
+            used = count(group[0]) if group else 0
             continue
-        if group and used + size > budget:
-            _flush(group, joiner, budget, count, parts)
-            group, used = [], 0
+        while group and used + join_cost + size > budget:
+            group = _take(group, joiner, budget, count, parts)
+            used = sum(count(g) for g in group) + join_cost * max(0, len(group) - 1)
         group.append(piece)
-        used += size
-    _flush(group, joiner, budget, count, parts)
+        used += size + (join_cost if len(group) > 1 else 0)
+    while group:
+        group = _take(group, joiner, budget, count, parts)
     return parts
 
 
-def _flush(group: list[str], joiner: str, budget: int, count: CountTokens, parts: list[str]) -> None:
-    """Joiners cost tokens too; a group that overflows because of them is halved until it fits."""
-    if not group:
-        return
-    joined = joiner.join(group)
-    if len(group) == 1 or count(joined) <= budget:
-        parts.append(joined)
-        return
-    half = len(group) // 2
-    _flush(group[:half], joiner, budget, count, parts)
-    _flush(group[half:], joiner, budget, count, parts)
+def _take(group: list[str], joiner: str, budget: int, count: CountTokens, parts: list[str]) -> list[str]:
+    """Append the longest run of the group's first pieces that fits, joined, as a part; return the rest.
+
+    Sizes are summed as pieces are grouped, but a tokenizer's count of the joined text can differ from
+    the sum (joiners cost tokens, and tokens merge across joins), so the joined text is counted here.
+    """
+    low, high = 1, len(group)  # one piece alone always fits: pieces over the budget are cut finer first
+    while low < high:
+        mid = (low + high + 1) // 2
+        if count(joiner.join(group[:mid])) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    parts.append(joiner.join(group[:low]))
+    return group[low:]
 
 
 def _hard_split(text: str, budget: int, count: CountTokens) -> list[str]:
