@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -300,7 +301,7 @@ def test_overlap_repeats_the_end_of_each_part(tmp_path: Path) -> None:
     budget = documents.PartBudget(n_ctx=200, max_tokens=20, counter=counter, overlap=15)
     parts = [r.messages[0]["content"] for r in read_documents(folder, "{text}", budget=budget) if r.messages]
     assert len(parts) > 3
-    for before, part in zip(parts, parts[1:], strict=False):
+    for before, part in itertools.pairwise(parts):
         head = part.split("\n", 1)[0]
         assert before.endswith(head) and 0 < counter.count(head) <= 15
         assert counter.chat_overhead + counter.count(part) + 20 <= 200

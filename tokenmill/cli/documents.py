@@ -35,7 +35,9 @@ def size_context(
     settings: Settings, sub: Submission, n_ctx: int | None, n_seq: int | None, share: int, prefer: Prefer
 ) -> tuple[Submission, ContextChoice | None]:
     """The submission with its context chosen (and, for documents, the tokenizer that cuts them)."""
-    tokenizer = tokenizer_for(sub.model, settings.models_dir, fetch=True) if sub.path.is_dir() else None
+    # Documents are cut with it; a bare .gguf is read for its trained context.
+    wanted = sub.path.is_dir() or looks_like_path(sub.model)
+    tokenizer = tokenizer_for(sub.model, settings.models_dir, fetch=True) if wanted else None
     if sub.path.is_dir() and tokenizer is None:
         console.print(f"warning: no local file of {sub.model} to count tokens with; parts are sized at about "
                       "4 characters per token", soft_wrap=True)

@@ -397,7 +397,7 @@ def trade_context(
     ``n_seq`` set by hand is kept and only the context is fitted to it.
     """
     ctx = n_ctx
-    while ctx >= MIN_TRADED_CONTEXT:
+    while True:
         for seqs in (n_seq,) if n_seq else N_SEQ_CHOICES:
             if not n_seq and seqs > 1 and seqs * ctx > max(DEFAULT_KV_CELLS, ctx):
                 continue
@@ -407,6 +407,8 @@ def trade_context(
             except ModelLoadError:
                 continue
             return ctx, seqs
+        if ctx // 2 < MIN_TRADED_CONTEXT:
+            break
         ctx //= 2
-    raise ModelLoadError(f"{family.name} does not fit this worker even at {MIN_TRADED_CONTEXT} tokens of context "
+    raise ModelLoadError(f"{family.name} does not fit this worker even at {ctx} tokens of context "
                          f"x {n_seq or 1} sequences; run fewer workers on this host or pin a smaller variant")

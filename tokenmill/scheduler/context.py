@@ -19,7 +19,7 @@ from pathlib import Path
 from tokenmill.errors import UsageError
 from tokenmill.host import Capacity
 from tokenmill.models.catalog import Family
-from tokenmill.models.sizing import Prefer, trade_context
+from tokenmill.models.sizing import DEFAULT_KV_CELLS, N_SEQ_CHOICES, Prefer, trade_context
 from tokenmill.models.tokenizer import Tokenizer
 from tokenmill.rows import SamplingParams
 from tokenmill.scheduler.submit import DEFAULT_CONTEXT, Submission
@@ -107,8 +107,10 @@ def choose_context(
 
 
 def _fit(want: int, n_seq: int | None, host: Host, why: str) -> ContextChoice:
-    if host.family is None or host.capacity is None:
-        return ContextChoice(want, n_seq, f"context: {want:,} tokens per request ({why})")
+    if host.family is None or host.capacity is None:  # a bare .gguf: no geometry to size memory by
+        seqs = n_seq or next((k for k in N_SEQ_CHOICES if k * want <= max(DEFAULT_KV_CELLS, want)), 1)
+        return ContextChoice(want, seqs, f"context: {want:,} tokens per request x {seqs} sequences per worker "
+                                         f"({why})")
     ctx, seqs = trade_context(host.family, host.capacity, share=host.share, n_ctx=want, n_seq=n_seq,
                               pinned=host.pinned, prefer=host.prefer)
     fitted = "" if ctx == want else f"; {want:,} does not fit this worker's memory"
