@@ -174,6 +174,9 @@ class Settings:
     # Continuous batching across chunks: a worker draining a chunk claims the job's next one and feeds
     # its rows into the slots that free (tokenmill.workers.feed). Off: one chunk per task, as messages say.
     chain_chunks: bool = True
+    # `run` and `status --watch` writing to a log (stderr not a terminal): a progress line at least this
+    # often, and whenever another 5 % of the rows is done.
+    progress_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.result_batch_rows <= MAX_RESULT_BATCH_ROWS:
@@ -216,6 +219,7 @@ class Settings:
         values["result_batch_ms"] = _float(env, "RESULT_BATCH_MS", cls.result_batch_ms)
         if env.get(ENV_PREFIX + "CHAIN_CHUNKS"):
             values["chain_chunks"] = env[ENV_PREFIX + "CHAIN_CHUNKS"].strip().lower() not in ("0", "false", "no", "off")
+        values["progress_seconds"] = _float(env, "PROGRESS_SECONDS", cls.progress_seconds)
         if env.get(ENV_PREFIX + "REQUEUE_SECONDS"):
             values["requeue_seconds"] = _float(env, "REQUEUE_SECONDS", 0.0)
         for name in ("api_keys", "admin_keys"):

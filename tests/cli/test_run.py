@@ -22,7 +22,7 @@ def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
 
 
 def test_run_generates_every_row_with_timings(tmp_path: Path, settings: Settings, smollm2_path: Path) -> None:
-    long_prompt = "word " * 3000  # cannot fit a 2048-token context: must fail alone
+    long_prompt = "word " * 9000  # longer than SmolLM2's trained context (8192): must fail alone
     data = write_jsonl(
         tmp_path / "docs.jsonl",
         [
@@ -119,7 +119,7 @@ def test_run_skip_invalid_keeps_skipped_lines(tmp_path: Path, settings: Settings
     data.write_text(
         json.dumps({"id": "a", "prompt": "One, two,", "max_tokens": 3, "temperature": 0}) + "\n"
         + '{"id": "bad", "prompt": "x", "max_tokens": -3}\n'
-        + json.dumps({"id": "long", "prompt": "word " * 3000, "max_tokens": 3}) + "\n"
+        + json.dumps({"id": "long", "prompt": "word " * 9000, "max_tokens": 3}) + "\n"  # over the trained 8192
         + "{not json\n",
         encoding="utf-8",
     )

@@ -22,6 +22,7 @@ from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 
 if TYPE_CHECKING:
+    from tokenmill.documents import PartBudget, TokenCounter
     from tokenmill.models.catalog import Family
 
 
@@ -103,6 +104,9 @@ class Submission:
     skip_invalid: bool = False
     no_cache: bool = False
     token_budget: int | None = None  # documents only; None: derived from the context and max_tokens
+    n_ctx: int | None = None  # the context per request the job is run with (None: a worker's default)
+    overlap: int = 0  # documents only: tokens of a part's end repeated at the start of the next
+    counter: TokenCounter | None = field(default=None, compare=False)  # the model's tokenizer, for exact budgets
     models_dir: Path | None = None  # where a .gguf path's content hash is remembered (None: this process only)
     allow_unknown_fields: bool = False  # unknown request fields: counted in ``ignored``, not line errors
     model_source: str = "--model"  # where ``model`` came from, for the line error of a line naming another
@@ -110,9 +114,19 @@ class Submission:
     ignored: Ignored = field(default_factory=Ignored, compare=False)
 
     def document_budget(self) -> int:
+        """Tokens of text per part when parts are budgeted without the model's tokenizer (an estimate)."""
         if self.token_budget is not None:
             return self.token_budget
-        return document_token_budget((self.defaults or SamplingParams()).max_tokens)
+        return document_token_budget((self.defaults or SamplingParams()).max_tokens, self.n_ctx or DEFAULT_CONTEXT)
+
+    def part_budget(self) -> PartBudget | None:
+        """The exact budget of one document row, when the model's tokenizer is at hand."""
+        if self.counter is None:
+            return None
+        from tokenmill.documents import PartBudget
+
+        max_tokens = (self.defaults or SamplingParams()).max_tokens
+        return PartBudget(self.n_ctx or DEFAULT_CONTEXT, max_tokens, self.counter, self.token_budget, self.overlap)
 
     def options(self) -> dict[str, Any]:
         extra = {"model_sha256": model_identity(self.model, self.models_dir)} if _is_path(self.model) else {}
@@ -123,10 +137,22 @@ class Submission:
             "defaults": self.defaults.to_json() if self.defaults else None,
             "chunk_size": self.chunk_size,
             "no_cache": self.no_cache,
-            "token_budget": self.document_budget() if self.path.is_dir() else None,
-        } | ({"allow_unknown_fields": True} if self.allow_unknown_fields else {}) | (
+            "token_budget": self._budget_option(),
+        } | ({"allow_unknown_fields": True} if self.allow_unknown_fields else {}) | self._context_options() | (
             {"engine": self.engine} if self.engine != DEFAULT_ENGINE else {}
         )
+
+    def _budget_option(self) -> int | None:
+        if not self.path.is_dir():
+            return None
+        return self.token_budget if self.counter is not None else self.document_budget()
+
+    def _context_options(self) -> dict[str, Any]:
+        """The context the job was sized for, and how its documents were cut (part of the job's identity)."""
+        out: dict[str, Any] = {"n_ctx": self.n_ctx} if self.n_ctx else {}
+        if self.path.is_dir():
+            out |= {"exact_budget": self.counter is not None} | ({"overlap": self.overlap} if self.overlap else {})
+        return out
 
     def rows(self) -> Iterator[DatasetRow | InvalidLine]:
         if self.path.is_dir():
@@ -135,7 +161,11 @@ class Submission:
             if not self.template:
                 raise DatasetError(str(self.path), "a folder of documents needs --template")
             yield from read_documents(
-                self.path, load_template(self.template), token_budget=self.document_budget(), defaults=self.defaults
+                self.path,
+                load_template(self.template),
+                token_budget=self.document_budget(),
+                defaults=self.defaults,
+                budget=self.part_budget(),
             )
             return
         from tokenmill.documents import load_template
