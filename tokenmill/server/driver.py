@@ -165,8 +165,13 @@ class BatchDriver:
     def _write_files(self, s: Session, b: ApiBatch, final: BatchStatus) -> None:
         """Output and error files from the store, streamed into the store, with the end state: one commit."""
         assert b.job_id is not None
-        out = store_files.FileWriter(s, owner=b.owner, filename=f"{b.id}_output.jsonl", purpose="batch_output")
-        err = store_files.FileWriter(s, owner=b.owner, filename=f"{b.id}_error.jsonl", purpose="batch_output")
+        keep = b.output_expires_after  # expiry: output_expires_after.seconds, None keeps the files
+        out = store_files.FileWriter(
+            s, owner=b.owner, filename=f"{b.id}_output.jsonl", purpose="batch_output", expires_after=keep
+        )
+        err = store_files.FileWriter(
+            s, owner=b.owner, filename=f"{b.id}_error.jsonl", purpose="batch_output", expires_after=keep
+        )
         ok = bad = prompt = completion = 0
         for result, request in iter_results(s, b.job_id):
             if result.status == "succeeded":

@@ -14,10 +14,11 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from tokenmill.store.states import ACTIVE_STATES
 from tokenmill.store.tables import ApiBatch, Chunk, Job, RequestRow, Result
+from tokenmill.store.webhooks import enqueue_batch_event
 
 WINDOW_SECONDS = {"24h": 24 * 3600.0}
 
@@ -163,6 +164,7 @@ def fail(batch: ApiBatch, errors: list[dict[str, Any]], total: int) -> None:
     batch.errors = errors
     batch.total = total
     batch.failed_at = time.time()
+    _final_event(batch)  # webhooks: batch.failed
 
 
 def request_cancel(batch: ApiBatch) -> bool:
@@ -171,6 +173,7 @@ def request_cancel(batch: ApiBatch) -> bool:
     if batch.status == BatchStatus.VALIDATING.value:
         batch.status = BatchStatus.CANCELLED.value
         batch.cancelling_at = batch.cancelled_at = now
+        _final_event(batch)  # webhooks: batch.cancelled (cancelled before anything ran)
         return False
     if batch.status == BatchStatus.IN_PROGRESS.value:
         batch.status = BatchStatus.CANCELLING.value
@@ -209,6 +212,14 @@ def finish(
     elif status == BatchStatus.CANCELLED:
         batch.cancelled_at = now
     release(batch)
+    _final_event(batch)  # webhooks: batch.completed | batch.expired | batch.cancelled
+
+
+def _final_event(batch: ApiBatch) -> None:
+    """The webhook hook: queue the batch's final event in the transaction that writes its final status."""
+    s = object_session(batch)
+    assert s is not None, "a batch becomes final inside the session that loaded it"
+    enqueue_batch_event(s, batch)
 
 
 def unfinished_requests(s: Session, job_id: str, page: int = 1000) -> Iterator[RequestRow]:

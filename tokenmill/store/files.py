@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import ColumnElement, delete, insert, or_, select
 from sqlalchemy.orm import Session
 
 from tokenmill.store.db import Store
@@ -34,6 +34,20 @@ def new_file_id() -> str:
     return "file-" + uuid.uuid4().hex[:24]
 
 
+def _new_file(owner: str, filename: str, purpose: str, expires_after: float | None) -> ApiFile:
+    now = time.time()
+    expires_at = now + expires_after if expires_after is not None else None
+    return ApiFile(
+        id=new_file_id(),
+        owner=owner,
+        filename=filename,
+        purpose=purpose,
+        status=UPLOADED,
+        created_at=now,
+        expires_at=expires_at,
+    )
+
+
 def create_file(
     s: Session,
     *,
@@ -43,11 +57,13 @@ def create_file(
     source: BinaryIO,
     max_bytes: int | None = None,
     max_lines: int | None = None,
+    expires_after: float | None = None,
 ) -> ApiFile:
-    """Copy ``source`` into the store chunk by chunk; memory holds one chunk whatever the file size."""
-    f = ApiFile(
-        id=new_file_id(), owner=owner, filename=filename, purpose=purpose, status=UPLOADED, created_at=time.time()
-    )
+    """Copy ``source`` into the store chunk by chunk; memory holds one chunk whatever the file size.
+
+    ``expires_after``: seconds from creation until the file reads as absent (and is swept); None keeps it.
+    """
+    f = _new_file(owner, filename, purpose, expires_after)
     s.add(f)
     s.flush()
     size = lines = idx = 0
@@ -74,11 +90,11 @@ def create_file(
 class FileWriter:
     """Builds a file from text lines (batch output) inside the caller's transaction, one chunk at a time."""
 
-    def __init__(self, s: Session, *, owner: str, filename: str, purpose: str) -> None:
+    def __init__(
+        self, s: Session, *, owner: str, filename: str, purpose: str, expires_after: float | None = None
+    ) -> None:
         self.s = s
-        self.file = ApiFile(
-            id=new_file_id(), owner=owner, filename=filename, purpose=purpose, status=UPLOADED, created_at=time.time()
-        )
+        self.file = _new_file(owner, filename, purpose, expires_after)
         s.add(self.file)
         s.flush()
         self._buf = bytearray()
@@ -105,17 +121,26 @@ class FileWriter:
         return self.file
 
 
+def live(now: float | None = None) -> ColumnElement[bool]:
+    """Not expired: a file past its ``expires_at`` is absent to every reader before the sweeper deletes it."""
+    return or_(ApiFile.expires_at.is_(None), ApiFile.expires_at > (time.time() if now is None else now))
+
+
+def is_live(f: ApiFile, now: float | None = None) -> bool:
+    return f.expires_at is None or f.expires_at > (time.time() if now is None else now)
+
+
 def get_file(s: Session, file_id: str, owner: str) -> ApiFile | None:
-    """The file if it exists *and* belongs to ``owner``; another tenant's file is as good as absent."""
+    """The file if it exists, belongs to ``owner`` and has not expired; anything else is as good as absent."""
     f = s.get(ApiFile, file_id)
-    return f if f is not None and f.owner == owner else None
+    return f if f is not None and f.owner == owner and is_live(f) else None
 
 
 def list_files(
     s: Session, owner: str, *, limit: int, after: str | None = None, purpose: str | None = None
 ) -> tuple[list[ApiFile], bool]:
     """Newest first; returns (page, has_more)."""
-    query = select(ApiFile).where(ApiFile.owner == owner)
+    query = select(ApiFile).where(ApiFile.owner == owner, live())
     if purpose:
         query = query.where(ApiFile.purpose == purpose)
     if after:

@@ -11,6 +11,8 @@ Chunk:  pending -> queued -> running (leased) -> done; a lease that runs out, a 
         message goes back to pending; cancel: pending | queued -> cancelled
 Worker: starting -> ready <-> busy -> stopped | failed; "lost" is only ever shown, never stored
 Result: succeeded | failed, written once per (job, row)
+Webhook delivery: pending (leased while a sender tries it) -> delivered | failed (gave up) | skipped
+        (the owner has no endpoint for the event)
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ class WorkerState(StrEnum):
 class ResultStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    SKIPPED = "skipped"
 
 
 class ErrorCode(StrEnum):
