@@ -85,3 +85,15 @@ def answer_row(server: Any, job_id: str, seq: int) -> None:
     with server.store.session() as s:
         write_result(s, {"job_id": job_id, "seq": seq, "custom_id": f"req-{seq}", "status": "succeeded",
                          "body": body, "prompt_tokens": 5, "completion_tokens": 1})  # fmt: skip
+
+
+def complete_job(server: Any, job_id: str) -> None:
+    """Close the job's chunks and the job itself, as the last worker task would (its rows already answered)."""
+    from sqlalchemy import update
+
+    from tokenmill.store.jobs import finish_jobs
+    from tokenmill.store.tables import Chunk
+
+    with server.store.session() as s:
+        s.execute(update(Chunk).where(Chunk.job_id == job_id).values(state="done"))
+        assert [j.id for j in finish_jobs(s, [job_id])] == [job_id]

@@ -175,10 +175,8 @@ def test_any_expires_after_form_is_stored_exactly_or_refused(
         f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'.encode() + v.encode() + b"\r\n"
         for k, v in fields.items()
     )
-    body = parts + (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n'
-        f"{{}}\n\r\n--{boundary}--\r\n"
-    ).encode()
+    tail = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n{{}}\n\r\n'
+    body = parts + tail.encode() + f"--{boundary}--\r\n".encode()
     req = urllib.request.Request(fuzz_server.url + "/v1/files", data=body, method="POST", headers={
         "Authorization": f"Bearer {KEY_B}", "Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
     try:
