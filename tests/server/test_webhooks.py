@@ -1,15 +1,17 @@
 """Batch webhooks end to end with a local receiver: every final state sends one event, signed so the official
 SDK's ``client.webhooks.unwrap`` accepts it; a receiver that is down gets every event once it is back, across
 a sender restart; redirects are not followed; secrets and URLs stay out of the log. The batch driver and the
-sender are stepped by hand here (no model); tests/server/test_webhooks_serve.py runs the real `serve`."""
+sender are stepped by hand (no model) but in the last test, which runs the real `serve` on the real model."""
 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -21,8 +23,18 @@ from openai.types.webhooks import (
 )
 from sqlalchemy import select, update
 
-from tests.conftest import API_KEYS, InProcessServer, free_port
-from tests.server.helpers import CHAT, answer_row, chat_line, client, complete_job, jsonl, running_batch, upload
+from tests.conftest import API_KEYS, InProcessServer, ServeProcess, free_port
+from tests.server.helpers import (
+    CHAT,
+    answer_row,
+    chat_line,
+    client,
+    complete_job,
+    jsonl,
+    running_batch,
+    upload,
+    wait_status,
+)
 from tests.server.receiver import Received, Receiver
 from tokenmill.config import Settings, WebhookEndpoint
 from tokenmill.server.auth import tenant_of
@@ -257,3 +269,48 @@ def test_backoff_doubles_to_its_cap_with_jitter() -> None:
     delays = [backoff(n, 5.0, 60.0, rng) for n in range(1, 9)]
     bases = [5, 10, 20, 40, 60, 60, 60, 60]
     assert all(0.8 * b <= d <= 1.2 * b for d, b in zip(delays, bases, strict=True))
+
+
+@pytest.mark.model
+@pytest.mark.timeout(300)
+def test_real_serve_restarted_while_the_receiver_is_down_loses_no_event(
+    tmp_path: Path, smollm2_path: Path, models_dir: Path
+) -> None:
+    """`tokenmill serve` on the real model, configured from the environment: a batch completes, one fails and
+    one is cancelled while the receiver is down; the server is killed (-9) and started again; the receiver
+    comes back after about 15 s and gets all three events, each verified by the SDK."""
+    port, sa = free_port(), secret()
+    env = {
+        "TOKENMILL_WEBHOOKS": json.dumps({tenant_of(KEY_A): {"url": f"http://127.0.0.1:{port}/in", "secret": sa}}),
+        "TOKENMILL_WEBHOOK_RETRY_SECONDS": "0.5",
+        "TOKENMILL_WEBHOOK_RETRY_MAX_SECONDS": "2",
+    }
+    receiver = Receiver(port)
+    first = ServeProcess(tmp_path / ".tokenmill", models_dir, env=env).start()
+    second: ServeProcess | None = None
+    try:
+        c = client(first.base_url, KEY_A)
+        fid = upload(c, jsonl([chat_line(i, max_tokens=4) for i in range(2)]))
+        done = c.batches.create(input_file_id=fid, endpoint=CHAT, completion_window="24h").id
+        want = {failed_batch(c): "batch.failed", early_cancelled(c): "batch.cancelled", done: "batch.completed"}
+        down_since = time.monotonic()
+        assert wait_status(c, done, ("completed", "failed", "expired", "cancelled"), 180).status == "completed"
+        wait_status(c, next(iter(want)), ("failed",), 30)
+        time.sleep(2)  # a few refused attempts each
+        first.kill9()
+        second = ServeProcess(tmp_path / ".tokenmill", models_dir, env=env).start()
+        time.sleep(max(0.0, down_since + 15 - time.monotonic()))
+        receiver.start()
+        receiver.wait(3, 30)
+        time.sleep(1.0)
+        got = receiver.received()
+    finally:
+        receiver.stop()
+        first.stop()
+        if second is not None:
+            second.stop()
+    events = [unwrap(c, r, sa) for r in got]
+    assert {e.data.id: e.type for e in events} == want and len(events) == 3
+    logs = "".join(p.log.read_text(errors="replace") for p in (first, second) if p is not None)
+    assert "webhook" in logs  # the attempts were logged...
+    assert sa not in logs and sa[6:] not in logs and f":{port}/in" not in logs  # ...without secret or URL

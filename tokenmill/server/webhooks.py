@@ -133,6 +133,7 @@ class WebhookSender:
                     log.warning("webhook %s (%s): giving up after %d attempts: %s", d.id, d.type, d.attempts, error)
                 else:
                     kept = store_webhooks.retry_later(s, d.id, self.holder, delay, error)
-                    log.info("webhook %s attempt %d failed (%s); next in %.0fs", d.id, d.attempts, error, delay)
+                    level = logging.WARNING if d.attempts == 1 else logging.INFO  # once per event by default
+                    log.log(level, "webhook %s attempt %d failed (%s); next in %.0fs", d.id, d.attempts, error, delay)
         if not kept:
             log.warning("webhook %s: lease lost during the attempt; another sender has it", d.id)
