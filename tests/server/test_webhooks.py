@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -23,7 +24,7 @@ from openai.types.webhooks import (
 )
 from sqlalchemy import select, update
 
-from tests.conftest import API_KEYS, InProcessServer, ServeProcess, free_port
+from tests.conftest import ADMIN_KEY, API_KEYS, InProcessServer, ServeProcess, free_port
 from tests.server.helpers import (
     CHAT,
     answer_row,
@@ -104,7 +105,7 @@ def test_every_final_state_sends_one_event_the_sdk_verifies(settings: Settings) 
         WebhookEndpoint(tenant_of(KEY_B), rb.url + "/b", sb, events=("batch.completed",)),
     )
     try:
-        with InProcessServer(settings.with_(api_keys=API_KEYS, webhooks=hooks)) as server:
+        with InProcessServer(settings.with_(api_keys=API_KEYS, admin_keys=(ADMIN_KEY,), webhooks=hooks)) as server:
             drive = BatchDriver(server.store, server.settings)
             a, b, cc = (client(server.url + "/v1", k) for k in (KEY_A, KEY_B, KEY_C))
             want = {early_cancelled(a): "batch.cancelled", failed_batch(a): "batch.failed"}
@@ -146,6 +147,11 @@ def test_every_final_state_sends_one_event_the_sdk_verifies(settings: Settings) 
             st = states(server.store)
             assert {i: st[i][1] for i in want} == dict.fromkeys(want, "delivered")
             assert st[b_failed] == ("batch.failed", "skipped") and st[c_failed] == ("batch.failed", "skipped")
+            req = urllib.request.Request(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                metrics = resp.read().decode()
+            assert 'tokenmill_webhook_deliveries{state="delivered"} 6.0' in metrics
+            assert 'tokenmill_webhook_deliveries{state="skipped"} 2.0' in metrics
     finally:
         ra.stop()
         rb.stop()
