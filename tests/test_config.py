@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenmill.config import MaskingFilter, Settings, install_masking, mask_text, mask_url
+from tokenmill.config import MaskingFilter, Settings, WebhookEndpoint, install_masking, mask_text, mask_url
+from tokenmill.errors import ConfigError
 
 
 def test_with_data_dir_rederives_urls_derived_from_the_old_dir(tmp_path: Path) -> None:
@@ -141,3 +144,81 @@ def test_log_records_are_masked_where_they_are_written() -> None:
     finally:
         log.removeHandler(handler)
     assert SECRET not in stream.getvalue() and "fetching failed" in stream.getvalue()
+
+
+# TOKENMILL_WEBHOOKS -------------------------------------------------------------------------------------
+
+SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
+TENANT = "key_" + "0123456789abcdef01234567"
+
+
+def test_webhooks_are_read_from_the_environment_and_never_printed() -> None:
+    raw = json.dumps(
+        {
+            TENANT: {"url": "https://hooks.example/in", "secret": SECRET},
+            "operator": {"url": "http://10.0.0.5:9000/x", "secret": SECRET, "events": ["batch.failed"]},
+        }
+    )
+    s = Settings.from_env({"TOKENMILL_WEBHOOKS": raw})
+    assert s.webhook_for(TENANT, "batch.expired") == WebhookEndpoint(TENANT, "https://hooks.example/in", SECRET)
+    assert s.webhook_for("operator", "batch.failed") is not None
+    assert s.webhook_for("operator", "batch.completed") is None and s.webhook_for("key_other", "batch.failed") is None
+    assert SECRET not in repr(s) and SECRET not in repr(s.webhooks) and "hooks.example" not in repr(s)
+    assert "TOKENMILL_WEBHOOKS" not in s.as_env()  # local workers never get them
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "must be a JSON object"),
+        ({"sk-team-a": {"url": "https://h/x", "secret": SECRET}}, "is not a tenant id"),
+        ({TENANT: {"url": "file:///etc/passwd", "secret": SECRET}}, "http:// or https://"),
+        ({TENANT: {"url": "gopher://h/x", "secret": SECRET}}, "http:// or https://"),
+        ({TENANT: {"url": "https:///nohost", "secret": SECRET}}, "with a host"),
+        ({TENANT: {"url": "https://h/x", "secret": "s3cret-plain"}}, "'whsec_' followed by base64"),
+        ({TENANT: {"url": "https://h/x", "secret": "whsec_!!notbase64!!"}}, "not valid base64"),
+        ({TENANT: {"url": "https://h/x", "secret": "whsec_" + base64.b64encode(b"short").decode()}}, "24 to 64"),
+        ({TENANT: {"url": "https://h/x", "secret": SECRET, "events": ["batch.done"]}}, "'events'"),
+        ({TENANT: {"url": "https://h/x", "secret": SECRET, "headers": {}}}, "must be an object with"),
+    ],
+)
+def test_a_bad_webhook_setting_is_one_line_that_quotes_no_secret(spec: object, says: str) -> None:
+    raw = spec if isinstance(spec, str) else json.dumps(spec)
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"TOKENMILL_WEBHOOKS": raw})
+    message = str(err.value)
+    assert says in message and "\n" not in message and message.startswith("TOKENMILL_WEBHOOKS")
+    for secret in (SECRET, "s3cret-plain", "!!notbase64!!", "sk-team-a"):
+        assert secret not in message
+
+
+_junk = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=30), inner, max_size=3),
+    max_leaves=8,
+)
+_entry = st.fixed_dictionaries(
+    {
+        "url": st.sampled_from(["https://h/x", "http://127.0.0.1:1/", "ftp://h/", "https://", "javascript:x"]) | _junk,
+        "secret": st.sampled_from([SECRET, "whsec_", "whsec_AAAA", SECRET + "="]) | _junk,
+    },
+    optional={"events": st.lists(st.sampled_from(["batch.completed", "batch.failed", "batch.x"]), max_size=3) | _junk},
+)
+_webhooks = st.dictionaries(st.sampled_from([TENANT, "operator", "key_", "KEY_" + TENANT[4:]]) | st.text(max_size=8),
+                            _entry | _junk, max_size=3) | _junk  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(_webhooks)
+def test_any_webhooks_value_parses_to_valid_endpoints_or_is_refused_cleanly(value: object) -> None:
+    """Whatever the variable holds: endpoints that are all usable, or one ConfigError line; nothing else."""
+    try:
+        endpoints = Settings.from_env({"TOKENMILL_WEBHOOKS": json.dumps(value)}).webhooks
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and SECRET not in str(exc)
+        return
+    assert isinstance(value, dict) and len(endpoints) == len(value)
+    for e in endpoints:
+        assert e.url.split("://", 1)[0] in ("http", "https") and e.secret == SECRET and e.events
+        assert set(e.events) <= {"batch.completed", "batch.failed", "batch.expired", "batch.cancelled"}

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tokenmill.errors import ConfigError
 
@@ -120,6 +124,63 @@ def _default_broker_url(data_dir: Path) -> str:
     return f"sqla+sqlite:///{data_dir / 'broker.db'}"
 
 
+BATCH_EVENTS = ("batch.completed", "batch.failed", "batch.expired", "batch.cancelled")
+_TENANT = re.compile(r"^(operator|key_[0-9a-f]{24})$")
+
+
+@dataclass(frozen=True)
+class WebhookEndpoint:
+    """Where one tenant's batch events go, and the Standard Webhooks secret that signs them.
+
+    Set by the operator only (``TOKENMILL_WEBHOOKS``), never by a tenant: the server makes requests to
+    this URL, so letting a caller choose it would let them aim the server at its own network.
+    """
+
+    owner: str
+    url: str
+    secret: str = field(repr=False)
+    events: tuple[str, ...] = BATCH_EVENTS
+
+
+def _webhook_secret(where: str, secret: object) -> str:
+    if not isinstance(secret, str) or not secret.startswith("whsec_"):
+        raise ConfigError(f"{where}: 'secret' must be a string 'whsec_' followed by base64")
+    try:
+        raw = base64.b64decode(secret[len("whsec_") :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{where}: 'secret' after 'whsec_' is not valid base64") from None
+    if not 24 <= len(raw) <= 64:
+        raise ConfigError(f"{where}: 'secret' must decode to 24 to 64 bytes (got {len(raw)})")
+    return secret
+
+
+def parse_webhooks(raw: str) -> tuple[WebhookEndpoint, ...]:
+    """``TOKENMILL_WEBHOOKS``: a JSON object, tenant → ``{"url", "secret", "events"?}``; errors never quote a secret."""
+    name = ENV_PREFIX + "WEBHOOKS"
+    try:
+        spec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{name} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{name} must be a JSON object: tenant -> {{url, secret}}")
+    endpoints = []
+    for owner, entry in spec.items():
+        if not _TENANT.match(owner):  # never quoted: an API key pasted here by mistake must not reach a log
+            raise ConfigError(f"{name}: a key is not a tenant id: use 'operator' or 'key_' + 24 hex digits (README)")
+        where = f"{name}[{owner!r}]"
+        if not isinstance(entry, dict) or set(entry) - {"url", "secret", "events"}:
+            raise ConfigError(f"{where} must be an object with 'url', 'secret' and optionally 'events'")
+        url = entry.get("url")
+        if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+            raise ConfigError(f"{where}: 'url' must be an http:// or https:// URL with a host")
+        events = entry.get("events", list(BATCH_EVENTS))
+        if not isinstance(events, list) or not events or any(e not in BATCH_EVENTS for e in events):
+            raise ConfigError(f"{where}: 'events' must be a non-empty list of {', '.join(BATCH_EVENTS)}")
+        secret = _webhook_secret(where, entry.get("secret"))
+        endpoints.append(WebhookEndpoint(owner, url, secret, tuple(dict.fromkeys(events))))
+    return tuple(endpoints)
+
+
 # One multi-row INSERT binds about 14 parameters a row: 1,000 rows stays far below SQLite's 32,766.
 MAX_RESULT_BATCH_ROWS = 1000
 
@@ -162,6 +223,14 @@ class Settings:
     # `serve`: the catalog models a batch may name (TOKENMILL_SERVE_MODELS / --models, comma-separated;
     # "*" for any). Empty: an embedded server serves the models in models_dir, an API-only one any.
     serve_models: tuple[str, ...] = ()
+    # Batch webhooks (TOKENMILL_WEBHOOKS; secrets never printed): a failed delivery is retried after
+    # webhook_retry_seconds, doubling up to webhook_retry_max_seconds, until webhook_max_age_seconds
+    # after the event (3 days, as OpenAI). Expired files are swept every sweep_seconds.
+    webhooks: tuple[WebhookEndpoint, ...] = field(default=(), repr=False)
+    webhook_retry_seconds: float = 5.0
+    webhook_retry_max_seconds: float = 3600.0
+    webhook_max_age_seconds: float = 3 * 86400.0
+    sweep_seconds: float = 60.0
     # The inference backend a worker builds, by name (tokenmill.engines: "llama", "stub", or a plugin's).
     # Checked when a worker starts, not here: plugin names come from installed entry points.
     engine: str = DEFAULT_ENGINE
@@ -231,6 +300,12 @@ class Settings:
             values["serve_models"] = split_list(env[ENV_PREFIX + "SERVE_MODELS"])
         if env.get(ENV_PREFIX + "BATCH_WINDOW_SECONDS"):
             values["batch_window_seconds"] = _float(env, "BATCH_WINDOW_SECONDS", 1.0)
+        if env.get(ENV_PREFIX + "WEBHOOKS", "").strip():
+            values["webhooks"] = parse_webhooks(env[ENV_PREFIX + "WEBHOOKS"])
+        values["webhook_retry_seconds"] = _float(env, "WEBHOOK_RETRY_SECONDS", cls.webhook_retry_seconds)
+        values["webhook_retry_max_seconds"] = _float(env, "WEBHOOK_RETRY_MAX_SECONDS", cls.webhook_retry_max_seconds)
+        values["webhook_max_age_seconds"] = _float(env, "WEBHOOK_MAX_AGE_SECONDS", cls.webhook_max_age_seconds)
+        values["sweep_seconds"] = _float(env, "SWEEP_SECONDS", cls.sweep_seconds)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
@@ -259,6 +334,13 @@ class Settings:
         Three missed beats, never under 10 s, so a GC pause or a slow commit does not count as a death.
         """
         return max(3 * self.heartbeat_seconds, 10.0)
+
+    def webhook_for(self, owner: str, event_type: str) -> WebhookEndpoint | None:
+        """The endpoint that takes ``owner``'s events of ``event_type``, if the operator configured one."""
+        for endpoint in self.webhooks:
+            if endpoint.owner == owner and event_type in endpoint.events:
+                return endpoint
+        return None
 
     @property
     def keyed(self) -> bool:

@@ -60,3 +60,40 @@ def wait_status(c: OpenAI, batch_id: str, statuses: tuple[str, ...], timeout: fl
 
 def upload(c: OpenAI, data: bytes, name: str = "in.jsonl") -> str:
     return c.files.create(file=(name, data), purpose="batch").id
+
+
+def running_batch(server: Any, c: OpenAI, n: int, **create: Any) -> tuple[str, str]:
+    """A batch of ``n`` chat lines created through the SDK and validated by one driver pass on an
+    ``InProcessServer``: (batch id, job id), the job's rows stored and waiting."""
+    from tokenmill.server.driver import BatchDriver
+    from tokenmill.store.tables import ApiBatch
+
+    fid = upload(c, jsonl([chat_line(i) for i in range(n)]))
+    b = c.batches.create(input_file_id=fid, endpoint=CHAT, completion_window="24h", **create)
+    BatchDriver(server.store, server.settings).tick()
+    with server.store.session() as s:
+        job_id = s.get(ApiBatch, b.id).job_id
+    assert job_id is not None, f"batch {b.id} did not start"
+    return b.id, job_id
+
+
+def answer_row(server: Any, job_id: str, seq: int) -> None:
+    """Store a succeeded result for row ``seq``, as a worker would (control-plane tests: no model)."""
+    from tokenmill.store.results import write_result
+
+    body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "blue"}}]}
+    with server.store.session() as s:
+        write_result(s, {"job_id": job_id, "seq": seq, "custom_id": f"req-{seq}", "status": "succeeded",
+                         "body": body, "prompt_tokens": 5, "completion_tokens": 1})  # fmt: skip
+
+
+def complete_job(server: Any, job_id: str) -> None:
+    """Close the job's chunks and the job itself, as the last worker task would (its rows already answered)."""
+    from sqlalchemy import update
+
+    from tokenmill.store.jobs import finish_jobs
+    from tokenmill.store.tables import Chunk
+
+    with server.store.session() as s:
+        s.execute(update(Chunk).where(Chunk.job_id == job_id).values(state="done"))
+        assert finish_jobs(s, [job_id]) == [job_id]

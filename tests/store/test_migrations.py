@@ -91,3 +91,45 @@ def test_postgres(pg_url: str) -> None:
         _check(store)
     finally:
         store.dispose()
+
+
+EXPIRY = MIGRATIONS / "versions" / "0017_expiry_webhooks.py"
+
+
+def _check_expiry(store: Store) -> None:
+    """Files stored before expiry keep no expiry; the new columns and the delivery queue match the models."""
+    spec = importlib.util.spec_from_file_location("expiry_migration", EXPIRY)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _upgrade(store, str(module.down_revision))
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO api_files (id, owner, filename, purpose, status, bytes, lines, created_at) "
+                "VALUES ('file-old', 'operator', 'a.jsonl', 'batch', 'processed', 0, 0, 1.0)"
+            )
+        )
+    store.migrate()
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT expires_at FROM api_files WHERE id = 'file-old'")).scalar() is None
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    tables = ("api_files", "api_batches", "webhook_deliveries")
+    assert [d for d in diff if any(t in repr(d) for t in tables)] == []
+
+
+def test_expiry_and_webhooks_sqlite(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'old.db'}")
+    try:
+        _check_expiry(store)
+    finally:
+        store.dispose()
+
+
+@pytest.mark.postgres
+def test_expiry_and_webhooks_postgres(pg_url: str) -> None:
+    store = Store(pg_url)
+    try:
+        _check_expiry(store)
+    finally:
+        store.dispose()

@@ -48,7 +48,8 @@ def serve(
         settings = settings.with_(serve_models=split_list(models) or ("",))
     served = served_models(settings)  # a typo in the list fails here, not on every batch
     check_bind(host, settings.api_keys + settings.admin_keys)
-    for name in ("TOKENMILL_API_KEYS", "TOKENMILL_ADMIN_KEYS"):  # read once; local workers inherit the environment
+    # Read once; local workers inherit the environment and need none of these secrets.
+    for name in ("TOKENMILL_API_KEYS", "TOKENMILL_ADMIN_KEYS", "TOKENMILL_WEBHOOKS"):
         os.environ.pop(name, None)
     store = open_store(settings)
     embedded = settings.embedded

@@ -92,6 +92,8 @@ def create(
         digest = _digest(spec)
         if b.request_digest is None:  # this request made it (or it predates digests: the first body seen wins)
             b.request_digest = digest
+            if spec.output_expires_after is not None:
+                b.output_expires_after = spec.output_expires_after.seconds
         elif b.request_digest != digest:
             raise ApiError(
                 409,
@@ -104,7 +106,8 @@ def create(
 
 def _digest(spec: BatchCreate) -> str:
     """The request as the batch records it: the same key with another body is another request, refused."""
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    unset = {"output_expires_after"} if spec.output_expires_after is None else set()  # digests from before it
+    canonical = json.dumps(spec.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -223,8 +223,8 @@ class BatchDriver:
                 b = self._renew(s, batch_id)
                 final = store_batches.final_status(b, store_jobs.state_of(s, job_id), time.time())
                 assert final is not None  # finalizing: cancelled, job finished, or past the window
-                owner = b.owner
-            self._write_files(batch_id, owner, job_id, final)
+                owner, keep = b.owner, b.output_expires_after  # expiry: None keeps the files
+            self._write_files(batch_id, owner, job_id, final, keep)
         except _Lost:
             return False
         log.info("batch %s %s", batch_id, final.value)
@@ -236,13 +236,16 @@ class BatchDriver:
             raise _Lost
         return b
 
-    def _write_files(self, batch_id: str, owner: str, job_id: str, final: BatchStatus) -> None:
+    def _write_files(
+        self, batch_id: str, owner: str, job_id: str, final: BatchStatus, expires_after: float | None
+    ) -> None:
         """Output and error files from the store into the store, one chunk per short transaction (each
         renewing the lease), then the end state and the files shown together in one last short one; files
         of a finalizer that lost the batch meanwhile are deleted, so a batch gets them at most once."""
         files = [
             store_files.FileWriter(self.store, owner=owner, filename=f"{batch_id}_{kind}.jsonl",
-                                   purpose="batch_output", before_flush=lambda s: self._renew(s, batch_id))
+                                   purpose="batch_output", before_flush=lambda s: self._renew(s, batch_id),
+                                   expires_after=expires_after)
             for kind in ("output", "error")
         ]  # fmt: skip
         try:

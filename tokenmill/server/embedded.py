@@ -96,17 +96,23 @@ class Background:
         workers: int | None = None,
     ) -> None:  # fmt: skip
         from tokenmill.server.driver import BatchDriver
+        from tokenmill.server.sweeper import Sweeper
+        from tokenmill.server.webhooks import WebhookSender
 
         self.store = store
         self.settings = settings
         self.embedded = embedded
         self.driver = BatchDriver(store, settings)
+        self.webhooks = WebhookSender(store, settings)
+        self.sweeper = Sweeper(store, settings)
         self.fleets = FleetManager(store, settings, idle_seconds, workers) if embedded else None
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
         self.threads.append(threading.Thread(target=self.driver.run, args=(self.stop_event,), daemon=True))
+        self.threads.append(threading.Thread(target=self.webhooks.run, args=(self.stop_event,), daemon=True))
+        self.threads.append(threading.Thread(target=self.sweeper.run, args=(self.stop_event,), daemon=True))
         if self.embedded:
             dispatcher = Dispatcher(self.store, make_app(self.settings), self.settings)
             self.threads.append(threading.Thread(target=dispatcher.run, args=(self.stop_event,), daemon=True))

@@ -11,7 +11,7 @@ from tokenmill.errors import FileUnreadable
 from tokenmill.server.auth import tenant
 from tokenmill.server.errors import ApiError, not_found
 from tokenmill.server.schemas import FileDeleted, FileList, FileObject
-from tokenmill.store import Store
+from tokenmill.store import Store, expiry
 from tokenmill.store import files as store_files
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -29,12 +29,15 @@ def upload(
     owner: Tenant,
     file: Annotated[UploadFile, File()],
     purpose: Annotated[str, Form()],
+    anchor: Annotated[str | None, Form(alias="expires_after[anchor]", max_length=64)] = None,
+    seconds: Annotated[str | None, Form(alias="expires_after[seconds]", max_length=64)] = None,
 ) -> FileObject:
     """The multipart body is already spooled to a temporary file by the parser (the gate capped it as it
     streamed: tokenmill.server.gate); it is copied on in 1 MiB chunks, one short transaction each
     (store/files.py)."""
     if purpose != "batch":
         raise ApiError(400, f"purpose {purpose!r} is not supported (tokenmill serves 'batch')", param="purpose")
+    expires_after = _expires_after(anchor, seconds)
     settings = request.app.state.settings
     try:
         f = store_files.create_file(
@@ -45,12 +48,34 @@ def upload(
             source=file.file,
             max_bytes=settings.file_max_bytes,
             max_lines=settings.file_max_lines,
+            expires_after=expires_after,
         )
         return FileObject.of(f)
     except store_files.FileTooLarge as exc:
         if exc.what == "bytes":
             raise ApiError(413, f"file is larger than {exc.limit} bytes", param="file", code="file_too_large") from None
         raise ApiError(400, f"file has more than {exc.limit} lines", param="file", code="too_many_lines") from None
+
+
+def _expires_after(anchor: str | None, seconds: str | None) -> int:
+    """``expires_after`` as the SDK sends it in a form (``expires_after[anchor]``, ``expires_after[seconds]``);
+    absent, a batch input file keeps OpenAI's 30 days."""
+    if anchor is None and seconds is None:
+        return expiry.BATCH_INPUT_SECONDS
+    if anchor != "created_at":
+        raise ApiError(
+            400, "expires_after.anchor must be 'created_at'", param="expires_after.anchor", code="invalid_value"
+        )
+    digits = (seconds or "").strip()
+    value = int(digits) if digits.isascii() and digits.isdigit() else None
+    if value is None or not expiry.MIN_SECONDS <= value <= expiry.MAX_SECONDS:
+        raise ApiError(
+            400,
+            f"expires_after.seconds must be an integer from {expiry.MIN_SECONDS} to {expiry.MAX_SECONDS}",
+            param="expires_after.seconds",
+            code="invalid_value",
+        )
+    return value
 
 
 @router.get("", response_model=FileList)

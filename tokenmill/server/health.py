@@ -14,6 +14,8 @@ from tokenmill.server.auth import CALLER, Caller, operator
 from tokenmill.store import Store
 from tokenmill.store import batches as store_batches
 from tokenmill.store import schedulers as store_schedulers
+from tokenmill.store import webhooks as store_webhooks
+from tokenmill.store.states import DeliveryState
 
 router = APIRouter(tags=["health"])
 
@@ -32,6 +34,7 @@ class ServerMetrics:
         )  # fmt: skip
         self.batches = Gauge("tokenmill_batches", "API batches by status", ["status"], registry=r)
         self.queue_depth = Gauge("tokenmill_queue_depth", "Chunks waiting (pending or queued)", registry=r)
+        self.deliveries = Gauge("tokenmill_webhook_deliveries", "Webhook events by state", ["state"], registry=r)
         self.store = store
         self._read_at = 0.0
 
@@ -41,6 +44,9 @@ class ServerMetrics:
         with self.store.session() as s:
             counts = store_batches.count_by_status(s)
             depth = store_batches.waiting_chunks(s)
+            deliveries = store_webhooks.count_by_state(s)
+        for state in DeliveryState:
+            self.deliveries.labels(state=state.value).set(deliveries.get(state.value, 0))
         for status in store_batches.BatchStatus:
             self.batches.labels(status=status.value).set(counts.get(status.value, 0))
         self.queue_depth.set(float(depth or 0))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tokenmill.store.expiry import MAX_SECONDS, MIN_SECONDS
 from tokenmill.store.tables import ApiBatch, ApiFile
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -32,7 +33,17 @@ class FileObject(BaseModel):
             filename=f.filename,
             purpose=f.purpose,
             status=f.status,
+            expires_at=int(f.expires_at) if f.expires_at is not None else None,
         )
+
+
+class ExpiresAfter(BaseModel):
+    """OpenAI's expiration policy (``expires_after`` of a file, ``output_expires_after`` of a batch)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=MIN_SECONDS, le=MAX_SECONDS, strict=True)
 
 
 class FileList(BaseModel):
@@ -134,6 +145,7 @@ class BatchCreate(BaseModel):
     endpoint: Endpoint
     completion_window: Literal["24h"]
     metadata: dict[str, str] | None = None
+    output_expires_after: ExpiresAfter | None = None
 
     @field_validator("metadata")
     @classmethod

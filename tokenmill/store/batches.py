@@ -29,6 +29,7 @@ from tokenmill.store.states import (
     JobState,
 )
 from tokenmill.store.tables import ApiBatch, Chunk, Job, RequestRow, Result
+from tokenmill.store.webhooks import enqueue_batch_event
 
 WINDOW_SECONDS = {"24h": 24 * 3600.0}
 
@@ -208,7 +209,7 @@ def start(s: Session, batch_id: str, holder: str, total: int) -> bool:
 def fail(s: Session, batch_id: str, holder: str, errors: list[dict[str, Any]], total: int) -> bool:
     """validating → failed: bad lines (or a file that cannot be read); nothing runs."""
     values = _released(status=BatchStatus.FAILED, errors=errors, total=total, failed_at=time.time())
-    return _move(s, batch_id, (BatchStatus.VALIDATING,), holder, **values)
+    return _final_event(s, batch_id, _move(s, batch_id, (BatchStatus.VALIDATING,), holder, **values))
 
 
 def expire_validating(s: Session, batch_id: str) -> tuple[bool, str | None]:
@@ -224,6 +225,7 @@ def expire_validating(s: Session, batch_id: str) -> tuple[bool, str | None]:
         .returning(ApiBatch.job_id)
         .execution_options(synchronize_session=False)
     ).first()
+    _final_event(s, batch_id, row is not None)
     return (row is not None, row[0] if row is not None else None)
 
 
@@ -253,6 +255,7 @@ def request_cancel(s: Session, batch_id: str) -> Cancelled:
             .execution_options(synchronize_session=False)
         ).first()
         if row is not None:
+            _final_event(s, batch_id, target == BatchStatus.CANCELLED)
             return Cancelled(target, row[0])
     return Cancelled(None, None)
 
@@ -303,7 +306,17 @@ def finish(
              BatchStatus.CANCELLED: "cancelled_at"}[status]  # fmt: skip
     values = _released(status=status, output_file_id=output_file_id, error_file_id=error_file_id,
                        completed=completed, failed=failed, usage=usage, **{stamp: now})  # fmt: skip
-    return _move(s, batch_id, (BatchStatus.FINALIZING,), holder, **values)
+    return _final_event(s, batch_id, _move(s, batch_id, (BatchStatus.FINALIZING,), holder, **values))
+
+
+def _final_event(s: Session, batch_id: str, moved: bool) -> bool:
+    """The webhook hook: once a transition made the batch final, queue its event in that same transaction
+    (a second final transition of one batch breaks the event's unique key and rolls back)."""
+    if moved:
+        batch = s.get(ApiBatch, batch_id, populate_existing=True)
+        assert batch is not None
+        enqueue_batch_event(s, batch)
+    return moved
 
 
 def unfinished_requests(s: Session, job_id: str, page: int = 1000) -> Iterator[RequestRow]:

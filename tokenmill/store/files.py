@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import ColumnElement, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from tokenmill.errors import FileUnreadable, StoreError
@@ -41,6 +41,22 @@ def new_file_id() -> str:
     return "file-" + uuid.uuid4().hex[:24]
 
 
+def _new_file(owner: str, filename: str, purpose: str, expires_after: float | None) -> ApiFile:
+    now = time.time()
+    expires_at = now + expires_after if expires_after is not None else None
+    return ApiFile(
+        id=new_file_id(),
+        owner=owner,
+        filename=filename,
+        purpose=purpose,
+        status=FileStatus.UPLOADING,
+        bytes=0,
+        lines=0,
+        created_at=now,
+        expires_at=expires_at,
+    )
+
+
 def create_file(
     store: Store,
     *,
@@ -50,13 +66,17 @@ def create_file(
     source: BinaryIO,
     max_bytes: int | None = None,
     max_lines: int | None = None,
+    expires_after: float | None = None,
 ) -> ApiFile:
     """Copy ``source`` into the store a chunk per transaction; memory holds one chunk whatever the file size.
-    On any error (a cap passed, the store gone) what was stored is deleted, or left to :func:`sweep_abandoned`."""
-    file_id = new_file_id()
+    On any error (a cap passed, the store gone) what was stored is deleted, or left to :func:`sweep_abandoned`.
+
+    ``expires_after``: seconds from creation until the file reads as absent (and is swept); None keeps it.
+    """
+    f = _new_file(owner, filename, purpose, expires_after)
+    file_id = f.id
     with store.session() as s:
-        s.add(ApiFile(id=file_id, owner=owner, filename=filename, purpose=purpose, status=FileStatus.UPLOADING,
-                      bytes=0, lines=0, created_at=time.time()))  # fmt: skip
+        s.add(f)
     try:
         size, lines = _copy_chunks(store, file_id, source, max_bytes, max_lines)
         with store.session() as s:
@@ -68,9 +88,9 @@ def create_file(
             )
             if res.rowcount != 1:  # type: ignore[attr-defined]
                 raise StoreError(f"upload {file_id} was removed before it finished")
-            f = s.get(ApiFile, file_id, populate_existing=True)
-            assert f is not None
-            return f
+            done = s.get(ApiFile, file_id, populate_existing=True)
+            assert done is not None
+            return done
     except BaseException:
         _discard(store, file_id)
         raise
@@ -125,12 +145,11 @@ class FileWriter:
 
     def __init__(
         self, store: Store, *, owner: str, filename: str, purpose: str,
-        before_flush: Callable[[Session], object] | None = None,
+        before_flush: Callable[[Session], object] | None = None, expires_after: float | None = None,
     ) -> None:  # fmt: skip
         self.store = store
         self.before_flush = before_flush
-        self.file = ApiFile(id=new_file_id(), owner=owner, filename=filename, purpose=purpose,
-                            status=FileStatus.UPLOADING, bytes=0, lines=0, created_at=time.time())  # fmt: skip
+        self.file = _new_file(owner, filename, purpose, expires_after)
         with store.session() as s:
             s.add(self.file)
         self._buf = bytearray()
@@ -174,17 +193,26 @@ def publish(s: Session, f: ApiFile) -> bool:
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
+def live(now: float | None = None) -> ColumnElement[bool]:
+    """Not expired: a file past its ``expires_at`` is absent to every reader before the sweeper deletes it."""
+    return or_(ApiFile.expires_at.is_(None), ApiFile.expires_at > (time.time() if now is None else now))
+
+
+def is_live(f: ApiFile, now: float | None = None) -> bool:
+    return f.expires_at is None or f.expires_at > (time.time() if now is None else now)
+
+
 def get_file(s: Session, file_id: str, owner: str) -> ApiFile | None:
-    """The file if it exists *and* belongs to ``owner``; another tenant's file is as good as absent."""
+    """The file if it exists, belongs to ``owner`` and has not expired; anything else is as good as absent."""
     f = s.get(ApiFile, file_id)
-    return f if f is not None and f.owner == owner and f.status != FileStatus.UPLOADING else None
+    return f if f is not None and f.owner == owner and f.status != FileStatus.UPLOADING and is_live(f) else None
 
 
 def list_files(
     s: Session, owner: str, *, limit: int, after: str | None = None, purpose: str | None = None
 ) -> tuple[list[ApiFile], bool]:
     """Newest first; returns (page, has_more)."""
-    query = select(ApiFile).where(ApiFile.owner == owner, ApiFile.status != FileStatus.UPLOADING)
+    query = select(ApiFile).where(ApiFile.owner == owner, ApiFile.status != FileStatus.UPLOADING, live())
     if purpose:
         query = query.where(ApiFile.purpose == purpose)
     if after:

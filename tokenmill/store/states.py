@@ -14,6 +14,8 @@ Result: succeeded | failed, written once per (job, row)
 File:   uploading -> processed (an abandoned upload is deleted)
 Batch:  validating -> in_progress -> finalizing -> completed | expired | cancelled; validating -> failed |
         expired | cancelled; in_progress -> cancelling -> finalizing. A final batch never changes again.
+Webhook delivery: pending (leased while a sender tries it) -> delivered | failed (gave up) | skipped
+        (the owner has no endpoint for the event)
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ class FileStatus(StrEnum):
 
     UPLOADING = "uploading"
     PROCESSED = "processed"
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    SKIPPED = "skipped"
 
 
 class ErrorCode(StrEnum):

@@ -198,6 +198,8 @@ class ApiFile(Base):
     bytes: Mapped[int] = mapped_column(BigId, default=0)
     lines: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float)
+    # None: kept until deleted. Past it the file reads as absent everywhere, and the sweeper deletes it.
+    expires_at: Mapped[float | None] = mapped_column(Float, index=True)
 
 
 class ApiFileChunk(Base):
@@ -254,3 +256,34 @@ class ApiBatch(Base):
     expired_at: Mapped[float | None] = mapped_column(Float)
     cancelling_at: Mapped[float | None] = mapped_column(Float)
     cancelled_at: Mapped[float | None] = mapped_column(Float)
+    # output_expires_after.seconds: the output and error files expire this long after they are written.
+    output_expires_after: Mapped[int | None] = mapped_column(Integer)
+
+
+class WebhookDelivery(Base):
+    """One batch event for one owner, queued in the transaction that made the batch final, and sent from here.
+
+    ``payload`` is the exact body, fixed when queued, so every attempt sends the same bytes under the same
+    ``id`` (the ``webhook-id`` a receiver dedupes on). A sender holds ``lease_owner``/``lease_until`` while it
+    tries; one that dies leaves a lease that runs out, and the delivery is tried again (at least once).
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "type", name="uq_webhook_deliveries_batch_type"),
+        Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(32))
+    batch_id: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[float | None] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[float] = mapped_column(Float)
+    delivered_at: Mapped[float | None] = mapped_column(Float)
