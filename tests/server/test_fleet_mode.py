@@ -20,7 +20,8 @@ def test_two_replicas_share_one_store(tmp_path: Path, fleet_settings: Settings, 
     keys = {"TOKENMILL_API_KEYS": ",".join(API_KEYS)}
     ports = [free_port(), free_port()]
     for i, port in enumerate(ports):
-        proc = procs.start(fleet_settings, "serve", "--port", str(port), env=keys, name=f"serve{i}")
+        # the replicas queue jobs for the stub engine the fleet's worker runs (the engine is part of the queue)
+        proc = procs.start(fleet_settings, "serve", "--port", str(port), env={**keys, **STUB_ENV}, name=f"serve{i}")
         wait_http(f"http://127.0.0.1:{port}/healthz", 60, proc)
     procs.start(fleet_settings, "scheduler", name="scheduler")
     procs.start(fleet_settings, "worker", "--name", "fleet-w", env={**STUB_ENV, **WORKER_ENV}, name="worker")
