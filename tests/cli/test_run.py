@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import STUB_ENV, run_cli
+from tests.workers.fake_gpu import TWO_GPUS, gpu_host_env
 from tokenmill.config import Settings
 
 pytestmark = pytest.mark.model
@@ -135,3 +136,23 @@ def test_run_summary_shows_where_the_seconds_went(tmp_path: Path, settings: Sett
     seconds = [float(t) for _, t in marks]
     assert seconds == sorted(seconds), line  # each phase ends after the one before it
     assert len((tmp_path / "d.results.jsonl").read_text().splitlines()) == 40
+
+
+@pytest.mark.timeout(180)
+def test_run_on_a_two_gpu_host_starts_one_pinned_worker_per_gpu(tmp_path: Path, settings: Settings) -> None:
+    """NVML and the offload probe stood in (stub engine): `run` starts one worker per GPU, each sees only its
+    own GPU and sizes the model for it with every layer offloaded."""
+    rows: list[dict[str, object]] = [{"id": f"r{i}", "prompt": f"say {i}", "max_tokens": 4} for i in range(20)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    env = {**STUB_ENV, "HF_HUB_OFFLINE": "1", **gpu_host_env(tmp_path / "gpu", TWO_GPUS, offload=True)}
+    proc = run_cli(settings, "run", str(data), "--threads", "1", "--chunk-size", "5", env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len((tmp_path / "d.results.jsonl").read_text().splitlines()) == 20
+    with sqlite3.connect(settings.data_dir / "tokenmill.db") as db:
+        workers = db.execute("SELECT capacity, device, choice FROM workers").fetchall()
+    assert len(workers) == 2, workers
+    seen = sorted(tuple(g["uuid"] for g in json.loads(cap)["gpus"]) for cap, _, _ in workers)
+    assert seen == sorted((uuid,) for *_, uuid in TWO_GPUS)
+    for cap, device, choice in workers:
+        gpu = json.loads(cap)["gpus"][0]["name"]
+        assert device == "cuda" and "(full offload" in choice and f"GPU{0 if 'H100' in gpu else 1} {gpu}" in choice

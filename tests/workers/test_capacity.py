@@ -124,7 +124,7 @@ def test_gpus_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     gpus = detect_gpus()
     assert [g.name for g in gpus] == ["NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 3070"]
-    assert gpus[1] == GpuInfo(1, "NVIDIA GeForce RTX 3070", 8 * GiB, 7 * GiB)
+    assert gpus[1] == GpuInfo(1, "NVIDIA GeForce RTX 3070", 8 * GiB, 7 * GiB, uuid="GPU-bbbb")
     assert calls == ["init", "shutdown"]
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
@@ -133,6 +133,19 @@ def test_gpus_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [g.index for g in detect_gpus()] == [0]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert detect_gpus() == ()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bb, 0")  # a UUID prefix, as CUDA takes it, and an index
+    assert [g.index for g in detect_gpus()] == [0, 1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert detect_gpus() == ()
+
+
+def test_processes_are_pinned_by_uuid_which_cuda_and_nvml_agree_on() -> None:
+    """CUDA numbers devices fastest first, NVML by PCI bus: only the UUID names the same card to both."""
+    assert GpuInfo(1, "NVIDIA L4", 24 * GiB, 23 * GiB, uuid="GPU-bbbb").cuda_id == "GPU-bbbb"
+    stored_before_uuids = {"index": 1, "name": "NVIDIA L4", "vram_total_bytes": 1, "vram_free_bytes": 1}
+    cap = Capacity.from_json({"hostname": "h", "physical_cores": 1, "logical_cores": 1, "ram_total_bytes": 1,
+                              "ram_available_bytes": 1, "gpus": [stored_before_uuids]})
+    assert cap.gpus[0].cuda_id == "1"
 
 
 def test_no_driver_means_no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
