@@ -7,7 +7,8 @@
 #   deploy/gpu/build_llama.sh SRC BUILD cpu  -     [JOBS]
 #
 # SRC is a llama.cpp tree (the one vendored in the pinned llama-cpp-python sdist); the libraries land in
-# BUILD/bin, which is what LLAMA_CPP_LIB_PATH must name.
+# BUILD/bin, which is what LLAMA_CPP_LIB_PATH must name. The folder can be moved or copied whole (the
+# libraries find each other through $ORIGIN), as the CUDA image's runtime stage does.
 set -euo pipefail
 
 if [ "$#" -lt 4 ]; then
@@ -31,6 +32,7 @@ common_flags=(
     -DLLAMA_BUILD_UI=OFF
     -DLLAMA_USE_PREBUILT_UI=OFF
     -DLLAMA_OPENSSL=OFF
+    -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON
 )
 # One architecture per build: each one more roughly doubles the CUDA compile time.
 # --allow-shlib-undefined: an image builder has only the libcuda stub; the driver's libcuda.so.1 is there
@@ -42,8 +44,9 @@ cuda_flags=(
     "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined"
 )
 # The libraries llama-cpp-python loads (libllama pulls libggml*, libmtmd is loaded for multimodal chat
-# formats) and the server; the other tools are configured but not compiled.
-targets=(llama mtmd llama-server)
+# formats), the server and the batched decode benchmark (benchmarks/vs_llama_server.py's peer and floor);
+# the other tools are configured but not compiled.
+targets=(llama mtmd llama-server llama-batched-bench)
 
 case "$backend" in
     cuda) flags=("${common_flags[@]}" "${cuda_flags[@]}") ;;

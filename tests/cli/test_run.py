@@ -13,6 +13,8 @@ import pytest
 from tests.conftest import STUB_ENV, run_cli
 from tests.workers.fake_gpu import TWO_GPUS, gpu_host_env
 from tokenmill.config import Settings
+from tokenmill.host import GpuInfo
+from tokenmill.workers.capacity import usable_gpus
 
 pytestmark = pytest.mark.model
 
@@ -156,3 +158,23 @@ def test_run_on_a_two_gpu_host_starts_one_pinned_worker_per_gpu(tmp_path: Path, 
     for cap, device, choice in workers:
         gpu = json.loads(cap)["gpus"][0]["name"]
         assert device == "cuda" and "(full offload" in choice and f"GPU{0 if 'H100' in gpu else 1} {gpu}" in choice
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(240)
+def test_run_on_the_gpu_offloads_every_layer(
+    tmp_path: Path, settings: Settings, smollm2_path: Path, cuda_gpu: GpuInfo
+) -> None:
+    """The real model on a real GPU, with `run`'s defaults: one worker per GPU, every layer on it."""
+    rows: list[dict[str, object]] = [{"id": f"r{i}", "prompt": f"Count to {i}.", "max_tokens": 16} for i in range(24)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    proc = run_cli(settings, "run", str(data), "--model", "smollm2-135m-instruct:q4_1", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [json.loads(x) for x in (tmp_path / "d.results.jsonl").read_text().splitlines()]
+    assert len(lines) == 24 and all(x["response"]["status_code"] == 200 for x in lines)
+    with sqlite3.connect(settings.data_dir / "tokenmill.db") as db:
+        workers = db.execute("SELECT device, choice, capacity FROM workers").fetchall()
+    assert len(workers) == len(usable_gpus()), workers
+    for device, choice, cap in workers:
+        assert device == "cuda" and "(full offload" in choice, choice
+        assert len(json.loads(cap)["gpus"]) == 1  # pinned: each worker sees its own GPU only

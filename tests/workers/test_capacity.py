@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -181,3 +183,19 @@ def test_container_limits_cap_cores_and_memory(tmp_path: Path) -> None:
     (unlimited / "memory.max").write_text("max")
     assert capmod._cgroup_cpu_limit(unlimited) is None
     assert capmod._cgroup_memory(unlimited) is None
+
+
+@pytest.mark.gpu
+def test_nvml_and_the_cuda_build_see_the_gpu(cuda_gpu: GpuInfo) -> None:
+    """On a real GPU: NVML's view (with its UUID and clocks), the offload probe's yes, CUDA_VISIBLE_DEVICES."""
+    cap = detect()
+    assert cap.gpu_offload is True and cap.usable_gpus == cap.gpus
+    gpu = cap.gpus[0]
+    assert gpu.uuid.startswith("GPU-") and gpu.cuda_id == gpu.uuid
+    assert 4 * GiB < gpu.vram_total_bytes and 0 < gpu.vram_free_bytes <= gpu.vram_total_bytes
+    assert gpu.mem_bandwidth_bytes > 100 * 10**9, "NVML's memory clock and bus width were not read"
+    count = "from tokenmill.workers.capacity import detect_gpus; print(len(detect_gpus()))"
+    for visible, expected in (("", "0"), (gpu.uuid, "1"), (gpu.uuid[:12], "1")):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
+        out = subprocess.run([sys.executable, "-c", count], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, (visible, out.stdout, out.stderr)
