@@ -33,6 +33,7 @@ common_flags=(
     -DLLAMA_USE_PREBUILT_UI=OFF
     -DLLAMA_OPENSSL=OFF
     -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON
+    -DGGML_CCACHE=OFF
 )
 # One architecture per build: each one more roughly doubles the CUDA compile time.
 # --allow-shlib-undefined: an image builder has only the libcuda stub; the driver's libcuda.so.1 is there

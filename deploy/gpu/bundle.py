@@ -91,6 +91,8 @@ def trim_sources(sdist: Path, out: Path) -> int:
             if not kept(rel) or not (member.isfile() or member.isdir()):
                 continue
             member.name = "llama.cpp/" + rel if rel else "llama.cpp"
+            # A path over 100 characters travels in a PAX header, which would win over the new name.
+            member.pax_headers = {k: v for k, v in member.pax_headers.items() if k not in ("path", "linkpath")}
             unpacked += member.size if member.isfile() else 0
             dst.addfile(member, src.extractfile(member) if member.isfile() else None)
     return unpacked

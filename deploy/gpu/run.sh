@@ -87,8 +87,21 @@ preflight() {
         echo "no nvidia-smi: not a GPU machine (GPU_RUN_BACKEND=cpu rehearses on a CPU)"
         return 1
     fi
+    if [ "$backend" = cuda ] && ! find_cublas; then
+        echo "no cuBLAS (cublas_v2.h) in \$CUDA_HOME, /usr/local/cuda* or /usr/include: llama.cpp's CUDA backend links it"
+        return 1
+    fi
     "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' ||
         echo "warning: $python is not CPython 3.12, which the bundled wheels are built for"
+}
+
+find_cublas() {
+    local dir
+    for dir in ${CUDA_HOME:-} /usr/local/cuda /usr/local/cuda-* /usr; do
+        [ -f "$dir/include/cublas_v2.h" ] && { echo "cuBLAS: $dir/include/cublas_v2.h"; return 0; }
+        compgen -G "$dir/targets/*/include/cublas_v2.h" >/dev/null && { echo "cuBLAS: $dir/targets"; return 0; }
+    done
+    return 1
 }
 
 # Copy what this call carried into work/: the sources and wheels, the model's parts (each checked).
