@@ -8,10 +8,11 @@
 # call of this script on the same machine; what a call unpacks, builds and installs stays in deploy/gpu/work/
 # for the next. Each call does every step it has the files for, and skips a step done before:
 #
-#   1. build llama.cpp's shared libraries and llama-server with CUDA for this GPU's architecture only
-#      (deploy/gpu/build_llama.sh, the same flags as deploy/Dockerfile.cuda);
-#   2. install tokenmill and its dependencies from the bundled wheels into a venv; llama-cpp-python's Python
-#      part loads the libraries of step 1 through LLAMA_CPP_LIB_PATH;
+#   1. install tokenmill and its dependencies from the bundled wheels into a venv; llama-cpp-python's Python
+#      part loads the libraries of step 2 through LLAMA_CPP_LIB_PATH;
+#   2. build llama.cpp's shared libraries and llama-server with CUDA for this GPU's architecture only
+#      (deploy/gpu/build_llama.sh, the same flags as deploy/Dockerfile.cuda); a build that is not done after
+#      GPU_RUN_BUILD_LIMIT seconds (480) stops and goes on at the next call;
 #   3. `tokenmill sysinfo`, `tokenmill models recommend --json` and checks of what they say (NVML sees the
 #      GPU, the offload probe says yes, a GPU variant with every layer offloaded);
 #   4. the tests marked `gpu` (those that need the model skip until its last part has come);
@@ -42,6 +43,7 @@ backend=${GPU_RUN_BACKEND:-cuda}
 rows=${GPU_RUN_ROWS:-128}
 bench_set=${GPU_RUN_SET:-gen128}
 rounds=${GPU_RUN_ROUNDS:-2}
+build_limit=${GPU_RUN_BUILD_LIMIT:-480}
 mkdir -p "$work"
 exec > >(tee -a "$results/run.log") 2>&1
 started=$(date +%s)
@@ -126,15 +128,23 @@ build() {
         return 0
     fi
     [ -f "$work/llama.cpp-src.tar.xz" ] || { echo "no llama.cpp sources yet (load1)"; return 1; }
-    local arch=-
+    local arch=- rc
     if [ "$backend" = cuda ]; then
         arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
         echo "CUDA architecture of this GPU: $arch"
     fi
-    rm -rf "$work/src" && mkdir -p "$work/src"
-    "$python" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
-        "$work/llama.cpp-src.tar.xz" "$work/src" || return 1
-    "$here/build_llama.sh" "$work/src/llama.cpp" "$work/build" "$backend" "$arch" "$jobs"
+    if [ ! -f "$work/src/.unpacked" ]; then
+        rm -rf "$work/src" && mkdir -p "$work/src"
+        "$python" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+            "$work/llama.cpp-src.tar.xz" "$work/src" || return 1
+        touch "$work/src/.unpacked"
+    fi
+    # Stopped in time, a build goes on where it was at the next call (ninja keeps what it compiled), rather
+    # than the whole call being cut off at the machine's limit.
+    timeout "$build_limit" "$here/build_llama.sh" "$work/src/llama.cpp" "$work/build" "$backend" "$arch" "$jobs"
+    rc=$?
+    [ "$rc" -eq 124 ] && note "build not finished after ${build_limit} s: call again to go on with it"
+    return "$rc"
 }
 
 install() {
@@ -223,8 +233,8 @@ note "GPU run started $(date -u +%FT%TZ) on $(hostname)"
 nvidia-smi >"$results/nvidia-smi-before.txt" 2>&1
 step preflight preflight || exit 1
 step collect collect
-step build build
 step install install
+step build build
 if env_ready; then
     export PATH=$work/venv/bin:$PATH
     export VIRTUAL_ENV=$work/venv
