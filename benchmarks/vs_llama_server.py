@@ -262,6 +262,7 @@ def bench_set(
 ) -> list[str]:
     """Alternating rounds of one set, then its floor and its sequential baseline; the summary lines."""
     kind, rows = SETS[name]
+    rows = args.rows or rows
     with tempfile.TemporaryDirectory(prefix=f"tm-vs-{name}-") as tmp:
         work = Path(tmp)
         data = work / f"{name}.jsonl"
@@ -325,6 +326,7 @@ def main() -> None:
     parser.add_argument("--bin-dir", type=Path, help="llama-server and llama-batched-bench already built here")
     parser.add_argument("--n-seq", type=int, default=N_SEQ, help="sequences decoded together, both sides")
     parser.add_argument("--gpu-layers", type=int, default=0, help="llama-server's -ngl (99: every layer)")
+    parser.add_argument("--rows", type=int, help="rows per set instead of the set's own count")
     parser.add_argument("--goal", type=float, help="the ratio to meet, for every set (default: each set's own)")
     args = parser.parse_args()
     if args.quick:

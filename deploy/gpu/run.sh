@@ -24,7 +24,7 @@
 # Each step prints its duration; RESULTS/steps.tsv lists them, RESULTS/summary.txt says what passed.
 #
 # A rehearsal on a machine without a GPU runs the same steps on a CPU build, smaller:
-#   GPU_RUN_BACKEND=cpu GPU_RUN_ROWS=16 GPU_RUN_SET=gen GPU_RUN_ROUNDS=1 PYTHON=python3.12 deploy/gpu/run.sh RESULTS
+#   GPU_RUN_BACKEND=cpu GPU_RUN_ROWS=4 GPU_RUN_ROUNDS=1 PYTHON=python3.12 deploy/gpu/run.sh RESULTS
 # (the GPU checks and tests then fail or skip, as they should there).
 set -uo pipefail
 
@@ -41,7 +41,6 @@ python=${PYTHON:-python3}
 jobs=$(nproc)
 backend=${GPU_RUN_BACKEND:-cuda}
 rows=${GPU_RUN_ROWS:-128}
-bench_set=${GPU_RUN_SET:-gen128}
 rounds=${GPU_RUN_ROUNDS:-2}
 build_limit=${GPU_RUN_BUILD_LIMIT:-480}
 mkdir -p "$work"
@@ -211,7 +210,7 @@ EOF
 }
 
 vs_llama_server() {
-    (cd "$repo" && python benchmarks/vs_llama_server.py --sets "$bench_set" --rounds "$rounds" --no-sequential \
+    (cd "$repo" && python benchmarks/vs_llama_server.py --sets gen --rows "$rows" --rounds "$rounds" --no-sequential \
         --bin-dir "$work/build/bin" --n-seq 64 --gpu-layers 99 --threads "$jobs" --goal 0.9 \
         --model smollm2-135m-instruct:q4_1) | tee "$results/vs_llama_server.txt"
     return "${PIPESTATUS[0]}"
