@@ -22,6 +22,11 @@ ratio = llama-server wall / tokenmill wall: above 1.0x tokenmill is faster. Per 
 prompt tokens, end-to-end tok/s, the work span (first row in work to last answer, start-up excluded) and
 its tok/s, and one sequence's decode rate (`seq t/s`: the server's `timings`, tokenmill's `eval_ms`).
 Run it on a quiet host: both sides spin 2 OpenMP threads, so a busy neighbour swings every figure.
+
+On a GPU (deploy/gpu/run.sh): `--bin-dir` names a CUDA build of llama-server and llama-batched-bench (the
+same tree as the libraries llama-cpp-python loads, through LLAMA_CPP_LIB_PATH), `--n-seq 64` widens both
+sides' batch and `--gpu-layers 99` offloads every layer of llama-server's model; tokenmill's worker chooses
+its own offload, which the worker line shows.
 """
 
 from __future__ import annotations
@@ -140,12 +145,15 @@ def wait_healthy(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.05)
 
 
-def run_peer(bin_dir: Path, model: Path, items: list[dict[str, Any]], threads: int, work: Path) -> Run:
-    """llama-server from launch to its last answer; every row in flight at once, 16 at a time."""
+def run_peer(
+    bin_dir: Path, model: Path, items: list[dict[str, Any]], threads: int, work: Path, n_seq: int, gpu_layers: int
+) -> Run:
+    """llama-server from launch to its last answer; every row in flight at once, ``n_seq`` at a time."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    argv = [str(bin_dir / "llama-server"), "-m", str(model), "-np", str(N_SEQ), "-c", str(N_CTX * N_SEQ)]
+    argv = [str(bin_dir / "llama-server"), "-m", str(model), "-np", str(n_seq), "-c", str(N_CTX * n_seq)]
     argv += ["--cont-batching", "-fa", "on", "-t", str(threads), "-tb", str(threads), "--no-webui"]
+    argv += ["-ngl", str(gpu_layers)]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     log = work / "llama-server.log"
     started = time.perf_counter()
@@ -159,7 +167,7 @@ def run_peer(bin_dir: Path, model: Path, items: list[dict[str, Any]], threads: i
             body = {"messages": it["messages"], "max_tokens": it["max_tokens"], "temperature": 0}
             return post(base + "/v1/chat/completions", body)
 
-        with ThreadPoolExecutor(N_SEQ) as pool:
+        with ThreadPoolExecutor(n_seq) as pool:
             answers = list(pool.map(ask, items))
         done = time.perf_counter()
     finally:
@@ -174,13 +182,15 @@ def run_peer(bin_dir: Path, model: Path, items: list[dict[str, Any]], threads: i
 PHASE = re.compile(r"first chunk claimed ([\d.]+) s → finished ([\d.]+) s")
 
 
-def run_tokenmill(model: str, data: Path, threads: int, work: Path, rnd: int) -> tuple[Run, dict[str, Any]]:
+def run_tokenmill(
+    model: str, data: Path, threads: int, work: Path, rnd: int, n_seq: int
+) -> tuple[Run, dict[str, Any]]:
     """`tokenmill run` in a fresh data dir (nothing to resume, nothing cached), launch to exit; and the
     settings its one worker reported."""
     env = {**os.environ, "TOKENMILL_DATA_DIR": str(work / f"tm{rnd}"), "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
     out = work / f"tokenmill{rnd}.jsonl"
     argv = [sys.executable, "-m", "tokenmill.cli", "run", str(data), "--model", model, "-o", str(out)]
-    argv += ["--workers", "1", "--threads", str(threads), "--n-seq", str(N_SEQ), "--no-cache"]
+    argv += ["--workers", "1", "--threads", str(threads), "--n-seq", str(n_seq), "--no-cache"]
     started = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -204,12 +214,14 @@ def run_tokenmill(model: str, data: Path, threads: int, work: Path, rnd: int) ->
     return Run("tokenmill", wall, tokens_in(out), prompt, span, per_sequence(timings)), worker
 
 
-def batched_bench(bin_dir: Path, model: Path, threads: int, npp: int, ntg: int) -> dict[str, float]:
+def batched_bench(
+    bin_dir: Path, model: Path, threads: int, npp: int, ntg: int, n_seq: int, gpu_layers: int
+) -> dict[str, float]:
     """llama-batched-bench at the engine's settings: B = n_seq, 2048 cells per sequence (not unified),
     n_batch = n_ubatch = 512, the same threads, flash attention on."""
-    argv = [str(bin_dir / "llama-batched-bench"), "-m", str(model), "-c", str(N_CTX * N_SEQ), "-b", str(N_BATCH)]
-    argv += ["-ub", str(N_BATCH), "-npp", str(npp), "-ntg", str(ntg), "-npl", str(N_SEQ), "-t", str(threads)]
-    argv += ["-tb", str(threads), "-fa", "on", "--output-format", "jsonl"]
+    argv = [str(bin_dir / "llama-batched-bench"), "-m", str(model), "-c", str(N_CTX * n_seq), "-b", str(N_BATCH)]
+    argv += ["-ub", str(N_BATCH), "-npp", str(npp), "-ntg", str(ntg), "-npl", str(n_seq), "-t", str(threads)]
+    argv += ["-tb", str(threads), "-fa", "on", "--output-format", "jsonl", "-ngl", str(gpu_layers)]
     proc = subprocess.run(argv, capture_output=True, text=True, check=True)
     rows = [json.loads(x) for x in (proc.stdout + proc.stderr).splitlines() if x.startswith("{")]
     return {k: float(rows[-1][k]) for k in ("speed_pp", "speed_tg", "speed", "t")}
@@ -250,6 +262,7 @@ def bench_set(
 ) -> list[str]:
     """Alternating rounds of one set, then its floor and its sequential baseline; the summary lines."""
     kind, rows = SETS[name]
+    rows = args.rows or rows
     with tempfile.TemporaryDirectory(prefix=f"tm-vs-{name}-") as tmp:
         work = Path(tmp)
         data = work / f"{name}.jsonl"
@@ -260,22 +273,23 @@ def bench_set(
             peer_first = rnd % 2 == 1
             for side in ("peer", "tokenmill") if peer_first else ("tokenmill", "peer"):
                 if side == "peer":
-                    run = run_peer(bin_dir, model_path, items, args.threads, work)
+                    run = run_peer(bin_dir, model_path, items, args.threads, work, args.n_seq, args.gpu_layers)
                 else:
-                    run, worker = run_tokenmill(args.model, data, args.threads, work, rnd)
+                    run, worker = run_tokenmill(args.model, data, args.threads, work, rnd, args.n_seq)
                 runs.append(run)
                 report(run_line(name, run, rnd))
         report(
-            f"{name:<7} tokenmill's worker: {worker.get('variant')}, n_seq {worker.get('n_seq')}, "
+            f"{name:<7} tokenmill's worker: {worker.get('variant')} on {worker.get('device')}, "
+            f"n_seq {worker.get('n_seq')}, "
             f"{worker.get('threads')} threads, measured {worker.get('measured_tps')} tok/s per sequence"
         )
         peer, tm = best(runs, "llama-server"), best(runs, "tokenmill")
         lines = [
             ratio_line(
-                f"{name}: tokenmill vs llama-server -np {N_SEQ} (best of {args.rounds})",
+                f"{name}: tokenmill vs llama-server -np {args.n_seq} (best of {args.rounds})",
                 peer.wall,
                 tm.wall,
-                GOALS[name],
+                args.goal or GOALS[name],
             )
         ]
         if peer.work and tm.work:
@@ -285,9 +299,9 @@ def bench_set(
                 f"({tm.gen_tokens / tm.work:.1f} tok/s)"
             )
         npp, ntg = round(tm.prompt_tokens / rows), round(tm.gen_tokens / rows)
-        floor = batched_bench(bin_dir, model_path, args.threads, npp, ntg)
+        floor = batched_bench(bin_dir, model_path, args.threads, npp, ntg, args.n_seq, args.gpu_layers)
         lines.append(
-            f"{name:<7} llama-batched-bench B={N_SEQ} pp {npp} tg {ntg}: decode {floor['speed_tg']:.1f} tok/s, "
+            f"{name:<7} llama-batched-bench B={args.n_seq} pp {npp} tg {ntg}: decode {floor['speed_tg']:.1f} tok/s, "
             f"prefill {floor['speed_pp']:.1f} tok/s, all {floor['speed']:.1f} tok/s in {floor['t']:.1f} s"
         )
         if name in SEQ_GOALS and not args.no_sequential:
@@ -309,6 +323,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct:q4_1", help="catalog name:variant")
     parser.add_argument("--no-sequential", action="store_true", help="skip the sequential llama-cpp-python loop")
     parser.add_argument("--build-jobs", type=int, default=2)
+    parser.add_argument("--bin-dir", type=Path, help="llama-server and llama-batched-bench already built here")
+    parser.add_argument("--n-seq", type=int, default=N_SEQ, help="sequences decoded together, both sides")
+    parser.add_argument("--gpu-layers", type=int, default=0, help="llama-server's -ngl (99: every layer)")
+    parser.add_argument("--rows", type=int, help="rows per set instead of the set's own count")
+    parser.add_argument("--goal", type=float, help="the ratio to meet, for every set (default: each set's own)")
     args = parser.parse_args()
     if args.quick:
         args.sets, args.rounds = "gen", 1
@@ -317,7 +336,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--sets: unknown set {unknown[0]!r}; choose from {', '.join(SETS)}")
     version = pinned_version()
-    bin_dir = peer_tools(version, args.build_jobs)
+    bin_dir = args.bin_dir or peer_tools(version, args.build_jobs)
     model_path = resolve_model(args.model, Settings.from_env().models_dir, fetch=False).path
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"llama.cpp of llama-cpp-python {version} ({bin_dir}); model {model_path}")

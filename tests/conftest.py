@@ -15,6 +15,7 @@ from typing import IO, Any
 import pytest
 
 from tokenmill.config import Settings
+from tokenmill.host import GpuInfo
 from tokenmill.store import Store
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -56,6 +57,29 @@ def smollm2_path(models_dir: Path) -> Path:
     except Exception as exc:  # no registry access and no cached copy
         need(False, f"SmolLM2 model not available: {exc}")
         raise
+
+
+@pytest.fixture(scope="session")
+def cuda_gpu() -> GpuInfo:
+    """The first GPU NVML lists, if this llama.cpp can offload to it; else the test skips, in CI too (CI has
+    no GPU): `gpu` tests run on a GPU machine, through deploy/gpu/run.sh."""
+    from tokenmill.workers.capacity import usable_gpus
+
+    gpus = usable_gpus()
+    if not gpus:
+        pytest.skip("needs an NVIDIA GPU and a CUDA build of llama.cpp (deploy/gpu/run.sh)")
+    return gpus[0]
+
+
+def nvml_used_bytes(index: int) -> int:
+    """VRAM in use on GPU ``index`` by every process, as NVML counts it."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+    finally:
+        pynvml.nvmlShutdown()
 
 
 @pytest.fixture(scope="session")

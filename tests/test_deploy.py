@@ -12,6 +12,7 @@ import fnmatch
 import json
 import re
 import shlex
+import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,6 +277,50 @@ def cmake_args(stage: Stage) -> list[str]:
             for m in re.finditer(r"CMAKE_ARGS=(\"[^\"]*\"|'[^']*'|\S+)", ins.args):
                 found.append(substitute(m[1].strip("\"'"), variables))
     return found
+
+
+BUILD_SCRIPT = DEPLOY / "gpu" / "build_llama.sh"
+GPU_RUN = DEPLOY / "gpu" / "run.sh"
+
+
+@dataclass(frozen=True)
+class BuildCall:
+    """One call of deploy/gpu/build_llama.sh: ``build_llama.sh SRC BUILD BACKEND ARCHS [JOBS]``."""
+
+    src: str
+    build: str
+    backend: str
+    archs: str
+
+    def flags(self) -> list[str]:
+        """The cmake flags the script passes for this call (its PRINT_FLAGS=1 mode: nothing is built)."""
+        out = subprocess.run(
+            ["bash", str(BUILD_SCRIPT), self.src, self.build, self.backend, self.archs, "1"],
+            env={"PATH": "/usr/bin:/bin", "PRINT_FLAGS": "1"}, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return out.stdout.split()
+
+
+def _build_calls(text: str, variables: Mapping[str, str]) -> list[BuildCall]:
+    calls = []
+    for m in re.finditer(r"build_llama\.sh\"?\s+((?:[^\s\\]+\s*(?:\\\n)?\s*){4})", text):
+        args = shlex.split(m[1].replace("\\\n", " "))[:4]
+        calls.append(BuildCall(*(substitute(a, variables) for a in args)))
+    return calls
+
+
+def build_script_calls(stage: Stage) -> list[BuildCall]:
+    """Every build_llama.sh call of a Dockerfile stage's RUN instructions, ARGs substituted."""
+    variables = stage.variables()
+    return [c for ins in stage.instructions if ins.keyword == "RUN" for c in _build_calls(ins.args, variables)]
+
+
+def run_script_calls() -> list[BuildCall]:
+    """build_llama.sh as deploy/gpu/run.sh calls it, with the script's defaults (an H100's architecture)."""
+    text = GPU_RUN.read_text()
+    default = re.search(r"^backend=\$\{GPU_RUN_BACKEND:-(\w+)\}", text, re.MULTILINE)
+    assert default, "run.sh no longer sets its backend from GPU_RUN_BACKEND"
+    return _build_calls(text, {"backend": default[1], "arch": "90", "jobs": "16"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -726,8 +771,8 @@ def test_celery_app_module_exposes_app() -> None:
         (DOCKERFILE_CPU, "python:3.11-slim", "python:3.11-slim", ["worker"]),
         (
             DOCKERFILE_CUDA,
-            "nvidia/cuda:12.4.1-devel-ubuntu22.04",
-            "nvidia/cuda:12.4.1-runtime-ubuntu22.04",
+            "nvidia/cuda:12.6.3-devel-ubuntu24.04",
+            "nvidia/cuda:12.6.3-runtime-ubuntu24.04",
             ["worker", "--gpu"],
         ),
     ],
@@ -763,7 +808,7 @@ def test_dockerfile_builds_the_pinned_llama_cpp_python_portably(path: Path) -> N
     )
     runs = [substitute(ins.args, variables) for ins in builder.instructions if ins.keyword == "RUN"]
     assert any(f"llama-cpp-python=={pin[1]}" in run for run in runs)
-    flags = " ".join(cmake_args(builder))
+    flags = " ".join(cmake_args(builder) + [f for call in build_script_calls(builder) for f in call.flags()])
     assert re.search(r"-DGGML_NATIVE=OFF\b", flags, re.IGNORECASE), (
         f"{path.name}: without GGML_NATIVE=OFF the image only runs on CPUs like the build machine's"
     )
@@ -771,12 +816,47 @@ def test_dockerfile_builds_the_pinned_llama_cpp_python_portably(path: Path) -> N
 
 def test_cuda_dockerfile_compiles_llama_cpp_with_cuda() -> None:
     builder = load_dockerfile(DOCKERFILE_CUDA)[0]
-    flags = cmake_args(builder)
+    (call,) = build_script_calls(builder)
+    flags = call.flags()
     assert any(re.search(r"-DGGML_CUDA=on\b", f, re.IGNORECASE) for f in flags), flags
-    assert any("CMAKE_CUDA_ARCHITECTURES" in f for f in flags), "name the CUDA archs: no GPU at build time"
+    archs = builder.variables()["CUDA_ARCHITECTURES"]
+    assert f"-DCMAKE_CUDA_ARCHITECTURES={archs}" in flags, "name the CUDA archs: no GPU at build time"
     assert not any(
         re.search(r"-DGGML_CUDA=on\b", f, re.IGNORECASE) for f in cmake_args(load_dockerfile(DOCKERFILE_CPU)[0])
     )
+
+
+def test_the_cuda_image_and_the_gpu_run_build_llama_cpp_the_same_way() -> None:
+    """deploy/Dockerfile.cuda and deploy/gpu/run.sh both compile through build_llama.sh with the cuda backend,
+    and nothing else adds a cmake flag: the only difference is which architectures (all, or the local GPU's)."""
+    builder = load_dockerfile(DOCKERFILE_CUDA)[0]
+    (image,) = build_script_calls(builder)
+    (gpu_run,) = run_script_calls()
+    assert image.backend == gpu_run.backend == "cuda"
+    image_flags = [f for f in image.flags() if "CMAKE_CUDA_ARCHITECTURES" not in f]
+    run_flags = [f for f in gpu_run.flags() if "CMAKE_CUDA_ARCHITECTURES" not in f]
+    assert image_flags == run_flags and "-DGGML_CUDA=ON" in run_flags
+    assert len(image.flags()) == len(image_flags) + 1 == len(gpu_run.flags()) == len(run_flags) + 1
+    # The one other CMAKE_ARGS in the image builds llama-cpp-python's Python part without any library, as
+    # deploy/gpu/bundle.py does for the GPU run's wheel.
+    assert cmake_args(builder) == ["-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"]
+    assert '"CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"' in (DEPLOY / "gpu" / "bundle.py").read_text()
+    # The runtime image points llama-cpp-python at the libraries it copied from the builder.
+    final = load_dockerfile(DOCKERFILE_CUDA)[-1]
+    lib = final.variables()["LLAMA_CPP_LIB_PATH"]
+    copies = [ins.args for ins in final.instructions if ins.keyword == "COPY"]
+    assert any(c.startswith("--from=builder") and c.split()[-1] == lib for c in copies), copies
+    builder_runs = " ".join(ins.args for ins in builder.instructions if ins.keyword == "RUN")
+    assert f"{image.build}/bin/*.so*" in builder_runs and lib in builder_runs
+
+
+def test_the_gpu_bundle_stays_out_of_git_and_the_build_context() -> None:
+    ignored = (ROOT / ".gitignore").read_text().split()
+    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip()]
+    for folder in ("deploy/gpu/bundle", "deploy/gpu/work"):
+        assert folder + "/" in ignored, f".gitignore must keep {folder} out of git (make gpu-bundle remakes it)"
+        assert folder in patterns, f".dockerignore must keep {folder} out of the build context"
+    assert not any(fnmatch.fnmatch("deploy/gpu/build_llama.sh", p) for p in patterns)
 
 
 def test_dockerignore_keeps_what_the_build_needs() -> None:

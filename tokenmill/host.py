@@ -23,6 +23,16 @@ class GpuInfo:
     vram_total_bytes: int
     vram_free_bytes: int
     mem_bandwidth_bytes: int = 0  # peak bytes/s from NVML's memory clock x bus width; 0 = unknown
+    uuid: str = ""  # "GPU-…"; empty in capacities stored before it was recorded
+
+    @property
+    def cuda_id(self) -> str:
+        """How ``CUDA_VISIBLE_DEVICES`` names this GPU to pin a process to it.
+
+        The UUID, because CUDA numbers devices fastest first unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, so on a
+        host with unlike GPUs CUDA's device 1 need not be NVML's index 1; the UUID means the same card to both.
+        """
+        return self.uuid or str(self.index)
 
 
 @dataclass(frozen=True)

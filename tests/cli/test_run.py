@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import STUB_ENV, run_cli
+from tests.workers.fake_gpu import TWO_GPUS, gpu_host_env
 from tokenmill.config import Settings
+from tokenmill.host import GpuInfo
+from tokenmill.workers.capacity import usable_gpus
 
 pytestmark = pytest.mark.model
 
@@ -175,3 +178,43 @@ def test_a_stub_runs_answers_never_reach_a_real_run(tmp_path: Path, settings: Se
     for r in answers:
         assert r["tokenmill"]["cached"] is False and "stub" not in r["tokenmill"]["model"], r
         assert not r["response"]["body"]["choices"][0]["message"]["content"].startswith("echo:"), r
+
+
+@pytest.mark.timeout(180)
+def test_run_on_a_two_gpu_host_starts_one_pinned_worker_per_gpu(tmp_path: Path, settings: Settings) -> None:
+    """NVML and the offload probe stood in (stub engine): `run` starts one worker per GPU, each sees only its
+    own GPU and sizes the model for it with every layer offloaded."""
+    rows: list[dict[str, object]] = [{"id": f"r{i}", "prompt": f"say {i}", "max_tokens": 4} for i in range(20)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    env = {**STUB_ENV, "HF_HUB_OFFLINE": "1", **gpu_host_env(tmp_path / "gpu", TWO_GPUS, offload=True)}
+    proc = run_cli(settings, "run", str(data), "--threads", "1", "--chunk-size", "5", env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len((tmp_path / "d.results.jsonl").read_text().splitlines()) == 20
+    with sqlite3.connect(settings.data_dir / "tokenmill.db") as db:
+        workers = db.execute("SELECT capacity, device, choice FROM workers").fetchall()
+    assert len(workers) == 2, workers
+    seen = sorted(tuple(g["uuid"] for g in json.loads(cap)["gpus"]) for cap, _, _ in workers)
+    assert seen == sorted((uuid,) for *_, uuid in TWO_GPUS)
+    for cap, device, choice in workers:
+        gpu = json.loads(cap)["gpus"][0]["name"]
+        assert device == "cuda" and "(full offload" in choice and f"GPU{0 if 'H100' in gpu else 1} {gpu}" in choice
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(240)
+def test_run_on_the_gpu_offloads_every_layer(
+    tmp_path: Path, settings: Settings, smollm2_path: Path, cuda_gpu: GpuInfo
+) -> None:
+    """The real model on a real GPU, with `run`'s defaults: one worker per GPU, every layer on it."""
+    rows: list[dict[str, object]] = [{"id": f"r{i}", "prompt": f"Count to {i}.", "max_tokens": 16} for i in range(24)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    proc = run_cli(settings, "run", str(data), "--model", "smollm2-135m-instruct:q4_1", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [json.loads(x) for x in (tmp_path / "d.results.jsonl").read_text().splitlines()]
+    assert len(lines) == 24 and all(x["response"]["status_code"] == 200 for x in lines)
+    with sqlite3.connect(settings.data_dir / "tokenmill.db") as db:
+        workers = db.execute("SELECT device, choice, capacity FROM workers").fetchall()
+    assert len(workers) == len(usable_gpus()), workers
+    for device, choice, cap in workers:
+        assert device == "cuda" and "(full offload" in choice, choice
+        assert len(json.loads(cap)["gpus"]) == 1  # pinned: each worker sees its own GPU only

@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import nvml_used_bytes
 from tokenmill.engine import Generation
 from tokenmill.engines.llama import LlamaEngine
 from tokenmill.engines.llama_guard import plain_llama
 from tokenmill.engines.prefix import best_shared_prefix
 from tokenmill.engines.sampling import TextAccumulator
 from tokenmill.errors import RequestTooLong, RowTimeLimit
+from tokenmill.host import GpuInfo
 from tokenmill.rows import CHAT, COMPLETIONS, DatasetRow, SamplingParams
 
 pytestmark = pytest.mark.model
@@ -419,3 +421,20 @@ def test_a_row_too_long_by_its_length_alone_is_refused_before_tokenizing(engine:
     refused = results["huge"]
     assert isinstance(refused, RequestTooLong) and "10000000 characters" in str(refused)
     assert "huge" not in tokenized and ok(results["fine"]).completion_tokens > 0
+
+
+@pytest.mark.gpu
+def test_full_offload_holds_the_weights_in_vram_and_generates(smollm2_path: Path, cuda_gpu: GpuInfo) -> None:
+    """-1 layers: every layer's weights go to the GPU (NVML sees at least the file's size more in use)."""
+    before = nvml_used_bytes(cuda_gpu.index)
+    engine = LlamaEngine(smollm2_path, "smollm2", n_ctx_per_seq=N_CTX, n_seq=8, n_threads=THREADS, n_gpu_layers=-1)
+    try:
+        grown = nvml_used_bytes(cuda_gpu.index) - before
+        assert grown >= 0.9 * smollm2_path.stat().st_size, f"{grown / 2**20:.0f} MiB more VRAM in use"
+        rows = [chat(f"r{i}", f"Name a colour and a number above {i}.", max_tokens=24) for i in range(16)]
+        results, _ = run(engine, rows)
+        for r in rows:
+            gen = ok(results[r.custom_id])
+            assert gen.text.strip() and 0 < gen.completion_tokens <= 24 and gen.finish_reason in ("stop", "length")
+    finally:
+        engine.close()

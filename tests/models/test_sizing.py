@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -122,6 +123,16 @@ def test_small_gpu_falls_back_to_mostly_cpu_offload() -> None:
     assert choice.device == "cuda" and 0 < choice.n_gpu_layers < 16
     assert choice.variant.quant == "q8_0"  # the CPU cap applies when the CPU does most of the work
     assert "mostly CPU" in choice.reason
+
+
+def test_a_gpu_without_room_for_one_layer_means_the_cpu_variant() -> None:
+    """A card whose free VRAM is under the margin (another process holds it) takes nothing: the CPU rules."""
+    busy = Capacity("busy", 8, 16, 32 * GiB, 30 * GiB, (GpuInfo(0, "NVIDIA T4", 16 * GiB, GiB // 4),), True)
+    choice = choose_variant("smollm2-135m-instruct", busy, n_ctx=2048, n_seq=9)
+    assert (choice.device, choice.n_gpu_layers, choice.gpu_index) == ("cpu", 0, None)
+    assert "too large for GPU0" in choice.reason
+    roomy = replace(busy, gpus=(GpuInfo(0, "NVIDIA T4", 16 * GiB, 15 * GiB),))
+    assert choose_variant("smollm2-135m-instruct", roomy, n_ctx=2048, n_seq=9).n_gpu_layers == -1
 
 
 def test_gpu_without_offload_build_uses_cpu() -> None:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -124,7 +126,7 @@ def test_gpus_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     gpus = detect_gpus()
     assert [g.name for g in gpus] == ["NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 3070"]
-    assert gpus[1] == GpuInfo(1, "NVIDIA GeForce RTX 3070", 8 * GiB, 7 * GiB)
+    assert gpus[1] == GpuInfo(1, "NVIDIA GeForce RTX 3070", 8 * GiB, 7 * GiB, uuid="GPU-bbbb")
     assert calls == ["init", "shutdown"]
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
@@ -133,6 +135,19 @@ def test_gpus_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [g.index for g in detect_gpus()] == [0]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert detect_gpus() == ()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bb, 0")  # a UUID prefix, as CUDA takes it, and an index
+    assert [g.index for g in detect_gpus()] == [0, 1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert detect_gpus() == ()
+
+
+def test_processes_are_pinned_by_uuid_which_cuda_and_nvml_agree_on() -> None:
+    """CUDA numbers devices fastest first, NVML by PCI bus: only the UUID names the same card to both."""
+    assert GpuInfo(1, "NVIDIA L4", 24 * GiB, 23 * GiB, uuid="GPU-bbbb").cuda_id == "GPU-bbbb"
+    stored_before_uuids = {"index": 1, "name": "NVIDIA L4", "vram_total_bytes": 1, "vram_free_bytes": 1}
+    cap = Capacity.from_json({"hostname": "h", "physical_cores": 1, "logical_cores": 1, "ram_total_bytes": 1,
+                              "ram_available_bytes": 1, "gpus": [stored_before_uuids]})
+    assert cap.gpus[0].cuda_id == "1"
 
 
 def test_no_driver_means_no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,3 +183,19 @@ def test_container_limits_cap_cores_and_memory(tmp_path: Path) -> None:
     (unlimited / "memory.max").write_text("max")
     assert capmod._cgroup_cpu_limit(unlimited) is None
     assert capmod._cgroup_memory(unlimited) is None
+
+
+@pytest.mark.gpu
+def test_nvml_and_the_cuda_build_see_the_gpu(cuda_gpu: GpuInfo) -> None:
+    """On a real GPU: NVML's view (with its UUID and clocks), the offload probe's yes, CUDA_VISIBLE_DEVICES."""
+    cap = detect()
+    assert cap.gpu_offload is True and cap.usable_gpus == cap.gpus
+    gpu = cap.gpus[0]
+    assert gpu.uuid.startswith("GPU-") and gpu.cuda_id == gpu.uuid
+    assert 4 * GiB < gpu.vram_total_bytes and 0 < gpu.vram_free_bytes <= gpu.vram_total_bytes
+    assert gpu.mem_bandwidth_bytes > 100 * 10**9, "NVML's memory clock and bus width were not read"
+    count = "from tokenmill.workers.capacity import detect_gpus; print(len(detect_gpus()))"
+    for visible, expected in (("", "0"), (gpu.uuid, "1"), (gpu.uuid[:12], "1")):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
+        out = subprocess.run([sys.executable, "-c", count], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, (visible, out.stdout, out.stderr)

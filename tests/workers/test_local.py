@@ -129,3 +129,14 @@ def test_worker_args_are_what_the_worker_command_parses(kwargs: dict[str, object
     worker = typer.main.get_command(app).commands["worker"]  # type: ignore[attr-defined]
     assert worker.make_context("worker", argv[4:]).params == {**WORKER_DEFAULTS, "model": "m", "engine": "stub",
                                                               **expected}
+
+
+def test_a_gpu_host_gets_one_worker_per_gpu_each_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local.psutil, "cpu_count", lambda logical=True: 16)
+    assert local.default_worker_count() == (4, 4)  # CPU: ~4 cores a process
+    assert local.default_worker_count(2) == (2, 8)  # GPUs: one process each, the cores split between them
+    pins = ["GPU-a", "GPU-b"]
+    assert [local.gpu_env(pins, i) for i in range(3)] == [
+        {"CUDA_VISIBLE_DEVICES": "GPU-a"}, {"CUDA_VISIBLE_DEVICES": "GPU-b"}, {"CUDA_VISIBLE_DEVICES": "GPU-a"}
+    ]  # fmt: skip
+    assert local.gpu_env([], 0) == {}

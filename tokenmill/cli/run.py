@@ -73,7 +73,7 @@ from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
 from tokenmill.store.states import ACTIVE_STATES, JobState, WorkerState
-from tokenmill.workers.capacity import detect
+from tokenmill.workers.capacity import detect, usable_gpus
 from tokenmill.workers.diskfull import FullWatch
 from tokenmill.workers.local import LocalFleet, default_worker_count
 from tokenmill.workers.selection import WorkerOptions, select_model
@@ -119,7 +119,8 @@ def run_cmd(
     """
     settings = settings_from(ctx)
     model, model_source = choose_model(path, model)
-    count, each = default_worker_count()
+    gpus = usable_gpus()  # one worker per GPU, each pinned to its own (asks llama.cpp only if NVML finds one)
+    count, each = default_worker_count(len(gpus))
     count = workers or count
     sub = build_submission(
         path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
@@ -145,7 +146,7 @@ def run_cmd(
     # Lines --skip-invalid refused, kept by job key so a resumed run still reports them (export merges).
     skipped = settings.data_dir / "skipped" / f"{job_key(path, sub.model, sub.options())}.jsonl"
     fleet = LocalFleet(settings, sub.model, count, threads or each, n_seq=n_seq, prefer=pref, schema_ready=True,
-                       n_ctx=sub.n_ctx)  # fmt: skip
+                       n_ctx=sub.n_ctx, gpu_pins=[g.cuda_id for g in gpus])  # fmt: skip
     opts = WorkerOptions(model=sub.model, n_seq=n_seq, n_ctx=sub.n_ctx or DEFAULT_CONTEXT, share=count, prefer=pref)
     job_id, fleet_needed = _submit_while_workers_start(store, settings, sub, opts, fleet, skipped, errors,
                                                        job_deadline, phases, keep_fleet=reduction is not None)

@@ -71,6 +71,10 @@ def _visible_filter() -> set[str] | None:
     return {item.strip() for item in raw.split(",") if item.strip()}
 
 
+def _listed(visible: set[str], index: int, uuid: str) -> bool:
+    return str(index) in visible or any(uuid.startswith(v) for v in visible if v.startswith("GPU"))
+
+
 def _nvml_bandwidth(pynvml: Any, handle: Any) -> int:
     """Peak VRAM bytes/s from the memory clock (MHz, double data rate) and the bus width; 0 when unknown."""
     try:
@@ -85,7 +89,8 @@ def detect_gpus() -> tuple[GpuInfo, ...]:
     """GPUs with their free VRAM from NVML; no driver (NVMLError) means no GPUs.
 
     NVML does not create a CUDA context, so this is safe before forking. CUDA_VISIBLE_DEVICES is
-    honoured when it lists NVML indices or GPU UUIDs (assumes CUDA_DEVICE_ORDER=PCI_BUS_ID).
+    honoured when it lists GPU UUIDs (what tokenmill pins its own workers by, :attr:`GpuInfo.cuda_id`) or
+    indices, which are read as NVML's: right under ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` or on a host of like GPUs.
     """
     try:
         import pynvml
@@ -101,11 +106,10 @@ def detect_gpus() -> tuple[GpuInfo, ...]:
     try:
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            if visible is not None:
-                uuid = pynvml.nvmlDeviceGetUUID(handle)
-                uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
-                if str(index) not in visible and not any(uuid.startswith(v) for v in visible if v.startswith("GPU")):
-                    continue
+            uuid = pynvml.nvmlDeviceGetUUID(handle)
+            uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+            if visible is not None and not _listed(visible, index, uuid):
+                continue
             name = pynvml.nvmlDeviceGetName(handle)
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
             gpus.append(
@@ -115,6 +119,7 @@ def detect_gpus() -> tuple[GpuInfo, ...]:
                     vram_total_bytes=int(mem.total),
                     vram_free_bytes=int(mem.free),
                     mem_bandwidth_bytes=_nvml_bandwidth(pynvml, handle),
+                    uuid=uuid,
                 )
             )
     except pynvml.NVMLError as exc:
@@ -152,6 +157,12 @@ def llama_gpu_offload(timeout: float = 120.0) -> bool:
         log.warning("llama_cpp failed to import (%s); assuming CPU only", out.stderr.strip()[-300:])
         return False
     return out.stdout.strip().endswith("1")
+
+
+def usable_gpus() -> tuple[GpuInfo, ...]:
+    """The GPUs this host's llama.cpp can use: NVML's, if the build offloads (asked only when NVML finds one)."""
+    gpus = detect_gpus()
+    return gpus if gpus and llama_gpu_offload() else ()
 
 
 def detect(*, probe_llama: bool | None = None, cgroup_root: Path = _CGROUP_ROOT) -> Capacity:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -60,11 +61,19 @@ def child_env(settings: Settings, **extra: str) -> dict[str, str]:
     return {**os.environ, **settings.as_env(), **extra, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
 
 
-def default_worker_count() -> tuple[int, int]:
-    """(processes, threads each): batched decoding wants whole cores per process, ~4 per process."""
+def default_worker_count(gpus: int = 0) -> tuple[int, int]:
+    """(processes, threads each): on a CPU host, batched decoding wants whole cores per process, ~4 per
+    process; on a host whose llama.cpp can use its ``gpus``, one process per GPU (a second process on the
+    same GPU would size its model against VRAM the first already holds)."""
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    processes = max(1, cores // 4)
+    processes = gpus if gpus > 0 else max(1, cores // 4)
     return processes, max(1, cores // processes)
+
+
+def gpu_env(pins: Sequence[str], i: int) -> dict[str, str]:
+    """Child ``i``'s pin to one GPU (round-robin over ``pins``, the GPUs' :attr:`GpuInfo.cuda_id`); none
+    without GPUs. A pinned child sees one GPU, so llama.cpp cannot spread its layers over the others."""
+    return {"CUDA_VISIBLE_DEVICES": pins[i % len(pins)]} if pins else {}
 
 
 class LocalFleet:
@@ -80,6 +89,7 @@ class LocalFleet:
         *,
         schema_ready: bool = False,
         n_ctx: int | None = None,
+        gpu_pins: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self.model = model
@@ -89,14 +99,15 @@ class LocalFleet:
         self.n_ctx = n_ctx  # context per sequence; None: the worker's default
         self.prefer = prefer
         self.extra_env = {**({SCHEMA_READY_ENV: "1"} if schema_ready else {}), **(extra_env or {})}
+        self.gpu_pins = tuple(gpu_pins)
         self.procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
         self.log_dir = Path(settings.data_dir) / "logs"
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = child_env(self.settings, **self.extra_env)
         for i in range(self.count):
+            env = child_env(self.settings, **self.extra_env, **gpu_env(self.gpu_pins, i))
             args = worker_argv(
                 model=self.model, engine=self.settings.engine, share=self.count, threads=self.threads_each,
                 name=f"local{i}", n_seq=self.n_seq, n_ctx=self.n_ctx, prefer=self.prefer,

@@ -26,17 +26,18 @@ from tokenmill.engine import Engine
 from tokenmill.engines import check_backend, load_backend
 from tokenmill.errors import ModelError, TokenmillError
 from tokenmill.host import Capacity
+from tokenmill.models.sizing import Choice
 from tokenmill.store import Store
 from tokenmill.store import workers as store_workers
 from tokenmill.workers import tasks
 from tokenmill.workers.diskfull import FullStop
 from tokenmill.workers.first_claim import FirstClaim
-from tokenmill.workers.local import PARENT_PID_ENV, SCHEMA_READY_ENV, child_env, worker_argv
+from tokenmill.workers.local import PARENT_PID_ENV, SCHEMA_READY_ENV, child_env, gpu_env, worker_argv
 from tokenmill.workers.metrics import WorkerMetrics, start_metrics_server
 from tokenmill.workers.runtime import WorkerRuntime
 from tokenmill.workers.selection import ModelSelection, WorkerOptions, select_model
 
-__all__ = ["WorkerOptions", "load_engine", "serve", "supervise"]
+__all__ = ["WorkerOptions", "load_engine", "pin_chosen_gpu", "serve", "supervise"]
 
 log = logging.getLogger(__name__)
 EXIT_MODEL_FAILED = 4
@@ -46,6 +47,7 @@ def load_engine(settings: Settings, opts: WorkerOptions, capacity: Capacity) -> 
     """Choose, fetch, verify and load the variant that fits this worker, with the backend ``settings.engine``."""
     sel = select_model(settings, opts, capacity)
     choice = sel.choice
+    pin_chosen_gpu(choice, capacity)
     threads = opts.threads or (choice.n_threads if choice is not None else max(1, (os.cpu_count() or 1) // opts.share))
     gpu_layers = choice.n_gpu_layers if choice is not None else (-1 if opts.gpu else 0)
     factory = load_backend(settings.engine)
@@ -59,6 +61,22 @@ def load_engine(settings: Settings, opts: WorkerOptions, capacity: Capacity) -> 
         row_time_limit=settings.row_time_limit,
     )
     return engine, sel
+
+
+def pin_chosen_gpu(choice: Choice | None, capacity: Capacity) -> None:
+    """A worker that sees several GPUs keeps only the one its variant was sized for.
+
+    The choice sizes the model against one GPU's free VRAM, while llama.cpp spreads a model's layers over
+    every GPU it sees. Pinning (CUDA_VISIBLE_DEVICES, by UUID) before llama.cpp starts CUDA in this process
+    makes the two agree; capacity detection asked llama.cpp about offload in a subprocess, so CUDA has not
+    started here yet. A worker that sees one GPU (`worker --concurrency`'s and `run`'s are pinned) is left as is.
+    """
+    if choice is None or choice.device != "cuda" or len(capacity.usable_gpus) < 2:
+        return
+    gpu = next((g for g in capacity.usable_gpus if g.index == choice.gpu_index), None)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu.cuda_id
+        log.info("pinned to GPU%d %s (%s)", gpu.index, gpu.name, gpu.cuda_id)
 
 
 def serve(settings: Settings, opts: WorkerOptions) -> int:
@@ -246,8 +264,8 @@ def supervise(
     """Start ``count`` single-process workers with the options ``argv`` (from local.worker_args) and pass
     signals on; ends when they all have.
 
-    On a GPU host each process is pinned to one GPU (CUDA_VISIBLE_DEVICES, round-robin), which is the
-    "one process per GPU" layout; child ``i`` serves metrics on ``metrics_port + i``. The children get
+    On a GPU host each process is pinned to one GPU (CUDA_VISIBLE_DEVICES by UUID, round-robin), which is
+    the "one process per GPU" layout; child ``i`` serves metrics on ``metrics_port + i``. The children get
     ``settings`` in their environment, so global flags (``--database-url``) reach them too.
     """
     from tokenmill.workers.capacity import detect_gpus
@@ -256,7 +274,7 @@ def supervise(
     gpus = detect_gpus() if use_gpus is not False else ()
     children: list[subprocess.Popen[bytes]] = []
     for i in range(count):
-        env = child_env(settings, **({"CUDA_VISIBLE_DEVICES": str(gpus[i % len(gpus)].index)} if gpus else {}))
+        env = child_env(settings, **gpu_env([g.cuda_id for g in gpus], i))
         args = worker_argv(
             model=opts.model, engine=settings.engine, share=count, threads=opts.threads, name=opts.name,
             n_seq=opts.n_seq, n_ctx=opts.n_ctx, gpu=opts.gpu, metrics_port=metrics_port + i if metrics_port else None,

@@ -64,6 +64,8 @@ def select_model(settings: Settings, opts: WorkerOptions, capacity: Capacity) ->
     family_name, quant = parse_model_ref(opts.model, catalog)
     if opts.gpu is False:
         capacity = capacity.without_gpus()
+    elif capacity.gpus and not capacity.gpu_offload:
+        warn_cpu_build(capacity)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     can_get = obtainable_predicate(
         settings.models_dir, sources=("local", "registry") if offline else ("local", "registry", "hub")
@@ -95,6 +97,15 @@ def select_model(settings: Settings, opts: WorkerOptions, capacity: Capacity) ->
                 raise
             failed[choice.variant.label] = str(exc)
             log.warning("cannot obtain %s (%s); trying the next variant", choice.variant.label, exc)
+
+
+def warn_cpu_build(capacity: Capacity) -> None:
+    """A GPU the installed llama.cpp cannot use is worth a warning: the choice quietly falls back to the CPU."""
+    names = ", ".join(f"GPU{g.index} {g.name}" for g in capacity.gpus)
+    log.warning(
+        "%s found, but the installed llama.cpp is built without GPU offload: running on the CPU. Reinstall "
+        'llama-cpp-python with CMAKE_ARGS="-DGGML_CUDA=on" to use it (README, "GPU")', names
+    )
 
 
 def _widest_batch(choice: Choice, family: Family, capacity: Capacity, opts: WorkerOptions) -> int:
