@@ -86,7 +86,7 @@ def grammar(text: str) -> str:
     except RecursionError:
         raise SchemaError("the schema is nested too deeply") from None
     try:
-        compiled = LLMatcher.grammar_from_json_schema(text, overrides=_OPTIONS)  # type: ignore[arg-type]
+        compiled = LLMatcher.grammar_from_json_schema(_strict_formats(schema), overrides=_OPTIONS)  # type: ignore[arg-type]
         failed, messages = LLMatcher.validate_grammar_with_warnings(compiled)
     except (ValueError, RuntimeError) as exc:
         raise SchemaError(_explain(str(exc))) from None
@@ -125,6 +125,41 @@ def _check_keywords(schema: Any, path: tuple[str, ...]) -> None:
             _check_keywords(sub, where)
 
 
+def _strict_formats(schema: Any) -> Any:
+    """The schema with date, time and date-time as tokenmill's stricter patterns (see :data:`_STRICT`)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _strict_formats(sub) for name, sub in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [_strict_formats(sub) for sub in value]
+        elif key in _SCHEMA_ONE:
+            out[key] = _strict_formats(value)
+    strict = _STRICT.get(out.get("format"))  # type: ignore[arg-type]
+    if strict is not None:
+        del out["format"]
+        pattern = f"^(?:{strict})$"
+        if "pattern" in out:
+            out["allOf"] = [*out.get("allOf", []), {"pattern": pattern}]
+        else:
+            out["pattern"] = pattern
+    return out
+
+
+# llguidance's own date formats let through 02-29 of any year, second 60 at any minute and year 0000: RFC
+# 3339's grammar, but not dates Python's datetime (or jsonschema's date check) can parse. These allow
+# only real calendar dates (years 0001-9999), seconds 00-59, an upper-case T and Z, and 1-9 fraction digits.
+_YEAR = r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"
+_LEAP = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DATE = (
+    rf"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+    rf"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)"
+)
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_STRICT = {"date": _DATE, "time": _TIME, "date-time": f"{_DATE}T{_TIME}"}
+
 _HINTS = {
     "nullable": ' (write the type as a list with \'null\', e.g. ["string", "null"])',
     "additionalItems": " (use 'prefixItems' and 'items')",
@@ -153,6 +188,8 @@ def _explain(message: str) -> str:
     found = _FORMAT.search(message)
     if found:
         return f"format {_quote(found.group(1).strip())} is not supported (supported: {', '.join(FORMATS)})"
+    if "min/maxProperties only supported" in message:
+        return "keywords 'minProperties' and 'maxProperties' are supported only when every property listed is required"
     if message.startswith("oneOf constraints are not supported"):
         return "keyword 'oneOf' is supported only when no value can match two of its branches; use anyOf"
     lines = [line.strip() for line in message.splitlines() if line.strip()]

@@ -8,6 +8,7 @@ vocabulary once per engine, on the first constrained row, so an engine that neve
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import numpy as np
@@ -20,12 +21,7 @@ class JsonConstraints:
     """The model's llguidance tokenizer and the compiled matcher of each schema seen, copied per row."""
 
     def __init__(self, llama_cpp: Any, vocab: Any, n_vocab: int) -> None:
-        from llguidance.llamacpp import lltokenizer_from_vocab
-
-        L = llama_cpp
-        # Every end-of-generation token (a chat template's turn end as well as EOS) may close the JSON.
-        ends = [t for t in range(n_vocab) if L.llama_vocab_is_eog(vocab, t)]
-        self._tokenizer = lltokenizer_from_vocab(vocab, n_vocab=n_vocab, eos_token=ends or None)
+        self._tokenizer = _tokenizer(llama_cpp, vocab, n_vocab)
         self.n_vocab = n_vocab
         self._compiled: dict[str, Any] = {}
 
@@ -48,6 +44,37 @@ class JsonConstraints:
                 self._compiled.pop(next(iter(self._compiled)))
             self._compiled[schema_text] = template
         return RowMatcher(template.deep_copy(), self.n_vocab)
+
+
+def _tokenizer(L: Any, vocab: Any, n_vocab: int) -> Any:
+    """llguidance's tokenizer over a llama.cpp vocabulary (as ``llguidance.llamacpp`` builds it, without the
+    deprecated llama.cpp call it makes). Control tokens are marked special, so no JSON text can be spelled
+    with them; every end-of-generation token (a chat turn's end as well as EOS) may close the JSON."""
+    from llguidance import LLTokenizer
+
+    buf = ctypes.create_string_buffer(1024)
+    pieces: list[bytes] = []
+    ends: list[int] = []
+    for token in range(n_vocab):
+        n = L.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            raise SamplerError(f"token {token} is longer than {len(buf)} bytes; cannot build the JSON matcher")
+        piece = buf.raw[:n]
+        attr = L.llama_vocab_get_attr(vocab, token)
+        control = attr & L.LLAMA_TOKEN_ATTR_CONTROL
+        if control or (attr & L.LLAMA_TOKEN_ATTR_USER_DEFINED and piece[:1] == b"<" and piece[-1:] == b">"):
+            piece = b"\xff" + piece
+        pieces.append(piece)
+        if L.llama_vocab_is_eog(vocab, token):
+            ends.append(token)
+    tokenize = ctypes.cast(L.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+    return LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
+        tokens=pieces,
+        vocab_ptr=vocab,
+        tokenize_fptr=tokenize,
+        eos_token=ends or int(L.llama_vocab_eos(vocab)),
+        slices=None,
+    )
 
 
 class RowMatcher:
