@@ -296,8 +296,9 @@ def test_every_schema_keyword_is_enforced_or_refused(engine: LlamaEngine, tmp_pa
             "response_format": _fmt(schema)}}
         for name, (prompt, schema) in FAMILIES.items()
     ]  # fmt: skip
+    cat = 'Return exactly this JSON: {"cat": "Tom", "age": 3}'
     lines.append({"custom_id": "json-object", "method": "POST", "url": CHAT, "body": {
-        "messages": [{"role": "user", "content": "Describe a cat in JSON: its name and its age."}], "max_tokens": 64, "temperature": 0,
+        "messages": [{"role": "user", "content": cat}], "max_tokens": 64, "temperature": 0,
         "response_format": {"type": "json_object"}}})  # fmt: skip
     path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     items = list(read_dataset(path, skip_invalid=True))
