@@ -19,6 +19,8 @@ import json
 import time
 from typing import Any
 
+import numpy as np
+
 from tokenmill.config import Settings
 from tokenmill.engine import Generation
 from tokenmill.engines.constrain import RowMatcher
@@ -82,7 +84,7 @@ class MaskClock:
         self.seconds, self.tokens = 0.0, 0
         allowed, accept = RowMatcher.allowed, RowMatcher.accept
 
-        def timed_allowed(matcher: RowMatcher) -> Any:
+        def timed_allowed(matcher: RowMatcher) -> np.ndarray:
             started = time.perf_counter()
             try:
                 return allowed(matcher)
@@ -97,8 +99,8 @@ class MaskClock:
             finally:
                 self.seconds += time.perf_counter() - started
 
-        RowMatcher.allowed = timed_allowed  # type: ignore[method-assign]
-        RowMatcher.accept = timed_accept  # type: ignore[method-assign]
+        RowMatcher.allowed = timed_allowed  # type: ignore[method-assign,assignment]
+        RowMatcher.accept = timed_accept  # type: ignore[method-assign,assignment]
 
 
 def main() -> None:

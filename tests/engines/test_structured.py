@@ -250,8 +250,8 @@ def _obj(name: str, prop: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": {name: prop}, "required": [name], "additionalProperties": False}
 
 
-_NODE = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}, "required": ["name", "child"],
-         "additionalProperties": False}  # fmt: skip
+_NODE: dict[str, Any] = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
+                         "required": ["name", "child"], "additionalProperties": False}  # fmt: skip
 _TREE = {"$defs": {"node": {**_NODE, "properties": {**_NODE["properties"], "child": {
     "anyOf": [{"type": "null"}, {"$ref": "#/$defs/node"}]}}}}, "$ref": "#/$defs/node"}  # fmt: skip
 _ROOT_TREE = {**_NODE, "properties": {**_NODE["properties"], "child": {"anyOf": [{"type": "null"}, {"$ref": "#"}]}}}
@@ -305,7 +305,7 @@ def test_every_schema_keyword_is_enforced_or_refused(engine: LlamaEngine, tmp_pa
     refused = {i.custom_id: i.error for i in items if isinstance(i, InvalidLine)}
     assert set(refused) == set(REFUSED)
     for name, words in REFUSED.items():
-        assert refused[name].field is not None and refused[name].field.startswith("body.response_format")
+        assert (refused[name].field or "").startswith("body.response_format")
         assert words in refused[name].reason and "is not supported" in refused[name].reason, str(refused[name])
     rows = [i for i in items if isinstance(i, DatasetRow)]
     results = run(engine, rows)
