@@ -210,6 +210,19 @@ def test_what_the_matcher_lets_through_validates(schema: dict[str, Any]) -> None
         assert_valid(schema, out)
 
 
+@pytest.mark.parametrize(
+    "schema", [{"type": "string"}, {"type": "object"}, {"type": "string", "pattern": "^[\\s\\S]*$"}]
+)
+def test_no_raw_control_character_inside_a_string(schema: dict[str, Any]) -> None:
+    """A newline in a string is written \\n; the raw byte would make the row's JSON unparsable."""
+    matcher = LLMatcher(_TOKENIZER, structured.grammar(structured.check(schema)), log_level=0)
+    opening = b'"a' if schema.get("type") == "string" else b'{"k": "a'
+    assert matcher.consume_tokens(list(opening)), matcher.get_error()
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    assert not bits[:0x20].any() and bits[ord("\\")] and bits[ord("b")]
+    assert matcher.consume_tokens(list(b"\\n")), "the escaped newline is allowed"
+
+
 def test_dates_are_calendar_dates_python_parses() -> None:
     """February 29 only in leap years, no second 60: what datetime.fromisoformat reads back."""
     import datetime
