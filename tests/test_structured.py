@@ -27,6 +27,7 @@ from tokenmill.errors import DatasetError
 from tokenmill.rows import CHAT, DatasetRow
 
 SCHEMA_FIELD = "body.response_format.json_schema.schema"
+_KEYS = sorted(structured.KEYWORDS | {"uniqueItems", "not", "x-y", "nullable"})
 EOS = 256
 
 
@@ -83,6 +84,29 @@ def test_what_cannot_be_enforced_is_refused_at_submit(tmp_path: Path, schema: An
     err = _refusal(tmp_path, schema)
     assert err.line == 1 and err.field == SCHEMA_FIELD + where, str(err)
     assert words in err.reason and "\n" not in str(err), str(err)
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 3)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(_KEYS), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(schema=st.dictionaries(st.sampled_from(_KEYS), _JSON, max_size=5))
+def test_any_schema_is_accepted_or_refused_in_one_line(schema: dict[str, Any]) -> None:
+    """Hostile schemas (keywords holding any JSON value) never crash the submit: a SchemaError or a grammar."""
+    try:
+        text = structured.check(schema)
+    except structured.SchemaError as exc:
+        assert exc.message and "\n" not in exc.message
+    else:
+        assert structured.grammar(text)
 
 
 def test_a_stop_string_cannot_cut_a_json_row(tmp_path: Path) -> None:

@@ -137,7 +137,8 @@ def _strict_formats(schema: Any) -> Any:
             out[key] = [_strict_formats(sub) for sub in value]
         elif key in _SCHEMA_ONE:
             out[key] = _strict_formats(value)
-    strict = _STRICT.get(out.get("format"))  # type: ignore[arg-type]
+    fmt = out.get("format")
+    strict = _STRICT.get(fmt) if isinstance(fmt, str) else None
     if strict is not None:
         del out["format"]
         pattern = f"^(?:{strict})$"
