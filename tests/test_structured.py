@@ -109,6 +109,14 @@ def test_any_schema_is_accepted_or_refused_in_one_line(schema: dict[str, Any]) -
         assert structured.grammar(text)
 
 
+def test_a_deeply_nested_schema_is_refused_not_crashed(tmp_path: Path) -> None:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(300):
+        schema = {"type": "array", "items": schema}
+    err = _refusal(tmp_path, schema)
+    assert err.field == SCHEMA_FIELD and err.reason == "the schema is nested too deeply", str(err)
+
+
 def test_a_stop_string_cannot_cut_a_json_row(tmp_path: Path) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "response_format": _fmt({"type": "object"}), "stop": "}"}
     with pytest.raises(DatasetError) as info:

@@ -83,10 +83,11 @@ def grammar(text: str) -> str:
         raise SchemaError("the schema must be a JSON object")
     try:
         _check_keywords(schema, ())
+        strict = _strict_formats(schema)
     except RecursionError:
         raise SchemaError("the schema is nested too deeply") from None
     try:
-        compiled = LLMatcher.grammar_from_json_schema(_strict_formats(schema), overrides=_OPTIONS)  # type: ignore[arg-type]
+        compiled = LLMatcher.grammar_from_json_schema(strict, overrides=_OPTIONS)  # type: ignore[arg-type]
         failed, messages = LLMatcher.validate_grammar_with_warnings(compiled)
     except (ValueError, RuntimeError) as exc:
         raise SchemaError(_explain(str(exc))) from None
@@ -189,6 +190,8 @@ def _explain(message: str) -> str:
     found = _FORMAT.search(message)
     if found:
         return f"format {_quote(found.group(1).strip())} is not supported (supported: {', '.join(FORMATS)})"
+    if "recursion limit exceeded" in message:
+        return "the schema is nested too deeply"
     if "min/maxProperties only supported" in message:
         return "keywords 'minProperties' and 'maxProperties' are supported only when every property listed is required"
     if message.startswith("oneOf constraints are not supported"):
