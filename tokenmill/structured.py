@@ -4,9 +4,9 @@ Schemas are compiled by llguidance (the grammar engine behind llama.cpp's LLGuid
 SGLang), which turns numeric bounds, ``multipleOf``, string lengths, ``pattern``, ``format``, array
 sizes, ``anyOf``/``$ref`` (recursion included) into a token-level matcher. Submit and worker call the same
 :func:`grammar`, so a schema accepted here is exactly the one decoding enforces. llguidance refuses the
-keywords it knows it cannot enforce, but quietly passes over names it does not know (a typo, ``nullable``,
-``uniqueItems`` misspelt); a silently dropped keyword is the one failure this module exists to prevent, so
-every key of every subschema must be on :data:`KEYWORDS`, or the schema is refused naming it.
+keywords it knows it cannot enforce, but quietly passes over names it does not know (a misspelt keyword,
+OpenAPI's ``nullable``, draft-4 forms); a silently dropped keyword is the one failure this module exists
+to prevent, so every key of every subschema must be on :data:`KEYWORDS`, or the schema is refused naming it.
 
 This module never touches llama.cpp: the submitting host may have no model and must not load ggml.
 """
@@ -70,9 +70,24 @@ def check(schema: dict[str, Any]) -> str:
     return text
 
 
-@lru_cache(maxsize=256)
 def grammar(text: str) -> str:
     """The llguidance grammar of a stored schema, validated by llguidance's own compiler; SchemaError if not."""
+    compiled = _compile(text)
+    if isinstance(compiled, SchemaError):
+        raise SchemaError(compiled.message, compiled.path)
+    return compiled
+
+
+@lru_cache(maxsize=256)
+def _compile(text: str) -> str | SchemaError:
+    """Refusals are cached too: a file repeating one bad schema on every line (--skip-invalid) compiles it once."""
+    try:
+        return _compile_uncached(text)
+    except SchemaError as exc:
+        return exc
+
+
+def _compile_uncached(text: str) -> str:
     from llguidance import LLMatcher  # a few ms to import; only rows that ask for JSON pay it
 
     try:
