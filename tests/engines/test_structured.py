@@ -287,7 +287,7 @@ REFUSED = {"refused-unique-items": "'uniqueItems'", "refused-not": "'not'", "ref
            "refused-format": "format 'color'"}  # fmt: skip
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_every_schema_keyword_is_enforced_or_refused(engine: LlamaEngine, tmp_path: Path) -> None:
     path = tmp_path / "schemas.jsonl"
     lines = [
