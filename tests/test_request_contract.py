@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tokenmill import gbnf
+from tokenmill import gbnf, structured
 from tokenmill.cache import request_hash
 from tokenmill.datasets import read_dataset
 from tokenmill.errors import DatasetError
@@ -123,17 +123,18 @@ def test_allow_unknown_fields_counts_one_warning_per_name(tmp_path: Path) -> Non
     assert "'body.foo' on 1 line (first on line 4)" in " ".join(warnings)
 
 
-def test_json_schema_becomes_a_grammar(tmp_path: Path) -> None:
+def test_json_schema_is_stored_for_the_worker_to_enforce(tmp_path: Path) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA, "strict": True}}
     row = one(tmp_path, batch({"messages": USER, "response_format": fmt}))
-    assert row.params.grammar is not None and "root ::=" in row.params.grammar
-    gbnf.check_grammar(row.params.grammar)
+    assert row.params.json_schema is not None and json.loads(row.params.json_schema) == SCHEMA
+    assert row.params.grammar is None  # schemas never pass through GBNF
+    structured.grammar(row.params.json_schema)  # what the worker compiles, compiles
     plain = one(tmp_path, batch({"messages": USER, "response_format": {"type": "text"}}))
-    assert plain.params.grammar is None
+    assert plain.params.json_schema is None and plain.params.grammar is None
     generic = one(tmp_path, batch({"messages": USER, "response_format": {"type": "json_object"}}))
-    assert generic.params.grammar == gbnf.json_grammar()
+    assert generic.params.json_schema == structured.JSON_OBJECT
     with_schema = one(tmp_path, batch({"messages": USER, "response_format": {"type": "json_object", "schema": SCHEMA}}))
-    assert with_schema.params.grammar == row.params.grammar
+    assert with_schema.params.json_schema == row.params.json_schema
 
 
 @pytest.mark.parametrize(
@@ -173,7 +174,6 @@ def test_good_grammars_pass_the_check() -> None:
         'root ::= [a-z]+ "x"{2,3}',
         'root ::= ("a" | "b")* "c" # note\n',
         'root ::= "a" | ',
-        gbnf.json_grammar(),
     ]:
         gbnf.check_grammar(text)
 

@@ -1,24 +1,19 @@
-"""Structured output at submit time: JSON schema → GBNF, and a GBNF check that needs no model.
+"""The ``grammar`` field at submit time: a GBNF check that needs no model.
 
-A schema or grammar that llama.cpp cannot compile must fail its line before any model loads, and the
-submitting host may have neither the model nor llama.cpp initialised (it must not touch ggml in a parent
-that forks). So the grammar is checked here by a parser that follows llama.cpp's own
-(``llama-grammar.cpp``: rules, literals, classes, groups, repetitions, undefined rules, a ``root`` rule,
-left recursion), and schemas are converted by llama-cpp-python's pure-Python converter, loaded from its
-file so the native library is not loaded. The worker still compiles the grammar with llama.cpp and fails
-the row (never falls back to unconstrained) if that disagrees.
+A grammar that llama.cpp cannot compile must fail its line before any model loads, and the submitting
+host may have neither the model nor llama.cpp initialised (it must not touch ggml in a parent that
+forks). So the grammar is checked here by a parser that follows llama.cpp's own (``llama-grammar.cpp``:
+rules, literals, classes, groups, repetitions, undefined rules, a ``root`` rule, left recursion). The
+worker still compiles the grammar with llama.cpp and fails the row (never falls back to unconstrained)
+if that disagrees. JSON schemas do not pass through GBNF: see :mod:`tokenmill.structured`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
-from types import ModuleType
-from typing import Any
 
 MAX_REPETITIONS = 2000  # llama.cpp's MAX_REPETITION_THRESHOLD
 MAX_GRAMMAR_CHARS = 64 * 1024  # a user's grammar, or the one a response_format schema converts to
@@ -28,51 +23,7 @@ _ESCAPES = {"t": "\t", "r": "\r", "n": "\n", "\\": "\\", '"': '"', "[": "[", "]"
 
 
 class GrammarError(ValueError):
-    """The grammar or schema cannot be compiled; the message is one line."""
-
-
-@lru_cache(maxsize=1)
-def _converter() -> ModuleType:
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        raise GrammarError("llama-cpp-python is not installed; it converts JSON schemas to grammars")
-    path = f"{next(iter(spec.submodule_search_locations))}/llama_grammar.py"
-    loader = importlib.util.spec_from_file_location("tokenmill._llama_grammar", path)
-    if loader is None or loader.loader is None:
-        raise GrammarError("llama-cpp-python's llama_grammar.py was not found")
-    module = importlib.util.module_from_spec(loader)
-    sys.modules.setdefault("tokenmill._llama_grammar", module)
-    loader.loader.exec_module(module)
-    return module
-
-
-def json_grammar() -> str:
-    """Any JSON object: what ``{"type": "json_object"}`` without a schema asks for."""
-    return str(_converter().JSON_GBNF)
-
-
-@lru_cache(maxsize=256)
-def _schema_text_to_gbnf(text: str) -> str:
-    try:
-        grammar = str(_converter().json_schema_to_gbnf(text))
-    except GrammarError:
-        raise
-    except RecursionError:
-        raise GrammarError("the schema is nested too deeply to convert") from None
-    except Exception as exc:  # the converter asserts and raises bare errors on what it cannot express
-        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise GrammarError(f"the schema cannot be turned into a grammar: {detail}") from None
-    check_grammar(grammar)
-    return grammar
-
-
-def schema_to_gbnf(schema: dict[str, Any]) -> str:
-    """The GBNF llama.cpp constrains decoding with; GrammarError when the schema cannot be expressed."""
-    try:
-        text = json.dumps(schema, sort_keys=False, ensure_ascii=False)
-    except (RecursionError, ValueError):
-        raise GrammarError("the schema is nested too deeply to convert") from None
-    return _schema_text_to_gbnf(text)
+    """The grammar cannot be compiled; the message is one line."""
 
 
 Alts = list[list[tuple[str | None, bool]]]  # a rule's alternatives: (referenced rule or None, may be empty)

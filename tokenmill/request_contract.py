@@ -10,11 +10,12 @@ The README's "Request fields" table lists the same sets.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill import gbnf
+from tokenmill import gbnf, structured
 from tokenmill.dataset_fields import FieldError, describe, integer, number, show, text_value
 from tokenmill.rows import CHAT
 
@@ -136,9 +137,7 @@ def extra_overrides(src: Mapping[str, Any], endpoint: str, prefix: str) -> dict[
     logprobs = _logprobs(src, endpoint, prefix)
     if logprobs is not None:
         out["logprobs"] = logprobs
-    grammar = grammar_of(src, prefix)
-    if grammar is not None:
-        out["grammar"] = grammar
+    out.update(constraint_of(src, prefix))
     if src.get("n") is not None:
         out["n"] = integer(src["n"], prefix + "n", 1, MAX_N)
     return {k: v for k, v in out.items() if not (k == "n" and v == 1)}
@@ -187,14 +186,22 @@ def _logprobs(src: Mapping[str, Any], endpoint: str, prefix: str) -> int | None:
     return 0 if value else None
 
 
-def grammar_of(src: Mapping[str, Any], prefix: str) -> str | None:
-    """The GBNF a line's ``response_format`` or ``grammar`` asks for; a line error when it cannot compile."""
+def constraint_of(src: Mapping[str, Any], prefix: str) -> dict[str, str]:
+    """What constrains a line's decoding: ``{"json_schema": …}`` from ``response_format``, ``{"grammar": …}``
+    from tokenmill's own GBNF field, or nothing; a line error when it cannot be enforced."""
     fmt, own = src.get("response_format"), src.get("grammar")
-    from_format = _format_grammar(fmt, prefix + "response_format") if fmt is not None else None
-    if own is None:
-        return from_format
-    if from_format is not None:
+    schema = response_format_schema(fmt, prefix + "response_format") if fmt is not None else None
+    if schema is not None and own is not None:
         raise FieldError("set either grammar or a json response_format, not both", prefix + "grammar")
+    if schema is not None:
+        if src.get("stop"):
+            raise FieldError(
+                "cannot be combined with a JSON response_format: a stop string inside the JSON would cut it",
+                prefix + "stop",
+            )
+        return {"json_schema": schema}
+    if own is None:
+        return {}
     if isinstance(own, str) and len(own) > MAX_GRAMMAR_CHARS:
         raise FieldError(f"is longer than {MAX_GRAMMAR_CHARS // 1024} KiB", prefix + "grammar")
     text = text_value(own, prefix + "grammar", allow_empty=False)
@@ -202,10 +209,12 @@ def grammar_of(src: Mapping[str, Any], prefix: str) -> str | None:
         gbnf.check_grammar(text)
     except gbnf.GrammarError as exc:
         raise FieldError(f"cannot be compiled: {exc}", prefix + "grammar") from None
-    return text
+    return {"grammar": text}
 
 
-def _format_grammar(fmt: Any, where: str) -> str | None:
+def response_format_schema(fmt: Any, where: str) -> str | None:
+    """The stored JSON schema a ``response_format`` asks for (None for text); refused naming the keyword
+    decoding could not enforce, checked by the compiler the worker decodes with."""
     if not isinstance(fmt, dict):
         raise FieldError(f"must be an object with a 'type', got {describe(fmt)}", where)
     kind = fmt.get("type")
@@ -213,7 +222,7 @@ def _format_grammar(fmt: Any, where: str) -> str | None:
         return None
     if kind == "json_object":
         schema = fmt.get("schema")
-        return gbnf.json_grammar() if schema is None else _schema_grammar(schema, f"{where}.schema")
+        return structured.JSON_OBJECT if schema is None else _schema(schema, f"{where}.schema")
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict):
@@ -222,11 +231,11 @@ def _format_grammar(fmt: Any, where: str) -> str | None:
             )
         if "schema" not in spec:
             raise FieldError("missing", f"{where}.json_schema.schema")
-        return _schema_grammar(spec["schema"], f"{where}.json_schema.schema")
+        return _schema(spec["schema"], f"{where}.json_schema.schema")
     raise FieldError(f"unsupported type {show(kind)} (text, json_object or json_schema)", f"{where}.type")
 
 
-def _schema_grammar(schema: Any, where: str) -> str:
+def _schema(schema: Any, where: str) -> str:
     if not isinstance(schema, dict):
         raise FieldError(f"must be a JSON schema object, got {describe(schema)}", where)
     try:
@@ -236,9 +245,14 @@ def _schema_grammar(schema: Any, where: str) -> str:
     if size > MAX_SCHEMA_CHARS:
         raise FieldError(f"is longer than {MAX_SCHEMA_CHARS // 1024} KiB as JSON", where)
     try:
-        grammar = gbnf.schema_to_gbnf(schema)
-    except gbnf.GrammarError as exc:
-        raise FieldError(f"cannot be compiled: {exc}", where) from None
-    if len(grammar) > MAX_GRAMMAR_CHARS:
-        raise FieldError(f"compiles to a grammar longer than {MAX_GRAMMAR_CHARS // 1024} KiB", where)
-    return grammar
+        return structured.check(schema)
+    except structured.SchemaError as exc:
+        raise FieldError(exc.message, where + "".join(_step(key) for key in exc.path)) from None
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_$-]{1,60}")
+
+
+def _step(key: str) -> str:
+    """One key of a path inside a schema, as the field name shows it: .properties.name, or ['odd key']."""
+    return f".{key}" if _PLAIN_KEY.fullmatch(key) else f"[{show(key)}]"

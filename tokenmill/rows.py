@@ -6,7 +6,7 @@ types, so they live below every one of them (see docs/architecture.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 CHAT = "/v1/chat/completions"
@@ -33,49 +33,43 @@ class SamplingParams:
     min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) sorted by token id
     logprobs: int | None = None  # alternatives per token to report; None: no logprobs
-    grammar: str | None = None  # GBNF constraining decoding (from response_format or `grammar`)
+    grammar: str | None = None  # GBNF constraining decoding (the `grammar` field), run by llama.cpp
     n: int = 1
+    json_schema: str | None = None  # compact JSON schema constraining decoding (see tokenmill.structured)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "stop": list(self.stop),
-            "seed": self.seed,
-        }
-        for name, default in _EXTRA_DEFAULTS.items():
-            value = getattr(self, name)
-            if value != default:
-                out[name] = [list(pair) for pair in value] if name == "logit_bias" else value
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _ALWAYS_STORED or value != f.default:
+                out[f.name] = _jsonable(value)
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SamplingParams:
-        extras = {k: data[k] for k in _EXTRA_DEFAULTS if data.get(k) is not None}
-        if "logit_bias" in extras:
-            extras["logit_bias"] = tuple((int(t), float(b)) for t, b in extras["logit_bias"])
-        return cls(
-            max_tokens=int(data["max_tokens"]),
-            temperature=float(data["temperature"]),
-            top_p=float(data["top_p"]),
-            stop=tuple(data.get("stop") or ()),
-            seed=data.get("seed"),
-            **extras,
-        )
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            value = data.get(f.name)
+            if value is None:
+                continue
+            if isinstance(f.default, tuple):
+                value = _tuples(value)
+            elif isinstance(f.default, float) and isinstance(value, int):
+                value = float(value)  # JSON keeps 0 and 0.0 apart; the params (and their hash) must not
+            values[f.name] = value
+        return cls(**values)
 
 
-_EXTRA_DEFAULTS: dict[str, Any] = {
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "top_k": 0,
-    "min_p": 0.0,
-    "logit_bias": (),
-    "logprobs": None,
-    "grammar": None,
-    "n": 1,
-}
+# Stored whatever their value: every payload written so far has them, and a cache key is the payload's hash.
+_ALWAYS_STORED = frozenset({"max_tokens", "temperature", "top_p", "stop", "seed"})
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import jsonschema_rs
 import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
+from tokenmill.datasets import InvalidLine, read_dataset
 from tokenmill.engine import Generation
 from tokenmill.engines.llama import LlamaEngine
 from tokenmill.errors import RowRefused
@@ -240,3 +242,78 @@ def test_user_text_never_becomes_control_tokens(engine: LlamaEngine) -> None:
     # ordinary text tokenizes exactly as the whole rendered prompt did before
     whole = engine._chat_formatter()(messages=[{"role": "user", "content": "Summarise this."}]).prompt
     assert benign == engine.tokenize(whole)
+
+
+# One keyword family per line, as a user's file would hold them: each row either stops with JSON valid
+# against its schema (formats checked), or its line is refused at submit naming the keyword.
+def _obj(name: str, prop: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": {name: prop}, "required": [name], "additionalProperties": False}
+
+
+_NODE: dict[str, Any] = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
+                         "required": ["name", "child"], "additionalProperties": False}  # fmt: skip
+_TREE = {"$defs": {"node": {**_NODE, "properties": {**_NODE["properties"], "child": {
+    "anyOf": [{"type": "null"}, {"$ref": "#/$defs/node"}]}}}}, "$ref": "#/$defs/node"}  # fmt: skip
+_ROOT_TREE = {**_NODE, "properties": {**_NODE["properties"], "child": {"anyOf": [{"type": "null"}, {"$ref": "#"}]}}}
+_COPY = 'Return exactly this JSON: {"name": "Ann", "child": {"name": "Bo", "child": null}}'
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "min-max-stars": ("Rate the film 'Jaws' from 1 to 10 stars. I loved it: 10 stars!", _obj("stars", {
+        "type": "integer", "minimum": 1, "maximum": 5})),
+    "number-max-1": ("The score is 72. Report the score.", _obj("score", {"type": "number", "maximum": 1})),
+    "exclusive": ("Give a probability.", _obj("p", {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1})),
+    "multiple-of": ("How many eggs in two dozen?", _obj("eggs", {"type": "integer", "multipleOf": 5})),
+    "string-length": ("Name a fruit.", _obj("fruit", {"type": "string", "minLength": 3, "maxLength": 6})),
+    "pattern": ("Give a flight code.", _obj("code", {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"})),
+    "format-email": ("Write Bob's work email.", _obj("email", {"type": "string", "format": "email"})),
+    "format-date": ("When did the Berlin wall fall?", _obj("date", {"type": "string", "format": "date"})),
+    "format-date-time": ("When does the meeting start?", _obj("at", {"type": "string", "format": "date-time"})),
+    "format-time": ("When do shops open?", _obj("opens", {"type": "string", "format": "time"})),
+    "format-uuid": ("Make up an order id.", _obj("id", {"type": "string", "format": "uuid"})),
+    "format-ipv4": ("What is the router's address?", _obj("ip", {"type": "string", "format": "ipv4"})),
+    "raw-newline": ("Write a two-line poem about the sea, one line per line.", _obj("poem", {"type": "string"})),
+    "items": ("List some colours.", _obj("colours", {
+        "type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 2, "maxItems": 3})),
+    "enum-const": ("Is it sunny?", {"type": "object", "properties": {
+        "answer": {"enum": ["yes", "no"]}, "v": {"const": 2}}, "required": ["answer", "v"]}),
+    "any-of": ("Give a size.", _obj("size", {"anyOf": [{"type": "integer", "maximum": 9}, {"enum": ["S", "M"]}]})),
+    "defs-ref-recursion": (_COPY, _TREE),
+    "root-ref-recursion": (_COPY, _ROOT_TREE),
+    "refused-unique-items": ("List tags.", _obj("tags", {"type": "array", "uniqueItems": True})),
+    "refused-not": ("Say something.", _obj("x", {"not": {"type": "null"}})),
+    "refused-nullable": ("Say something.", _obj("x", {"type": "string", "nullable": True})),
+    "refused-format": ("Give a colour.", _obj("c", {"type": "string", "format": "color"})),
+}  # fmt: skip
+REFUSED = {"refused-unique-items": "'uniqueItems'", "refused-not": "'not'", "refused-nullable": "'nullable'",
+           "refused-format": "format 'color'"}  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_every_schema_keyword_is_enforced_or_refused(engine: LlamaEngine, tmp_path: Path) -> None:
+    path = tmp_path / "schemas.jsonl"
+    lines = [
+        {"custom_id": name, "method": "POST", "url": CHAT, "body": {
+            "messages": [{"role": "user", "content": prompt}], "max_tokens": 64, "temperature": 0,
+            "response_format": _fmt(schema)}}
+        for name, (prompt, schema) in FAMILIES.items()
+    ]  # fmt: skip
+    cat = 'Return exactly this JSON: {"cat": "Tom", "age": 3}'
+    lines.append({"custom_id": "json-object", "method": "POST", "url": CHAT, "body": {
+        "messages": [{"role": "user", "content": cat}], "max_tokens": 64, "temperature": 0,
+        "response_format": {"type": "json_object"}}})  # fmt: skip
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    items = list(read_dataset(path, skip_invalid=True))
+    refused = {i.custom_id: i.error for i in items if isinstance(i, InvalidLine)}
+    assert set(refused) == set(REFUSED)
+    for name, words in REFUSED.items():
+        assert (refused[name].field or "").startswith("body.response_format")
+        assert words in refused[name].reason and "is not supported" in refused[name].reason, str(refused[name])
+    rows = [i for i in items if isinstance(i, DatasetRow)]
+    results = run(engine, rows)
+    for row in rows:
+        gen = ok(results[row.custom_id])
+        assert gen.finish_reason == "stop", (row.custom_id, gen.text)
+        value = json.loads(gen.text)  # a raw control character in a string would fail here
+        schema = FAMILIES[row.custom_id][1] if row.custom_id in FAMILIES else {"type": "object"}
+        checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+        jsonschema.Draft202012Validator(schema, format_checker=checker).validate(value)
+        assert jsonschema_rs.validator_for(schema, validate_formats=True).is_valid(value), (row.custom_id, value)

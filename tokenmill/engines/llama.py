@@ -32,6 +32,7 @@ from typing import Any
 from tokenmill.engine import Generation, OnDone, Refill, RowQueue, SlotUse, TokenLogprob
 from tokenmill.engines import llama_guard
 from tokenmill.engines.choices import ChoiceMerger
+from tokenmill.engines.constrain import JsonConstraints, RowMatcher
 from tokenmill.engines.llama_embed import LlamaEmbedder
 from tokenmill.engines.prefix import best_shared_prefix, common_prefix_len
 from tokenmill.engines.sampling import RowSampler, TextAccumulator
@@ -109,6 +110,7 @@ class LlamaEngine:
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
         self._formatter: Any = None
+        self._constraints: JsonConstraints | None = None
         self._embedder: LlamaEmbedder | None = None  # an embeddings context on these weights, made on first use
         self._longest_token: int | None = None
         self.slot_use = SlotUse()
@@ -438,8 +440,10 @@ class LlamaEngine:
                 f"the model context is {self.n_ctx} per request"
             )
         stops = list(params.stop)
-        if row.endpoint == CHAT and self._eos != -1:
-            stops.append(self._token_text(self._eos))  # what create_chat_completion adds
+        if row.endpoint == CHAT and self._eos != -1 and params.json_schema is None:
+            # What create_chat_completion adds; a JSON row ends on the token alone, since a string in
+            # the JSON may spell the marker as plain text and cutting there would break the JSON.
+            stops.append(self._token_text(self._eos))
         text = TextAccumulator(stops)
         cached = 0
         if self._prefix and follows is None:
@@ -450,7 +454,7 @@ class LlamaEngine:
             row=row,
             prompt=tokens,
             max_tokens=max_tokens,
-            sampler=RowSampler(self._L, self._vocab, params, self._n_vocab),
+            sampler=RowSampler(self._L, self._vocab, params, self._n_vocab, mask=self._json_mask(row)),
             text=text,
             cached=cached,
             n_past=cached,
@@ -464,6 +468,14 @@ class LlamaEngine:
             if cached < len(self._prefix):
                 self._L.llama_memory_seq_rm(self._mem, seq_id, cached, -1)
         return seq
+
+    def _json_mask(self, row: DatasetRow) -> RowMatcher | None:
+        schema = row.params.json_schema
+        if schema is None:
+            return None
+        if self._constraints is None:
+            self._constraints = JsonConstraints(self._L, self._vocab, self._n_vocab)
+        return self._constraints.matcher(schema)
 
     def _attach_followers(self, active: list[_Seq]) -> None:
         """Give each waiting n > 1 sibling its leader's prompt KV, once the leader has evaluated it.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,6 +24,14 @@ _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float3
 
 class SamplerError(RowRefused):
     """A row's sampling request cannot be set up on this model (bad token id, grammar llama.cpp refuses)."""
+
+
+class TokenMask(Protocol):
+    """A JSON-schema row's matcher (see :mod:`.constrain`): the tokens allowed next, and the one taken."""
+
+    def allowed(self) -> np.ndarray: ...
+
+    def accept(self, token: int) -> None: ...
 
 
 def make_sampler(llama_cpp: Any, params: SamplingParams, *, n_vocab: int = 0, seed_offset: int = 0) -> Any:
@@ -103,18 +111,28 @@ class _Candidates:
 
 
 class RowSampler:
-    """Sampling for one sequence: the chain, an optional grammar, and the logprobs the row asked for.
+    """Sampling for one sequence: the chain, an optional grammar or JSON mask, and the logprobs asked for.
 
-    A row without grammar or logprobs is sampled by ``llama_sampler_sample`` as before. A constrained
+    A row without grammar, mask or logprobs is sampled by ``llama_sampler_sample`` as before. A GBNF
     row follows llama.cpp's ``common_sampler_sample``: sample with the chain, check only the picked
     token against the grammar (one candidate, cheap), and only when it breaks the grammar apply the
-    grammar to the whole vocabulary and sample again. Applying it to all tokens on every step is what
-    makes grammar-constrained decoding slow.
+    grammar to the whole vocabulary and sample again; llama.cpp's grammar over all tokens on every step
+    is what makes it slow. A JSON-schema row's mask costs tens of microseconds for the whole vocabulary,
+    so it is applied to the logits on every step, before the chain. Logprobs are the model's own, unmasked.
     """
 
-    def __init__(self, llama_cpp: Any, vocab: Any, params: SamplingParams, n_vocab: int, seed_offset: int = 0) -> None:
+    def __init__(
+        self,
+        llama_cpp: Any,
+        vocab: Any,
+        params: SamplingParams,
+        n_vocab: int,
+        seed_offset: int = 0,
+        mask: TokenMask | None = None,
+    ) -> None:
         self._L = llama_cpp
         self.n_vocab = n_vocab
+        self.mask = mask
         self.top_logprobs = params.logprobs
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.grammar: Any = None
@@ -129,10 +147,10 @@ class RowSampler:
 
     def sample(self, ctx: Any, idx: int) -> int:
         L = self._L
-        if self.grammar is None and self.logprobs is None:
+        if self.grammar is None and self.logprobs is None and self.mask is None:
             return int(L.llama_sampler_sample(self.chain, ctx, idx))
         logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
-        token = self._pick(logits)
+        token = self._pick(logits) if self.mask is None else self._pick_allowed(logits, self.mask)
         if self.grammar is not None:
             L.llama_sampler_accept(self.grammar, token)
         L.llama_sampler_accept(self.chain, token)
@@ -161,6 +179,16 @@ class RowSampler:
         L.llama_sampler_apply(self.grammar, ref)
         L.llama_sampler_apply(self.chain, ref)
         return int(self._all.data["id"][self._all.array.selected])
+
+    def _pick_allowed(self, logits: np.ndarray, mask: TokenMask) -> int:
+        """The chain's pick among the tokens the JSON schema allows; the matcher takes it."""
+        if self._all is None:
+            self._all = _Candidates.create(self._L, self.n_vocab)
+        ref = self._all.fill(np.where(mask.allowed(), logits, -np.inf))
+        self._L.llama_sampler_apply(self.chain, ref)
+        token = int(self._all.data["id"][self._all.array.selected])
+        mask.accept(token)
+        return token
 
     def free(self) -> None:
         for name in ("chain", "grammar"):
