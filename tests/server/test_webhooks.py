@@ -44,6 +44,7 @@ from tokenmill.server.webhooks import WebhookSender, backoff
 from tokenmill.store import Store
 from tokenmill.store import batches as store_batches
 from tokenmill.store import webhooks as store_webhooks
+from tokenmill.store.states import BatchStatus
 from tokenmill.store.tables import ApiBatch, WebhookDelivery
 
 KEY_A, KEY_B, KEY_C = API_KEYS
@@ -250,7 +251,7 @@ def test_two_senders_share_the_queue_without_sending_twice(any_store: Store, set
         with any_store.session() as s:
             b = store_batches.create_batch(s, owner=owner, endpoint=CHAT, input_file_id="file-x",
                                            completion_window="24h", metadata=None, idempotency_key=None)  # fmt: skip
-            store_batches.request_cancel(b)
+            assert store_batches.request_cancel(s, b.id).status == BatchStatus.CANCELLED
             ids.append(b.id)
     stop = threading.Event()
     threads = [threading.Thread(target=WebhookSender(any_store, keyed).run, args=(stop, 0.05)) for _ in range(2)]
