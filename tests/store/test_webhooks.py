@@ -8,7 +8,7 @@ import random
 import time
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from tokenmill.store import Store
@@ -61,6 +61,23 @@ def test_the_event_commits_with_the_final_state_or_not_at_all(any_store: Store) 
     assert (d.owner, d.type, d.batch_id, d.state, d.attempts) == (
         "key_" + "a" * 24, "batch.failed", batch_id, DeliveryState.PENDING, 0
     )  # fmt: skip
+
+
+def test_a_batch_whose_window_ran_out_while_validating_sends_batch_expired(any_store: Store) -> None:
+    """expire_validating takes the batch from any lease holder: its event commits with it, or not at all."""
+    batch_id = _batch(any_store)
+    _claimed(any_store, batch_id)
+    with any_store.session() as s:
+        s.execute(update(ApiBatch).where(ApiBatch.id == batch_id).values(expires_at=time.time() - 1))
+    with pytest.raises(RuntimeError), any_store.session() as s:
+        assert store_batches.expire_validating(s, batch_id) == (True, None)
+        raise RuntimeError("the transition's transaction dies before commit")
+    assert _deliveries(any_store) == []
+    with any_store.session() as s:
+        assert store_batches.expire_validating(s, batch_id) == (True, None)
+        assert store_batches.expire_validating(s, batch_id) == (False, None)  # once
+    (d,) = _deliveries(any_store)
+    assert (d.type, d.batch_id, d.state) == ("batch.expired", batch_id, DeliveryState.PENDING)
 
 
 def test_a_second_final_event_for_the_same_batch_rolls_its_transaction_back(any_store: Store) -> None:
