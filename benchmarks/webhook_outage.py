@@ -32,6 +32,7 @@ from tokenmill.config import Settings, WebhookEndpoint
 from tokenmill.server.webhooks import WebhookSender
 from tokenmill.store import Store
 from tokenmill.store import batches as store_batches
+from tokenmill.store.states import BatchStatus
 from tokenmill.store.tables import WebhookDelivery
 
 OWNER = "key_" + "0" * 24
@@ -63,7 +64,7 @@ def main() -> None:
                     s, owner=OWNER, endpoint="/v1/chat/completions", input_file_id="f", completion_window="24h",
                     metadata=None, idempotency_key=None,
                 )  # fmt: skip
-                store_batches.request_cancel(b)
+                assert store_batches.request_cancel(s, b.id).status == BatchStatus.CANCELLED
         receiver = Receiver(port)
         stop = threading.Event()
         senders = [

@@ -15,11 +15,10 @@ OWNER = "key_" + "b" * 24
 
 
 def _file(store: Store, expires_after: float | None, size: int = 3 * store_files.CHUNK_BYTES // 2) -> str:
-    with store.session() as s:
-        return store_files.create_file(
-            s, owner=OWNER, filename="f.jsonl", purpose="batch", source=io.BytesIO(b"x" * size),
-            expires_after=expires_after,
-        ).id  # fmt: skip
+    return store_files.create_file(
+        store, owner=OWNER, filename="f.jsonl", purpose="batch", source=io.BytesIO(b"x" * size),
+        expires_after=expires_after,
+    ).id  # fmt: skip
 
 
 def _chunks(store: Store) -> dict[str, int]:

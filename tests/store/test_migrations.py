@@ -133,3 +133,16 @@ def test_expiry_and_webhooks_postgres(pg_url: str) -> None:
         _check_expiry(store)
     finally:
         store.dispose()
+
+
+def test_the_migrations_form_one_chain() -> None:
+    """Branches that each add a migration on the same parent leave two heads, and ``upgrade head`` refuses
+    to run: every store would fail to start."""
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    script = ScriptDirectory.from_config(cfg)
+    assert script.get_heads() == ["0017"]
+    chain = [rev.revision for rev in script.walk_revisions()]
+    assert chain == ["0017", "0016", "0010", "0004", "0003", "0002", "0001"]

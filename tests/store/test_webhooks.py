@@ -8,14 +8,16 @@ import random
 import time
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from tokenmill.store import Store
 from tokenmill.store import batches as store_batches
 from tokenmill.store import webhooks as hooks
-from tokenmill.store.states import DeliveryState
+from tokenmill.store.states import BatchStatus, DeliveryState
 from tokenmill.store.tables import ApiBatch, WebhookDelivery
+
+DRIVER = "driver-1"
 
 
 def _batch(store: Store, owner: str = "key_" + "a" * 24) -> str:
@@ -27,6 +29,11 @@ def _batch(store: Store, owner: str = "key_" + "a" * 24) -> str:
         return b.id
 
 
+def _claimed(store: Store, batch_id: str) -> None:
+    with store.session() as s:
+        assert store_batches.claim(s, batch_id, DRIVER, 60.0, (BatchStatus.VALIDATING,)) is not None
+
+
 def _deliveries(store: Store) -> list[WebhookDelivery]:
     with store.session() as s:
         rows = list(s.scalars(select(WebhookDelivery).order_by(WebhookDelivery.created_at)))
@@ -36,16 +43,15 @@ def _deliveries(store: Store) -> list[WebhookDelivery]:
 
 def test_the_event_commits_with_the_final_state_or_not_at_all(any_store: Store) -> None:
     batch_id = _batch(any_store)
+    _claimed(any_store, batch_id)
     with pytest.raises(RuntimeError), any_store.session() as s:
-        b = s.get(ApiBatch, batch_id)
-        assert b is not None
-        store_batches.fail(b, [{"line": 1, "message": "bad"}], 1)
+        assert store_batches.fail(s, batch_id, DRIVER, [{"line": 1, "message": "bad"}], 1)
         raise RuntimeError("the transition's transaction dies before commit")
     assert _deliveries(any_store) == []
     with any_store.session() as s:
         b = s.get(ApiBatch, batch_id)
         assert b is not None and b.status == "validating"
-        store_batches.fail(b, [{"line": 1, "message": "bad"}], 1)
+        assert store_batches.fail(s, batch_id, DRIVER, [{"line": 1, "message": "bad"}], 1)
     (d,) = _deliveries(any_store)
     payload = json.loads(d.payload)
     with any_store.session() as s:
@@ -57,12 +63,27 @@ def test_the_event_commits_with_the_final_state_or_not_at_all(any_store: Store) 
     )  # fmt: skip
 
 
+def test_a_batch_whose_window_ran_out_while_validating_sends_batch_expired(any_store: Store) -> None:
+    """expire_validating takes the batch from any lease holder: its event commits with it, or not at all."""
+    batch_id = _batch(any_store)
+    _claimed(any_store, batch_id)
+    with any_store.session() as s:
+        s.execute(update(ApiBatch).where(ApiBatch.id == batch_id).values(expires_at=time.time() - 1))
+    with pytest.raises(RuntimeError), any_store.session() as s:
+        assert store_batches.expire_validating(s, batch_id) == (True, None)
+        raise RuntimeError("the transition's transaction dies before commit")
+    assert _deliveries(any_store) == []
+    with any_store.session() as s:
+        assert store_batches.expire_validating(s, batch_id) == (True, None)
+        assert store_batches.expire_validating(s, batch_id) == (False, None)  # once
+    (d,) = _deliveries(any_store)
+    assert (d.type, d.batch_id, d.state) == ("batch.expired", batch_id, DeliveryState.PENDING)
+
+
 def test_a_second_final_event_for_the_same_batch_rolls_its_transaction_back(any_store: Store) -> None:
     batch_id = _batch(any_store)
-    with any_store.session() as s:
-        b = s.get(ApiBatch, batch_id)
-        assert b is not None
-        assert not store_batches.request_cancel(b)  # validating: cancelled at once
+    with any_store.session() as s:  # validating: cancelled at once, no job to stop
+        assert store_batches.request_cancel(s, batch_id) == store_batches.Cancelled(BatchStatus.CANCELLED, None)
     with pytest.raises(IntegrityError), any_store.session() as s:
         b = s.get(ApiBatch, batch_id)
         assert b is not None
@@ -71,10 +92,9 @@ def test_a_second_final_event_for_the_same_batch_rolls_its_transaction_back(any_
 
 
 def test_one_holder_at_a_time_and_a_lost_lease_cannot_settle(any_store: Store) -> None:
+    batch_id = _batch(any_store)
     with any_store.session() as s:
-        b = s.get(ApiBatch, _batch(any_store))
-        assert b is not None
-        store_batches.request_cancel(b)
+        assert store_batches.request_cancel(s, batch_id).status == BatchStatus.CANCELLED
     (d,) = _deliveries(any_store)
     with any_store.session() as s:
         first = hooks.claim(s, d.id, "sender-1", 0.5)
@@ -109,10 +129,9 @@ def test_seeded_schedules_of_failing_and_dying_senders_deliver_every_event(any_s
     rng = random.Random(seed)
     batch_ids = [_batch(any_store, owner=f"key_{i:024x}") for i in range(6)]
     for batch_id in batch_ids:
+        _claimed(any_store, batch_id)
         with any_store.session() as s:
-            b = s.get(ApiBatch, batch_id)
-            assert b is not None
-            store_batches.fail(b, [], 0)
+            assert store_batches.fail(s, batch_id, DRIVER, [], 0)
     sent: dict[str, int] = {}
     holders: dict[str, tuple[str, float]] = {}  # event -> (holder, lease end) as the test believes it
     lease = 0.2
@@ -154,13 +173,10 @@ def test_seeded_schedules_of_failing_and_dying_senders_deliver_every_event(any_s
 
 
 def test_give_up_and_skip_end_the_delivery(any_store: Store) -> None:
-    ids = []
     for _ in range(2):
+        batch_id = _batch(any_store)
         with any_store.session() as s:
-            b = s.get(ApiBatch, _batch(any_store))
-            assert b is not None
-            store_batches.request_cancel(b)
-            ids.append(b.id)
+            assert store_batches.request_cancel(s, batch_id).status == BatchStatus.CANCELLED
     first, second = (d.id for d in _deliveries(any_store))
     with any_store.session() as s:
         assert hooks.claim(s, first, "me", 30) and hooks.give_up(s, first, "me", "HTTP 410")

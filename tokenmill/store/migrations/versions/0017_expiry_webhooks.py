@@ -4,14 +4,14 @@ Files stored before this revision keep no expiry (expires_at NULL): only uploads
 30-day default of batch input files.
 
 Revision ID: 0017
-Revises: 0010
+Revises: 0016
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0017"
-down_revision = "0010"
+down_revision = "0016"
 branch_labels = None
 depends_on = None
 
