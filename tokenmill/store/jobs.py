@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from tokenmill.errors import JobNotFound, StoreError
 from tokenmill.rows import DatasetRow
 from tokenmill.store.clock import now_sql
+from tokenmill.store.results import answered
 from tokenmill.store.states import (
     ACTIVE_STATES,
     CHUNK_CLOSED,
@@ -352,16 +353,6 @@ def active_jobs(s: Session) -> list[Job]:
     return list(s.scalars(select(Job).where(Job.state.in_(ACTIVE_STATES)).order_by(Job.created_at)))
 
 
-def _answered(first: Any, last: Any, job_id: Any) -> Any:
-    """How many rows of ``job_id`` in ``first..last`` have a result (correlated: one index range scan)."""
-    return (
-        select(func.count())
-        .select_from(Result)
-        .where(Result.job_id == job_id, Result.seq >= first, Result.seq <= last)
-        .scalar_subquery()
-    )
-
-
 def finish_jobs(s: Session, job_ids: Collection[str] | None = None) -> list[str]:
     """Close every active job (of ``job_ids``, when given) whose every row has a result; returns those closed.
 
@@ -386,7 +377,7 @@ def finish_jobs(s: Session, job_ids: Collection[str] | None = None) -> list[str]
                 Job.id == job_id,
                 Job.state == state,
                 ~open_chunk,
-                _answered(0, Job.total_rows, Job.id) >= Job.total_rows,
+                answered(Job.id, 0, Job.total_rows) >= Job.total_rows,
             )
             .values(
                 state=case((failed, JobState.COMPLETED_WITH_ERRORS), else_=JobState.COMPLETED),
@@ -408,7 +399,7 @@ def _reopen_unanswered(s: Session, job_id: str) -> int:
         .where(
             Chunk.job_id == job_id,
             Chunk.state == ChunkState.DONE,
-            _answered(Chunk.first_seq, Chunk.last_seq, Chunk.job_id) < Chunk.last_seq - Chunk.first_seq + 1,
+            answered(Chunk.job_id, Chunk.first_seq, Chunk.last_seq) < Chunk.last_seq - Chunk.first_seq + 1,
         )
         .values(state=ChunkState.PENDING, lease_owner=None, lease_expires_at=None)
         .execution_options(synchronize_session=False)

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from tokenmill.store.clock import now_sql
 from tokenmill.store.jobs import start_job
-from tokenmill.store.results import fail_unanswered
+from tokenmill.store.results import answered, fail_unanswered
 from tokenmill.store.states import (
     ACTIVE_STATES,
     CHUNK_CLAIMABLE,
@@ -27,7 +27,7 @@ from tokenmill.store.states import (
     ChunkState,
     ErrorCode,
 )
-from tokenmill.store.tables import Chunk, Job, Result, Worker
+from tokenmill.store.tables import Chunk, Job, Worker
 from tokenmill.store.workers import count_tokens, queues_of
 
 log = logging.getLogger(__name__)
@@ -255,16 +255,6 @@ def held_rows(s: Session, worker_id: str, job_id: str, seqs: Collection[int]) ->
     return {seq for seq in seqs if any(first <= seq <= last for first, last in chunks)}
 
 
-def _answered_in_chunk() -> ColumnElement[int]:
-    """Rows of the chunk (correlated to the UPDATE's row) that have a result."""
-    return (
-        select(func.count())
-        .select_from(Result)
-        .where(Result.job_id == Chunk.job_id, Result.seq >= Chunk.first_seq, Result.seq <= Chunk.last_seq)
-        .scalar_subquery()
-    )
-
-
 def complete(s: Session, chunk_id: int, worker_id: str) -> bool:
     """Mark our chunk done, only if every row of its range has a result (checked in the same statement).
 
@@ -276,7 +266,7 @@ def complete(s: Session, chunk_id: int, worker_id: str) -> bool:
     held = (Chunk.id == chunk_id, Chunk.lease_owner == worker_id, Chunk.state == ChunkState.RUNNING)
     res = s.execute(
         update(Chunk)
-        .where(*held, _answered_in_chunk() == Chunk.last_seq - Chunk.first_seq + 1)
+        .where(*held, answered(Chunk.job_id, Chunk.first_seq, Chunk.last_seq) == Chunk.last_seq - Chunk.first_seq + 1)
         .values(state=ChunkState.DONE, finished_at=now_sql(s), lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
@@ -417,7 +407,7 @@ def close_answered(s: Session, job_id: str) -> int:
         .where(
             Chunk.job_id == job_id,
             Chunk.state == ChunkState.PENDING,
-            _answered_in_chunk() == Chunk.last_seq - Chunk.first_seq + 1,
+            answered(Chunk.job_id, Chunk.first_seq, Chunk.last_seq) == Chunk.last_seq - Chunk.first_seq + 1,
         )
         .values(state=ChunkState.DONE, finished_at=now_sql(s))
         .execution_options(synchronize_session=False)

@@ -48,6 +48,17 @@ def write_results(s: Session, rows: Sequence[dict[str, Any]]) -> set[tuple[str, 
     return inserted
 
 
+def answered(job_id: Any, first: Any, last: Any) -> Any:
+    """How many rows of ``job_id`` in ``first..last`` have a result, as a (correlated) scalar subquery: one
+    index range scan on the unique (job, seq) key. What a chunk's or a job's completion is checked against."""
+    return (
+        select(func.count())
+        .select_from(Result)
+        .where(Result.job_id == job_id, Result.seq >= first, Result.seq <= last)
+        .scalar_subquery()
+    )
+
+
 def done_seqs(s: Session, job_id: str, first_seq: int, last_seq: int) -> set[int]:
     return set(
         s.scalars(select(Result.seq).where(Result.job_id == job_id, Result.seq >= first_seq, Result.seq <= last_seq))
