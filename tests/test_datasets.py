@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.poison_lines import POISON_IDS, POISON_LINES, poisoned_file
 from tokenmill import datasets
-from tokenmill.datasets import DatasetSummary, InvalidLine, read_dataset, validate_dataset
+from tokenmill.dataset_fields import FieldError
+from tokenmill.datasets import DatasetSummary, InvalidLine, json_lines, read_dataset, validate_dataset
 from tokenmill.errors import DatasetError, UsageError
 from tokenmill.output import rejected_line
 from tokenmill.rows import CHAT, COMPLETIONS, DatasetRow, SamplingParams
@@ -173,7 +176,7 @@ BAD_LINES: list[tuple[str, str | bytes, str | None, str]] = [
     ("nan", '{"prompt": "x", "temperature": NaN}', None, "NaN is not a JSON value"),
     ("deep", '{"a": ' + "[" * 100_000, None, "invalid JSON: nested too deeply"),
     ("huge-int", '{"prompt": "x", "seed": 1' + "0" * 5000 + "}", None, "invalid JSON: a number has too many digits"),
-    ("bad-utf8", b'{"prompt": "caf\xe9"}', None, "invalid UTF-8: byte 0xe9 at byte column 16"),
+    ("bad-utf8", b'{"prompt": "caf\xe9"}', None, "invalid JSON: invalid UTF-8 byte 0xe9 at byte column 16"),
     ("array", "[1, 2]", None, "expected a JSON object, got array"),
     ("number", "42", None, "expected a JSON object, got number"),
     ("string", '"hello"', None, "expected a JSON object, got string"),
@@ -235,7 +238,7 @@ BAD_LINES: list[tuple[str, str | bytes, str | None, str]] = [
     ("temp-bool", ok({"temperature": True}), "temperature", "must be a number, got true"),
     ("temp-low", ok({"temperature": -0.1}), "temperature", "must be at least 0 and at most 2, got -0.1"),
     ("temp-high", ok({"temperature": 2.5}), "temperature", "got 2.5"),
-    ("temp-inf", '{"prompt": "x", "temperature": 1e400}', "temperature", "got Infinity"),
+    ("temp-inf", '{"prompt": "x", "temperature": 1e400}', None, "invalid JSON: the number 1e400 is too large"),
     ("top-p-zero", ok({"top_p": 0}), "top_p", "must be greater than 0 and at most 1, got 0"),
     ("top-p-high", ok({"top_p": 1.5}), "top_p", "got 1.5"),
     ("stop-many", ok({"stop": ["a", "b", "c", "d", "e"]}), "stop", "has 5 stop sequences; at most 4"),
@@ -427,3 +430,34 @@ def test_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 def test_summary_of_a_clean_file(tmp_path: Path) -> None:
     path = write(tmp_path, *[ok({"id": i}) for i in range(50)])
     assert validate_dataset(path) == DatasetSummary(rows=50, invalid=[])
+
+
+@pytest.mark.parametrize(("poison", "words"), [p[1:] for p in POISON_LINES], ids=POISON_IDS)
+def test_a_poisoned_line_is_an_invalid_json_line_error(tmp_path: Path, poison: bytes, words: str) -> None:
+    """Line 2 nested 100,000 deep, not UTF-8, with NUL, an infinite or million-digit number: line 2's error."""
+    path = tmp_path / "poison.jsonl"
+    path.write_bytes(poisoned_file(ok().encode(), poison))
+    with pytest.raises(DatasetError) as exc:
+        list(read_dataset(path))
+    assert exc.value.line == 2 and str(exc.value).startswith(f"{path}:2: invalid JSON: "), str(exc.value)
+    assert words in str(exc.value) and len(str(exc.value)) < 300
+    parsed = list(json_lines(path, str(path)))
+    assert [line for line, _ in parsed] == [1, 2, 3] and isinstance(parsed[1][1], FieldError)
+
+
+def test_a_number_too_long_is_refused_even_with_the_interpreters_digit_limit_off(tmp_path: Path) -> None:
+    """Python's own int-digit cap is a process-wide setting; the reader's cap holds without it."""
+    path = write(tmp_path, ok(), '{"prompt": "x", "seed": 1' + "0" * 5000 + "}")
+    before = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        with pytest.raises(DatasetError, match=r":2: invalid JSON: a number has too many digits"):
+            list(read_dataset(path))
+    finally:
+        sys.set_int_max_str_digits(before)
+
+
+def test_nul_on_a_later_line_is_that_lines_error_not_a_binary_file(tmp_path: Path) -> None:
+    path = write(tmp_path, ok(), b'{"prompt": "a\x00b"}', ok())
+    (item,) = [x for x in read_dataset(path, skip_invalid=True) if isinstance(x, InvalidLine)]
+    assert item.line == 2 and "invalid JSON" in str(item.error)

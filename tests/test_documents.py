@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def test_split_prefers_paragraphs_then_sentences_then_words() -> None:
     text = "One two. Three four five.\n\nSix."
     assert split_text(text, 5, words) == ["One two. Three four five.", "Six."]
     assert split_text(text, 3, words) == ["One two.", "Three four five.", "Six."]
-    assert split_text(text, 2, words) == ["One two.", "Three four", "five.", "Six."]
+    # A paragraph cut finer: its last piece starts the next part, which the next paragraph may join.
+    assert split_text(text, 2, words) == ["One two.", "Three four", "five.\n\nSix."]
 
 
 def test_split_cuts_a_single_overlong_word() -> None:
@@ -266,3 +268,68 @@ def test_unreadable_file(docs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         target.chmod(0)
     with pytest.raises(DatasetError, match="cannot read: Permission denied"):
         list(read_documents(docs, "{text}"))
+
+
+class FakeCounter:
+    """A tokenizer whose counts are not additive (a join can merge or split tokens), with chat markup."""
+
+    chat_overhead = 7
+
+    def count(self, text: str) -> int:
+        return len(text.encode()) // 3 + text.count(" ") // 2 + text.count("\n")
+
+
+def test_exact_budget_keeps_every_prompt_within_the_context(tmp_path: Path) -> None:
+    body = "\n\n".join(f"Section {i}. " + "Lorem ipsum dolor sit amet. " * (i + 3) for i in range(40))
+    folder = make(tmp_path / "docs", {"long.md": body, "short.txt": "tiny"})
+    counter = FakeCounter()
+    budget = documents.PartBudget(n_ctx=300, max_tokens=40, counter=counter)
+    rows = list(read_documents(folder, "Summarize part {part} of {parts} of {name}:\n{text}", budget=budget))
+    long_rows = [r for r in rows if r.source == "long.md"]
+    assert len(long_rows) > 5 and rows[-1].custom_id == "short.txt"
+    for row in rows:
+        assert row.messages is not None
+        assert counter.chat_overhead + counter.count(row.messages[0]["content"]) + 40 <= 300
+    texts = [r.messages[0]["content"].split(":\n", 1)[1] for r in long_rows if r.messages]
+    assert "".join("".join(t.split()) for t in texts) == "".join(body.split())  # nothing lost or repeated
+
+
+def test_overlap_repeats_the_end_of_each_part(tmp_path: Path) -> None:
+    sentences = " ".join(f"Sentence number {i} ends here." for i in range(120))
+    folder = make(tmp_path / "docs", {"a.txt": sentences})
+    counter = FakeCounter()
+    budget = documents.PartBudget(n_ctx=200, max_tokens=20, counter=counter, overlap=15)
+    parts = [r.messages[0]["content"] for r in read_documents(folder, "{text}", budget=budget) if r.messages]
+    assert len(parts) > 3
+    for before, part in itertools.pairwise(parts):
+        head = part.split("\n", 1)[0]
+        assert before.endswith(head) and 0 < counter.count(head) <= 15
+        assert counter.chat_overhead + counter.count(part) + 20 <= 200
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    text=st.text(alphabet=st.sampled_from("ab .!?\n\t€字"), min_size=1, max_size=600),
+    n_ctx=st.integers(120, 400),
+    overlap=st.integers(0, 20),
+    fixed=st.sampled_from(["{text}", "Part {part}/{parts} of {name}: {text} — be brief."]),
+)
+def test_exact_budget_never_exceeds_the_context(text: str, n_ctx: int, overlap: int, fixed: str) -> None:
+    """Whatever the text, template and overlap, no rendered part with its markup and answer overflows."""
+    if not text.strip():
+        return
+    counter = FakeCounter()
+    budget = documents.PartBudget(n_ctx=n_ctx, max_tokens=30, counter=counter, overlap=overlap)
+    template = documents.compile_template(fixed)
+    parts = documents.split_document(text.strip(), "d.txt", template, budget)
+    for k, part in enumerate(parts, 1):
+        prompt = template.render({"text": part, "name": "d.txt", "stem": "d", "part": k, "parts": len(parts)})
+        assert counter.chat_overhead + counter.count(prompt) + 30 <= n_ctx
+    if overlap == 0:
+        assert "".join("".join(p.split()) for p in parts) == "".join(text.split())
+
+
+def test_no_room_for_text_is_a_usage_error(docs: Path) -> None:
+    budget = documents.PartBudget(n_ctx=100, max_tokens=90, counter=FakeCounter())
+    with pytest.raises(UsageError, match="leave no room for document text in a 100-token context"):
+        read_documents(docs, "{text}", budget=budget)

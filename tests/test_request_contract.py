@@ -205,3 +205,19 @@ def test_cache_key_includes_the_format(tmp_path: Path) -> None:
     for row in rows:
         again = DatasetRow.from_payload(row.line, row.custom_id, json.loads(json.dumps(row.to_payload())))
         assert again == row
+
+
+def test_grammar_bombs_are_line_errors_naming_the_field(tmp_path: Path) -> None:
+    """A grammar 600 groups deep, one over the size cap, a schema over its cap: each its line's error."""
+    deep = "root ::= " + "(" * 600 + '"a"' + ")" * 600
+    long_grammar = "root ::= x0\n" + "".join(f'x{i} ::= "a" x{i + 1}\n' for i in range(6000)) + 'x6000 ::= "b"\n'
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(4000)}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": wide}}
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"grammar": deep}, "body.grammar", "groups nested more than 100 deep"),
+        ({"grammar": long_grammar}, "body.grammar", "is longer than 64 KiB"),
+        ({"response_format": fmt}, "body.response_format.json_schema.schema", "is longer than 64 KiB as JSON"),
+    ]
+    for extra, field, words in cases:
+        err = error(tmp_path, batch({"messages": USER, **extra}))
+        assert (err.line, err.field) == (1, field) and words in err.reason, str(err)

@@ -12,9 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 
+from tokenmill.config import DEFAULT_ENGINE
 from tokenmill.rows import EMBEDDINGS, DatasetRow
 from tokenmill.store import Store, leases
 from tokenmill.store import cache as store_cache
+
+
+def weights_identity(model_id: str, engine: str) -> str:
+    """What a cached answer was made by: the weights and, for any engine but llama.cpp, the engine too, so
+    a stub's ``echo:`` answers are never served to a real run (llama.cpp's identity is the bare weights,
+    as before, so existing caches stay valid)."""
+    return model_id if engine == DEFAULT_ENGINE else f"{model_id}+{engine}"
 
 
 def request_hash(model_id: str, row: DatasetRow) -> str | None:

@@ -12,14 +12,17 @@ from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as kombu_sqla
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from tokenmill.config import Settings, mask_text, mask_url
+from tokenmill.config import DEFAULT_ENGINE, Settings, mask_text, mask_url
 from tokenmill.errors import ServiceUnavailable
 
 TASK_PROCESS_CHUNK = "tokenmill.process_chunk"
 
 
-def queue_for(family: str, pinned_quant: str | None = None) -> str:
-    return f"tm.{family}@{pinned_quant}" if pinned_quant else f"tm.{family}"
+def queue_for(family: str, pinned_quant: str | None = None, engine: str = DEFAULT_ENGINE) -> str:
+    """The queue of a model's workers. The engine is part of the identity: a stub (or plugin) worker never
+    takes a llama.cpp job's rows, nor the other way round."""
+    base = f"tm.{family}@{pinned_quant}" if pinned_quant else f"tm.{family}"
+    return base if engine == DEFAULT_ENGINE else f"{base}+{engine}"
 
 
 def check_broker(app: Celery, settings: Settings) -> None:

@@ -8,46 +8,56 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from tokenmill.errors import ConfigError
 
 ENV_PREFIX = "TOKENMILL_"
+DEFAULT_ENGINE = "llama"  # the inference backend a worker builds unless told otherwise (tokenmill.engines)
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@/\s]+)@")
-# Query parameters that carry a credential (`?password=`, libpq's and redis-py's form; tokens for mirrors).
+# ``scheme://user:password@``: the password runs to the LAST "@" after it, wherever that is, because people
+# write raw "@", "/" and spaces in passwords (``postgresql://u:p@ss@db/x``), which a URL parser reads as the
+# host's (SQLAlchemy's make_url, libpq) or as the path (urllib). Reading too far only masks too much.
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:@/]{0,256}):(?P<pw>.*)@", re.DOTALL)
+# Query and conninfo parameters that carry a credential: ``?password=``, ``sslpassword=``, ``client_secret=``,
+# ``api_key=``, libpq's ``password='a b'``.
 _QUERY_SECRET = re.compile(
-    r"(?P<key>[?&;](?:password|passwd|pwd|pass|secret|token|access_token|api_key|apikey|key|auth)=)"
-    r"(?P<value>[^&;#\s'\"]+)",
+    r"(?P<key>(?:^|[?&;\s])(?:[\w.\-]*(?:password|passwd|pwd|secret|token|apikey|api_key)|pass|key|auth)=)"
+    r"(?P<value>'[^']*'|\"[^\"]*\"|[^&;#\s'\"]+)",
     re.IGNORECASE,
 )
+# Lines of a Postgres error that quote the row or the value at fault (a prompt, an output, file bytes).
+_ROW_VALUES = re.compile(r"^(?P<key>[ \t]*(?:DETAIL|CONTEXT):).*$", re.MULTILINE)
+_BAD_VALUE = re.compile(r"(?P<key>invalid input (?:syntax|value) for (?:type|enum) [\w ]{1,64}: ).+$", re.MULTILINE)
 
 
 def mask_text(text: str) -> str:
-    """Mask every credential a URL can carry inside free text: ``user:pw@`` and ``?password=`` alike.
+    """Mask every credential a URL can carry inside free text (``user:pw@`` and ``?password=`` alike), and
+    the row values a database error quotes.
 
     The one masking function: every URL tokenmill prints (settings views, errors, logs through
     :class:`MaskingFilter`) goes through it, because drivers quote URLs in their exception messages.
     """
-    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:***@", text)
+    text = _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)
+    text = _ROW_VALUES.sub(lambda m: f"{m['key']} (values not logged)", text)
+    return _BAD_VALUE.sub(lambda m: f"{m['key']}***", text)
 
 
 def mask_url(url: str) -> str:
-    """One URL with its credentials masked; also right for a password holding ``@`` or ``/``."""
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-            url = urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        pass
+    """One URL with its credentials masked; also right for a password holding ``@``, ``/`` or spaces."""
     return mask_text(url)
 
 
+_TRACEBACKS = logging.Formatter()
+
+
 class MaskingFilter(logging.Filter):
-    """Masks a log record's final message, so a URL logged from an exception (a download error, a
-    driver's message) is masked even where the caller forgot to."""
+    """Masks a log record's message, its traceback and its stack, so a URL or a row value in an exception
+    (a download error, a driver's message) is masked even where the caller forgot to.
+
+    It belongs on handlers (:func:`install_masking`): a logger's own filters never see the records its
+    children propagate.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -57,7 +67,28 @@ class MaskingFilter(logging.Filter):
         masked = mask_text(message)
         if masked != message:
             record.msg, record.args = masked, None
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask_text(record.exc_text)
+            record.exc_info = None  # nothing downstream renders the raw exception (its message, its locals) again
+        if record.stack_info:
+            record.stack_info = mask_text(record.stack_info)
         return True
+
+
+def install_masking(*logger_names: str) -> None:
+    """One :class:`MaskingFilter` on every handler of the root logger and of ``logger_names`` (uvicorn's
+    loggers have handlers of their own and do not propagate)."""
+    for name in ("", *logger_names):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, MaskingFilter) for f in handler.filters):
+                handler.addFilter(MaskingFilter())
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    """A comma-separated setting (keys, model names) as its non-empty items."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -113,6 +144,9 @@ class Settings:
     # Claims of one chunk before its unanswered rows fail (chunk_attempts_exhausted): a row that kills
     # every worker that tries it (out of memory, a crash in the engine) must not be redelivered forever.
     max_chunk_attempts: int = 5
+    # Seconds one row may take from admission to its last token; past it the row fails alone with
+    # row_time_limit_exceeded (a grammar that crawls must not hold a slot and a renewed lease for hours).
+    row_time_limit: float = 3600.0
     # A chunk marked queued this long without being claimed is queued again: its message may be gone
     # (a worker killed between receiving and claiming it, a broker that lost messages). None: the default
     # below, long enough that a healthy queue never triggers it; a duplicate message is harmless anyway.
@@ -125,9 +159,12 @@ class Settings:
     file_max_bytes: int = 200 * 2**20
     file_max_lines: int = 50_000
     batch_window_seconds: float | None = None  # None: what completion_window says ("24h"); tests shorten it
+    # `serve`: the catalog models a batch may name (TOKENMILL_SERVE_MODELS / --models, comma-separated;
+    # "*" for any). Empty: an embedded server serves the models in models_dir, an API-only one any.
+    serve_models: tuple[str, ...] = ()
     # The inference backend a worker builds, by name (tokenmill.engines: "llama", "stub", or a plugin's).
     # Checked when a worker starts, not here: plugin names come from installed entry points.
-    engine: str = "llama"
+    engine: str = DEFAULT_ENGINE
     # Group commit of results: a worker's writer thread stores finished rows in one transaction per
     # batch of up to this many rows, or sooner once the oldest waiting row is this many ms old. Bigger
     # batches mean fewer commits; a kill -9 loses (and the next claimant regenerates) at most the rows
@@ -137,6 +174,9 @@ class Settings:
     # Continuous batching across chunks: a worker draining a chunk claims the job's next one and feeds
     # its rows into the slots that free (tokenmill.workers.feed). Off: one chunk per task, as messages say.
     chain_chunks: bool = True
+    # `run` and `status --watch` writing to a log (stderr not a terminal): a progress line at least this
+    # often, and whenever another 5 % of the rows is done.
+    progress_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.result_batch_rows <= MAX_RESULT_BATCH_ROWS:
@@ -174,10 +214,12 @@ class Settings:
         values["max_inflight_per_queue"] = int(_float(env, "MAX_INFLIGHT", cls.max_inflight_per_queue))
         values["max_row_attempts"] = int(_float(env, "MAX_ROW_ATTEMPTS", cls.max_row_attempts))
         values["max_chunk_attempts"] = int(_float(env, "MAX_CHUNK_ATTEMPTS", cls.max_chunk_attempts))
+        values["row_time_limit"] = _float(env, "ROW_TIME_LIMIT", cls.row_time_limit)
         values["result_batch_rows"] = int(_float(env, "RESULT_BATCH_ROWS", cls.result_batch_rows))
         values["result_batch_ms"] = _float(env, "RESULT_BATCH_MS", cls.result_batch_ms)
         if env.get(ENV_PREFIX + "CHAIN_CHUNKS"):
             values["chain_chunks"] = env[ENV_PREFIX + "CHAIN_CHUNKS"].strip().lower() not in ("0", "false", "no", "off")
+        values["progress_seconds"] = _float(env, "PROGRESS_SECONDS", cls.progress_seconds)
         if env.get(ENV_PREFIX + "REQUEUE_SECONDS"):
             values["requeue_seconds"] = _float(env, "REQUEUE_SECONDS", 0.0)
         for name in ("api_keys", "admin_keys"):
@@ -185,6 +227,8 @@ class Settings:
                 values[name] = tuple(k.strip() for k in env[ENV_PREFIX + name.upper()].split(",") if k.strip())
         values["file_max_bytes"] = int(_float(env, "FILE_MAX_BYTES", cls.file_max_bytes))
         values["file_max_lines"] = int(_float(env, "FILE_MAX_LINES", cls.file_max_lines))
+        if env.get(ENV_PREFIX + "SERVE_MODELS"):
+            values["serve_models"] = split_list(env[ENV_PREFIX + "SERVE_MODELS"])
         if env.get(ENV_PREFIX + "BATCH_WINDOW_SECONDS"):
             values["batch_window_seconds"] = _float(env, "BATCH_WINDOW_SECONDS", 1.0)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -238,6 +282,7 @@ class Settings:
             ENV_PREFIX + "MAX_INFLIGHT": str(self.max_inflight_per_queue),
             ENV_PREFIX + "MAX_ROW_ATTEMPTS": str(self.max_row_attempts),
             ENV_PREFIX + "MAX_CHUNK_ATTEMPTS": str(self.max_chunk_attempts),
+            ENV_PREFIX + "ROW_TIME_LIMIT": str(self.row_time_limit),
             ENV_PREFIX + "ENGINE": self.engine,
             ENV_PREFIX + "RESULT_BATCH_ROWS": str(self.result_batch_rows),
             ENV_PREFIX + "RESULT_BATCH_MS": str(self.result_batch_ms),

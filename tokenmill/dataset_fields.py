@@ -24,6 +24,8 @@ MAX_STOP = 4
 MAX_TOKENS_LIMIT = 2**31 - 1
 SEED_LIMIT = 2**32 - 1  # llama.cpp seeds are unsigned 32-bit
 MAX_ID_LENGTH = 512  # the store's custom_id column
+MAX_FIELD_CHARS = 100  # a field path in an error (user keys)
+MAX_MESSAGE_CHARS = 1000  # an error message, whatever it quotes
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -31,16 +33,22 @@ class FieldError(Exception):
     """A problem with one field (or the whole object when ``field`` is None), location added by the caller."""
 
     def __init__(self, message: str, field: str | None = None) -> None:
+        message, field = bounded(message, MAX_MESSAGE_CHARS), None if field is None else bounded(field, MAX_FIELD_CHARS)
         super().__init__(message)
         self.message = message
         self.field = field
+
+
+def bounded(text: str, limit: int) -> str:
+    """Field paths carry the line's own keys, which may be megabytes long; a message never grows with them."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def show(value: Any, limit: int = 60) -> str:
     """Quote a user value for a message: escaped, surrogate-safe, truncated."""
     if not isinstance(value, str):
         return describe(value)
-    text = json.dumps(value, ensure_ascii=False)[1:-1]
+    text = json.dumps(value[: limit + 1], ensure_ascii=False)[1:-1]  # a 30 MB value is never copied whole
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     if len(text) > limit:
         text = text[:limit] + "…"

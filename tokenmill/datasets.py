@@ -7,6 +7,7 @@ any model loads. Rows are streamed so a million-line file never sits in memory.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +46,7 @@ class DatasetSummary:
 
 
 MAX_LINE_BYTES = 32 * 2**20
+MAX_INT_DIGITS = 4300  # Python's default int-str limit
 _SNIFF_BYTES = 8192
 _BOM = b"\xef\xbb\xbf"
 _MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -130,7 +132,7 @@ def _check_file(path: Path, name: str) -> None:
             raise DatasetError(name, f"looks like {what}, expected JSONL text")
     if head.startswith(b"BZh") and head[4:10] == b"1AY&SY":
         raise DatasetError(name, "looks like a bzip2 file (decompress it first), expected JSONL text")
-    if b"\x00" in head:
+    if b"\x00" in head.split(b"\n", 1)[0]:  # NUL on a later line is that line's error, not the file's
         raise DatasetError(name, "looks like a binary file, expected JSONL text")
 
 
@@ -150,31 +152,49 @@ def _open(path: Path, name: str) -> BinaryIO:
 def _rows(path: Path, name: str, builder: _RowBuilder, skip_invalid: bool) -> Iterator[DatasetRow | InvalidLine]:
     seen: dict[str, int] = {}
     produced = 0
-    with _open(path, name) as fh:
-        for line, raw in _lines(fh, name):
-            if raw is not None and not raw.strip():
-                continue
-            produced += 1
-            own_id = None
-            try:
-                obj = _parse(raw)
-                custom_id = fields.row_id(obj, line)
-                first = seen.get(custom_id)
-                if first is not None:
-                    dup = f"duplicate id {show(custom_id)} (first used on line {first})"
-                    raise FieldError(dup, fields.id_key(obj))
-                own_id = custom_id if fields.id_key(obj) else None
-                row = builder.build(line, custom_id, obj)
-            except FieldError as exc:
-                err = DatasetError(name, exc.message, line, exc.field)
-                if not skip_invalid:
-                    raise err from None
-                yield InvalidLine(line, err, own_id)
-                continue
-            seen[row.custom_id] = line
-            yield row
+    for line, obj in json_lines(path, name):
+        produced += 1
+        own_id = None
+        try:
+            if isinstance(obj, FieldError):
+                raise obj
+            custom_id = fields.row_id(obj, line)
+            first = seen.get(custom_id)
+            if first is not None:
+                dup = f"duplicate id {show(custom_id)} (first used on line {first})"
+                raise FieldError(dup, fields.id_key(obj))
+            own_id = custom_id if fields.id_key(obj) else None
+            row = builder.build(line, custom_id, obj)
+        except FieldError as exc:
+            err = DatasetError(name, exc.message, line, exc.field)
+            if not skip_invalid:
+                raise err from None
+            yield InvalidLine(line, err, own_id)
+            continue
+        seen[row.custom_id] = line
+        yield row
     if not produced:
         raise DatasetError(name, "has no rows (only blank lines)")
+
+
+def json_lines(path: Path, name: str, *, limit: int | None = None) -> Iterator[tuple[int, dict[str, Any] | FieldError]]:
+    """Each non-blank line of a JSONL file as (1-based line, its object or why it is not one).
+
+    The one reader of JSONL lines: ``run``, ``submit`` (choosing the model) and ``serve`` (validating a
+    batch) all read through it, so a hostile line — nested a million deep, not UTF-8, a number with a
+    million digits, NaN, longer than :data:`MAX_LINE_BYTES` — is the same line error on every path and
+    never an exception. ``limit`` stops after that many physical lines.
+    """
+    with _open(path, name) as fh:
+        for line, raw in _lines(fh, name):
+            if limit is not None and line > limit:
+                return
+            if raw is not None and not raw.strip():
+                continue
+            try:
+                yield line, parse_line(raw)
+            except FieldError as exc:
+                yield line, exc
 
 
 def _lines(fh: BinaryIO, name: str) -> Iterator[tuple[int, bytes | None]]:
@@ -193,7 +213,8 @@ def _lines(fh: BinaryIO, name: str) -> Iterator[tuple[int, bytes | None]]:
         raise DatasetError(name, f"read failed: {exc.strerror or type(exc).__name__}", line + 1) from None
 
 
-def _parse(raw: bytes | None) -> dict[str, Any]:
+def parse_line(raw: bytes | None) -> dict[str, Any]:
+    """One line's bytes → its JSON object, or a FieldError saying why not (None: a line over the cap)."""
     if raw is None:
         raise FieldError(f"line is longer than {MAX_LINE_BYTES // 2**20} MiB")
     if raw.startswith(_BOM):
@@ -202,16 +223,16 @@ def _parse(raw: bytes | None) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         bad = raw[exc.start]
-        raise FieldError(f"invalid UTF-8: byte 0x{bad:02x} at byte column {exc.start + 1}") from None
+        raise FieldError(f"invalid JSON: invalid UTF-8 byte 0x{bad:02x} at byte column {exc.start + 1}") from None
     try:
         obj = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise FieldError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
     except _NonStandardNumber as exc:
-        raise FieldError(f"invalid JSON: {exc} is not a JSON value (use a number or null)") from None
+        raise FieldError(f"invalid JSON: {exc}") from None
     except RecursionError:
         raise FieldError("invalid JSON: nested too deeply") from None
-    except ValueError:
+    except ValueError:  # the interpreter's own integer-digit limit, should it be lower than ours
         raise FieldError("invalid JSON: a number has too many digits") from None
     if not isinstance(obj, dict):
         raise FieldError(f"expected a JSON object, got {fields.json_type(obj)}")
@@ -219,10 +240,26 @@ def _parse(raw: bytes | None) -> dict[str, Any]:
 
 
 def _refuse_constant(name: str) -> Any:
-    raise _NonStandardNumber(name)
+    raise _NonStandardNumber(f"{name} is not a JSON value (use a number or null)")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # json.loads with options builds one per call
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        shown = text if len(text) <= 24 else text[:24] + "…"
+        raise _NonStandardNumber(f"the number {shown} is too large (beyond a 64-bit float)")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    """Python's own cap on integer digits is a process-wide setting that may be off; ours is not."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _NonStandardNumber(f"a number has too many digits (more than {MAX_INT_DIGITS})")
+    return int(text)
+
+
+# json.loads with options builds a decoder per call; one shared decoder is reentrant
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
 
 
 class _RowBuilder:

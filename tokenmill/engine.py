@@ -179,4 +179,5 @@ class EngineFactory(Protocol):
         n_seq: int = ...,
         n_threads: int | None = ...,
         n_gpu_layers: int = ...,
+        row_time_limit: float | None = ...,
     ) -> Engine: ...

@@ -78,6 +78,10 @@ class StoreFull(StoreError):
     """The disk under the store is full: the transaction rolled back; free space and run it again."""
 
 
+class FileUnreadable(StoreError):
+    """A stored file's bytes are not all there: it was deleted while being read, or a chunk is missing."""
+
+
 class JobNotFound(StoreError):
     """No job with that id (or unique id prefix) exists."""
 
@@ -92,6 +96,16 @@ class RowRefused(TokenmillError):
 
 class RequestTooLong(RowRefused):
     """A single row cannot fit the model's context window; the row fails, the job goes on."""
+
+
+class RowTimeLimit(RowRefused):
+    """A row ran past the per-row time limit (a grammar that crawls, a runaway generation): it fails alone,
+    and is not tried again, since another try would take as long."""
+
+
+class WorkerDied(RowRefused):
+    """A row was in flight each time its worker process died, as many times as a row may be tried: it
+    fails alone (worker_died) instead of taking its chunk's other rows down with it."""
 
 
 class JobIncomplete(TokenmillError):

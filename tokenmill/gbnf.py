@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -20,6 +21,8 @@ from types import ModuleType
 from typing import Any
 
 MAX_REPETITIONS = 2000  # llama.cpp's MAX_REPETITION_THRESHOLD
+MAX_GRAMMAR_CHARS = 64 * 1024  # a user's grammar, or the one a response_format schema converts to
+MAX_NESTING = 100  # parentheses inside parentheses; llama.cpp's parser recurses (in C++) per level
 _HEX = {"x": 2, "u": 4, "U": 8}
 _ESCAPES = {"t": "\t", "r": "\r", "n": "\n", "\\": "\\", '"': '"', "[": "[", "]": "]", "-": "-"}
 
@@ -72,11 +75,14 @@ def schema_to_gbnf(schema: dict[str, Any]) -> str:
     return _schema_text_to_gbnf(text)
 
 
+Alts = list[list[tuple[str | None, bool]]]  # a rule's alternatives: (referenced rule or None, may be empty)
+
+
 @dataclass
 class _Rules:
     """Per rule: its alternatives, each the (referenced rule or None for a terminal, may-be-empty) items."""
 
-    defined: dict[str, list[list[tuple[str | None, bool]]]] = field(default_factory=dict)
+    defined: dict[str, Alts] = field(default_factory=dict)
     referenced: set[str] = field(default_factory=set)
     generated: int = 0
 
@@ -85,6 +91,7 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.s = text
         self.rules = _Rules()
+        self.depth = 0
 
     def fail(self, what: str, pos: int) -> GrammarError:
         line = self.s.count("\n", 0, pos) + 1
@@ -102,12 +109,10 @@ class _Parser:
         return pos
 
     def name(self, pos: int) -> int:
-        end = pos
-        while end < len(self.s) and _word(self.s[end]):
-            end += 1
-        if end == pos:
+        match = _NAME.match(self.s, pos)
+        if match is None:
             raise self.fail("expecting a rule name", pos)
-        return end
+        return match.end()
 
     def char(self, pos: int) -> int:
         s = self.s
@@ -147,14 +152,14 @@ class _Parser:
         return self.space(pos, True)
 
     def alternates(self, pos: int, rule: str, nested: bool) -> int:
-        alts: list[list[tuple[str | None, bool]]] = []
+        alts: Alts = []
         pos = self.sequence(pos, alts, nested)
         while pos < len(self.s) and self.s[pos] == "|":
             pos = self.sequence(self.space(pos + 1, True), alts, nested)
         self.rules.defined.setdefault(rule, []).extend(alts)
         return pos
 
-    def sequence(self, pos: int, alts: list[list[tuple[str | None, bool]]], nested: bool) -> int:
+    def sequence(self, pos: int, alts: Alts, nested: bool) -> int:
         s = self.s
         items: list[tuple[str | None, bool]] = []
         item_open = False
@@ -178,15 +183,19 @@ class _Parser:
                 pos += 1
             elif c in "<!":
                 raise self.fail("token references (<...>) are not supported; write the text as a literal", pos)
-            elif _word(c):
+            elif c in _WORD:
                 end = self.name(pos)
                 self.rules.referenced.add(s[pos:end])
                 items.append((s[pos:end], False))
                 pos = end
             elif c == "(":
+                if self.depth >= MAX_NESTING:
+                    raise self.fail(f"groups nested more than {MAX_NESTING} deep", pos)
                 self.rules.generated += 1
                 sub = f"({self.rules.generated})"
+                self.depth += 1
                 pos = self.alternates(self.space(pos + 1, True), sub, nested=True)
+                self.depth -= 1
                 if pos >= len(s) or s[pos] != ")":
                     raise self.fail("expecting ')'", pos)
                 items.append((sub, False))
@@ -239,13 +248,18 @@ class _Parser:
         return int(self.s[pos:end]), end
 
 
-def _word(c: str) -> bool:
-    return c.isascii() and (c.isalnum() or c == "-")
+_NAME = re.compile(r"[A-Za-z0-9-]+")
+_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
 @lru_cache(maxsize=256)
-def check_grammar(text: str) -> None:
-    """Raise GrammarError unless llama.cpp's parser would accept ``text`` with a ``root`` rule."""
+def check_grammar(text: str, max_chars: int | None = MAX_GRAMMAR_CHARS) -> None:
+    """Raise GrammarError unless llama.cpp's parser would accept ``text`` with a ``root`` rule.
+
+    Linear in the grammar's size, and capped (``max_chars``): every line may carry its own grammar.
+    """
+    if max_chars is not None and len(text) > max_chars:
+        raise GrammarError(f"the grammar is longer than {max_chars // 1024} KiB ({len(text) // 1024} KiB)")
     if not text.strip():
         raise GrammarError("the grammar is empty")
     if "\x00" in text:
@@ -261,33 +275,102 @@ def check_grammar(text: str) -> None:
         raise GrammarError(f"rule {recursive!r} is left-recursive, which llama.cpp cannot run")
 
 
-def _left_recursive(defined: dict[str, list[list[tuple[str | None, bool]]]]) -> str | None:
-    """The first rule that can reach itself before consuming any character, as llama.cpp refuses."""
-    empty: dict[str, bool] = dict.fromkeys(defined, False)
-    changed = True
-    while changed:
-        changed = False
-        for name, alts in defined.items():
-            if not empty[name] and any(all(opt or (ref is not None and empty[ref]) for ref, opt in a) for a in alts):
-                empty[name] = changed = True
-    firsts: dict[str, set[str]] = {}
+def _left_recursive(defined: dict[str, Alts]) -> str | None:
+    """The first rule that can reach itself before consuming any character, as llama.cpp refuses.
+
+    Linear in the grammar's size: which rules can match nothing (:func:`_nullable`), then each rule's
+    possible first references, then the strongly connected components of that graph; a rule in a
+    component with a cycle reaches itself. Generated rules (groups) sit on a cycle only with a named
+    rule, which is the one named.
+    """
+    empty = _nullable(defined)
+    firsts: dict[str, list[str]] = {}
     for name, alts in defined.items():
-        heads: set[str] = set()
+        heads: list[str] = []
         for alt in alts:
             for ref, opt in alt:
                 if ref is not None:
-                    heads.add(ref)
-                if not (opt or (ref is not None and empty[ref])):
+                    heads.append(ref)
+                if not (opt or (ref is not None and ref in empty)):
                     break
         firsts[name] = heads
-    for start in (n for n in defined if not n.startswith("(")):
-        seen: set[str] = set()
-        todo = list(firsts[start])
-        while todo:
-            ref = todo.pop()
-            if ref == start:
-                return start
-            if ref not in seen:
-                seen.add(ref)
-                todo.extend(firsts.get(ref, ()))
-    return None
+    cyclic = _cyclic_nodes(firsts)
+    return next((n for n in defined if n in cyclic and not n.startswith("(")), None)
+
+
+def _nullable(defined: dict[str, Alts]) -> set[str]:
+    """Rules that can match the empty string: a worklist, each reference visited once.
+
+    An alternative waits on its required references; when the last of them turns out nullable, so
+    does its rule. (The textbook fixpoint re-scans every rule per round: quadratic in a long chain.)
+    """
+    waiting: list[int] = []  # per alternative: required references not yet known nullable
+    owner: list[str] = []
+    users: dict[str, list[int]] = {}
+    todo: list[str] = []
+    empty: set[str] = set()
+    for name, alts in defined.items():
+        for alt in alts:
+            if any(ref is None and not opt for ref, opt in alt):
+                continue  # a required terminal: this alternative never matches nothing
+            required = [ref for ref, opt in alt if ref is not None and not opt]
+            index = len(waiting)
+            waiting.append(len(required))
+            owner.append(name)
+            for ref in required:
+                users.setdefault(ref, []).append(index)
+            if not required and name not in empty:
+                empty.add(name)
+                todo.append(name)
+    while todo:
+        for index in users.get(todo.pop(), ()):
+            waiting[index] -= 1
+            if waiting[index] == 0 and owner[index] not in empty:
+                empty.add(owner[index])
+                todo.append(owner[index])
+    return empty
+
+
+def _cyclic_nodes(graph: dict[str, list[str]]) -> set[str]:
+    """Nodes on a cycle: Tarjan's strongly connected components, iterative (no recursion limit)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    out: set[str] = set()
+    for root in graph:
+        if root in index:
+            continue
+        work: list[tuple[str, int]] = [(root, 0)]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, i = work[-1]
+            edges = graph.get(node, [])
+            if i < len(edges):
+                work[-1] = (node, i + 1)
+                nxt = edges[i]
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, 0))
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1 or node in edges:
+                    out.update(component)
+    return out

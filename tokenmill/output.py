@@ -270,7 +270,7 @@ def success_text(row: Sequence[Any]) -> str:
     )
 
 
-def _failed_record(row: Any) -> dict[str, Any]:
+def failed_record(row: Any) -> dict[str, Any]:
     """:func:`failed_line` of an export row (failures are few: the ORM objects are built only for them)."""
     result = Result(
         job_id=row.job_id, seq=row.seq, custom_id=row.custom_id, error_code=row.error_code, error=row.error,
@@ -310,7 +310,7 @@ def export(
                     if err_fh:
                         while pending and pending[-1]["error"]["line"] < row.line:
                             err_fh.write(json.dumps(pending.pop(), ensure_ascii=False) + "\n")
-                        err_fh.write(json.dumps(_failed_record(row), ensure_ascii=False) + "\n")
+                        err_fh.write(json.dumps(failed_record(row), ensure_ascii=False) + "\n")
             if err_fh:
                 for line in reversed(pending):
                     err_fh.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -336,4 +336,4 @@ def jsonl_lines(store: Store, job_id: str, *, errors: bool = False) -> Iterator[
         for row in export_rows(s, job_id):
             if (row.status == ResultStatus.SUCCEEDED) == errors:
                 continue
-            yield json.dumps(_failed_record(row), ensure_ascii=False) + "\n" if errors else success_text(row)
+            yield json.dumps(failed_record(row), ensure_ascii=False) + "\n" if errors else success_text(row)

@@ -9,6 +9,7 @@ The README's "Request fields" table lists the same sets.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,8 @@ MAX_LOGIT_BIAS = 1024
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 MAX_N = 16
-MAX_GRAMMAR_CHARS = 256 * 1024
+MAX_GRAMMAR_CHARS = gbnf.MAX_GRAMMAR_CHARS
+MAX_SCHEMA_CHARS = 64 * 1024  # a response_format schema, as compact JSON
 
 
 @dataclass
@@ -193,9 +195,9 @@ def grammar_of(src: Mapping[str, Any], prefix: str) -> str | None:
         return from_format
     if from_format is not None:
         raise FieldError("set either grammar or a json response_format, not both", prefix + "grammar")
-    text = text_value(own, prefix + "grammar", allow_empty=False)
-    if len(text) > MAX_GRAMMAR_CHARS:
+    if isinstance(own, str) and len(own) > MAX_GRAMMAR_CHARS:
         raise FieldError(f"is longer than {MAX_GRAMMAR_CHARS // 1024} KiB", prefix + "grammar")
+    text = text_value(own, prefix + "grammar", allow_empty=False)
     try:
         gbnf.check_grammar(text)
     except gbnf.GrammarError as exc:
@@ -228,6 +230,15 @@ def _schema_grammar(schema: Any, where: str) -> str:
     if not isinstance(schema, dict):
         raise FieldError(f"must be a JSON schema object, got {describe(schema)}", where)
     try:
-        return gbnf.schema_to_gbnf(schema)
+        size = len(json.dumps(schema, ensure_ascii=False))
+    except (RecursionError, ValueError):
+        raise FieldError("cannot be compiled: the schema is nested too deeply", where) from None
+    if size > MAX_SCHEMA_CHARS:
+        raise FieldError(f"is longer than {MAX_SCHEMA_CHARS // 1024} KiB as JSON", where)
+    try:
+        grammar = gbnf.schema_to_gbnf(schema)
     except gbnf.GrammarError as exc:
         raise FieldError(f"cannot be compiled: {exc}", where) from None
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise FieldError(f"compiles to a grammar longer than {MAX_GRAMMAR_CHARS // 1024} KiB", where)
+    return grammar

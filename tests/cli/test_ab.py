@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import Procs, run_cli
+from tests.conftest import STUB_ENV, Procs, run_cli
 from tests.observability.helpers import start_stub_worker, wait_job, write_prompts
 from tokenmill.config import Settings
 from tokenmill.models.catalog import get_variant
@@ -39,7 +39,7 @@ def test_ab_submit_routes_each_variant_to_its_own_workers(
     settings = settings.with_(models_dir=models)
 
     data = write_prompts(tmp_path / "ab.jsonl", 5)
-    proc = run_cli(settings, "submit", str(data), "--ab", "q4_1,q8_0", "--chunk-size", "2", timeout=120)
+    proc = run_cli(settings, "submit", str(data), "--ab", "q4_1,q8_0", "--chunk-size", "2", timeout=120, env=STUB_ENV)
     assert proc.returncode == 0, proc.stderr
     ids = proc.stdout.split()
     assert len(ids) == 2 and ids[0] != ids[1]  # both job ids, one per line, and nothing else on stdout
@@ -53,7 +53,7 @@ def test_ab_submit_routes_each_variant_to_its_own_workers(
             job_a, job_b = jobs[f"{FAMILY}:q4_1"], jobs[f"{FAMILY}:q8_0"]
             assert [job_a.id, job_b.id] == ids  # printed in --ab order
             assert job_a.ab_group is not None and job_a.ab_group == job_b.ab_group
-            assert (job_a.queue, job_b.queue) == (f"tm.{FAMILY}@q4_1", f"tm.{FAMILY}@q8_0")
+            assert (job_a.queue, job_b.queue) == (f"tm.{FAMILY}@q4_1+stub", f"tm.{FAMILY}@q8_0+stub")
             assert job_a.total_rows == job_b.total_rows == 5
 
         procs.start(settings, "scheduler", name="scheduler")
@@ -70,10 +70,10 @@ def test_ab_submit_routes_each_variant_to_its_own_workers(
             }
     finally:
         store.dispose()
-    assert queues["wb"] == (f"{FAMILY}:q8_0", {f"tm.{FAMILY}", f"tm.{FAMILY}@q8_0"})
-    assert queues["wa"] == (f"{FAMILY}:q4_1", {f"tm.{FAMILY}", f"tm.{FAMILY}@q4_1"})
-    assert {(v, str(w).split(":")[0]) for v, w in served[ids[0]]} == {(f"{FAMILY}:q4_1", "wa")}
-    assert {(v, str(w).split(":")[0]) for v, w in served[ids[1]]} == {(f"{FAMILY}:q8_0", "wb")}
+    assert queues["wb"] == (f"{FAMILY}:q8_0+stub", {f"tm.{FAMILY}+stub", f"tm.{FAMILY}@q8_0+stub"})
+    assert queues["wa"] == (f"{FAMILY}:q4_1+stub", {f"tm.{FAMILY}+stub", f"tm.{FAMILY}@q4_1+stub"})
+    assert {(v, str(w).split(":")[0]) for v, w in served[ids[0]]} == {(f"{FAMILY}:q4_1+stub", "wa")}
+    assert {(v, str(w).split(":")[0]) for v, w in served[ids[1]]} == {(f"{FAMILY}:q8_0+stub", "wb")}
 
     for job_id, quant in zip(ids, ("q4_1", "q8_0"), strict=True):
         out = tmp_path / f"{quant}.jsonl"
@@ -81,7 +81,7 @@ def test_ab_submit_routes_each_variant_to_its_own_workers(
         assert exported.returncode == 0, exported.stderr
         lines = [json.loads(line) for line in out.read_text().splitlines()]
         assert [line["custom_id"] for line in lines] == [f"r{i}" for i in range(5)]
-        assert {line["tokenmill"]["model"] for line in lines} == {f"{FAMILY}:{quant}"}
-        assert {line["response"]["body"]["model"] for line in lines} == {f"{FAMILY}:{quant}"}
+        assert {line["tokenmill"]["model"] for line in lines} == {f"{FAMILY}:{quant}+stub"}
+        assert {line["response"]["body"]["model"] for line in lines} == {f"{FAMILY}:{quant}+stub"}
         status = run_cli(settings, "status", job_id, "--json", timeout=60)
         assert json.loads(status.stdout)["model"] == f"{FAMILY}:{quant}"

@@ -22,7 +22,7 @@ def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
 
 
 def test_run_generates_every_row_with_timings(tmp_path: Path, settings: Settings, smollm2_path: Path) -> None:
-    long_prompt = "word " * 3000  # cannot fit a 2048-token context: must fail alone
+    long_prompt = "word " * 9000  # longer than SmolLM2's trained context (8192): must fail alone
     data = write_jsonl(
         tmp_path / "docs.jsonl",
         [
@@ -83,6 +83,24 @@ def test_run_rejects_bad_input_before_loading_anything(tmp_path: Path, settings:
         ).fetchone() == (0,)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [("run",), ("run", "--model", "smollm2-135m-instruct"), ("submit",)],
+    ids=["run", "run-model", "submit"],
+)
+def test_a_line_nested_100000_deep_is_a_line_error_on_every_cli_path(
+    tmp_path: Path, settings: Settings, command: tuple[str, ...]
+) -> None:
+    """Without --model, `run` and `submit` read the first lines for body.model before the reader: the same
+    parser, so the same line error, never a RecursionError traceback."""
+    data = tmp_path / "deep.jsonl"
+    data.write_bytes(b'{"prompt": "ok"}\n' + b"[" * 100_000 + b"\n")
+    proc = run_cli(settings, command[0], str(data), *command[1:], timeout=60, env={"COLUMNS": "400"})
+    assert "Traceback" not in proc.stderr and "RecursionError" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 3, proc.stderr
+    assert f"{data}:2: invalid JSON: nested too deeply" in " ".join(proc.stderr.split())
+
+
 def test_run_unknown_model_is_a_clean_error(tmp_path: Path, settings: Settings) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi"}])
     proc = run_cli(settings, "run", str(data), "--model", "smollm3-9000b", timeout=60)
@@ -101,7 +119,7 @@ def test_run_skip_invalid_keeps_skipped_lines(tmp_path: Path, settings: Settings
     data.write_text(
         json.dumps({"id": "a", "prompt": "One, two,", "max_tokens": 3, "temperature": 0}) + "\n"
         + '{"id": "bad", "prompt": "x", "max_tokens": -3}\n'
-        + json.dumps({"id": "long", "prompt": "word " * 3000, "max_tokens": 3}) + "\n"
+        + json.dumps({"id": "long", "prompt": "word " * 9000, "max_tokens": 3}) + "\n"  # over the trained 8192
         + "{not json\n",
         encoding="utf-8",
     )
@@ -135,3 +153,25 @@ def test_run_summary_shows_where_the_seconds_went(tmp_path: Path, settings: Sett
     seconds = [float(t) for _, t in marks]
     assert seconds == sorted(seconds), line  # each phase ends after the one before it
     assert len((tmp_path / "d.results.jsonl").read_text().splitlines()) == 40
+
+
+def test_a_stub_runs_answers_never_reach_a_real_run(tmp_path: Path, settings: Settings, smollm2_path: Path) -> None:
+    """The engine is part of the model's identity: cache key, job key, queue and variant label."""
+    data = write_jsonl(
+        tmp_path / "a.jsonl",
+        [{"id": i, "messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 3, "temperature": 0}
+         for i in ("a", "b")],
+    )  # fmt: skip
+    out = tmp_path / "a.results.jsonl"
+    args = ("run", str(data), "--model", "smollm2-135m-instruct", "-o", str(out), "--workers", "1")
+    stub = run_cli(settings, *args, env=STUB_ENV)
+    assert stub.returncode == 0, stub.stderr
+    stubbed = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["tokenmill"]["model"].endswith("+stub") for r in stubbed), stubbed
+    real = run_cli(settings, *args)
+    assert real.returncode == 0, real.stderr
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(answers) == 2
+    for r in answers:
+        assert r["tokenmill"]["cached"] is False and "stub" not in r["tokenmill"]["model"], r
+        assert not r["response"]["body"]["choices"][0]["message"]["content"].startswith("echo:"), r

@@ -13,7 +13,7 @@ from tokenmill.engines.llama import LlamaEngine
 from tokenmill.engines.llama_guard import plain_llama
 from tokenmill.engines.prefix import best_shared_prefix
 from tokenmill.engines.sampling import TextAccumulator
-from tokenmill.errors import RequestTooLong
+from tokenmill.errors import RequestTooLong, RowTimeLimit
 from tokenmill.rows import CHAT, COMPLETIONS, DatasetRow, SamplingParams
 
 pytestmark = pytest.mark.model
@@ -226,6 +226,19 @@ def test_rows_that_do_not_fit_the_context_fail_alone(engine: LlamaEngine) -> Non
     assert not isinstance(results["broken-message"], RequestTooLong)
     assert ok(results["before"]).completion_tokens > 0
     assert ok(results["after"]).completion_tokens > 0
+
+
+def test_a_row_past_the_time_limit_fails_alone(engine: LlamaEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row still generating when its time is up fails with RowTimeLimit; a row done by then is answered."""
+    monkeypatch.setattr(engine, "row_time_limit", 0.0)  # every row is over it from its first token on
+    rows = [
+        completion("quick", "The capital of France is", temperature=0, max_tokens=1),
+        completion("runaway", "Count: 1, 2, 3,", temperature=0, max_tokens=64),
+    ]
+    results, _ = run(engine, rows)
+    assert ok(results["quick"]).completion_tokens == 1
+    assert isinstance(results["runaway"], RowTimeLimit), results["runaway"]
+    assert "per-row limit" in str(results["runaway"])
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(engine: LlamaEngine) -> None:

@@ -40,7 +40,7 @@ def test_an_unknown_name_is_a_usage_error_naming_the_choices(name: str) -> None:
 def test_the_stub_selected_by_name_generates_deterministic_text(tmp_path: Path) -> None:
     factory = load_backend("stub")
     engine: Engine = factory(tmp_path / "never-read.gguf", "fam:q4", n_ctx_per_seq=64, n_seq=2, n_threads=3)
-    assert (engine.variant, engine.n_ctx, engine.n_seq, engine.n_threads) == ("fam:q4", 64, 2, 3)
+    assert (engine.variant, engine.n_ctx, engine.n_seq, engine.n_threads) == ("fam:q4+stub", 64, 2, 3)
     two = SamplingParams(max_tokens=2)
     rows = [
         DatasetRow(line=1, custom_id="a", endpoint=COMPLETIONS, prompt="hello there", params=two),

@@ -12,6 +12,7 @@ from tokenmill.models.sizing import (
     choose_variant,
     estimate_memory,
     recommend,
+    trade_context,
 )
 
 GiB = 1024**3
@@ -174,3 +175,25 @@ def test_recommend_covers_every_family() -> None:
     assert recs[0].choice is not None and "on CPU" in recs[0].describe()
     assert recs[1].choice is None and recs[1].error and "does not fit" in recs[1].describe()
     assert len(recommend(MACHINES["h100"])) >= 7
+
+
+def test_trade_context_gives_long_requests_fewer_sequences() -> None:
+    """A default worker's KV cache (16 x 2048) spent on longer requests: 8192 tokens, 4 sequences."""
+    big = Capacity("big", 8, 16, 64 * GiB, 60 * GiB)
+    smol = get_family("smollm2-135m-instruct")
+    assert trade_context(smol, big, share=1, n_ctx=2048) == (2048, 16)
+    assert trade_context(smol, big, share=1, n_ctx=8192) == (8192, 4)
+    assert trade_context(smol, big, share=1, n_ctx=8192, n_seq=8) == (8192, 8)  # set by hand: kept
+    assert trade_context(smol, big, share=1, n_ctx=384) == (384, 16)
+
+
+def test_trade_context_fits_the_workers_memory() -> None:
+    """Where even one long sequence does not fit, the context is halved until one does; never silently over."""
+    mistral = get_family("mistral-7b-instruct-v0.3")
+    small = Capacity("small", 4, 8, 8 * GiB, 7 * GiB)
+    ctx, seqs = trade_context(mistral, small, share=1, n_ctx=32768)
+    assert ctx < 32768 and seqs >= 1
+    fitted = choose_variant(mistral, small, n_ctx=ctx, n_seq=seqs + 1, prefer="balanced")
+    assert fitted.memory.total_bytes <= 6 * GiB
+    with pytest.raises(ModelLoadError, match="does not fit this worker"):
+        trade_context(mistral, Capacity("tiny", 1, 1, 2 * GiB, 1 * GiB), share=1, n_ctx=4096)

@@ -46,8 +46,8 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 
 
 def submit(settings: Settings, path: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
-    """`tokenmill submit`; returns the job ids it printed (stdout's lines)."""
-    proc = run_cli(settings, "submit", str(path), *args, timeout=120, env=env)
+    """`tokenmill submit` for stub workers (the engine is part of a job's queue); returns the job ids printed."""
+    proc = run_cli(settings, "submit", str(path), *args, timeout=120, env={**STUB_ENV, **(env or {})})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split()
 

@@ -66,7 +66,7 @@ def test_flower_lists_the_worker_and_its_chunk_tasks(tmp_path: Path, fleet_setti
     assert hostname is not None and "@" in hostname  # "<name>-<pid>-<hex>@<host>", the worker id with ':' → '-'
     info = workers[hostname]
     queues = {q["name"] for q in info.get("active_queues", [])}
-    assert "tm.smollm2-135m-instruct" in queues, info.get("active_queues")
+    assert "tm.smollm2-135m-instruct+stub" in queues, info.get("active_queues")  # the engine is in the queue
     assert TASK_PROCESS_CHUNK in info.get("registered", []), info.get("registered")
     assert info["stats"]["pool"]["max-concurrency"] == 1  # one task at a time: the model is not thread-safe
 

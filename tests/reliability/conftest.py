@@ -119,8 +119,9 @@ class Stack:
     ) -> subprocess.CompletedProcess[str]:
         return run_cli(self.settings, *args, timeout=timeout, env=env, cwd=self.tmp)
 
-    def submit(self, path: Path, *args: str, model: str = MODEL) -> str:
-        proc = self.cli("submit", str(path), "--model", model, *args)
+    def submit(self, path: Path, *args: str, model: str = MODEL, stub: bool = True) -> str:
+        """`tokenmill submit` for the stub workers (the engine is part of the job's queue) unless ``stub=False``."""
+        proc = self.cli("submit", str(path), "--model", model, *args, env=STUB_ENV if stub else None)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip().splitlines()[-1]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -167,3 +168,51 @@ def test_an_idle_dispatcher_looks_less_often_and_a_busy_one_at_its_interval(sett
     busy = _passes_in(CountingDispatcher(store, DeadBroker(), settings, busy=1000), 1.2)
     assert 2 <= idle <= 6
     assert busy >= 8
+
+
+class FlakyBroker:
+    """A Celery app whose sends fail with an answer nobody expected (Redis out of memory), until healed."""
+
+    def __init__(self) -> None:
+        self.healed = threading.Event()
+        self.sent: list[Any] = []
+
+    def send_task(self, *args: Any, **kwargs: Any) -> None:
+        if not self.healed.is_set():
+            raise redis.exceptions.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+        self.sent.append(args)
+
+
+def test_the_dispatcher_survives_an_unexpected_error_and_shows_it_failing(settings: Settings, store: Store) -> None:
+    from tokenmill.store import schedulers as store_schedulers
+
+    settings = settings.with_(dispatch_interval=0.05, heartbeat_seconds=0.2)
+    job = _job(store, rows=4, chunk_size=2)
+    broker = FlakyBroker()
+    dispatcher = Dispatcher(store, broker, settings)
+    stop = threading.Event()
+    loop = threading.Thread(target=dispatcher.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while dispatcher.failing is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert loop.is_alive(), "the dispatcher died on an error it did not expect"
+        with store.session() as s:
+            (seen,) = store_schedulers.health(s, settings.lost_after)
+        assert seen.alive and seen.failing_for is not None and "OOM" in (seen.error or "")
+        assert _states(store, job) == ["pending", "pending"]  # nothing left marked queued but unsent
+        broker.healed.set()
+        while len(broker.sent) < 2 and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
+        assert len(broker.sent) == 2 and dispatcher.failing is None
+        time.sleep(0.3)
+        with store.session() as s:
+            (seen,) = store_schedulers.health(s, settings.lost_after)
+        assert seen.failing_for is None and seen.error is None
+    finally:
+        stop.set()
+        loop.join(10)
+    with store.session() as s:
+        assert store_schedulers.health(s, settings.lost_after) == []  # a clean stop takes its row away

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from tests.conftest import STUB_ENV
 from tests.reliability.conftest import MODEL, Stack, write_dataset
 
 EXIT_MODEL_FAILED = 4
@@ -45,7 +46,7 @@ def test_worker_that_cannot_load_fails_visibly_and_takes_no_work(embedded: Stack
     model, args, env, stub, reason = case(embedded)  # type: ignore[operator]
     n = 20
     data = write_dataset(embedded.tmp / "d.jsonl", n)
-    proc = embedded.cli("submit", str(data), "--model", model, "--chunk-size", "5")
+    proc = embedded.cli("submit", str(data), "--model", model, "--chunk-size", "5", env=STUB_ENV)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().splitlines()[-1]
     embedded.scheduler()

@@ -72,7 +72,8 @@ class Partitioned:
     def assert_rejoined(self, tag: str) -> None:
         """After the heal W1 heartbeats again and takes, and completes, chunks of a new job."""
         wait_for(lambda: self.heartbeat_age(self.w1_id) < 3, 30, "W1 to heartbeat again", self.stack.logs)
-        job = self.stack.submit(write_dataset(self.stack.tmp / f"{tag}.jsonl", 12, max_tokens=4), "--chunk-size", "2")
+        job = self.stack.submit(write_dataset(self.stack.tmp / f"{tag}.jsonl", 12, max_tokens=4), "--chunk-size", "2",
+                                stub=False)
         self.stack.wait_state(job, timeout=120)
         assert_exactly_once(self.stack, job, 12)
         assert self.stack.stored_by(job, "w1"), "W1 took no chunk after the path healed\n" + self.stack.logs()
@@ -149,7 +150,7 @@ def partitioned(
 def test_worker_cut_off_from_the_store_mid_write_lets_its_lease_lapse_and_rejoins(partitioned: Partitioned) -> None:
     p, stack = partitioned, partitioned.stack
     n = 32
-    job = stack.submit(write_dataset(stack.tmp / "db.jsonl", n, max_tokens=8), "--chunk-size", "8")
+    job = stack.submit(write_dataset(stack.tmp / "db.jsonl", n, max_tokens=8), "--chunk-size", "8", stub=False)
     wait_for(lambda: stack.running_chunk_of("w1", 1), 120, "W1 inside a chunk", stack.logs)
     # The next results INSERT of W1 reaches Postgres, then the path goes silent: its COMMIT never comes.
     p.db.pause_on(b"tokens_per_second", direction="to_server", deliver=True)
@@ -190,7 +191,7 @@ def test_worker_cut_off_from_the_store_mid_write_lets_its_lease_lapse_and_rejoin
 def test_worker_cut_off_from_the_broker_as_it_is_handed_a_message_rejoins(partitioned: Partitioned) -> None:
     p, stack = partitioned, partitioned.stack
     n = 32
-    job = stack.submit(write_dataset(stack.tmp / "broker.jsonl", n, max_tokens=8), "--chunk-size", "4")
+    job = stack.submit(write_dataset(stack.tmp / "broker.jsonl", n, max_tokens=8), "--chunk-size", "4", stub=False)
     wait_for(lambda: stack.running_chunk_of("w1", 1), 120, "W1 inside a chunk", stack.logs)
     # W1 finishes that chunk (the store is reachable: its lease holds) and asks Redis for the next message;
     # Redis pops it and answers, and the answer is what the partition swallows.

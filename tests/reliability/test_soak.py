@@ -60,7 +60,7 @@ def test_soak_2000_rows_with_workers_killed_and_restarted(fleet: Stack) -> None:
 @pytest.mark.timeout(300)
 def test_real_model_with_a_worker_killed_and_restarted(fleet: Stack, smollm2_path: Path) -> None:
     n = 36  # 6 chunks of 6; one row at a time, so a chunk is "part done" for most of its run
-    job = fleet.submit(write_dataset(fleet.tmp / "real.jsonl", n, max_tokens=8), "--chunk-size", "6")
+    job = fleet.submit(write_dataset(fleet.tmp / "real.jsonl", n, max_tokens=8), "--chunk-size", "6", stub=False)
     fleet.scheduler()
     real = ("--n-seq", "1")
     victim = fleet.worker(*real, name="victim", stub=False)

@@ -80,3 +80,26 @@ def test_a_variant_that_fits_nowhere_has_no_finish_time() -> None:
     by = {o.variant.quant: o for o in plan.options}
     assert by["q8_0"].seconds is None
     assert any("does not fit" in line for line in plan.lines())
+
+
+def test_prompt_heavy_job_is_timed_at_the_prompt_rate_and_says_so() -> None:
+    """A folder of documents is almost all prompt: its time is the prompt tokens at the prompt rate, and the
+    plan says prompt processing dominates instead of showing only a generation rate."""
+    docs = Workload(rows=222, prompt_tokens=272_000, gen_tokens=222 * 64)
+    chats = Workload(rows=222, prompt_tokens=5_000, gen_tokens=222 * 512)
+    smol = get_family("smollm2-135m-instruct")
+    box = FleetMember(Capacity("cpu", 2, 2, 8 * GiB, 8 * GiB), SPEED, threads=2, n_seq=4)
+    plan = plan_job(smol, docs, [box], NOW + 3600, now=NOW)
+    opt = plan.options[0]
+    assert opt.seconds == pytest.approx(opt.prompt_seconds + opt.gen_seconds)
+    assert opt.prompt_seconds == pytest.approx(272_000 / opt.prompt_tps)
+    assert opt.prompt_seconds > opt.gen_seconds and opt.dominant == "prompt processing"
+    line = plan.lines()[1]
+    assert "prompt +" in line and "generated tok/s" in line and "prompt processing dominates" in line
+    assert plan_job(smol, chats, [box], NOW + 3600, now=NOW).options[0].dominant == "generation"
+
+
+def test_workload_counts_exactly_with_the_tokenizer() -> None:
+    rows = [DatasetRow(1, "r", CHAT, messages=({"role": "user", "content": "a b c d"},), params=SamplingParams())]
+    w = Workload.of_rows(rows, count=lambda text: len(text.split()), markup=30)
+    assert (w.prompt_tokens, w.gen_tokens) == (4 + 30, 256)

@@ -6,11 +6,15 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
+from tests.poison_lines import POISON_IDS, POISON_LINES
 from tokenmill.cache import request_hash
 from tokenmill.celery_app import queue_for
 from tokenmill.config import Settings
+from tokenmill.errors import DatasetError
 from tokenmill.rows import COMPLETIONS, DatasetRow, SamplingParams
-from tokenmill.scheduler.submit import Submission, job_key, model_route
+from tokenmill.scheduler.submit import Submission, choose_model, job_key, model_route
 from tokenmill.workers.capacity import detect
 from tokenmill.workers.selection import WorkerOptions, select_model
 
@@ -65,3 +69,20 @@ def test_document_edited_in_place_is_a_new_job(tmp_path: Path) -> None:
     (docs / "sub" / "b.md").write_text("BETA")
     assert (docs / "sub").stat().st_mtime_ns == folder_mtime
     assert job_key(docs, "m", options) != first
+
+
+@pytest.mark.parametrize(("poison", "words"), [p[1:] for p in POISON_LINES], ids=POISON_IDS)
+def test_choosing_the_model_reads_poisoned_lines_through_the_dataset_reader(
+    tmp_path: Path, poison: bytes, words: str
+) -> None:
+    """Without --model the first lines are read for body.model: a poisoned line is skipped there (the reader
+    reports it, with its line), and a later line still names the model."""
+    body = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}]}
+    named = json.dumps({"custom_id": "a", "body": body})
+    path = tmp_path / "poison.jsonl"
+    path.write_bytes(b'{"prompt": "x"}\n' + poison + b"\n" + named.encode() + b"\n")
+    assert choose_model(path, None) == ("gemma-3-270m", "named on line 3")
+    sub = Submission(path=path, model="gemma-3-270m")
+    with pytest.raises(DatasetError) as exc:
+        list(sub.rows())
+    assert exc.value.line == 2 and exc.value.reason.startswith("invalid JSON: ") and words in exc.value.reason

@@ -6,6 +6,7 @@ import time
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from tokenmill.errors import JobNotFound, ServiceUnavailable
 from tokenmill.rows import CHAT, DatasetRow, SamplingParams
@@ -34,6 +35,12 @@ def make_job(store: Store, n: int = 10, chunk_size: int = 4) -> str:
         job = store_jobs.create_job(s, key="k", name="t.jsonl", family="fam", queue="tm.fam", chunk_size=chunk_size)
         store_jobs.ingest_rows(s, job, rows(n))
         return job.id
+
+
+def answer(s: Session, job_id: str, first: int, last: int, status: str = "succeeded") -> None:
+    """Store a result for each row of ``first..last`` (what a worker's writer does before completing)."""
+    for seq in range(first, last + 1):
+        store_results.write_result(s, {"job_id": job_id, "seq": seq, "custom_id": f"r{seq}", "status": status})
 
 
 def test_ingest_cuts_chunks_and_round_trips_rows(any_store: Store) -> None:
@@ -73,6 +80,7 @@ def test_lease_excludes_a_second_worker_until_it_expires(any_store: Store) -> No
         assert leases.claim(s, chunk_id, "w2", lease_seconds=30) is not None
     with any_store.session() as s:
         assert leases.renew(s, chunk_id, "w1", 30) is False
+        answer(s, job_id, 0, 3)
         assert leases.complete(s, chunk_id, "w1") is False
         assert leases.complete(s, chunk_id, "w2") is True
     with any_store.session() as s:

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tokenmill.config import Settings
 from tokenmill.engine import Generation, OnDone, Refill, RowQueue, SlotUse
@@ -143,19 +143,69 @@ def test_a_job_on_a_queue_this_worker_does_not_serve_is_not_claimed(
         assert job is not None and job.state == "queued"  # not started by a worker that cannot run it
 
 
-def test_a_chunk_claimed_too_often_fails_its_unanswered_rows_and_the_job_goes_on(
+class Died(BaseException):
+    """What a worker process dying looks like from inside it: nothing after this point runs."""
+
+
+class PoisonEngine(ScriptedEngine):
+    """Its process "dies" (raises Died out of the task) whenever row ``r1`` is in the batch."""
+
+    def generate(
+        self, rows: Sequence[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool], refill: Refill | None = None
+    ) -> None:
+        for row in rows:
+            self.tries[row.custom_id] += 1
+        if any(r.custom_id == "r1" for r in rows):
+            raise Died()
+        super().generate(rows, on_done, should_stop, refill)
+
+
+def test_a_chunk_whose_workers_die_with_it_is_tried_row_by_row_and_only_the_poison_row_fails(
     store: Store, settings: Settings
 ) -> None:
-    settings = settings.with_(max_chunk_attempts=2)
+    settings = settings.with_(max_chunk_attempts=2, max_row_attempts=2)
     job = make_job(store, 6, 3)
     poison, healthy = chunk_ids(store, job)
-    for dead in ("dead1", "dead2"):  # two workers took it and died (the lease ran out / was released)
+    deaths = 0
+    for n in range(12):  # a supervisor restarting the worker each time it dies (bounded)
+        rt = runtime(store, settings, PoisonEngine(), f"w{n}")
+        try:
+            rt.process_chunk(job, poison)
+            break
+        except Died:
+            deaths += 1
+            with store.session() as s:  # the dead process's lease runs out
+                s.execute(update(Chunk).where(Chunk.id == poison).values(lease_expires_at=0))
+        finally:
+            rt.writer.close()
+    # two deaths in a batch, then one per try of the poison row alone (two tries), then it fails alone
+    assert deaths == 4
+    rt = runtime(store, settings, PoisonEngine(), "w-last")
+    assert rt.process_chunk(job, healthy).generated == 3  # the job goes on
+    rt.close()
+    stored = results(store, job)
+    assert [(r.seq, r.status, r.error_code) for r in stored] == [
+        (0, "succeeded", None), (1, "failed", "worker_died"), (2, "succeeded", None),
+        (3, "succeeded", None), (4, "succeeded", None), (5, "succeeded", None),
+    ]  # fmt: skip
+    with store.session() as s:
+        assert store_jobs.state_of(s, job) == "completed_with_errors"
+
+
+def test_a_chunk_claimed_past_every_bound_fails_its_unanswered_rows_and_the_job_goes_on(
+    store: Store, settings: Settings
+) -> None:
+    """The backstop: claims past max_chunk_attempts plus what row-by-row tries can take give the chunk up."""
+    settings = settings.with_(max_chunk_attempts=2, max_row_attempts=1)
+    job = make_job(store, 6, 3)
+    poison, healthy = chunk_ids(store, job)
+    limit = leases.give_up_after(2, 3, 1)
+    for n in range(limit):  # workers took it and died (the lease ran out) without recording any try
         with store.session() as s:
-            assert leases.claim(s, poison, dead, lease_seconds=60) is not None
-            leases.release(s, poison, dead)
+            assert leases.claim(s, poison, f"dead{n}", lease_seconds=-1) is not None
     engine = ScriptedEngine()
     rt = runtime(store, settings, engine)
-    outcome = rt.process_chunk(job, poison)  # the third claim is past the cap
+    outcome = rt.process_chunk(job, poison)  # one claim past the bound
     assert (outcome.claimed, outcome.generated, outcome.failed) == (True, 0, 3)
     assert sum(engine.tries.values()) == 0  # nothing was generated for the poison chunk
     assert rt.process_chunk(job, healthy).generated == 3  # the job goes on
@@ -163,16 +213,14 @@ def test_a_chunk_claimed_too_often_fails_its_unanswered_rows_and_the_job_goes_on
     assert [(r.seq, r.status, r.error_code) for r in stored[:3]] == [
         (i, "failed", "chunk_attempts_exhausted") for i in range(3)
     ]
-    assert "claimed 3 times (limit 2)" in (stored[0].error or "")
+    assert f"claimed {limit + 1} times (limit {limit})" in (stored[0].error or "")
     assert [r.status for r in stored[3:]] == ["succeeded"] * 3
     with store.session() as s:
         assert [c.state for c in s.scalars(select(Chunk).where(Chunk.job_id == job))] == ["done", "done"]
-        # the task that completed the last chunk closed the job; the dispatcher's pass finds nothing left
         j = store_jobs.get_job(s, job)
         assert j.state == "completed_with_errors" and j.finished_at is not None
         assert store_jobs.finish_jobs(s) == []
-        # an explicit retry starts the count again: the chunk runs this time
-        assert store_jobs.retry_failed(s, j) == 3
+        assert store_jobs.retry_failed(s, j) == 3  # an explicit retry starts the count again
     assert rt.process_chunk(job, poison).generated == 3
 
 
@@ -199,3 +247,35 @@ def test_the_chunk_attempt_cap_comes_from_the_environment_and_reaches_local_work
     assert settings.max_chunk_attempts == 7
     assert Settings.from_env(settings.as_env()).max_chunk_attempts == 7
     assert Settings.from_env({}).max_chunk_attempts == 5
+
+
+class SlowRowEngine(ScriptedEngine):
+    """Row r1 runs past the per-row time limit (what the llama engine reports as RowTimeLimit)."""
+
+    def generate(
+        self, rows: Sequence[DatasetRow], on_done: OnDone, should_stop: Callable[[], bool], refill: Refill | None = None
+    ) -> None:
+        from tokenmill.errors import RowTimeLimit
+
+        for row in rows:
+            self.tries[row.custom_id] += 1
+            if row.custom_id == "r1":
+                on_done(row, RowTimeLimit("the row ran 9.0s, past the per-row limit of 5s"))
+            else:
+                on_done(row, Generation(text="ok", finish_reason="stop", prompt_tokens=1, completion_tokens=1))
+
+
+def test_a_row_past_its_time_limit_fails_alone_with_its_own_code_and_is_not_retried(
+    store: Store, settings: Settings
+) -> None:
+    job = make_job(store, 3, 3)
+    (chunk,) = chunk_ids(store, job)
+    engine = SlowRowEngine()
+    rt = runtime(store, settings, engine)
+    outcome = rt.process_chunk(job, chunk)
+    assert (outcome.generated, outcome.failed) == (2, 1)
+    assert engine.tries["r1"] == 1
+    stored = {r.custom_id: r for r in results(store, job)}
+    assert stored["r1"].error_code == "row_time_limit_exceeded" and "per-row limit" in (stored["r1"].error or "")
+    assert stored["r0"].status == stored["r2"].status == "succeeded"
+    rt.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -102,6 +103,22 @@ def test_a_failed_batch_surfaces_at_flush_and_the_chunk_stays_open(store: Store,
     finally:
         writer.close()
     assert [r.seq for r in results(store, job)] == [1]
+
+
+def test_a_failed_batch_is_logged_without_the_values_it_carried(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "an-output-the-tenant-owns"
+    job = make_job(store, 2, 2)
+    _claimed(store, job)
+    writer = ResultWriter(store, "w1", batch_rows=8, batch_ms=10)
+    try:
+        writer.put({**_row(job, 0), "status": None, "body": {"text": secret}, "custom_id": secret}, 1)
+        with caplog.at_level(logging.WARNING), pytest.raises(Exception, match=r"(?i)not null"):
+            writer.flush()
+    finally:
+        writer.close()
+    assert "storing 1 results failed: IntegrityError" in caplog.text and secret not in caplog.text
 
 
 def test_a_worker_that_lost_its_lease_stores_nothing_for_that_chunk(any_store: Store) -> None:

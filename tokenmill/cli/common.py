@@ -10,8 +10,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from tokenmill.config import MaskingFilter, Settings
+from tokenmill.config import Settings, install_masking
 from tokenmill.store import Store
+from tokenmill.store import schedulers as store_schedulers
 
 # Markup and emoji codes off by default: what commands print is mostly data (paths, job names, worker
 # errors, model references), and a "[/x]" in it would raise MarkupError; styling is asked for explicitly
@@ -44,8 +45,8 @@ def open_store(settings: Settings) -> Store:
 def setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING
     handler = RichHandler(console=console, show_path=False)
-    handler.addFilter(MaskingFilter())  # every log line, whoever wrote it, with URL credentials masked
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    install_masking()  # every log line and traceback, whoever wrote it, with credentials and row values masked
     for noisy in ("celery", "kombu", "amqp"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
@@ -59,3 +60,17 @@ def add_id_column(table: Table, name: str) -> None:
     """Job ids are what people copy into the next command: never cut them to "8a5778ebc…" on a narrow
     terminal; the other columns fold instead."""
     table.add_column(name, no_wrap=True, min_width=16)
+
+
+def scheduler_state(store: Store, lost_after: float) -> str:
+    """One phrase for the dispatch loops the store has seen: whether anyone is sending chunks, and why not."""
+    with store.session() as s:
+        seen = store_schedulers.health(s, lost_after)
+    alive = [h for h in seen if h.alive]
+    if not alive:
+        return "none running (jobs on a fleet wait for `tokenmill scheduler`)" if not seen else "lost (no heartbeat)"
+    failing = [h for h in alive if h.failing_for is not None]
+    if len(failing) < len(alive):
+        return "ok"
+    worst = max(failing, key=lambda h: h.failing_for or 0.0)
+    return f"failing for {worst.failing_for or 0.0:.0f}s on {worst.host}: {worst.error}"

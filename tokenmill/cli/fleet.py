@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from tokenmill.celery_app import make_app
-from tokenmill.cli.common import console, open_store, out, print_plain, settings_from
+from tokenmill.cli.common import console, open_store, out, print_plain, scheduler_state, settings_from
 from tokenmill.cli.options import DEFAULT_MODEL, JsonOpt, NCtxOpt, PreferChoice, PreferOpt, prefer_value
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.store import Store
@@ -96,11 +96,14 @@ def workers_cmd(
     Example: tokenmill workers
     """
     settings = settings_from(ctx)
-    rows = _worker_rows(open_store(settings), settings.lost_after, all_)
+    store = open_store(settings)
+    rows = _worker_rows(store, settings.lost_after, all_)
+    scheduler = scheduler_state(store, settings.lost_after)
     if as_json:
         print_plain(json.dumps(rows))
         return
     out.print(_workers_table(rows))
+    out.print(f"scheduler: {scheduler}")
 
 
 def _worker_rows(store: Store, lost_after: float, include_stopped: bool) -> list[dict[str, Any]]:

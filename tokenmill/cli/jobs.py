@@ -12,7 +12,15 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from tokenmill.cli.common import add_id_column, console, open_store, out, print_plain, settings_from
+from tokenmill.cli.common import (
+    add_id_column,
+    console,
+    open_store,
+    out,
+    print_plain,
+    scheduler_state,
+    settings_from,
+)
 from tokenmill.cli.options import (
     AllowUnknownOpt,
     ChunkOpt,
@@ -25,6 +33,7 @@ from tokenmill.cli.options import (
     MaxTokensOpt,
     ModelOpt,
     NoCacheOpt,
+    OverlapOpt,
     PreferChoice,
     PreferOpt,
     SkipOpt,
@@ -38,8 +47,10 @@ from tokenmill.cli.options import (
 from tokenmill.cli.planning import JobChoice, choose_for_job, deadline_note, live_fleet
 from tokenmill.config import Settings
 from tokenmill.errors import DatasetError, JobIncomplete, UsageError
+from tokenmill.models.tokenizer import tokenizer_for
 from tokenmill.output import export
-from tokenmill.scheduler.submit import choose_model, model_route, submit_dataset
+from tokenmill.scheduler.context import Host, choose_context, with_context
+from tokenmill.scheduler.submit import Submission, choose_model, model_route, submit_dataset
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
@@ -64,6 +75,13 @@ def submit_cmd(
     prefer: PreferOpt = PreferChoice.balanced,
     deadline: DeadlineOpt = None,
     allow_unknown_fields: AllowUnknownOpt = False,
+    n_ctx: Annotated[
+        int | None,
+        typer.Option("--n-ctx", min=64, show_default=False,
+                     help="The context per request of the fleet's workers (their --n-ctx), which documents are cut "
+                     "to fit [default: 2048, a worker's default]"),
+    ] = None,
+    overlap: OverlapOpt = 0,
 ) -> None:
     """Store a dataset as a job for the fleet; prints the job id on the last line.
 
@@ -73,8 +91,10 @@ def submit_cmd(
     model, model_source = choose_model(path, model)
     sub = build_submission(
         path, model, template, field, max_tokens, temperature, chunk_size, skip_invalid, no_cache, token_budget,
-        settings.models_dir, allow_unknown_fields, model_source,
+        settings.models_dir, allow_unknown_fields, model_source, settings.engine, n_ctx=n_ctx, overlap=overlap,
     )  # fmt: skip
+    if path.is_dir():
+        sub = _exact_budget(settings, sub, n_ctx)
     pins = _ab_pins(model, ab)
     for pin in pins:
         model_route(pin or model, settings.models_dir)
@@ -103,6 +123,18 @@ def submit_cmd(
     console.print(f"{rows} rows stored" + (f" twice (A/B group {group})" if group else "") + skipped)
     for job_id in ids:
         print_plain(job_id)
+
+
+def _exact_budget(settings: Settings, sub: Submission, n_ctx: int | None) -> Submission:
+    """Documents are cut with the model's tokenizer when a file of it is on this host (no fetch: a submitting
+    host need not hold models), to the fleet's context, which a submit cannot see: --n-ctx or the default."""
+    tokenizer = tokenizer_for(sub.model, settings.models_dir)
+    if tokenizer is None:
+        console.print(f"warning: no local file of {sub.model} to count tokens with; parts are sized at about "
+                      "4 characters per token", soft_wrap=True)
+        return sub
+    choice = choose_context(sub, tokenizer, Host(None, None), n_ctx=n_ctx) if n_ctx else None
+    return with_context(sub, choice, tokenizer)
 
 
 def _warn_if_unserved(store: Store, settings: Settings, pin: str) -> None:
@@ -151,6 +183,8 @@ def status_cmd(
         _jobs_table(store)
         return
     info = _job_status(store, job, wait, interval)
+    if info["state"] in UNFINISHED_STATES:
+        info["scheduler"] = scheduler_state(store, settings.lost_after)
     if as_json:
         print_plain(json.dumps(info))
     else:
@@ -160,6 +194,8 @@ def status_cmd(
             table.add_row(k, str(info[k]))
         if info.get("deadline_note"):
             table.add_row("deadline", str(info["deadline_note"]))
+        if info.get("scheduler"):
+            table.add_row("scheduler", str(info["scheduler"]))
         out.print(table)
     if wait and info["state"] != JobState.COMPLETED:
         raise JobIncomplete(f"job {info['job']} ended {info['state']} ({info['failed']} failed rows)")

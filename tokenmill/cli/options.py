@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from tokenmill.config import DEFAULT_ENGINE
 from tokenmill.models.sizing import Prefer
 from tokenmill.rows import SamplingParams
 from tokenmill.scheduler.submit import DEFAULT_MODEL as SUBMIT_DEFAULT_MODEL
@@ -51,9 +52,9 @@ TokenBudgetOpt = Annotated[
     int | None,
     typer.Option(
         min=1,
-        help="Documents only: split files longer than this many tokens (about 4 characters each) into "
-        "'FILE#part-K' rows (default: what a 2048-token context leaves after max_tokens and 256 for the "
-        "template, 1536 with the default max_tokens)",
+        help="Documents only: at most this many tokens of a file per row; longer files become 'FILE#part-K' "
+        "rows (default: what the context per request leaves after the chat markup, the template and "
+        "max_tokens, counted with the model's tokenizer)",
         show_default=False,
     ),
 ]
@@ -63,6 +64,19 @@ FailedRowsOpt = Annotated[Path | None, typer.Option("--errors", help="Failed row
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable")]
 NCtxOpt = Annotated[int, typer.Option(help="Context tokens per sequence")]
+JobNCtxOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--n-ctx",
+        min=64,
+        help="Context tokens per request [default: sized from the rows (documents: the longest, counted with the "
+        "model's tokenizer), up to the model's trained context; 2048 for short rows]",
+        show_default=False,
+    ),
+]
+OverlapOpt = Annotated[
+    int, typer.Option(min=0, help="Documents only: tokens of each part's end repeated at the start of the next")
+]
 
 
 def build_submission(
@@ -79,6 +93,10 @@ def build_submission(
     models_dir: Path | None = None,
     allow_unknown_fields: bool = False,
     model_source: str = "--model",
+    engine: str = DEFAULT_ENGINE,
+    *,
+    n_ctx: int | None = None,
+    overlap: int = 0,
 ) -> Submission:
     """The dataset options of `run` and `submit` as one Submission: an unset --max-tokens/--temperature
     falls back to SamplingParams' own default, so both commands store the same job for the same flags."""
@@ -100,6 +118,9 @@ def build_submission(
         models_dir=models_dir,
         allow_unknown_fields=allow_unknown_fields,
         model_source=model_source,
+        engine=engine,
+        n_ctx=n_ctx,
+        overlap=overlap,
     )
 
 

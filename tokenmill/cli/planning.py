@@ -29,10 +29,20 @@ class JobChoice:
     deadline: float | None
 
 
-def this_host(settings: Settings, capacity: Capacity, processes: int, threads_each: int) -> list[FleetMember]:
-    """`run`'s fleet: its local worker processes, splitting this host."""
+def this_host(
+    settings: Settings,
+    capacity: Capacity,
+    processes: int,
+    threads_each: int,
+    *,
+    n_ctx: int | None = None,
+    n_seq: int | None = None,
+) -> list[FleetMember]:
+    """`run`'s fleet: its local worker processes, splitting this host, with the job's context and batch."""
     speed = host_speed(settings.models_dir)
-    return [FleetMember(capacity, speed, threads=threads_each, share=processes) for _ in range(processes)]
+    sized = {"n_ctx": n_ctx} if n_ctx else {}
+    sized |= {"n_seq": n_seq} if n_seq else {}
+    return [FleetMember(capacity, speed, threads=threads_each, share=processes, **sized) for _ in range(processes)]
 
 
 def live_fleet(store: Store, settings: Settings, fallback: Capacity) -> list[FleetMember]:
@@ -80,7 +90,10 @@ def choose_for_job(
     if deadline_text is None:
         return JobChoice(_preferred(family, prefer, fleet, can_get), None)
     deadline = parse_deadline(deadline_text)
-    workload = Workload.of_rows(r for r in sub.rows() if isinstance(r, DatasetRow))
+    counter = sub.counter
+    count = (lambda text: counter.count(text)) if counter is not None else None
+    overhead = counter.chat_overhead if counter is not None else None
+    workload = Workload.of_rows((r for r in sub.rows() if isinstance(r, DatasetRow)), count=count, markup=overhead)
     plan = plan_job(family, workload, fleet, deadline, now=time.time(), obtainable=can_get)
     for line in plan.lines():
         console.print(line, soft_wrap=True)

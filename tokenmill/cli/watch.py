@@ -1,8 +1,11 @@
-"""`tokenmill status --watch`: a live view of jobs and workers, refreshed from the store."""
+"""`tokenmill status --watch`: a live view of jobs and workers, refreshed from the store; progress lines
+instead when the output is a log, not a terminal (cli/progress.py)."""
 
 from __future__ import annotations
 
+import sys
 import time
+from typing import TextIO
 
 from rich.console import Group
 from rich.live import Live
@@ -10,12 +13,13 @@ from rich.table import Table
 from rich.text import Text
 
 from tokenmill.cli.common import add_id_column, out
+from tokenmill.cli.progress import LogProgress
 from tokenmill.config import Settings
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
 from tokenmill.store.clock import db_now
-from tokenmill.store.states import JobState, WorkerState
+from tokenmill.store.states import ACTIVE_STATES, JobState, WorkerState
 
 
 def _eta(remaining: int, rows_per_s: float) -> str:
@@ -69,6 +73,9 @@ class WatchState:
 
 
 def watch_view(store: Store, settings: Settings, job_ref: str | None, interval: float) -> None:
+    if not out.is_terminal:
+        watch_lines(store, settings, job_ref, interval, sys.stdout)
+        return
     state = WatchState()
     with Live(state.render(store, settings, job_ref), console=out, refresh_per_second=4) as live:
         try:
@@ -77,3 +84,27 @@ def watch_view(store: Store, settings: Settings, job_ref: str | None, interval: 
                 live.update(state.render(store, settings, job_ref))
         except KeyboardInterrupt:
             return
+
+
+def watch_lines(store: Store, settings: Settings, job_ref: str | None, interval: float, stream: TextIO) -> None:
+    """Progress lines of the job (or of every unfinished job) until it ends (or Ctrl-C): each job's line at
+    ``Settings.progress_seconds`` or every 5 % of its rows, and a last one when it finishes."""
+    trackers: dict[str, LogProgress] = {}
+    ended: set[str] = set()
+    try:
+        while True:
+            with store.session() as s:
+                jobs = [store_jobs.get_job(s, job_ref)] if job_ref else store_jobs.list_jobs(s, limit=15)
+                for j in jobs:
+                    if j.id in ended or (j.id not in trackers and j.state not in ACTIVE_STATES and not job_ref):
+                        continue
+                    final = j.state not in ACTIVE_STATES
+                    tracker = trackers.setdefault(j.id, LogProgress(stream, settings.progress_seconds))
+                    tracker.update(store_jobs.progress(s, j).to_json(), j.options.get("deadline"), final=final)
+                    if final:
+                        ended.add(j.id)
+            if job_ref and ended:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return

@@ -35,7 +35,7 @@ from tokenmill.engines.choices import ChoiceMerger
 from tokenmill.engines.llama_embed import LlamaEmbedder
 from tokenmill.engines.prefix import best_shared_prefix, common_prefix_len
 from tokenmill.engines.sampling import RowSampler, TextAccumulator
-from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong, RowRefused
+from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong, RowRefused, RowTimeLimit
 from tokenmill.rows import CHAT, EMBEDDINGS, DatasetRow
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class LlamaEngine:
         n_seq: int = 8,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
+        row_time_limit: float | None = None,
         n_batch: int = 512,
         prefix_cache: bool = True,
         flash_attn: bool = True,
@@ -100,6 +101,7 @@ class LlamaEngine:
             raise ValueError("n_seq must be >= 1 and n_ctx_per_seq >= 16")
         self.variant = variant
         self.n_seq = n_seq
+        self.row_time_limit = row_time_limit  # seconds from a row's admission; None: no limit
         self._ctx: Any = None
         self._model: Any = None
         self._batch: Any = None
@@ -556,6 +558,11 @@ class LlamaEngine:
             return self._finish(seq, "stop", now)
         if seq.n_generated >= seq.max_tokens:
             return self._finish(seq, "length", now)
+        if self.row_time_limit is not None and now - seq.admitted > self.row_time_limit:
+            raise RowTimeLimit(
+                f"the row ran {now - seq.admitted:.1f}s, past the per-row limit of {self.row_time_limit:g}s "
+                "(TOKENMILL_ROW_TIME_LIMIT)"
+            )
         seq.feed.append(token)
         return None
 

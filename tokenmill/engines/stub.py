@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tokenmill.engine import Generation, OnDone, Refill, RowQueue, SlotUse
-from tokenmill.errors import RequestTooLong
+from tokenmill.errors import RequestTooLong, RowTimeLimit
 from tokenmill.rows import DatasetRow
 
 
@@ -45,10 +45,12 @@ class StubEngine:
         n_seq: int = 8,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
+        row_time_limit: float | None = None,
     ) -> None:
         del model_path, n_gpu_layers  # no model is loaded: the variant name alone is what results carry
-        self.variant = variant
+        self.variant = f"{variant}+stub"  # stub answers say so, wherever the variant is shown or stored
         self.n_ctx = n_ctx_per_seq
+        self.row_time_limit = row_time_limit
         self.n_seq = n_seq
         self.n_threads = n_threads or 1
         self.load_ms = 1.0
@@ -88,6 +90,10 @@ class StubEngine:
             text = row.prompt if row.prompt is not None else (row.messages or ({"content": ""},))[-1]["content"]
             if len(text) > self.n_ctx:
                 on_done(row, RequestTooLong(f"prompt is {len(text)} tokens; the model context is {self.n_ctx}"))
+                continue
+            if self.row_time_limit is not None and self.delay > self.row_time_limit:
+                time.sleep(self.row_time_limit)
+                on_done(row, RowTimeLimit(f"the row ran past the per-row limit of {self.row_time_limit:g}s"))
                 continue
             time.sleep(self.delay)
             if self._should_fail(text):

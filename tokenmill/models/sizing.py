@@ -368,3 +368,47 @@ def recommend(
         else:
             out.append(Recommendation(fam, choice))
     return out
+
+
+DEFAULT_KV_CELLS = 16 * 2048  # a default worker's KV cache: 16 sequences of 2048 tokens
+N_SEQ_CHOICES = (16, 8, 4, 2, 1)
+MIN_TRADED_CONTEXT = 512
+
+
+def trade_context(
+    family: Family,
+    capacity: Capacity,
+    *,
+    share: int,
+    n_ctx: int,
+    n_seq: int | None = None,
+    pinned: str | None = None,
+    prefer: Prefer = "balanced",
+    obtainable: Obtainable | None = None,
+) -> tuple[int, int]:
+    """(context per sequence, sequences per worker) for a job whose requests need ``n_ctx`` tokens.
+
+    Sequences are traded for context: a worker keeps about a default worker's KV cache
+    (:data:`DEFAULT_KV_CELLS`), so 8192-token requests are decoded 4 at a time where 2048-token ones
+    are decoded 16 at a time. Long prompts are prefill, which batching barely speeds up on a CPU, so
+    the trade costs little, while 16 sequences of 8192 tokens would take 4x the memory and the time to
+    allocate it. Within that, the widest batch that fits the worker's memory (the same fit check a
+    worker makes); when not even one sequence of ``n_ctx`` fits, the context is halved until one does.
+    ``n_seq`` set by hand is kept and only the context is fitted to it.
+    """
+    ctx = n_ctx
+    while True:
+        for seqs in (n_seq,) if n_seq else N_SEQ_CHOICES:
+            if not n_seq and seqs > 1 and seqs * ctx > max(DEFAULT_KV_CELLS, ctx):
+                continue
+            try:
+                choose_variant(family, capacity, share=share, n_ctx=ctx, n_seq=seqs + 1, pinned=pinned,
+                               obtainable=obtainable, prefer=prefer)
+            except ModelLoadError:
+                continue
+            return ctx, seqs
+        if ctx // 2 < MIN_TRADED_CONTEXT:
+            break
+        ctx //= 2
+    raise ModelLoadError(f"{family.name} does not fit this worker even at {ctx} tokens of context "
+                         f"x {n_seq or 1} sequences; run fewer workers on this host or pin a smaller variant")

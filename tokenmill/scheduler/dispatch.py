@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections import defaultdict
 from typing import Any
 
@@ -20,6 +23,7 @@ from tokenmill.config import Settings, mask_text, mask_url
 from tokenmill.errors import StoreFull
 from tokenmill.store import DB_ERRORS, Session, Store, leases
 from tokenmill.store import jobs as store_jobs
+from tokenmill.store import schedulers as store_schedulers
 from tokenmill.store.tables import Job
 from tokenmill.store.workers import live_serving
 
@@ -72,6 +76,10 @@ class Dispatcher:
         self.broker_watch = BrokerWatch(settings.broker_url, settings.database_url)
         self._broker_emptied = False  # set until a pass has committed the requeue (the store may be down too)
         self._next_orphan_check = 0.0
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.failing: str | None = None  # what the last pass raised, while passes fail
+        self._failing_since: float | None = None
+        self._next_beat = 0.0
 
     def tick(self) -> int:
         """One pass; returns how many chunks were sent."""
@@ -102,10 +110,8 @@ class Dispatcher:
                 to_send.extend(self._fair_share(s, queue, queue_jobs, slots))
             if to_send:
                 leases.mark_queued(s, [chunk_id for _, _, chunk_id in to_send])
-                sent_jobs = {j for _, j, _ in to_send}
-                for job in active:
-                    if job.id in sent_jobs:
-                        store_jobs.start_job(job)
+                for job_id in sorted({j for _, j, _ in to_send}):
+                    store_jobs.start_job(s, job_id)
         self._broker_emptied = False
         for i, (queue, job_id, chunk_id) in enumerate(to_send):
             try:
@@ -178,41 +184,86 @@ class Dispatcher:
         return picked
 
     def _finish_jobs(self, s: Session) -> None:
-        for job in store_jobs.finish_jobs(s):
-            log.info("job %s %s", job.id, job.state)
+        for job_id in store_jobs.finish_jobs(s):
+            log.info("job %s %s", job_id, store_jobs.state_of(s, job_id))
 
     def run(self, stop: threading.Event, until_job: str | None = None) -> None:
-        """Loop until ``stop`` is set (or the given job reaches a final state), riding out outages.
+        """Loop until ``stop`` is set (or the given job reaches a final state), riding out any error.
 
-        A full store disk ends the loop that serves one job (`tokenmill run`: the command stops with the
-        store's one line, see workers/diskfull.py); the fleet scheduler waits for space instead, since
-        the store is shared and someone may free it.
+        An outage or a bug in one pass never ends the loop: the pass is logged, the next waits longer,
+        and the failure is stored (:mod:`tokenmill.store.schedulers`) so ``status``, ``workers`` and
+        ``/healthz`` show a failing dispatcher instead of jobs that merely look slow. A full store disk
+        ends the loop that serves one job (`tokenmill run`: the command stops with the store's one line,
+        see workers/diskfull.py); the fleet scheduler waits for space instead.
         """
         base = self.settings.dispatch_interval
         delay = base
-        while not stop.is_set():
-            try:
-                # A pass that sent nothing makes the next wait longer, up to IDLE_BACKOFF times the interval:
-                # an idle scheduler (or `run` while its worker chains chunks itself) costs little CPU.
-                sent = self.tick()
-                delay = base if sent else min(delay * 2, base * IDLE_BACKOFF)
-                if until_job is not None and self.job_finished(until_job):
-                    return
-            except StoreFull as exc:
-                if until_job is not None:
-                    return
-                log.warning("%s; dispatching again in %.1fs", exc, delay)
-                delay = min(delay * 2, 10.0)
-            except DB_ERRORS as exc:
-                log.warning("store unavailable, retrying in %.1fs: %s", delay, _first_line(exc))
-                self.store.engine.dispose()
-                delay = min(delay * 2, 10.0)
-            except Exception as exc:  # broker outages surface as many kombu/redis types
-                if not _is_broker_error(exc):
-                    raise
-                log.warning("broker unavailable, retrying in %.1fs: %s", delay, mask_text(str(exc)))
-                delay = min(delay * 2, 10.0)
-            stop.wait(delay)
+        try:
+            while not stop.is_set():
+                error: str | None = None
+                try:
+                    # A pass that sent nothing makes the next wait longer, up to IDLE_BACKOFF times the interval:
+                    # an idle scheduler (or `run` while its worker chains chunks itself) costs little CPU.
+                    sent = self.tick()
+                    delay = base if sent else min(delay * 2, base * IDLE_BACKOFF)
+                    if until_job is not None and self.job_finished(until_job):
+                        return
+                except StoreFull as exc:
+                    if until_job is not None:
+                        return
+                    error = str(exc)
+                    log.warning("%s; dispatching again in %.1fs", exc, delay)
+                    delay = min(delay * 2, 10.0)
+                except Exception as exc:
+                    error = self._failed_pass(exc, delay)
+                    delay = min(delay * 2, 10.0)
+                self._report(error)
+                stop.wait(delay)
+        finally:
+            self._forget()
+
+    def _failed_pass(self, exc: Exception, delay: float) -> str:
+        """Log a failed pass by its kind (store, broker, anything else) and return what to show for it."""
+        if isinstance(exc, DB_ERRORS):
+            reason = f"store unavailable: {_first_line(exc)}"
+            self.store.engine.dispose()
+        elif _is_broker_error(exc):
+            reason = f"broker unavailable: {_first_line(exc)}"
+        else:  # a bug, or an answer nobody expected (a Redis OOM from send_task): logged whole, then again
+            reason = f"{type(exc).__name__}: {_first_line(exc)}"
+            log.error("dispatch pass failed: %s", reason, exc_info=exc)
+        log.warning("%s; dispatching again in %.1fs", reason, delay)
+        return reason
+
+    def _report(self, error: str | None) -> None:
+        """Store this loop's liveness, at most once per heartbeat unless the failing state changed."""
+        now = time.monotonic()
+        changed = (error is None) != (self.failing is None)
+        self.failing = error
+        if self.failing is not None and self._failing_since is None:
+            self._failing_since = now
+        elif self.failing is None:
+            self._failing_since = None
+        if not changed and now < self._next_beat:
+            return
+        try:
+            with self.store.session() as s:
+                store_schedulers.beat(s, self.id, host=socket.gethostname(), pid=os.getpid(), error=error)
+            self._next_beat = now + self.settings.heartbeat_seconds
+        except Exception as exc:  # the store is down: that is what the next pass will say again
+            log.debug("scheduler heartbeat: %s", _first_line(exc))
+
+    def _forget(self) -> None:
+        try:
+            with self.store.session() as s:
+                store_schedulers.remove(s, self.id)
+        except Exception as exc:
+            log.debug("scheduler row not removed: %s", _first_line(exc))
+
+    @property
+    def failing_for(self) -> float | None:
+        """Seconds this loop's passes have been failing, or None while they work."""
+        return None if self._failing_since is None else time.monotonic() - self._failing_since
 
     def job_finished(self, job_id: str) -> bool:
         with self.store.session() as s:

@@ -1,10 +1,13 @@
 """Deadline planning: which variant finishes a job by a given time on the fleet that will run it.
 
 An overnight run needs the variant that is done by morning, not the largest one that fits. The plan
-estimates the job's tokens from its rows (prompt characters / 4, plus ``max_tokens`` per row: an upper
-bound, since rows that stop early finish sooner), predicts each variant's throughput on every member
-of the fleet (:mod:`tokenmill.models.speed`: batched decoding, the member's threads and memory), and
-pins the best-quality variant whose predicted finish is before the deadline. Once rows finish,
+estimates the job's tokens from its rows (counted with the model's tokenizer when it is at hand, else
+prompt characters / 4; plus ``max_tokens`` per row: an upper bound, since rows that stop early finish
+sooner), predicts each variant's prompt and generation rates on every member of the fleet
+(:mod:`tokenmill.models.speed`: batched decoding, the member's threads and memory), times the prompt
+tokens at the prompt rate and the generated ones at the generation rate, says which of the two
+dominates (a folder of documents is almost all prompt), and pins the best-quality variant whose
+predicted finish is before the deadline. Once rows finish,
 ``tokenmill status`` replaces the prediction with the measured rate.
 """
 
@@ -36,12 +39,21 @@ class Workload:
     gen_tokens: int
 
     @classmethod
-    def of_rows(cls, rows: Iterable[DatasetRow]) -> Workload:
+    def of_rows(
+        cls, rows: Iterable[DatasetRow], *, count: Callable[[str], int] | None = None, markup: int | None = None
+    ) -> Workload:
+        """The job's tokens: exact with ``count`` (the model's tokenizer) and ``markup`` (its chat template's
+        tokens around a message), else estimated from characters."""
         n = prompt = gen = 0
+        per_message = TOKENS_PER_MESSAGE if markup is None else markup
         for row in rows:
             n += 1
-            chars = len(row.prompt or "") + sum(len(str(m.get("content", ""))) for m in row.messages or ())
-            prompt += int(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(row.messages or ())
+            texts = [row.prompt or "", *(str(m.get("content", "")) for m in row.messages or ())]
+            if count is not None:
+                prompt += sum(count(t) for t in texts if t)
+            else:
+                prompt += int(sum(len(t) for t in texts) / CHARS_PER_TOKEN)
+            prompt += per_message * len(row.messages or ())
             gen += row.params.max_tokens
         return cls(n, prompt, gen)
 
@@ -63,9 +75,17 @@ class VariantPlan:
     variant: Variant
     seconds: float | None  # None: fits on no member of the fleet
     gen_tps: float = 0.0
+    prompt_tps: float = 0.0
+    prompt_seconds: float = 0.0  # of ``seconds``: the prompt tokens at the prompt rate
+    gen_seconds: float = 0.0  # the generated tokens at the generation rate
 
     def finish_at(self, start: float) -> float | None:
         return None if self.seconds is None else start + self.seconds
+
+    @property
+    def dominant(self) -> str:
+        """Which side of the work takes most of the predicted time."""
+        return "prompt processing" if self.prompt_seconds >= self.gen_seconds else "generation"
 
 
 @dataclass(frozen=True)
@@ -85,7 +105,9 @@ class Plan:
             if at is None:
                 verdict = "does not fit this fleet"
             else:
-                verdict = f"~{opt.gen_tps:.0f} tok/s, finishes ~{_clock(at)} ({_dur(opt.seconds or 0)})"
+                verdict = (f"~{opt.prompt_tps:,.0f} prompt + ~{opt.gen_tps:,.0f} generated tok/s, finishes "
+                           f"~{_clock(at)} ({_dur(opt.seconds or 0)}: prompt {_dur(opt.prompt_seconds)}, generation "
+                           f"{_dur(opt.gen_seconds)}; {opt.dominant} dominates)")
                 verdict += " — meets the deadline" if at <= self.deadline else " — late"
             mark = "→" if self.chosen is not None and opt.variant.quant == self.chosen.variant.quant else " "
             out.append(f" {mark} {opt.variant.label}: {verdict}")
@@ -134,7 +156,8 @@ def variant_plan(v: Variant, family: Family, workload: Workload, fleet: Sequence
         return VariantPlan(v, None)
     prompt_tps = sum(r[0] for r in rates)
     gen_tps = sum(r[1] for r in rates)
-    return VariantPlan(v, workload.prompt_tokens / prompt_tps + workload.gen_tokens / gen_tps, gen_tps)
+    prompt_s, gen_s = workload.prompt_tokens / prompt_tps, workload.gen_tokens / gen_tps
+    return VariantPlan(v, prompt_s + gen_s, gen_tps, prompt_tps, prompt_s, gen_s)
 
 
 def plan_job(

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenmill.celery_app import queue_for
-from tokenmill.datasets import InvalidLine, read_dataset
+from tokenmill.config import DEFAULT_ENGINE
+from tokenmill.dataset_fields import FieldError
+from tokenmill.datasets import InvalidLine, json_lines, read_dataset
 from tokenmill.errors import DatasetError
 from tokenmill.output import rejected_line
 from tokenmill.request_contract import Ignored, LineModel
@@ -20,6 +22,7 @@ from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 
 if TYPE_CHECKING:
+    from tokenmill.documents import PartBudget, TokenCounter
     from tokenmill.models.catalog import Family
 
 
@@ -65,7 +68,7 @@ def submit_rows(
             key=key,
             name=name,
             family=family,
-            queue=queue_for(family, pinned_quant),
+            queue=queue_for(family, pinned_quant, engine=(options or {}).get("engine", DEFAULT_ENGINE)),
             chunk_size=chunk_size,
             pinned_variant=f"{family}:{pinned_quant}" if pinned_quant else None,
             options=options,
@@ -101,15 +104,29 @@ class Submission:
     skip_invalid: bool = False
     no_cache: bool = False
     token_budget: int | None = None  # documents only; None: derived from the context and max_tokens
+    n_ctx: int | None = None  # the context per request the job is run with (None: a worker's default)
+    overlap: int = 0  # documents only: tokens of a part's end repeated at the start of the next
+    counter: TokenCounter | None = field(default=None, compare=False)  # the model's tokenizer, for exact budgets
     models_dir: Path | None = None  # where a .gguf path's content hash is remembered (None: this process only)
     allow_unknown_fields: bool = False  # unknown request fields: counted in ``ignored``, not line errors
     model_source: str = "--model"  # where ``model`` came from, for the line error of a line naming another
+    engine: str = DEFAULT_ENGINE  # part of the job's identity and queue: a stub job never resumes as a real one
     ignored: Ignored = field(default_factory=Ignored, compare=False)
 
     def document_budget(self) -> int:
+        """Tokens of text per part when parts are budgeted without the model's tokenizer (an estimate)."""
         if self.token_budget is not None:
             return self.token_budget
-        return document_token_budget((self.defaults or SamplingParams()).max_tokens)
+        return document_token_budget((self.defaults or SamplingParams()).max_tokens, self.n_ctx or DEFAULT_CONTEXT)
+
+    def part_budget(self) -> PartBudget | None:
+        """The exact budget of one document row, when the model's tokenizer is at hand."""
+        if self.counter is None:
+            return None
+        from tokenmill.documents import PartBudget
+
+        max_tokens = (self.defaults or SamplingParams()).max_tokens
+        return PartBudget(self.n_ctx or DEFAULT_CONTEXT, max_tokens, self.counter, self.token_budget, self.overlap)
 
     def options(self) -> dict[str, Any]:
         extra = {"model_sha256": model_identity(self.model, self.models_dir)} if _is_path(self.model) else {}
@@ -120,8 +137,22 @@ class Submission:
             "defaults": self.defaults.to_json() if self.defaults else None,
             "chunk_size": self.chunk_size,
             "no_cache": self.no_cache,
-            "token_budget": self.document_budget() if self.path.is_dir() else None,
-        } | ({"allow_unknown_fields": True} if self.allow_unknown_fields else {})
+            "token_budget": self._budget_option(),
+        } | ({"allow_unknown_fields": True} if self.allow_unknown_fields else {}) | self._context_options() | (
+            {"engine": self.engine} if self.engine != DEFAULT_ENGINE else {}
+        )
+
+    def _budget_option(self) -> int | None:
+        if not self.path.is_dir():
+            return None
+        return self.token_budget if self.counter is not None else self.document_budget()
+
+    def _context_options(self) -> dict[str, Any]:
+        """The context the job was sized for, and how its documents were cut (part of the job's identity)."""
+        out: dict[str, Any] = {"n_ctx": self.n_ctx} if self.n_ctx else {}
+        if self.path.is_dir():
+            out |= {"exact_budget": self.counter is not None} | ({"overlap": self.overlap} if self.overlap else {})
+        return out
 
     def rows(self) -> Iterator[DatasetRow | InvalidLine]:
         if self.path.is_dir():
@@ -130,7 +161,11 @@ class Submission:
             if not self.template:
                 raise DatasetError(str(self.path), "a folder of documents needs --template")
             yield from read_documents(
-                self.path, load_template(self.template), token_budget=self.document_budget(), defaults=self.defaults
+                self.path,
+                load_template(self.template),
+                token_budget=self.document_budget(),
+                defaults=self.defaults,
+                budget=self.part_budget(),
             )
             return
         from tokenmill.documents import load_template
@@ -174,20 +209,17 @@ def choose_model(path: Path, model: str | None) -> tuple[str, str]:
 
 
 def _first_line_model(path: Path) -> tuple[str, int] | None:
+    """Read through the dataset reader's own line parser: a poisoned line is skipped here and reported,
+    with its line number, by the reader that follows."""
     try:
-        with open(path, "rb") as fh:
-            for line, raw in enumerate(fh, start=1):
-                if line > MODEL_SCAN_LINES:
-                    return None
-                try:
-                    obj = json.loads(raw)
-                except ValueError:
-                    continue  # the reader reports it, with its line
-                src = obj.get("body", obj) if isinstance(obj, dict) else None
-                name = src.get("model") if isinstance(src, dict) else None
-                if isinstance(name, str) and catalog_family(name) is not None:
-                    return name, line
-    except OSError:
+        for line, obj in json_lines(path, str(path), limit=MODEL_SCAN_LINES):
+            if isinstance(obj, FieldError):
+                continue
+            src = obj.get("body", obj)
+            name = src.get("model") if isinstance(src, dict) else None
+            if isinstance(name, str) and catalog_family(name) is not None:
+                return name, line
+    except DatasetError:
         return None  # the reader reports unreadable files
     return None
 

@@ -23,6 +23,7 @@ from tokenmill.store import batches as store_batches
 from tokenmill.store import files as store_files
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store.db import Session
+from tokenmill.store.states import BATCH_RUNNING
 from tokenmill.store.tables import ApiBatch, Job
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -59,7 +60,7 @@ def _live_counts(s: Session, job_id: str) -> RequestCounts | None:
 def _view(s: Session, b: ApiBatch) -> BatchObject:
     """Live counts while the job runs (from its results), the recorded ones once the batch is final."""
     counts = None
-    if b.job_id and b.status in ("in_progress", "cancelling", "finalizing"):
+    if b.job_id and b.status in BATCH_RUNNING:
         counts = _live_counts(s, b.job_id)
     return BatchObject.of(b, counts)
 
@@ -152,14 +153,24 @@ def _render(store: Store, owner: str, batch_id: str) -> bytes:
 @router.post("/{batch_id}/cancel", response_model=BatchObject)
 def cancel(request: Request, owner: Tenant, batch_id: str) -> BatchObject:
     with _store(request).session() as s:
-        b = store_batches.get_batch(s, batch_id, owner)
-        if b is None:
-            raise not_found("batch", batch_id)
-        if b.status in [st.value for st in store_batches.FINAL]:
-            raise ApiError(400, f"batch {b.id} is already {b.status}", param="batch_id", code="batch_finished")
+        b = cancel_batch(s, owner, batch_id)
         _views.pop((owner, batch_id), None)  # this replica shows the cancel at once; others within VIEW_TTL
-        if store_batches.request_cancel(b) and b.job_id:
-            job = s.get(Job, b.job_id)
-            if job is not None:
-                store_jobs.cancel_job(s, job)
         return _view(s, b)
+
+
+def cancel_batch(s: Session, owner: str, batch_id: str) -> ApiBatch:
+    """The status moves by one conditional UPDATE (store/batches.py), so a cancel racing the driver either
+    lands before its next step, which then finds the batch cancelled, or finds it already moved on; the
+    batch's job, if validation made one, is cancelled in the same transaction."""
+    if store_batches.get_batch(s, batch_id, owner) is None:
+        raise not_found("batch", batch_id)
+    moved = store_batches.request_cancel(s, batch_id)
+    if moved.status is not None and moved.job_id:
+        job = s.get(Job, moved.job_id)
+        if job is not None:
+            store_jobs.cancel_job(s, job)
+    b = s.get(ApiBatch, batch_id, populate_existing=True)
+    assert b is not None
+    if moved.status is None and b.status in store_batches.FINAL:
+        raise ApiError(400, f"batch {b.id} is already {b.status}", param="batch_id", code="batch_finished")
+    return b

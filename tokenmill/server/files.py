@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 
+from tokenmill.errors import FileUnreadable
 from tokenmill.server.auth import tenant
 from tokenmill.server.errors import ApiError, not_found
 from tokenmill.server.schemas import FileDeleted, FileList, FileObject
@@ -30,22 +31,22 @@ def upload(
     purpose: Annotated[str, Form()],
 ) -> FileObject:
     """The multipart body is already spooled to a temporary file by the parser (the gate capped it as it
-    streamed: tokenmill.server.gate); it is copied on in 1 MiB chunks."""
+    streamed: tokenmill.server.gate); it is copied on in 1 MiB chunks, one short transaction each
+    (store/files.py)."""
     if purpose != "batch":
         raise ApiError(400, f"purpose {purpose!r} is not supported (tokenmill serves 'batch')", param="purpose")
     settings = request.app.state.settings
     try:
-        with _store(request).session() as s:
-            f = store_files.create_file(
-                s,
-                owner=owner,
-                filename=(file.filename or "upload.jsonl")[:512],
-                purpose=purpose,
-                source=file.file,
-                max_bytes=settings.file_max_bytes,
-                max_lines=settings.file_max_lines,
-            )
-            return FileObject.of(f)
+        f = store_files.create_file(
+            _store(request),
+            owner=owner,
+            filename=(file.filename or "upload.jsonl")[:512],
+            purpose=purpose,
+            source=file.file,
+            max_bytes=settings.file_max_bytes,
+            max_lines=settings.file_max_lines,
+        )
+        return FileObject.of(f)
     except store_files.FileTooLarge as exc:
         if exc.what == "bytes":
             raise ApiError(413, f"file is larger than {exc.limit} bytes", param="file", code="file_too_large") from None
@@ -79,11 +80,17 @@ def retrieve(request: Request, owner: Tenant, file_id: str) -> FileObject:
 
 @router.get("/{file_id}/content", response_class=StreamingResponse)
 def content(request: Request, owner: Tenant, file_id: str) -> StreamingResponse:
+    """The stored chunks are checked against the file's size before ``Content-Length`` promises it; a file
+    deleted while it streams ends the connection with an error, never with a short body that looks whole."""
     store = _store(request)
     with store.session() as s:
         f = store_files.get_file(s, file_id, owner)
         if f is None:
             raise not_found("file", file_id)
+        try:
+            store_files.check_complete(s, f)
+        except FileUnreadable as exc:
+            raise ApiError(500, str(exc), param="file_id", code="file_damaged") from None
         size = f.bytes
     return StreamingResponse(
         store_files.stream(store, file_id),

@@ -13,6 +13,7 @@ from tokenmill.errors import ServiceUnavailable
 from tokenmill.server.auth import CALLER, Caller, operator
 from tokenmill.store import Store
 from tokenmill.store import batches as store_batches
+from tokenmill.store import schedulers as store_schedulers
 
 router = APIRouter(tags=["health"])
 
@@ -56,6 +57,10 @@ def healthz(request: Request) -> JSONResponse:
         who = request.scope.get(CALLER)
         detail = {"reason": str(exc)} if isinstance(who, Caller) and who.operator else {}
         return JSONResponse({"status": "unavailable", **detail}, status_code=503)
+    with request.app.state.store.session() as s:
+        schedulers = store_schedulers.health(s, request.app.state.settings.lost_after)
+    if any(h.alive and h.failing_for is not None for h in schedulers):  # nobody is sending chunks
+        return JSONResponse({"status": "unavailable", "reason": "the dispatcher is failing"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 

@@ -2,23 +2,27 @@
 
 The checks are the ones `tokenmill submit` makes (tokenmill/datasets.py reads every line), plus what a
 batch adds: every line's ``url`` is the batch's endpoint, and every ``body.model`` names the same
-catalog model (the job's model; a path to a file on the server is not something a client may name).
+catalog model (the job's model; a path to a file on the server is not something a client may name), one
+this server serves (tokenmill/server/served_models.py). Whatever a line holds, an error quotes at most a
+bounded piece of it: a 30 MB ``model`` must not make a 30 MB batch object.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenmill.datasets import InvalidLine, read_dataset
+from tokenmill.config import Settings
+from tokenmill.dataset_fields import FieldError, bounded, show
+from tokenmill.datasets import InvalidLine, json_lines, read_dataset
 from tokenmill.errors import DatasetError, ModelError
 from tokenmill.rows import DatasetRow
 from tokenmill.scheduler.submit import auto_chunk_size, model_route
+from tokenmill.server.served_models import ServedModels, model_problem, served_models
 from tokenmill.store import Store
 from tokenmill.store import files as store_files
 
@@ -36,6 +40,7 @@ class Checked:
     def add(self, line: int, message: str, param: str | None, code: str = "invalid_request") -> None:
         """One error per line (the first found); ``line`` 0 is the file as a whole."""
         if line not in self.errors and len(self.errors) < MAX_ERRORS:
+            message, param = bounded(message, 1000), None if param is None else bounded(param, 100)
             self.errors[line] = {"code": code, "line": line or None, "message": message, "param": param}
 
     def sorted_errors(self) -> list[dict[str, Any]]:
@@ -51,27 +56,29 @@ def spool(store: Store, file_id: str, folder: Path) -> Path:
     return path
 
 
-def check_lines(path: Path, endpoint: str) -> Checked:
-    """Pass one: url and model per line; malformed lines are left to the dataset reader's pass."""
+def check_lines(path: Path, endpoint: str, settings: Settings | None = None) -> Checked:
+    """Pass one: url and model per line, through the one JSONL reader (tokenmill/datasets.py), so a line
+    that is not a JSON object is its line error here already. ``settings`` bring serve's model list
+    (tokenmill/server/served_models.py); without them any catalog model is accepted."""
+    served = served_models(settings) if settings is not None else None
     checked = Checked()
-    with open(path, "rb") as fh:
-        for line, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
+    try:
+        for line, obj in json_lines(path, path.name):
             checked.lines += 1
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                _check_object(checked, line, obj, endpoint)
+            if isinstance(obj, FieldError):
+                checked.add(line, obj.message, obj.field)
+            else:
+                _check_object(checked, line, obj, endpoint, served)
+    except DatasetError as exc:  # the file as a whole could not be read
+        checked.add(exc.line or 0, exc.reason, exc.field)
     return checked
 
 
-def _check_object(checked: Checked, line: int, obj: dict[str, Any], endpoint: str) -> None:
+def _check_object(checked: Checked, line: int, obj: dict[str, Any], endpoint: str, served: ServedModels | None) -> None:
     url = obj.get("url")
     if url != endpoint:
-        checked.add(line, f"url {url!r} differs from the batch's endpoint {endpoint!r}", "url", "invalid_url")
+        what = f"url {show(url)} differs from" if url is not None else "missing: batch lines name"
+        checked.add(line, f"{what} the batch's endpoint '{endpoint}'", "url", "invalid_url")
         return
     body = obj.get("body")
     model = body.get("model") if isinstance(body, dict) else None
@@ -79,22 +86,20 @@ def _check_object(checked: Checked, line: int, obj: dict[str, Any], endpoint: st
         checked.add(line, "missing: batch lines name their model in body.model", "body.model", "missing_model")
         return
     if checked.model is None:
-        try:
-            _catalog_model(model)
-        except (ModelError, DatasetError) as exc:
-            checked.add(line, str(exc), "body.model", "model_not_found")
+        problem = model_problem(model, served)
+        if problem is not None:
+            checked.add(line, problem, "body.model", "model_not_found")
             return
         checked.model = model
     elif model != checked.model:
-        message = f"model {model!r} differs from {checked.model!r} (one model per batch)"
+        message = f"model {show(model)} differs from {show(checked.model)} (one model per batch)"
         checked.add(line, message, "body.model", "mismatched_model")
 
 
 def _catalog_model(model: str) -> tuple[str, str | None]:
-    from tokenmill.models.resolve import looks_like_path
-
-    if looks_like_path(model) or model.endswith(".gguf"):
-        raise ModelError(f"model {model!r} is not a catalog name (see: tokenmill models list)")
+    problem = model_problem(model, None)
+    if problem is not None:
+        raise ModelError(problem)
     return model_route(model)
 
 

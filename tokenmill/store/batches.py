@@ -1,7 +1,10 @@
 """API batches: the batch lifecycle (every status write happens here) and the queries the API pages need.
 
-validating → in_progress → finalizing → completed | expired, validating → failed, and
-in_progress → cancelling → cancelled (validating → cancelled when nothing was stored yet).
+validating → in_progress → finalizing → completed | expired | cancelled; validating → failed | expired |
+cancelled; in_progress → cancelling → finalizing. Every transition is one conditional UPDATE whose row
+count is checked (``WHERE status IN (...)``, and for the driver's steps ``lease_owner = holder``), so a
+cancel racing the driver, or two drivers racing each other, can never move a batch twice: whichever
+commits second finds the status changed and does nothing. A final status never changes.
 """
 
 from __future__ import annotations
@@ -9,32 +12,33 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from enum import Enum
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from tokenmill.store.states import ACTIVE_STATES
+from tokenmill.store.states import (
+    ACTIVE_STATES,
+    BATCH_FINAL,
+    BATCH_OPEN,
+    CHUNK_WAITING,
+    BatchStatus,
+    ChunkState,
+    JobState,
+)
 from tokenmill.store.tables import ApiBatch, Chunk, Job, RequestRow, Result
 
 WINDOW_SECONDS = {"24h": 24 * 3600.0}
 
 
-class BatchStatus(str, Enum):
-    VALIDATING = "validating"
-    FAILED = "failed"
-    IN_PROGRESS = "in_progress"
-    FINALIZING = "finalizing"
-    COMPLETED = "completed"
-    EXPIRED = "expired"
-    CANCELLING = "cancelling"
-    CANCELLED = "cancelled"
-
-
-FINAL = (BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
-OPEN = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING, BatchStatus.CANCELLING)
+# The groups under the names the API code has always used; the vocabulary is store/states.py's.
+FINAL = BATCH_FINAL
+OPEN = BATCH_OPEN
+# Batches whose job is stored and which the driver finalizes (a finalizing one again, after a crash).
+FINISHING: tuple[BatchStatus, ...] = (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING, BatchStatus.FINALIZING)
+__all__ = ["FINAL", "FINISHING", "OPEN", "BatchStatus"]
 
 
 def new_batch_id() -> str:
@@ -67,7 +71,7 @@ def create_batch(
         endpoint=endpoint,
         input_file_id=input_file_id,
         completion_window=completion_window,
-        status=BatchStatus.VALIDATING.value,
+        status=BatchStatus.VALIDATING,
         meta=metadata or None,
         total=0,
         completed=0,
@@ -108,8 +112,12 @@ def list_batches(s: Session, owner: str, *, limit: int, after: str | None = None
     return rows[:limit], len(rows) > limit
 
 
-def open_batch_ids(s: Session) -> list[str]:
-    return list(s.scalars(select(ApiBatch.id).where(ApiBatch.status.in_([st.value for st in OPEN]))))
+def open_batches(s: Session) -> list[tuple[str, str]]:
+    """(id, owner) of every batch the driver still moves along, oldest first."""
+    rows = s.execute(
+        select(ApiBatch.id, ApiBatch.owner).where(ApiBatch.status.in_(OPEN)).order_by(ApiBatch.created_at, ApiBatch.id)
+    )
+    return [(str(batch_id), str(owner)) for batch_id, owner in rows]
 
 
 def count_by_status(s: Session) -> dict[str, int]:
@@ -119,7 +127,7 @@ def count_by_status(s: Session) -> dict[str, int]:
 def claim(
     s: Session, batch_id: str, holder: str, seconds: float, statuses: tuple[BatchStatus, ...] = OPEN
 ) -> ApiBatch | None:
-    """Take the batch's driver lease (validation, finalizing) unless another live process holds it.
+    """Take (or renew) the batch's driver lease unless another live process holds it; the batch as stored.
 
     An UPDATE first, so on SQLite the transaction holds the write lock from its first statement and a
     cancel committed meanwhile is seen, not overwritten.
@@ -129,7 +137,7 @@ def claim(
         update(ApiBatch)
         .where(
             ApiBatch.id == batch_id,
-            ApiBatch.status.in_([st.value for st in statuses]),
+            ApiBatch.status.in_(statuses),
             or_(ApiBatch.lease_until.is_(None), ApiBatch.lease_until < now, ApiBatch.lease_owner == holder),
         )
         .values(lease_owner=holder, lease_until=now + seconds)
@@ -137,55 +145,149 @@ def claim(
     )
     if res.rowcount != 1:  # type: ignore[attr-defined]
         return None
-    batch = s.get(ApiBatch, batch_id)
-    if batch is not None:
-        s.refresh(batch)
-    return batch
+    return s.get(ApiBatch, batch_id, populate_existing=True)
 
 
-def release(batch: ApiBatch) -> None:
-    batch.lease_owner = None
-    batch.lease_until = None
+def _move(s: Session, batch_id: str, sources: tuple[BatchStatus, ...], holder: str | None, **values: Any) -> bool:
+    """The one way a batch's status changes: only from ``sources``, only by the lease ``holder`` when given."""
+    where = [ApiBatch.id == batch_id, ApiBatch.status.in_(sources)]
+    if holder is not None:
+        where.append(ApiBatch.lease_owner == holder)
+    res = s.execute(update(ApiBatch).where(*where).values(**values).execution_options(synchronize_session=False))
+    return res.rowcount == 1  # type: ignore[attr-defined]
 
 
-def start(batch: ApiBatch, job_id: str, model: str, total: int) -> None:
-    """Validation passed and the rows are stored: the job runs."""
-    batch.status = BatchStatus.IN_PROGRESS.value
-    batch.job_id = job_id
-    batch.model = model
-    batch.total = total
-    batch.in_progress_at = time.time()
+def _released(**values: Any) -> dict[str, Any]:
+    return {**values, "lease_owner": None, "lease_until": None}
 
 
-def fail(batch: ApiBatch, errors: list[dict[str, Any]], total: int) -> None:
-    """Validation found bad lines: nothing was stored, nothing runs."""
-    batch.status = BatchStatus.FAILED.value
-    batch.errors = errors
-    batch.total = total
-    batch.failed_at = time.time()
+def release(s: Session, batch_id: str, holder: str) -> None:
+    """Give the lease back early (a step that found nothing to do), so another replica need not wait it out."""
+    s.execute(
+        update(ApiBatch)
+        .where(ApiBatch.id == batch_id, ApiBatch.lease_owner == holder)
+        .values(lease_owner=None, lease_until=None)
+        .execution_options(synchronize_session=False)
+    )
 
 
-def request_cancel(batch: ApiBatch) -> bool:
-    """True when a job may need stopping; a batch still validating is cancelled outright."""
+def attach_job(s: Session, batch_id: str, holder: str, job_id: str, model: str) -> bool:
+    """Validation passed and the (still ``ingesting``, invisible) job exists: record it on the batch before
+    any row is stored, so a cancel from now on finds the job to stop."""
+    res = s.execute(
+        update(ApiBatch)
+        .where(
+            ApiBatch.id == batch_id,
+            ApiBatch.status == BatchStatus.VALIDATING,
+            ApiBatch.lease_owner == holder,
+            ApiBatch.job_id.is_(None),
+        )
+        .values(job_id=job_id, model=model)
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def start(s: Session, batch_id: str, holder: str, total: int) -> bool:
+    """validating → in_progress: every row is stored; refused once cancelled or past ``expires_at``."""
     now = time.time()
-    if batch.status == BatchStatus.VALIDATING.value:
-        batch.status = BatchStatus.CANCELLED.value
-        batch.cancelling_at = batch.cancelled_at = now
-        return False
-    if batch.status == BatchStatus.IN_PROGRESS.value:
-        batch.status = BatchStatus.CANCELLING.value
-        batch.cancelling_at = now
-        return True
-    return False
+    res = s.execute(
+        update(ApiBatch)
+        .where(
+            ApiBatch.id == batch_id,
+            ApiBatch.status == BatchStatus.VALIDATING,
+            ApiBatch.lease_owner == holder,
+            ApiBatch.expires_at > now,
+        )
+        .values(_released(status=BatchStatus.IN_PROGRESS, total=total, in_progress_at=now))
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
 
 
-def begin_finalizing(batch: ApiBatch) -> None:
-    batch.status = BatchStatus.FINALIZING.value
-    batch.finalizing_at = batch.finalizing_at or time.time()
+def fail(s: Session, batch_id: str, holder: str, errors: list[dict[str, Any]], total: int) -> bool:
+    """validating → failed: bad lines (or a file that cannot be read); nothing runs."""
+    values = _released(status=BatchStatus.FAILED, errors=errors, total=total, failed_at=time.time())
+    return _move(s, batch_id, (BatchStatus.VALIDATING,), holder, **values)
+
+
+def expire_validating(s: Session, batch_id: str) -> tuple[bool, str | None]:
+    """validating → expired once past ``expires_at``, whoever holds the lease (an ingest still going stops at
+    its next slice); (moved, the job an interrupted or running ingest made, for the caller to cancel)."""
+    now = time.time()
+    error = {"code": "batch_expired", "line": None, "param": None,
+             "message": "the completion window ran out before the file was validated"}  # fmt: skip
+    row = s.execute(
+        update(ApiBatch)
+        .where(ApiBatch.id == batch_id, ApiBatch.status == BatchStatus.VALIDATING, ApiBatch.expires_at <= now)
+        .values(_released(status=BatchStatus.EXPIRED, errors=[error], expired_at=now))
+        .returning(ApiBatch.job_id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    return (row is not None, row[0] if row is not None else None)
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """What a cancel did: the status it moved the batch to (None: nothing, it was too late or done twice)
+    and the batch's job, which the caller stops in the same transaction."""
+
+    status: BatchStatus | None
+    job_id: str | None
+
+
+def request_cancel(s: Session, batch_id: str) -> Cancelled:
+    """validating → cancelled (any job its validation made is the caller's to cancel), in_progress →
+    cancelling (the driver finalizes); finalizing, cancelling and final batches are left as they are."""
+    now = time.time()
+    moves: tuple[tuple[BatchStatus, BatchStatus, dict[str, Any]], ...] = (
+        (BatchStatus.VALIDATING, BatchStatus.CANCELLED, _released(cancelling_at=now, cancelled_at=now)),
+        (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING, {"cancelling_at": now}),
+    )
+    for source, target, values in moves:
+        row = s.execute(
+            update(ApiBatch)
+            .where(ApiBatch.id == batch_id, ApiBatch.status == source)
+            .values(status=target, **values)
+            .returning(ApiBatch.job_id)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if row is not None:
+            return Cancelled(target, row[0])
+    return Cancelled(None, None)
+
+
+def final_status(b: ApiBatch, job_state: str | None, now: float) -> BatchStatus | None:
+    """Where a running batch ends, decided the same way on every pass (a finalizer that died is redone):
+    cancelled once anyone asked, completed when its job finished, expired past its window."""
+    if b.cancelling_at is not None:
+        return BatchStatus.CANCELLED
+    if job_state in (JobState.COMPLETED, JobState.COMPLETED_WITH_ERRORS):
+        return BatchStatus.COMPLETED
+    if now >= b.expires_at:
+        return BatchStatus.EXPIRED
+    if job_state == JobState.CANCELLED:  # cancelled outside the API (`tokenmill cancel`)
+        return BatchStatus.CANCELLED
+    return None
+
+
+def begin_finalizing(s: Session, batch_id: str, holder: str, final: BatchStatus) -> bool:
+    """in_progress | cancelling → finalizing (a finalizing one stays, for a finalizer that died). A batch
+    cancelled outside the API records when, so :func:`final_status` stays cancelled on every later pass."""
+    now = time.time()
+    values: dict[str, Any] = {
+        "status": BatchStatus.FINALIZING,
+        "finalizing_at": func.coalesce(ApiBatch.finalizing_at, now),
+    }
+    if final == BatchStatus.CANCELLED:
+        values["cancelling_at"] = func.coalesce(ApiBatch.cancelling_at, now)
+    return _move(s, batch_id, FINISHING, holder, **values)
 
 
 def finish(
-    batch: ApiBatch,
+    s: Session,
+    batch_id: str,
+    holder: str,
     status: BatchStatus,
     *,
     output_file_id: str | None,
@@ -193,22 +295,15 @@ def finish(
     completed: int,
     failed: int,
     usage: dict[str, Any] | None,
-) -> None:
-    """The end state with its files and counts, in the transaction that stored the files."""
+) -> bool:
+    """finalizing → the end state, with its files and counts, in the transaction that stored the files: the
+    caller rolls the files back when this returns False, so a batch gets its output files at most once."""
     now = time.time()
-    batch.status = status.value
-    batch.output_file_id = output_file_id
-    batch.error_file_id = error_file_id
-    batch.completed = completed
-    batch.failed = failed
-    batch.usage = usage
-    if status == BatchStatus.COMPLETED:
-        batch.completed_at = now
-    elif status == BatchStatus.EXPIRED:
-        batch.expired_at = now
-    elif status == BatchStatus.CANCELLED:
-        batch.cancelled_at = now
-    release(batch)
+    stamp = {BatchStatus.COMPLETED: "completed_at", BatchStatus.EXPIRED: "expired_at",
+             BatchStatus.CANCELLED: "cancelled_at"}[status]  # fmt: skip
+    values = _released(status=status, output_file_id=output_file_id, error_file_id=error_file_id,
+                       completed=completed, failed=failed, usage=usage, **{stamp: now})  # fmt: skip
+    return _move(s, batch_id, (BatchStatus.FINALIZING,), holder, **values)
 
 
 def unfinished_requests(s: Session, job_id: str, page: int = 1000) -> Iterator[RequestRow]:
@@ -236,7 +331,7 @@ def live_chunks(s: Session, job_id: str) -> int:
         s.scalar(
             select(func.count())
             .select_from(Chunk)
-            .where(Chunk.job_id == job_id, Chunk.state == "running", Chunk.lease_expires_at > time.time())
+            .where(Chunk.job_id == job_id, Chunk.state == ChunkState.RUNNING, Chunk.lease_expires_at > time.time())
         )
         or 0
     )
@@ -250,4 +345,4 @@ def active_job_models(s: Session) -> set[str]:
 
 def waiting_chunks(s: Session) -> int:
     """Chunks no worker has yet (pending or queued), over every queue: the server's queue depth."""
-    return int(s.scalar(select(func.count()).select_from(Chunk).where(Chunk.state.in_(("pending", "queued")))) or 0)
+    return int(s.scalar(select(func.count()).select_from(Chunk).where(Chunk.state.in_(CHUNK_WAITING))) or 0)

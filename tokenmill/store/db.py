@@ -11,11 +11,11 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tokenmill.config import mask_text, mask_url, sqlalchemy_url
-from tokenmill.errors import ServiceUnavailable, StoreError, StoreFull
+from tokenmill.errors import ServiceUnavailable, StoreError, StoreFull, TokenmillError
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -23,6 +23,9 @@ T = TypeVar("T")
 # What a store call raises when the database is down or refuses: callers outside the store catch this
 # instead of importing SQLAlchemy (DBAPIError covers OperationalError; both named for the reader).
 DB_ERRORS: tuple[type[Exception], ...] = (OperationalError, DBAPIError)
+# The ones worth trying again: the database is down, restarting, or locked by another writer. Others
+# (a constraint, a value the column refuses) fail the same way every time.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError,)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -54,7 +57,7 @@ class Store:
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 self.sqlite_path = path.split("?", 1)[0]
-            self.engine: Engine = create_engine(sa_url, connect_args={"timeout": 60})
+            self.engine: Engine = create_engine(sa_url, connect_args={"timeout": 60}, hide_parameters=True)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             connect_args: dict[str, Any] = {"connect_timeout": 5}
@@ -64,8 +67,9 @@ class Store:
                 given = options if isinstance(options, str) else " ".join(options or ())
                 connect_args["options"] = f"{given} -c idle_in_transaction_session_timeout={ms}".strip()
             self.engine = create_engine(
-                sa_url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=connect_args
-            )
+                sa_url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=connect_args,
+                hide_parameters=True,
+            )  # fmt: skip
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._full_listeners: list[Callable[[StoreFull], None]] = []
 
@@ -157,6 +161,33 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def log_reason(exc: BaseException) -> str:
+    """What a log line may say about ``exc``, with no value from a row in it.
+
+    Engines hide bound parameters (``hide_parameters``), but a driver's own message can still quote a
+    value: Postgres's ``invalid input syntax for type json: "<the prompt>"`` or its ``DETAIL: Failing row
+    contains (...)``. So a database error is named by its types, its SQLSTATE and the schema names involved,
+    never its text, except SQLite's and the connection errors' (which name tables and hosts, not values).
+    Any other exception is its type alone, and a :class:`TokenmillError` its one masked line.
+    """
+    if isinstance(exc, TokenmillError):
+        return (mask_text(str(exc)).splitlines() or [type(exc).__name__])[0]
+    if not isinstance(exc, StatementError):
+        return type(exc).__name__
+    orig = exc.orig
+    parts = [type(exc).__name__, type(orig).__name__]
+    diag = getattr(orig, "diag", None)
+    if diag is not None:  # psycopg
+        names = (("sqlstate", getattr(orig, "sqlstate", None)), ("table", diag.table_name),
+                 ("column", diag.column_name), ("constraint", diag.constraint_name))  # fmt: skip
+        parts += [f"{k}={v}" for k, v in names if v]
+    if diag is None or isinstance(exc, OperationalError):
+        first = mask_text(str(orig)).strip().splitlines()
+        if first and (diag is not None or type(orig).__module__.startswith("sqlite3")):
+            parts.append(first[0][:200])
+    return " ".join(parts)
 
 
 def _is_disk_full(exc: BaseException) -> bool:

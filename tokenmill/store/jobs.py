@@ -4,17 +4,19 @@ finish, cancel, retry)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, delete, exists, func, insert, select, update
+from sqlalchemy import case, delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from tokenmill.errors import JobNotFound, StoreError
 from tokenmill.rows import DatasetRow
+from tokenmill.store.clock import now_sql
 from tokenmill.store.states import (
     ACTIVE_STATES,
     CHUNK_CLOSED,
@@ -27,6 +29,7 @@ from tokenmill.store.states import (
 )
 from tokenmill.store.tables import OPERATOR, Chunk, Job, RequestRow, Result
 
+log = logging.getLogger(__name__)
 __all__ = ["ACTIVE_STATES", "FINAL_STATES"]  # re-exported: callers that ask "is this job still going?"
 INSERT_BATCH = 2000
 # A chunk holds at most chunk_size rows AND about this many prompt characters (what ``prompt_chars``
@@ -262,64 +265,86 @@ def progress(s: Session, job: Job) -> Progress:
     )
 
 
-def cancel_job(s: Session, job: Job) -> bool:
-    """Stop dispatch now; workers see the state at their next row boundary."""
-    if job.state in FINAL_STATES:
+def _transition(s: Session, job: Job | str, to: JobState, sources: Collection[JobState], **values: Any) -> bool:
+    """Move a job to ``to`` only if it is still in one of ``sources``: one conditional UPDATE, row count checked.
+
+    A transition decided on a state read earlier (the dispatcher's pass, a cancel, a worker's last chunk)
+    must not overwrite one that committed in between; the WHERE clause makes the database the judge.
+    """
+    job_id = job if isinstance(job, str) else job.id
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(list(sources)))
+        .values(state=to, **values)
+        .execution_options(synchronize_session=False)
+    )
+    _forget(s, job_id)
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def _forget(s: Session, job_id: str) -> None:
+    """A Job loaded before a bulk UPDATE shows old values; expire it so the next read sees the row."""
+    obj = s.identity_map.get(s.identity_key(Job, job_id))
+    if obj is not None:
+        s.expire(obj)
+
+
+def cancel_job(s: Session, job: Job | str) -> bool:
+    """Stop dispatch now; workers see the state at their next row boundary. False if already final."""
+    job_id = job if isinstance(job, str) else job.id
+    if not _transition(s, job_id, JobState.CANCELLED, UNFINISHED_STATES, finished_at=now_sql(s)):
         return False
-    job.state = JobState.CANCELLED
-    job.finished_at = time.time()
     s.execute(
-        update(Chunk).where(Chunk.job_id == job.id, Chunk.state.in_(CHUNK_WAITING)).values(state=ChunkState.CANCELLED)
+        update(Chunk)
+        .where(Chunk.job_id == job_id, Chunk.state.in_(CHUNK_WAITING))
+        .values(state=ChunkState.CANCELLED)
+        .execution_options(synchronize_session=False)
     )
     return True
 
 
 def retry_failed(s: Session, job: Job) -> int:
-    """Forget failed results and reopen only the chunks that held them.
+    """Forget failed results and reopen only the chunks that held them; returns how many rows were failed.
 
-    An explicit retry is a fresh start for what it reopens: the chunks' claim counts and the rows'
-    attempt counts go back to zero, or a chunk that ran out of attempts would fail again at once.
+    The only way a final state changes. An explicit retry is a fresh start for what it reopens: the
+    chunks' claim counts and the rows' attempt counts go back to zero, or a chunk that ran out of
+    attempts would fail again at once. The state flip comes first and is conditional, so a retry racing
+    another retry, or a job that is no longer final, changes nothing.
     """
-    if job.state in ACTIVE_STATES:
-        raise StoreError(f"job {job.id} is still {job.state}; wait for it or cancel it first")
+    state = state_of(s, job.id)
+    if state is None or state not in FINAL_STATES:
+        raise StoreError(f"job {job.id} is still {state}; wait for it or cancel it first")
     failed = list(s.scalars(select(Result.seq).where(Result.job_id == job.id, Result.status == ResultStatus.FAILED)))
-    unfinished = job.state == JobState.CANCELLED
+    unfinished = state == JobState.CANCELLED
     if not failed and not unfinished:
         return 0
-    failed_seqs = select(Result.seq).where(Result.job_id == job.id, Result.status == ResultStatus.FAILED)
+    if not _transition(s, job.id, JobState.QUEUED, (state,), finished_at=None):
+        raise StoreError(f"job {job.id} changed state while retrying; look again (tokenmill status {job.id})")
     chunk_idx = set(  # chunks are cut by rows and by bytes: look each row's chunk up, never divide
         s.scalars(
             select(RequestRow.chunk_index)
-            .where(RequestRow.job_id == job.id, RequestRow.seq.in_(failed_seqs))
+            .where(RequestRow.job_id == job.id, RequestRow.seq.in_(failed))
             .distinct()
         )
-    ) if failed else set()
+    ) if failed else set()  # fmt: skip
     if failed:
         s.execute(delete(Result).where(Result.job_id == job.id, Result.status == ResultStatus.FAILED))
         s.execute(update(RequestRow).where(RequestRow.job_id == job.id, RequestRow.seq.in_(failed)).values(attempts=0))
-    conditions = [Chunk.job_id == job.id]
-    if unfinished:
-        s.execute(
-            update(Chunk)
-            .where(*conditions, Chunk.state != ChunkState.DONE)
-            .values(state=ChunkState.PENDING, attempts=0)
-        )
-    if chunk_idx:
-        s.execute(
-            update(Chunk)
-            .where(*conditions, Chunk.idx.in_(chunk_idx))
-            .values(state=ChunkState.PENDING, lease_owner=None, lease_expires_at=None, attempts=0)
-        )
-    job.state = JobState.QUEUED
-    job.finished_at = None
+    reopen = or_(Chunk.idx.in_(chunk_idx), Chunk.state != ChunkState.DONE) if unfinished else Chunk.idx.in_(chunk_idx)
+    s.execute(
+        update(Chunk)
+        .where(Chunk.job_id == job.id, reopen)
+        .values(state=ChunkState.PENDING, lease_owner=None, lease_expires_at=None, attempts=0)
+        .execution_options(synchronize_session=False)
+    )
     return len(failed)
 
 
-def start_job(job: Job) -> None:
+def start_job(s: Session, job_id: str) -> bool:
     """queued -> running, when its first chunk is sent or claimed (whichever the store sees first)."""
-    if job.state == JobState.QUEUED:
-        job.state = JobState.RUNNING
-        job.started_at = job.started_at or time.time()
+    return _transition(
+        s, job_id, JobState.RUNNING, (JobState.QUEUED,), started_at=func.coalesce(Job.started_at, now_sql(s))
+    )
 
 
 def active_jobs(s: Session) -> list[Job]:
@@ -327,23 +352,68 @@ def active_jobs(s: Session) -> list[Job]:
     return list(s.scalars(select(Job).where(Job.state.in_(ACTIVE_STATES)).order_by(Job.created_at)))
 
 
-def finish_jobs(s: Session, job_ids: Collection[str] | None = None) -> list[Job]:
-    """Close every active job (of ``job_ids``, when given) with no chunk left to do; returns those closed.
+def _answered(first: Any, last: Any, job_id: Any) -> Any:
+    """How many rows of ``job_id`` in ``first..last`` have a result (correlated: one index range scan)."""
+    return (
+        select(func.count())
+        .select_from(Result)
+        .where(Result.job_id == job_id, Result.seq >= first, Result.seq <= last)
+        .scalar_subquery()
+    )
+
+
+def finish_jobs(s: Session, job_ids: Collection[str] | None = None) -> list[str]:
+    """Close every active job (of ``job_ids``, when given) whose every row has a result; returns those closed.
+
+    Completion is a fact the store checks, not a count a process kept: a job is finished only in a
+    statement that sees no open chunk *and* as many results as rows. An active job whose chunks are all
+    closed while a row has no result (a history that should not happen) is not closed: the chunks
+    holding the missing rows are reopened, so the job answers them instead of ending short.
 
     A worker task calls it for its job as it ends, so a job ends with its last chunk rather than at the
-    dispatcher's next pass; the dispatcher's pass closes the rest (chunks that failed or were cancelled,
-    and two last chunks committed side by side, each seeing the other still open).
+    dispatcher's next pass; the dispatcher's pass closes the rest.
     """
     open_chunk = exists().where(Chunk.job_id == Job.id, Chunk.state.notin_(CHUNK_CLOSED))
-    query = select(Job).where(Job.state.in_(ACTIVE_STATES), ~open_chunk)
+    query = select(Job.id, Job.state).where(Job.state.in_(ACTIVE_STATES), ~open_chunk)
     if job_ids is not None:
         query = query.where(Job.id.in_(list(job_ids)))
-    closed = list(s.scalars(query))
-    for job in closed:
-        failed = s.scalar(select(exists().where(Result.job_id == job.id, Result.status == ResultStatus.FAILED)))
-        job.state = JobState.COMPLETED_WITH_ERRORS if failed else JobState.COMPLETED
-        job.finished_at = time.time()
+    closed: list[str] = []
+    for job_id, state in s.execute(query).all():
+        failed = exists().where(Result.job_id == Job.id, Result.status == ResultStatus.FAILED)
+        res = s.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.state == state,
+                ~open_chunk,
+                _answered(0, Job.total_rows, Job.id) >= Job.total_rows,
+            )
+            .values(
+                state=case((failed, JobState.COMPLETED_WITH_ERRORS), else_=JobState.COMPLETED),
+                finished_at=now_sql(s),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        _forget(s, str(job_id))
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            closed.append(str(job_id))
+        elif reopened := _reopen_unanswered(s, str(job_id)):
+            log.error("job %s: every chunk closed but %d held unanswered rows; reopened them", job_id, reopened)
     return closed
+
+
+def _reopen_unanswered(s: Session, job_id: str) -> int:
+    res = s.execute(
+        update(Chunk)
+        .where(
+            Chunk.job_id == job_id,
+            Chunk.state == ChunkState.DONE,
+            _answered(Chunk.first_seq, Chunk.last_seq, Chunk.job_id) < Chunk.last_seq - Chunk.first_seq + 1,
+        )
+        .values(state=ChunkState.PENDING, lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(res.rowcount)  # type: ignore[attr-defined]
 
 
 def is_unfinished(s: Session, job_id: str) -> bool:

@@ -7,10 +7,11 @@ function here (claim, renew, complete, release, expire, requeue, unqueue, mark q
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, case, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from tokenmill.store.clock import now_sql
@@ -28,6 +29,11 @@ from tokenmill.store.states import (
 )
 from tokenmill.store.tables import Chunk, Job, Result, Worker
 from tokenmill.store.workers import count_tokens, queues_of
+
+log = logging.getLogger(__name__)
+# Lapsed claims (a worker died or lost the lease with the chunk) after which its rows are tried one at a
+# time, each try recorded before it starts, so a row that kills its process fails alone (workers/isolate.py).
+ISOLATE_AFTER = 2
 
 
 def claim(
@@ -64,7 +70,10 @@ def claim(
             state=ChunkState.RUNNING,
             lease_owner=worker_id,
             lease_expires_at=now + lease_seconds,
-            attempts=Chunk.attempts + 1,
+            # A claim counts as an attempt unless it is the owner taking its own live chunk again (its
+            # first-claim and then the chunk's message); a clean hand-back gives the attempt back (release).
+            attempts=Chunk.attempts
+            + case((and_(Chunk.state == ChunkState.RUNNING, Chunk.lease_owner == worker_id), 0), else_=1),
             started_at=now,
         )
         .execution_options(synchronize_session=False)
@@ -82,40 +91,70 @@ class Claim:
     job: Job | None = None
     refused: str | None = None  # why a message was dropped: it does not match this worker or this job
     exhausted: int = 0  # rows failed with chunk_attempts_exhausted (the chunk is done then)
+    gave_up: bool = False  # the chunk was claimed too often: its unanswered rows failed, the chunk is done
+
+    @property
+    def isolate(self) -> bool:
+        """Whether to try the chunk's rows one at a time: its workers died (or lost it) with it before."""
+        return self.chunk is not None and self.chunk.attempts > ISOLATE_AFTER
+
+
+def give_up_after(max_attempts: int, rows: int, max_row_attempts: int) -> int:
+    """Claims of a chunk before its unanswered rows fail: ``max_attempts`` (TOKENMILL_MAX_CHUNK_ATTEMPTS),
+    plus what trying its rows one at a time can take. A chunk isolated after :data:`ISOLATE_AFTER` lapses
+    spends at most ``max_row_attempts`` claims per row (each claim records the try of the row it is on
+    before starting it, and a row out of tries fails alone), so in practice only a poison row fails, and
+    this bound is the backstop should that bookkeeping ever not advance."""
+    return max_attempts + rows * max_row_attempts
 
 
 def claim_for_worker(
-    s: Session, *, job_id: str, chunk_id: int, worker_id: str, lease_seconds: float, max_attempts: int
+    s: Session,
+    *,
+    job_id: str,
+    chunk_id: int,
+    worker_id: str,
+    lease_seconds: float,
+    max_attempts: int,
+    max_row_attempts: int = 0,
 ) -> Claim:
     """A worker's whole claim in one transaction: verify the (job, chunk) pairing and the job's queue
     against the queues this worker registered, take the lease, start the job, and give up on a chunk
-    claimed more than ``max_attempts`` times (its unanswered rows fail; the job goes on)."""
+    claimed more than :func:`give_up_after` times (its unanswered rows fail; the job goes on)."""
     queues = queues_of(s, worker_id)
     chunk = claim(s, chunk_id, worker_id, lease_seconds, job_id=job_id, queues=queues)
     if chunk is None:
         return Claim(refused=_mismatch(s, job_id, chunk_id, queues))
-    job = s.get(Job, job_id)
+    start_job(s, job_id)
+    job = s.get(Job, job_id, populate_existing=True)
     if job is None:  # cannot happen: the claim checked the job exists; kept for the type checker
         return Claim()
-    start_job(job)
-    if chunk.attempts > max_attempts:
+    limit = give_up_after(max_attempts, chunk.last_seq - chunk.first_seq + 1, max_row_attempts)
+    if chunk.attempts > limit:
         failed = fail_unanswered(
             s,
             job_id,
             chunk.first_seq,
             chunk.last_seq,
             code=ErrorCode.CHUNK_ATTEMPTS_EXHAUSTED,
-            message=f"chunk {chunk.idx} was claimed {chunk.attempts} times (limit {max_attempts}); given up",
+            message=f"chunk {chunk.idx} was claimed {chunk.attempts} times (limit {limit}); given up",
             worker_id=worker_id,
         )
         count_tokens(s, worker_id, failed, 0)
         complete(s, chunk_id, worker_id)
-        return Claim(chunk=chunk, job=job, exhausted=failed)
+        return Claim(chunk=chunk, job=job, exhausted=failed, gave_up=True)
     return Claim(chunk=chunk, job=job)
 
 
 def claim_next_for_worker(
-    s: Session, *, job_id: str, worker_id: str, lease_seconds: float, max_attempts: int, tries: int = 4
+    s: Session,
+    *,
+    job_id: str,
+    worker_id: str,
+    lease_seconds: float,
+    max_attempts: int,
+    max_row_attempts: int = 0,
+    tries: int = 4,
 ) -> Claim:
     """Claim the next waiting chunk of ``job_id`` without a message: how a worker keeps its batch full.
 
@@ -136,6 +175,7 @@ def claim_next_for_worker(
                 Chunk.job_id == job_id,
                 Chunk.state.in_(CHUNK_WAITING),
                 or_(Chunk.lease_owner.is_(None), Chunk.lease_expires_at < now_sql(s)),
+                Chunk.attempts < ISOLATE_AFTER,  # those are run a row at a time, by a task of their own
             )
             .order_by((Chunk.state == ChunkState.QUEUED).asc(), Chunk.idx)
             .limit(tries)
@@ -144,7 +184,7 @@ def claim_next_for_worker(
     for chunk_id in candidates:
         claimed = claim_for_worker(
             s, job_id=job_id, chunk_id=chunk_id, worker_id=worker_id, lease_seconds=lease_seconds,
-            max_attempts=max_attempts,
+            max_attempts=max_attempts, max_row_attempts=max_row_attempts,
         )  # fmt: skip
         if claimed.chunk is not None:
             return claimed
@@ -215,22 +255,59 @@ def held_rows(s: Session, worker_id: str, job_id: str, seqs: Collection[int]) ->
     return {seq for seq in seqs if any(first <= seq <= last for first, last in chunks)}
 
 
+def _answered_in_chunk() -> ColumnElement[int]:
+    """Rows of the chunk (correlated to the UPDATE's row) that have a result."""
+    return (
+        select(func.count())
+        .select_from(Result)
+        .where(Result.job_id == Chunk.job_id, Result.seq >= Chunk.first_seq, Result.seq <= Chunk.last_seq)
+        .scalar_subquery()
+    )
+
+
 def complete(s: Session, chunk_id: int, worker_id: str) -> bool:
+    """Mark our chunk done, only if every row of its range has a result (checked in the same statement).
+
+    Completion is a fact the store verifies, never a count a worker kept: a batch of results that failed
+    to commit while a later one succeeded must not let the chunk end with rows in neither file. A chunk we
+    still hold with a row unanswered is handed back at once, so its next claim generates exactly the
+    missing rows (a claim loads only unanswered rows). False in both cases, and when it is not ours.
+    """
+    held = (Chunk.id == chunk_id, Chunk.lease_owner == worker_id, Chunk.state == ChunkState.RUNNING)
     res = s.execute(
         update(Chunk)
-        .where(Chunk.id == chunk_id, Chunk.lease_owner == worker_id, Chunk.state == ChunkState.RUNNING)
+        .where(*held, _answered_in_chunk() == Chunk.last_seq - Chunk.first_seq + 1)
         .values(state=ChunkState.DONE, finished_at=now_sql(s), lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    if res.rowcount == 1:  # type: ignore[attr-defined]
+        return True
+    back = s.execute(
+        update(Chunk)
+        .where(*held)
+        .values(state=ChunkState.PENDING, lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    if back.rowcount:  # type: ignore[attr-defined]
+        log.warning("chunk %s: a row has no stored result; handed back so its next claim answers it", chunk_id)
+    return False
 
 
 def release(s: Session, chunk_id: int, worker_id: str) -> None:
-    """Hand a chunk back at once (clean shutdown, cancel) instead of letting its lease run out."""
+    """Hand a chunk back at once (clean shutdown, cancel) instead of letting its lease run out.
+
+    A clean hand-back is not a failure, so the claim's attempt is given back: only claims whose lease
+    lapsed or whose process died count toward ``max_chunk_attempts``.
+    """
     s.execute(
         update(Chunk)
         .where(Chunk.id == chunk_id, Chunk.lease_owner == worker_id, Chunk.state == ChunkState.RUNNING)
-        .values(state=ChunkState.PENDING, lease_owner=None, lease_expires_at=None)
+        .values(
+            state=ChunkState.PENDING,
+            lease_owner=None,
+            lease_expires_at=None,
+            attempts=case((Chunk.attempts > 0, Chunk.attempts - 1), else_=0),
+        )
         .execution_options(synchronize_session=False)
     )
 
@@ -335,18 +412,12 @@ def mark_queued(s: Session, chunk_ids: list[int]) -> None:
 
 def close_answered(s: Session, job_id: str) -> int:
     """Pending chunks whose every row already has a result (from the cache) need no worker: done."""
-    answered = (
-        select(func.count())
-        .select_from(Result)
-        .where(Result.job_id == Chunk.job_id, Result.seq >= Chunk.first_seq, Result.seq <= Chunk.last_seq)
-        .scalar_subquery()
-    )
     res = s.execute(
         update(Chunk)
         .where(
             Chunk.job_id == job_id,
             Chunk.state == ChunkState.PENDING,
-            answered == Chunk.last_seq - Chunk.first_seq + 1,
+            _answered_in_chunk() == Chunk.last_seq - Chunk.first_seq + 1,
         )
         .values(state=ChunkState.DONE, finished_at=now_sql(s))
         .execution_options(synchronize_session=False)

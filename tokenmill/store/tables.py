@@ -166,6 +166,21 @@ class Worker(Base):
     heartbeat_at: Mapped[float] = mapped_column(Float)
 
 
+class Scheduler(Base):
+    """A dispatch loop's liveness and its last failure, so ``status``, ``workers`` and ``/healthz`` can say
+    that nobody is sending chunks (rather than a job that merely looks slow)."""
+
+    __tablename__ = "schedulers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    beat_at: Mapped[float] = mapped_column(Float)
+    failing_since: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
 class ApiFile(Base):
     """A file uploaded through (or produced for) the OpenAI-compatible API; its bytes are ``ApiFileChunk`` rows.
 

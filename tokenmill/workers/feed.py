@@ -5,20 +5,19 @@ engine asks for more (:data:`tokenmill.engine.Refill`), and a thread claims the 
 store (its own lease, :func:`tokenmill.store.leases.claim_next_for_worker`) and loads its rows while
 decoding goes on, so slots are refilled the step they free instead of emptying at every chunk boundary.
 
-Each chunk keeps its own meaning: it is completed, in the writer's transaction, once its last row is
-stored (:meth:`tokenmill.workers.writer.ResultWriter.complete`); cancel, shutdown and a lost lease stop
-every chunk held, and those not finished are handed back. Rows that failed with attempts left come back
-through the same refill, ahead of new chunks.
+Each chunk keeps its own meaning: it is completed in the writer's transaction that commits its last
+outstanding row (the task's :class:`~tokenmill.workers.ledger.Ledger` is the one record of which rows
+are outstanding); cancel, shutdown and a lost lease stop every chunk held, and those not finished are
+handed back. Rows that failed with attempts left come back through the same refill, ahead of new chunks.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from tokenmill.cache import request_hash
@@ -30,6 +29,7 @@ from tokenmill.store import Store, leases
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import results as store_results
 from tokenmill.store.tables import Chunk, Job
+from tokenmill.workers.ledger import Ledger
 from tokenmill.workers.metrics import WorkerMetrics
 from tokenmill.workers.writer import ResultWriter
 
@@ -53,10 +53,20 @@ class TaskHost(Protocol):
 
     def count_attempt(self, job_id: str, seq: int) -> int: ...
 
-    def write_failure(self, job: Job, row: DatasetRow, seq: int, exc: Exception, attempt: int) -> None: ...
+    def write_failure(
+        self, job: Job, row: DatasetRow, seq: int, exc: Exception, attempt: int, ledger: Ledger | None = None
+    ) -> None: ...
 
     def write_success(
-        self, job: Job, row: DatasetRow, seq: int, gen: Generation, queue_ms: float, attempt: int, h: str | None
+        self,
+        job: Job,
+        row: DatasetRow,
+        seq: int,
+        gen: Generation,
+        queue_ms: float,
+        attempt: int,
+        h: str | None,
+        ledger: Ledger | None = None,
     ) -> None: ...
 
 
@@ -74,29 +84,6 @@ class ChunkOutcome:
 
 
 @dataclass
-class Held:
-    """The chunks a task holds leases on; the heartbeat renews them, the feed adds and completes them."""
-
-    job_id: str
-    chunk_ids: set[int]
-    stop_reason: str | None = None
-    attempts: dict[int, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def snapshot(self) -> list[int]:
-        with self.lock:
-            return sorted(self.chunk_ids)
-
-    def add(self, chunk_id: int) -> None:
-        with self.lock:
-            self.chunk_ids.add(chunk_id)
-
-    def drop(self, chunk_id: int) -> None:
-        with self.lock:
-            self.chunk_ids.discard(chunk_id)
-
-
-@dataclass
 class _Opened:
     """A claimed chunk's rows still to generate, read off the engine thread."""
 
@@ -109,13 +96,12 @@ class _Opened:
 class ChunkFeed:
     """One task's rows: the first chunk's, then each next chunk's as the engine asks (see module doc)."""
 
-    def __init__(self, rt: TaskHost, job: Job, held: Held, chain: bool) -> None:
-        self.rt, self.job, self.held = rt, job, held
+    def __init__(self, rt: TaskHost, job: Job, ledger: Ledger, chain: bool, *, isolated: bool = False) -> None:
+        self.rt, self.job, self.ledger = rt, job, ledger
+        self.isolated = isolated  # tries are counted before each row starts (workers/isolate.py)
         self.outcome = ChunkOutcome(claimed=True)
         self.tokens = 0
         self._seq_of: dict[str, int] = {}
-        self._chunk_of: dict[int, int] = {}  # seq -> chunk id
-        self._left: dict[int, int] = {}  # chunk id -> rows not answered for good yet
         self._enqueued_at: dict[int, float] = {}
         self._retry: list[DatasetRow] = []
         self._use_cache = not job.options.get("no_cache", False)
@@ -136,7 +122,7 @@ class ChunkFeed:
             if self._retry:
                 rows, self._retry = self._retry, []
                 return rows
-            if self.held.stop_reason is not None:
+            if self.ledger.stop_reason is not None:
                 return None if wait else []
             if self._next is None and not self._no_more and self._pool is not None:
                 self._next = self._pool.submit(self._claim_next)
@@ -165,23 +151,23 @@ class ChunkFeed:
     def _claim_next(self) -> _Opened | None:
         """On the prefetch thread: the job's next chunk, leased to us and loaded, or None when none is left."""
         rt = self.rt
-        while self.held.stop_reason is None and rt.stopping is None:
+        while self.ledger.stop_reason is None and rt.stopping is None:
 
             def claim() -> leases.Claim:
                 with rt.store.session() as s:
                     return leases.claim_next_for_worker(
                         s, job_id=self.job.id, worker_id=rt.worker_id, lease_seconds=rt.settings.lease_seconds,
-                        max_attempts=rt.settings.max_chunk_attempts,
+                        max_attempts=rt.settings.max_chunk_attempts, max_row_attempts=rt.settings.max_row_attempts,
                     )  # fmt: skip
 
             got = rt.store.retrying(claim)
             if got.chunk is None:
                 return None
-            if got.exhausted or got.chunk.attempts > rt.settings.max_chunk_attempts:
+            if got.gave_up:
                 rt.report_exhausted(got)
                 self._exhausted += got.exhausted  # this thread's own count, added to the outcome at close
                 continue
-            self.held.add(got.chunk.id)
+            self.ledger.hold(got.chunk.id)
             return rt.store.retrying(functools.partial(self._prepare, got.chunk))
         return None
 
@@ -205,62 +191,55 @@ class ChunkFeed:
         return _Opened(chunk, rows, attempts, cached)
 
     def _adopt(self, opened: _Opened) -> list[DatasetRow]:
-        """Take a prepared chunk's rows into this task (engine thread only)."""
+        """Take a prepared chunk's rows into this task (engine thread only); rows already outstanding here
+        (the chunk was taken back after its lease lapsed) are not fed twice."""
         chunk = opened.chunk
         self.outcome.chunks += 1
         self.outcome.cached += opened.cached
         self.rt.metrics.cached.inc(opened.cached)
-        self.held.attempts.update(opened.attempts)
+        for seq, tries in opened.attempts.items():
+            self.ledger.attempts.setdefault(seq, tries)
         self._enqueued_at[chunk.id] = chunk.enqueued_at or chunk.started_at or time.time()
-        self._left[chunk.id] = len(opened.rows)
-        for seq, row in opened.rows:
+        fresh = set(self.ledger.adopt(chunk.id, [seq for seq, _ in opened.rows]))
+        rows = [(seq, row) for seq, row in opened.rows if seq in fresh]
+        for seq, row in rows:
             self._seq_of[row.custom_id] = seq
-            self._chunk_of[seq] = chunk.id
-        if not opened.rows:
-            self._complete(chunk.id)
-        return [row for _, row in opened.rows]
+        if not opened.rows:  # every row answered already (or from the cache): nothing to wait for
+            self.rt.writer.close_empty(self.ledger)
+        return [row for _, row in rows]
 
     # -- rows out ----------------------------------------------------------------------------------
 
     def on_done(self, row: DatasetRow, res: Generation | Exception) -> None:
-        rt, job = self.rt, self.job
+        rt, job, ledger = self.rt, self.job, self.ledger
         seq = self._seq_of[row.custom_id]
         if isinstance(res, Exception):
-            attempt = self.held.attempts[seq] = rt.count_attempt(job.id, seq)
+            attempt = ledger.attempts[seq] if self.isolated else rt.count_attempt(job.id, seq)
+            ledger.attempts[seq] = attempt
             if not isinstance(res, RowRefused) and attempt < rt.settings.max_row_attempts:
                 self._retry.append(row)  # goes round again through refill
                 return
             self.outcome.failed += 1
             rt.metrics.observe_failure(type(res).__name__)
-            rt.write_failure(job, row, seq, res, attempt)
+            rt.write_failure(job, row, seq, res, attempt, ledger)
         else:
             self.outcome.generated += 1
             self.tokens += res.completion_tokens
             rt.metrics.observe(res)
-            enqueued = self._enqueued_at[self._chunk_of[seq]]
+            enqueued = self._enqueued_at[ledger.chunk_of(seq)]
             queue_ms = max(0.0, (time.time() - res.total_ms / 1000.0 - enqueued) * 1000.0)
-            attempt = self.held.attempts.get(seq, 0) + 1
-            rt.write_success(job, row, seq, res, queue_ms, attempt, request_hash(rt.model_id, row))
-        chunk_id = self._chunk_of[seq]
-        self._left[chunk_id] -= 1
-        if self._left[chunk_id] == 0:
-            self._complete(chunk_id)
+            attempt = ledger.attempts.get(seq, 0) + 1
+            rt.write_success(job, row, seq, res, queue_ms, attempt, request_hash(rt.model_id, row), ledger)
 
-    def _complete(self, chunk_id: int) -> None:
-        # Dropped from the renewals first: the commit that completes it makes a renewal fail, which
-        # must not read as a lost lease.
-        self.held.drop(chunk_id)
-        self.rt.writer.complete(chunk_id)
+    def seq_of(self, row: DatasetRow) -> int:
+        return self._seq_of[row.custom_id]
 
-    def close(self) -> list[int]:
-        """Wait for a claim in flight; the chunks still held (not completed), for the caller to hand back.
+    def take_retries(self) -> list[DatasetRow]:
+        rows, self._retry = self._retry, []
+        return rows
 
-        A chunk claimed ahead but never fed is among them, as is any whose rows a stop left unanswered.
-        """
+    def close(self) -> None:
+        """Wait for a claim in flight (its chunk, never fed, stays in the ledger for the task to hand back)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self.outcome.failed += self._exhausted
-        left = self.held.snapshot()
-        if left and self.held.stop_reason is None:
-            log.info("chunks %s claimed ahead but not started; handed back", left)
-        return left

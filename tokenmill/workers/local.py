@@ -79,12 +79,14 @@ class LocalFleet:
         prefer: str | None = None,
         *,
         schema_ready: bool = False,
+        n_ctx: int | None = None,
     ) -> None:
         self.settings = settings
         self.model = model
         self.count = count
         self.threads_each = threads_each
         self.n_seq = n_seq
+        self.n_ctx = n_ctx  # context per sequence; None: the worker's default
         self.prefer = prefer
         self.extra_env = {**({SCHEMA_READY_ENV: "1"} if schema_ready else {}), **(extra_env or {})}
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -97,7 +99,7 @@ class LocalFleet:
         for i in range(self.count):
             args = worker_argv(
                 model=self.model, engine=self.settings.engine, share=self.count, threads=self.threads_each,
-                name=f"local{i}", n_seq=self.n_seq, prefer=self.prefer,
+                name=f"local{i}", n_seq=self.n_seq, n_ctx=self.n_ctx, prefer=self.prefer,
             )  # fmt: skip
             log = open(self.log_dir / f"worker-{i}.log", "ab")  # noqa: SIM115
             self._logs.append(log)

@@ -19,6 +19,7 @@ from typing import Any
 
 from celery import signals
 
+from tokenmill.cache import weights_identity
 from tokenmill.celery_app import make_app, queue_for
 from tokenmill.config import Settings, mask_text
 from tokenmill.engine import Engine
@@ -55,6 +56,7 @@ def load_engine(settings: Settings, opts: WorkerOptions, capacity: Capacity) -> 
         n_seq=sel.n_seq,
         n_threads=threads,
         n_gpu_layers=gpu_layers,
+        row_time_limit=settings.row_time_limit,
     )
     return engine, sel
 
@@ -98,9 +100,13 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
             store_workers.set_state(s, worker_id, "failed", error=message)
         return EXIT_MODEL_FAILED if isinstance(exc, ModelError | OSError | ValueError) else 1
 
-    choice, family, model_id = sel.choice, sel.family_queue, sel.model_id
-    quant = engine.variant.split(":", 1)[1] if choice is not None and ":" in engine.variant else None
-    queues = [queue_for(family)] + ([queue_for(family, quant)] if quant else [])
+    choice, family = sel.choice, sel.family_queue
+    model_id = weights_identity(sel.model_id, settings.engine)
+    label = sel.resolved.variant_label
+    quant = label.split(":", 1)[1] if choice is not None and ":" in label else None
+    queues = [queue_for(family, engine=settings.engine)] + (
+        [queue_for(family, quant, engine=settings.engine)] if quant else []
+    )
     register(
         capacity=_advertised(settings, capacity, sel, engine),
         state="starting",  # loaded; "ready" once Celery consumes (WorkerRuntime.mark_consuming)

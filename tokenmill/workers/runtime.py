@@ -15,7 +15,7 @@ from typing import Any
 from tokenmill.cache import copy_cached
 from tokenmill.config import Settings, mask_text
 from tokenmill.engine import Engine, Generation, SlotUse
-from tokenmill.errors import RequestTooLong, RowRefused
+from tokenmill.errors import RequestTooLong, RowRefused, RowTimeLimit, StoreFull, WorkerDied
 from tokenmill.output import response_body, timings
 from tokenmill.rows import DatasetRow
 from tokenmill.store import DB_ERRORS, Store, leases
@@ -24,7 +24,9 @@ from tokenmill.store import results as store_results
 from tokenmill.store import workers as store_workers
 from tokenmill.store.states import ErrorCode, ResultStatus, WorkerState
 from tokenmill.store.tables import Chunk, Job
-from tokenmill.workers.feed import ChunkFeed, ChunkOutcome, Held
+from tokenmill.workers.feed import ChunkFeed, ChunkOutcome
+from tokenmill.workers.isolate import run_isolated
+from tokenmill.workers.ledger import Ledger
 from tokenmill.workers.metrics import WorkerMetrics
 from tokenmill.workers.writer import ResultWriter
 
@@ -51,7 +53,7 @@ class WorkerRuntime:
         self.engine = engine
         self.worker_id = worker_id
         self.model_id = model_id
-        self._current: Held | None = None
+        self._current: Ledger | None = None
         self._stopping: str | None = None
         self._consuming = False  # Celery takes messages only a second or more after the model is loaded
         self._lock = threading.Lock()
@@ -121,19 +123,19 @@ class WorkerRuntime:
                 log.warning("heartbeat failed: %s: %s", type(exc).__name__, mask_text(str(exc)))
                 self.store.engine.dispose()
 
-    def _renew(self, s: Any, cur: Held) -> list[int]:
+    def _renew(self, s: Any, cur: Ledger) -> list[int]:
         """Renew every lease the task holds; note a cancel, or a lease lost (taken while we were away)."""
-        held = cur.snapshot()
+        held = cur.held()
         if store_jobs.is_cancelled(s, cur.job_id):
             cur.stop_reason = "cancelled"
             return held
         for chunk_id in held:
             renewed = leases.renew(s, chunk_id, self.worker_id, self.settings.lease_seconds)
-            if not renewed and chunk_id in cur.snapshot():  # not merely completed meanwhile
+            if not renewed and cur.holds(chunk_id):  # not merely being completed meanwhile
                 cur.stop_reason = "lease_lost"
         return held
 
-    def _shown_state(self, cur: Held | None) -> WorkerState:
+    def _shown_state(self, cur: Ledger | None) -> WorkerState:
         if cur is not None:
             return WorkerState.BUSY
         return WorkerState.READY if self._consuming else WorkerState.STARTING
@@ -147,15 +149,15 @@ class WorkerRuntime:
         if chunk is None or job is None:
             log.info("chunk %s of job %s not claimed (done, cancelled, or leased by another worker)", chunk_id, job_id)
             return ChunkOutcome(claimed=False)
-        if chunk.attempts > self.settings.max_chunk_attempts:  # the claim gave up on it and closed it
+        if claim.gave_up:  # the claim gave up on it and closed it
             self.report_exhausted(claim)
             return ChunkOutcome(claimed=True, failed=claim.exhausted)
         # A shutdown that arrived while we were claiming: hand the chunk straight back.
-        cur = Held(job_id=job_id, chunk_ids={chunk_id}, stop_reason=self._stopping)
+        cur = Ledger(job_id, chunk_id, stop_reason=self._stopping)
         with self._lock:
             self._current = cur
         try:
-            return self._run(job, chunk, cur)
+            return self._run(job, chunk, cur, isolate=claim.isolate)
         finally:
             with self._lock:
                 self._current = None
@@ -178,33 +180,48 @@ class WorkerRuntime:
                 worker_id=self.worker_id,
                 lease_seconds=self.settings.lease_seconds,
                 max_attempts=self.settings.max_chunk_attempts,
+                max_row_attempts=self.settings.max_row_attempts,
             )
 
-    def _run(self, job: Job, chunk: Chunk, cur: Held) -> ChunkOutcome:
+    def _run(self, job: Job, chunk: Chunk, cur: Ledger, *, isolate: bool = False) -> ChunkOutcome:
         started = time.monotonic()
-        feed = ChunkFeed(self, job, cur, chain=self.settings.chain_chunks)
+        feed = ChunkFeed(self, job, cur, chain=self.settings.chain_chunks and not isolate, isolated=isolate)
         before = SlotUse(**vars(self.engine.slot_use))
         try:
             todo = feed.open(chunk)
             self.metrics.processing.set(len(todo))
-            self.engine.generate(todo, feed.on_done, lambda: cur.stop_reason is not None, refill=feed.refill)
+            if isolate:
+                log.warning("chunk %s of job %s was lost with its worker %d times: trying its %d rows one at a time",
+                            chunk.id, job.id, chunk.attempts - 1, len(todo))  # fmt: skip
+                run_isolated(self, feed, cur, todo, self.settings.max_row_attempts)
+            else:
+                self.engine.generate(todo, feed.on_done, lambda: cur.stop_reason is not None, refill=feed.refill)
         finally:
-            held = feed.close()
+            feed.close()
             self.metrics.processing.set(0)
         outcome = feed.outcome
         outcome.stopped = cur.stop_reason
         use = self.engine.slot_use.since(before)
         self.metrics.observe_chunk(time.monotonic() - started, feed.tokens)
         self.metrics.observe_slots(use)
-        self.writer.flush()  # every chunk completed above is in the store, and so are its rows
+        try:
+            self.writer.flush()  # every row generated is committed (its chunk completed with it), or failed
+        except StoreFull:
+            raise
+        except Exception as exc:  # those rows stay outstanding: their chunks are handed back below
+            log.warning("results of job %s not stored: %s; their chunks go back for another try", job.id,
+                        type(exc).__name__)  # fmt: skip
+        held = cur.held()  # not completed: a stop, rows that did not commit, or claimed ahead and never fed
+        if held and cur.stop_reason is None:
+            log.info("chunks %s of job %s not finished by this task; handed back", held, job.id)
 
         def finish() -> None:
             with self.store.session() as s:
-                for chunk_id in held:  # not completed: a stop, or claimed ahead and never started
+                for chunk_id in held:
                     leases.release(s, chunk_id, self.worker_id)
                 store_jobs.add_slot_use(s, job.id, use.steps, use.slots, use.filled)
                 for closed in store_jobs.finish_jobs(s, [job.id]):  # its last chunk: the job ends now
-                    log.info("job %s %s", closed.id, closed.state)
+                    log.info("job %s %s", closed, store_jobs.state_of(s, closed))
 
         self.store.retrying(finish)
         return outcome
@@ -222,7 +239,15 @@ class WorkerRuntime:
         return self.store.retrying(lambda: copy_cached(self.store, job.id, seq, row, h, self.worker_id))
 
     def write_success(
-        self, job: Job, row: DatasetRow, seq: int, gen: Generation, queue_ms: float, attempt: int, h: str | None
+        self,
+        job: Job,
+        row: DatasetRow,
+        seq: int,
+        gen: Generation,
+        queue_ms: float,
+        attempt: int,
+        h: str | None,
+        ledger: Ledger | None = None,
     ) -> None:
         values: dict[str, Any] = {
             "job_id": job.id,
@@ -238,11 +263,19 @@ class WorkerRuntime:
             "attempts": attempt,
             "request_hash": h,
         }
-        self.writer.put(values, gen.completion_tokens)
+        self.writer.put(values, gen.completion_tokens, ledger)
 
-    def write_failure(self, job: Job, row: DatasetRow, seq: int, exc: Exception, attempt: int) -> None:
-        code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if isinstance(exc, RequestTooLong) else ErrorCode.GENERATION_FAILED
-        if isinstance(exc, RowRefused) and not isinstance(exc, RequestTooLong):
+    def write_failure(
+        self, job: Job, row: DatasetRow, seq: int, exc: Exception, attempt: int, ledger: Ledger | None = None
+    ) -> None:
+        code = ErrorCode.GENERATION_FAILED
+        if isinstance(exc, RequestTooLong):
+            code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
+        elif isinstance(exc, RowTimeLimit):
+            code = ErrorCode.ROW_TIME_LIMIT_EXCEEDED
+        elif isinstance(exc, WorkerDied):
+            code = ErrorCode.WORKER_DIED
+        elif isinstance(exc, RowRefused):
             code = ErrorCode.INVALID_REQUEST
         message = mask_text(str(exc)) or type(exc).__name__
         values: dict[str, Any] = {
@@ -256,4 +289,4 @@ class WorkerRuntime:
             "variant": self.engine.variant,
             "attempts": attempt,
         }
-        self.writer.put(values, 0)
+        self.writer.put(values, 0, ledger)

@@ -6,8 +6,10 @@ fleet topped out at a few hundred results/s. Here the callback only enqueues; th
 ``batch_rows`` rows (or what arrived within ``batch_ms`` of the oldest) in one multi-row INSERT and bumps
 the worker's counters once for the batch. Exactly-once still rests on the unique (job, seq) constraint.
 The queue is bounded (two batches), so a store slower than the engine slows the engine instead of
-growing memory, and a kill -9 loses at most those uncommitted rows: the chunk is completed only after
-:meth:`ResultWriter.flush`, so the next claimant regenerates exactly the rows that never reached the store.
+growing memory, and a kill -9 loses at most those uncommitted rows. A chunk is completed in the
+transaction that commits its last outstanding row (:class:`tokenmill.workers.ledger.Ledger` says which
+rows are outstanding; :func:`tokenmill.store.leases.complete` checks it again), so a batch that fails to
+commit leaves its chunk open, and the chunk's next claim generates exactly the rows that never arrived.
 Each batch is stored only while this worker still holds its chunk's lease, checked (and on Postgres
 locked) in the batch's own transaction: a worker cut off from the store past its lease writes nothing
 for that chunk when the path heals (tests/reliability/test_partition.py).
@@ -22,10 +24,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tokenmill.config import mask_text
+from sqlalchemy.orm import Session
+
 from tokenmill.store import Store, leases
 from tokenmill.store import results as store_results
 from tokenmill.store import workers as store_workers
+from tokenmill.store.db import log_reason
+from tokenmill.workers.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 class _Row:
     values: dict[str, Any]
     tokens: int
+    ledger: Ledger | None
 
 
 class _Flush:
@@ -45,9 +51,9 @@ class _Flush:
 
 @dataclass
 class _Complete:
-    """A marker: mark this chunk done in the same transaction as the rows queued before it."""
+    """A marker: close the ledger's chunks that have nothing outstanding, with the rows queued before it."""
 
-    chunk_id: int
+    ledger: Ledger
 
 
 _CLOSE = object()
@@ -68,27 +74,29 @@ class ResultWriter:
         self._thread = threading.Thread(target=self._loop, name="tokenmill-result-writer", daemon=True)
         self._thread.start()
 
-    def put(self, values: dict[str, Any], tokens: int) -> None:
-        """Queue one result row (blocks while two batches already wait: backpressure, not memory growth)."""
-        self._queue.put(_Row(values, tokens))
+    def put(self, values: dict[str, Any], tokens: int, ledger: Ledger | None = None) -> None:
+        """Queue one result row (blocks while two batches already wait: backpressure, not memory growth).
 
-    def complete(self, chunk_id: int) -> None:
-        """Complete ``chunk_id`` once every row queued before this call is committed, in that transaction.
-
-        The engine goes on decoding the next chunk's rows meanwhile; if the batch fails, the chunk is not
-        completed (its lease runs out and the next claimant writes what is missing).
+        With a ``ledger``, the row is marked stored there once committed, and a chunk it was the last
+        outstanding row of is completed in the same transaction.
         """
-        self._queue.put(_Complete(chunk_id))
+        self._queue.put(_Row(values, tokens, ledger))
+
+    def close_empty(self, ledger: Ledger) -> None:
+        """Complete the ledger's chunks with no row outstanding, after every row queued before this call."""
+        self._queue.put(_Complete(ledger))
 
     def flush(self) -> None:
         """Wait until every row queued so far is committed; re-raise what a failed batch raised.
 
-        A failed batch's rows are gone from the buffer, so the chunk must not be completed: the error
-        reaches the chunk's task, the lease is left to expire, and the next claimant writes those rows.
+        A failed batch's rows are gone from the buffer, and their chunks stay open (the ledger still
+        counts them outstanding): the task hands those chunks back, and their next claim writes the rows.
         """
         marker = _Flush()
         self._queue.put(marker)
-        marker.done.wait()
+        while not marker.done.wait(1.0):
+            if not self._thread.is_alive():  # closed: nothing will ever commit what is queued
+                raise RuntimeError("the result writer is closed")
         error, self._error = self._error, None
         if error is not None:
             raise error
@@ -118,7 +126,7 @@ class ResultWriter:
                     closing = True
                     break
                 self._take(item, batch, markers)
-            self._commit(batch, [m.chunk_id for m in markers if isinstance(m, _Complete)])
+            self._commit(batch, [m for m in markers if isinstance(m, _Complete)])
             for marker in markers:
                 if isinstance(marker, _Flush):
                     marker.done.set()
@@ -130,19 +138,23 @@ class ResultWriter:
         elif isinstance(item, _Row):
             batch.append(item)
 
-    def _commit(self, batch: list[_Row], completes: list[int]) -> None:
-        if not batch and not completes:
+    def _commit(self, batch: list[_Row], markers: list[_Complete]) -> None:
+        if not batch and not markers:
             return
         tokens = {(r.values["job_id"], r.values["seq"]): r.tokens for r in batch}
         by_job: dict[str, list[int]] = {}
         for r in batch:
             by_job.setdefault(r.values["job_id"], []).append(r.values["seq"])
+        ledgers = {id(r.ledger): r.ledger for r in batch if r.ledger is not None}
+        ledgers.update({id(m.ledger): m.ledger for m in markers})
         lost: dict[str, list[int]] = {}
+        closing: dict[int, list[int]] = {}  # id(ledger) -> chunks this commit completes
+        stored: dict[int, list[int]] = {}
 
         def write() -> None:
             with self.store.session() as s:
                 # A worker that lost its lease (cut off past it, its chunk claimed by another) stops writing:
-                # rows it generated since belong to the chunk's next owner, whose flush decides the chunk.
+                # rows it generated since belong to the chunk's next owner, whose commit decides the chunk.
                 held = {
                     (job, q) for job, seqs in by_job.items() for q in leases.held_rows(s, self.worker_id, job, seqs)
                 }
@@ -154,22 +166,47 @@ class ResultWriter:
                 inserted = store_results.write_results(s, rows) if rows else set()
                 if inserted:
                     store_workers.count_tokens(s, self.worker_id, len(inserted), sum(tokens[k] for k in inserted))
-                for chunk_id in completes:
-                    if not leases.complete(s, chunk_id, self.worker_id):
-                        log.info("chunk %s was no longer ours to complete (lease lost or job cancelled)", chunk_id)
+                self._close_chunks(s, batch, held, ledgers, stored, closing)
 
         try:
             self.store.retrying(write)
             self.batches += 1
         except BaseException as exc:  # this thread must outlive any error; the chunk's flush reports it
+            for key, ledger in ledgers.items():
+                ledger.reopen(closing.get(key, []))
             log.warning(
-                "storing %d results%s failed: %s: %s",
-                len(batch), f" and completing chunks {completes}" if completes else "", type(exc).__name__,
-                mask_text(str(exc)),
+                "storing %d results failed: %s (their chunks stay open; their next claim answers them)",
+                len(batch), log_reason(exc),
             )  # fmt: skip
             self._error = exc
             return
+        for key, ledger in ledgers.items():
+            ledger.stored(stored.get(key, []), closing.get(key, []))
         for job, seqs in lost.items():
             log.warning("lease lost: %d results of job %s (rows %d-%d) not stored; the chunk's next owner answers "
                         "them", len(seqs), job, min(seqs), max(seqs))  # fmt: skip
             self.dropped += len(seqs)
+
+    def _close_chunks(
+        self,
+        s: Session,
+        batch: list[_Row],
+        held: set[tuple[str, int]],
+        ledgers: dict[int, Ledger],
+        stored: dict[int, list[int]],
+        closing: dict[int, list[int]],
+    ) -> None:
+        """In the batch's transaction: complete every chunk whose last outstanding row this batch stores."""
+        stored.clear()
+        closing.clear()
+        for r in batch:
+            if r.ledger is not None and (r.values["job_id"], r.values["seq"]) in held:
+                stored.setdefault(id(r.ledger), []).append(r.values["seq"])
+        for key, ledger in ledgers.items():
+            chunks = ledger.finishing(stored.get(key, [])) + ledger.empty_chunks()
+            closing[key] = chunks
+            for chunk_id in chunks:
+                if not leases.complete(s, chunk_id, self.worker_id):
+                    log.info("chunk %s was no longer ours to complete (lease lost, job cancelled, or a row missing)",
+                             chunk_id)  # fmt: skip
+
