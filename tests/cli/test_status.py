@@ -123,7 +123,7 @@ def _running_job(settings: Settings, store: Store, tmp_path: Path) -> tuple[str,
 def _text(state: WatchState, settings: Settings, store: Store, job: str | None = None, width: int = 200) -> str:
     console = Console(record=True, width=width, file=open(os.devnull, "w"))  # noqa: SIM115
     try:
-        console.print(state.render(store, settings, job))
+        console.print(state.render(store, settings, job, width))
         return console.export_text()
     finally:
         console.file.close()

@@ -1,4 +1,4 @@
-"""all-MiniLM-L6-v2 from its PyPI package through llama.cpp's converter: cached, pinned, clear when it cannot."""
+"""all-MiniLM-L6-v2 from its PyPI package to GGUF: cached, pinned, clear when it cannot."""
 
 from __future__ import annotations
 
@@ -35,21 +35,21 @@ def test_catalog_has_the_embedding_families_with_sources() -> None:
 def test_missing_converter_dependencies_name_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
 
-    def without_torch(name: str, *args: Any) -> Any:
-        return None if name in ("torch", "transformers") else real(name, *args)
+    def without_yaml(name: str, *args: Any) -> Any:
+        return None if name == "yaml" else real(name, *args)
 
-    monkeypatch.setattr(convert.importlib.util, "find_spec", without_torch)
+    monkeypatch.setattr(convert.importlib.util, "find_spec", without_yaml)
     with pytest.raises(ModelError) as info:
         resolve_model("all-minilm-l6-v2", tmp_path / "models")
     message = str(info.value)
-    assert "needs torch, transformers" in message and "pip install 'tokenmill[convert]'" in message
+    assert "needs pyyaml" in message and "pip install pyyaml" in message
     assert "\n" not in message
     assert not list((tmp_path / "models").rglob("*.gguf"))  # nothing half-made left behind
 
 
 def test_converter_override_must_hold_the_converter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(convert.CONVERTER_ENV, str(tmp_path))
-    with pytest.raises(ModelError, match=r"has no convert_hf_to_gguf\.py"):
+    with pytest.raises(ModelError, match=r"has no gguf-py/gguf/__init__\.py"):
         convert.converter_dir(tmp_path / "models")
 
 

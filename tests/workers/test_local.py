@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import typer
@@ -88,7 +88,7 @@ def test_local_workers_get_the_parents_engine_and_settings(
     assert local.SCHEMA_READY_ENV not in env  # a child of a parent that did not migrate migrates itself
 
     started.clear()
-    migrated = LocalFleet(child_settings, "smollm2-135m-instruct", 1, 1, schema_ready=True)  # as `run` does
+    migrated = LocalFleet(child_settings, "smollm2-135m-instruct", 1, 1, schema_ready=True)
     migrated.start()
     migrated.stop(grace=5.0)
     assert started[0][1][local.SCHEMA_READY_ENV] == "1"
@@ -140,3 +140,78 @@ def test_a_gpu_host_gets_one_worker_per_gpu_each_pinned(monkeypatch: pytest.Monk
         {"CUDA_VISIBLE_DEVICES": "GPU-a"}, {"CUDA_VISIBLE_DEVICES": "GPU-b"}, {"CUDA_VISIBLE_DEVICES": "GPU-a"}
     ]  # fmt: skip
     assert local.gpu_env([], 0) == {}
+
+
+# A child that does what a worker does before touching the store: wait on the gate, then report.
+GATED = ("import sys; from tokenmill.workers.main import schema_gate_opened; "
+         "print('ready', flush=True); sys.exit(0 if schema_gate_opened(30) else 3)")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("opened", [True, False])
+def test_workers_started_before_the_migration_wait_for_the_schema_gate(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch, opened: bool
+) -> None:
+    """`run` starts its workers before it migrates: they go on only when told the schema is at head, and
+    stop when the parent's start-up failed (the gate closed unopened) instead of using an unmigrated store."""
+    real_popen = subprocess.Popen
+    children: list[subprocess.Popen[bytes]] = []
+
+    def gated(args: list[str], *, env: dict[str, str], **kw: Any) -> subprocess.Popen[bytes]:
+        assert env[local.SCHEMA_READY_ENV] == "1" and env[local.SCHEMA_GATE_ENV].isdigit()
+        kw["stdout"] = subprocess.PIPE
+        children.append(real_popen([sys.executable, "-c", GATED], env=env, **kw))
+        return children[-1]
+
+    monkeypatch.setattr(local.subprocess, "Popen", gated)
+    fleet = LocalFleet(settings.with_(data_dir=tmp_path / "tm"), "unused", 2, 1, schema_gate=True)
+    fleet.start()
+    for child in children:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        child.stdout.close()
+    assert all(child.poll() is None for child in children)  # waiting: nothing has said the schema is there
+    if opened:
+        fleet.open_gate()
+    else:
+        fleet.close_gate(ready=False)  # what stop() does first: end of file on the gate
+    assert [child.wait(timeout=30) for child in children] == ([0, 0] if opened else [3, 3])
+    fleet.stop(grace=0)
+
+
+def test_a_worker_without_a_gate_does_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenmill.workers.main import schema_gate_opened
+
+    monkeypatch.delenv(local.SCHEMA_GATE_ENV, raising=False)
+    assert schema_gate_opened(0.0)
+    read, write = os.pipe()
+    os.close(write)
+    monkeypatch.setenv(local.SCHEMA_GATE_ENV, str(read))
+    assert not schema_gate_opened(5.0)  # closed unopened
+
+
+@pytest.mark.timeout(60)
+def test_run_stops_its_early_workers_when_the_store_cannot_be_opened(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run` starts its workers before opening the store; an unreachable store stops them again."""
+    from tokenmill.cli.run import _open_for
+    from tokenmill.cli.startup import FleetStarter
+    from tokenmill.errors import ServiceUnavailable
+    from tokenmill.workers.selection import ModelSelection
+
+    real_popen = subprocess.Popen
+    children: list[subprocess.Popen[bytes]] = []
+
+    def gated(args: list[str], *, env: dict[str, str], **kw: Any) -> subprocess.Popen[bytes]:
+        children.append(real_popen([sys.executable, "-c", GATED], env=env, **{**kw, "stdout": subprocess.DEVNULL}))
+        return children[-1]
+
+    monkeypatch.setattr(local.subprocess, "Popen", gated)
+    dead = settings.with_(database_url="postgresql://nobody@127.0.0.1:1/nothing", data_dir=tmp_path / "tm")
+    fleet = LocalFleet(dead, "unused", 1, 1, schema_gate=True)
+    starter = FleetStarter(lambda: cast(ModelSelection, object()), fleet)  # no model: the children only wait
+    starter.start()
+    starter.wait()
+    with pytest.raises(ServiceUnavailable):
+        _open_for(starter, dead)
+    assert children and all(child.poll() is not None for child in children)  # stopped, not left waiting

@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.table import Table
 
 from tokenmill.config import Settings, install_masking
 from tokenmill.store import Store
@@ -54,12 +53,6 @@ def setup_logging(verbose: bool) -> None:
 def default_output(path: Path, suffix: str) -> Path:
     name = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.stem
     return path.with_name(f"{name}.{suffix}.jsonl")
-
-
-def add_id_column(table: Table, name: str) -> None:
-    """Job ids are what people copy into the next command: never cut them to "8a5778ebc…" on a narrow
-    terminal; the other columns fold instead."""
-    table.add_column(name, no_wrap=True, min_width=16)
 
 
 def scheduler_state(store: Store, lost_after: float) -> str:

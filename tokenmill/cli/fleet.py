@@ -14,6 +14,7 @@ from rich.table import Table
 from tokenmill.celery_app import make_app
 from tokenmill.cli.common import console, open_store, out, print_plain, scheduler_state, settings_from
 from tokenmill.cli.options import DEFAULT_MODEL, JsonOpt, NCtxOpt, PreferChoice, PreferOpt, prefer_value
+from tokenmill.cli.tables import Column, print_fitted
 from tokenmill.scheduler.dispatch import Dispatcher
 from tokenmill.store import Store
 from tokenmill.store import speeds as store_speeds
@@ -102,7 +103,9 @@ def workers_cmd(
     if as_json:
         print_plain(json.dumps(rows))
         return
-    out.print(_workers_table(rows))
+    print_fitted(out, "workers", WORKER_COLUMNS, _worker_cells(rows))
+    for line in _worker_errors(rows):
+        out.print(line)
     out.print(f"scheduler: {scheduler}")
 
 
@@ -134,23 +137,29 @@ def _worker_rows(store: Store, lost_after: float, include_stopped: bool) -> list
     return rows
 
 
-def _workers_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="workers")
-    cols = ("host", "pid", "state", "variant", "device", "capacity", "load", "rows", "tokens", "tok/s pred/meas",
-            "heartbeat")
-    for col in cols:
-        table.add_column(col)
+WORKER_COLUMNS = (
+    Column("host", key=True), Column("pid", key=True), Column("state", key=True), Column("variant", key=True),
+    Column("chunk", drop=7), Column("heartbeat", drop=6), Column("rows", drop=5), Column("tokens", drop=3),
+    Column("tok/s\npred/meas", drop=4), Column("device", drop=2), Column("capacity", fold=True, drop=1),
+)
+
+
+def _worker_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    cells = []
     for r in rows:
-        cap_text = f"{r['cores']} cores, {_gib(r['ram_total'] or 0)}" + (
-            f", {', '.join(r['gpus'])}" if r["gpus"] else ""
-        )
-        load = f"chunk {r['current_chunk']}" if r["current_chunk"] else "idle"
-        state = r["state"] + (f": {r['error']}" if r["error"] else "")
-        table.add_row(
-            r["host"], str(r["pid"]), state, r["variant"] or "-", r["device"] or "-", cap_text, load,
-            str(r["rows_done"]), str(r["tokens_generated"]), _rates(r), f"{r['heartbeat_age_s']}s ago",
-        )  # fmt: skip
-    return table
+        cap_text = (f"{r['cores']} cores, " if r["cores"] else "") + (
+            _gib(r["ram_total"]) if r["ram_total"] else "") + (f", {', '.join(r['gpus'])}" if r["gpus"] else "")
+        cells.append([
+            r["host"], str(r["pid"]), r["state"], r["variant"] or "-", str(r["current_chunk"] or "idle"),
+            f"{r['heartbeat_age_s']:.0f}s ago", str(r["rows_done"]), str(r["tokens_generated"]), _rates(r),
+            r["device"] or "-", cap_text.strip(", ") or "-",
+        ])  # fmt: skip
+    return cells
+
+
+def _worker_errors(rows: list[dict[str, Any]]) -> list[str]:
+    """A worker's error is a sentence, not a column: one line each under the table, as written."""
+    return [f"{r['host']} {r['pid']} {r['state']}: {r['error']}" for r in rows if r["error"]]
 
 
 def _rates(r: dict[str, Any]) -> str:

@@ -13,7 +13,6 @@ from rich.table import Table
 from rich.text import Text
 
 from tokenmill.cli.common import (
-    add_id_column,
     console,
     open_store,
     out,
@@ -45,6 +44,7 @@ from tokenmill.cli.options import (
     print_ignored,
 )
 from tokenmill.cli.planning import JobChoice, choose_for_job, deadline_note, live_fleet
+from tokenmill.cli.tables import Column, print_fitted
 from tokenmill.config import Settings
 from tokenmill.errors import DatasetError, JobIncomplete, UsageError
 from tokenmill.models.tokenizer import tokenizer_for
@@ -236,7 +236,9 @@ def jobs_cmd(
     store = open_store(settings_from(ctx))
     if as_json:
         with store.session() as s:
-            print_plain(json.dumps([store_jobs.progress(s, j).to_json() for j in store_jobs.list_jobs(s)]))
+            listed = [{**store_jobs.progress(s, j).to_json(), "model": j.pinned_variant or j.family, "name": j.name}
+                      for j in store_jobs.list_jobs(s)]  # fmt: skip
+            print_plain(json.dumps(listed))
         return
     _jobs_table(store)
 
@@ -291,16 +293,19 @@ def register(app: typer.Typer) -> None:
     app.command("retry")(retry_cmd)
 
 
+JOB_COLUMNS = (
+    Column("id", key=True), Column("state", key=True), Column("model", key=True), Column("rows", drop=4),
+    Column("done", drop=5), Column("failed", drop=3), Column("tok/s", drop=2), Column("name", fold=True, drop=1),
+)
+
+
 def _jobs_table(store: Store) -> None:
-    table = Table(title="jobs")
-    add_id_column(table, "id")
-    for col in ("state", "model", "rows", "done", "failed", "tok/s", "name"):
-        table.add_column(col, overflow="fold")
+    rows: list[list[str | Text]] = []
     with store.session() as s:
         for j in store_jobs.list_jobs(s):
             info = store_jobs.progress(s, j).to_json()
-            table.add_row(
+            rows.append([
                 j.id, j.state, j.pinned_variant or j.family, str(j.total_rows), str(info["done"]),
                 str(info["failed"]), f"{info['tokens_per_second']:.1f}", Text(j.name),  # a path, not markup
-            )  # fmt: skip
-    out.print(table)
+            ])  # fmt: skip
+    print_fitted(out, "jobs", JOB_COLUMNS, rows)

@@ -6,43 +6,66 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
 from tokenmill.cli.common import console, out, print_plain, settings_from
 from tokenmill.cli.options import JsonOpt, NCtxOpt, PreferChoice, PreferOpt, prefer_value
+from tokenmill.cli.tables import Column, print_fitted
 from tokenmill.errors import ModelError
 from tokenmill.host import Capacity
-from tokenmill.models.catalog import CATALOG, Family, get_family
+from tokenmill.models.catalog import CATALOG, Family, Variant, get_family
 from tokenmill.models.quantize import catalog_with_local, quantize
 from tokenmill.models.resolve import PullSource, list_local, present, pull, remove, resolve_model
 from tokenmill.models.sizing import Choice, Recommendation, choose_variant, fmt_bytes, recommend
 from tokenmill.models.speed import HostSpeed, host_speed, predict
 
+LIST_COLUMNS = (
+    Column("variant", key=True), Column("params", drop=2), Column("bpw", drop=3), Column("size", drop=4),
+    Column("source", drop=1), Column("here", drop=5),
+)
+LOCAL_COLUMNS = (Column("variant", key=True), Column("size", drop=2), Column("source", drop=1),
+                 Column("path", fold=True, drop=3))
+
 
 def list_cmd(
     ctx: typer.Context,
     local: Annotated[bool, typer.Option("--local", help="Only files present on this host")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Catalog families and variants (bits per weight, size, where they come from, whether present).
 
     Example: tokenmill models list
     """
     settings = settings_from(ctx)
-    table = Table(title="models" if not local else f"models in {settings.models_dir}")
-    for col in ("variant", "params", "bpw", "size", "source", "here"):
-        table.add_column(col)
     if local:
-        for m in list_local(settings.models_dir):
-            table.add_row(m.label, "-", "-", fmt_bytes(m.size_bytes), m.source, str(m.path))
-    else:
-        for fam in CATALOG.values():
-            for v in fam.variants:
-                here = present(v, settings.models_dir)
-                table.add_row(
-                    v.label, f"{fam.params_b:g}B", f"{v.bits_per_weight:.2f}", fmt_bytes(v.size_bytes),
-                    v.source.describe() if v.source else "-", "yes" if here else "",
-                )  # fmt: skip
-    out.print(table)
+        found = list_local(settings.models_dir)
+        if as_json:
+            print_plain(json.dumps([{"variant": m.label, "size_bytes": m.size_bytes, "source": m.source,
+                                     "path": str(m.path)} for m in found]))  # fmt: skip
+            return
+        rows: list[list[str | Text]] = [[m.label, fmt_bytes(m.size_bytes), m.source, Text(str(m.path))] for m in found]
+        print_fitted(out, f"models in {settings.models_dir}", LOCAL_COLUMNS, rows)
+        return
+    listed = [(fam, v, present(v, settings.models_dir)) for fam in CATALOG.values() for v in fam.variants]
+    if as_json:
+        print_plain(json.dumps([
+            {"variant": v.label, "family": fam.name, "quant": v.quant, "params_b": fam.params_b,
+             "bits_per_weight": v.bits_per_weight, "size_bytes": v.size_bytes,
+             "sources": [src.describe() for src in v.sources], "path": str(here[0]) if here else None}
+            for fam, v, here in listed
+        ]))  # fmt: skip
+        return
+    cells: list[list[str | Text]] = [
+        [v.label, f"{fam.params_b:g}B", f"{v.bits_per_weight:.2f}", fmt_bytes(v.size_bytes),
+         _source_kind(v), "yes" if here else ""]
+        for fam, v, here in listed
+    ]  # fmt: skip
+    print_fitted(out, "models", LIST_COLUMNS, cells)
+
+
+def _source_kind(v: Variant) -> str:
+    """Where the file comes from, in a word (`--json` has the full address): the Hub or a package registry."""
+    return "pypi" if v.obtainable_offline() else ("hub" if v.sources else "-")
 
 
 def pull_cmd(
@@ -110,7 +133,7 @@ def recommend_cmd(
         print_plain(json.dumps(data))
         return
     console.print(f"{cap.describe()}; probe: {speed.describe()}")
-    out.print(_recommend_table(recs, rows))
+    _print_recommendations(recs, rows)
     for r in recs:
         out.print(f"{r.family.name} → {r.choice.reason}" if r.choice else f"{r.family.name}: {r.error}")
 
@@ -140,19 +163,25 @@ def _device(c: Choice) -> str:
     return "cpu" if c.device == "cpu" else ("gpu (full)" if c.n_gpu_layers == -1 else f"gpu ({c.n_gpu_layers} layers)")
 
 
-def _recommend_table(recs: list[Recommendation], rows: list[list[dict[str, Any]]]) -> Table:
-    table = Table(title="recommendation (→ chosen; tok/s predicted for one sequence)")
-    for col in ("family", "variant", "device", "memory", "gen tok/s", "prompt tok/s"):
-        table.add_column(col)
+RECOMMEND_COLUMNS = (
+    Column("family", key=True), Column("variant", key=True), Column("device", drop=3), Column("memory", drop=4),
+    Column("gen tok/s", drop=2), Column("prompt tok/s", drop=1),
+)
+
+
+def _print_recommendations(recs: list[Recommendation], rows: list[list[dict[str, Any]]]) -> None:
+    cells: list[list[str]] = []
+    ends: list[int] = []
     for r, cands in zip(recs, rows, strict=True):
         for i, cand in enumerate(cands):
             mark = "→ " if cand["chosen"] else "  "
             mem = fmt_bytes(cand["memory_bytes"]) if cand["fits"] else "does not fit"
             gen = f"{cand['gen_tps']:.0f}" if cand["fits"] else "-"
             pp = f"{cand['prompt_tps']:.0f}" if cand["fits"] else "-"
-            table.add_row(r.family.name if i == 0 else "", mark + cand["variant"], cand["device"] or "-", mem, gen, pp)
-        table.add_section()
-    return table
+            cells.append([r.family.name if i == 0 else "", mark + cand["variant"], cand["device"] or "-", mem, gen, pp])
+        ends.append(len(cells) - 1)
+    title = "recommendation (→ chosen; tok/s predicted for one sequence)"
+    print_fitted(out, title, RECOMMEND_COLUMNS, cells, sections=ends)
 
 
 def quantize_cmd(

@@ -29,13 +29,17 @@ def process_start() -> float:
 
 @dataclasses.dataclass
 class Phases:
-    """Where a run's seconds went, as epoch times: launch (this process started) → dataset stored →
-    first chunk claimed → job finished → exit. Printed in the summary."""
+    """Where a run's seconds went, as epoch times: launch (this process started) → local workers spawned
+    and dataset stored (in parallel, in the order they happened) → first chunk claimed → job finished → exit.
+    Printed in the summary."""
 
     launch: float = dataclasses.field(default_factory=process_start)
     stored: float | None = None
+    spawned: float | None = None
 
     def line(self, claimed: float | None, finished: float | None) -> str:
-        marks = [("stored", self.stored), ("first chunk claimed", claimed), ("finished", finished)]
+        marks = [("workers spawned", self.spawned), ("stored", self.stored), ("first chunk claimed", claimed),
+                 ("finished", finished)]  # fmt: skip
+        marks.sort(key=lambda m: m[1] if m[1] is not None else float("inf"))
         shown = [f"{name} {t - self.launch:.1f} s" for name, t in marks if t is not None and t >= self.launch]
         return " → ".join(["launch", *shown, f"exit {time.time() - self.launch:.1f} s"])

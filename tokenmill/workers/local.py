@@ -18,9 +18,13 @@ from tokenmill.config import Settings
 
 # Set by a parent that starts workers (`run`, `worker --concurrency N`): the worker stops when it dies.
 PARENT_PID_ENV = "TOKENMILL_PARENT_PID"
-# Set by a parent that brought the store's schema to head before starting its workers (`run`): they skip
-# the migration (and importing Alembic) on their way to the first chunk.
+# Set by a parent that brings the store's schema to head for its workers (`run`): they skip the migration
+# (and importing Alembic) on their way to the first chunk.
 SCHEMA_READY_ENV = "TOKENMILL_SCHEMA_READY"
+# With it, when the parent starts its workers before migrating (`run` starts them first, so their imports
+# and model load overlap its own start-up): the number of a pipe's read end. The parent writes a byte per
+# worker once the schema is at head; end of file means it never will, and the worker exits.
+SCHEMA_GATE_ENV = "TOKENMILL_SCHEMA_GATE"
 
 
 def worker_argv(
@@ -88,6 +92,7 @@ class LocalFleet:
         prefer: str | None = None,
         *,
         schema_ready: bool = False,
+        schema_gate: bool = False,
         n_ctx: int | None = None,
         gpu_pins: Sequence[str] = (),
     ) -> None:
@@ -98,16 +103,25 @@ class LocalFleet:
         self.n_seq = n_seq
         self.n_ctx = n_ctx  # context per sequence; None: the worker's default
         self.prefer = prefer
-        self.extra_env = {**({SCHEMA_READY_ENV: "1"} if schema_ready else {}), **(extra_env or {})}
+        self.extra_env = {**({SCHEMA_READY_ENV: "1"} if schema_ready or schema_gate else {}), **(extra_env or {})}
         self.gpu_pins = tuple(gpu_pins)
+        self.schema_gate = schema_gate
+        self._gate: int | None = None  # the write end of the schema gate until it opens
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.spawned_at: float | None = None  # when the first worker process was started
         self._logs: list[IO[bytes]] = []
         self.log_dir = Path(settings.data_dir) / "logs"
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        gate: dict[str, str] = {}
+        gate_read = None
+        if self.schema_gate:
+            gate_read, self._gate = os.pipe()
+            gate[SCHEMA_GATE_ENV] = str(gate_read)
+        self.spawned_at = time.time()
         for i in range(self.count):
-            env = child_env(self.settings, **self.extra_env, **gpu_env(self.gpu_pins, i))
+            env = {**child_env(self.settings, **self.extra_env, **gpu_env(self.gpu_pins, i)), **gate}
             args = worker_argv(
                 model=self.model, engine=self.settings.engine, share=self.count, threads=self.threads_each,
                 name=f"local{i}", n_seq=self.n_seq, n_ctx=self.n_ctx, prefer=self.prefer,
@@ -116,8 +130,23 @@ class LocalFleet:
             self._logs.append(log)
             # Own process group: a Ctrl-C in the terminal reaches `run`, which stops workers in order.
             self.procs.append(
-                subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                 pass_fds=(gate_read,) if gate_read is not None else ())
             )
+        if gate_read is not None:
+            os.close(gate_read)
+
+    def open_gate(self) -> None:
+        """The store's schema is at head: let the workers started before it was (``schema_gate``) go on."""
+        self.close_gate(ready=True)
+
+    def close_gate(self, *, ready: bool) -> None:
+        """Tell the workers waiting on the gate whether the schema is ready (once); unready, they exit."""
+        if self._gate is not None:
+            if ready:
+                os.write(self._gate, b"1" * max(1, len(self.procs)))
+            os.close(self._gate)
+            self._gate = None
 
     def alive(self) -> int:
         return sum(1 for p in self.procs if p.poll() is None)
@@ -133,6 +162,7 @@ class LocalFleet:
         see to that); an idle Celery worker's warm shutdown takes seconds, which `tokenmill run` need
         not wait for once its job is done.
         """
+        self.close_gate(ready=False)  # if never opened: the workers waiting on it read end of file and exit
         running = [p for p in self.procs if p.poll() is None]
         if grace > 0:
             for p in running:

@@ -7,8 +7,10 @@ time). ``--concurrency N`` starts N such processes, each with its share of the c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -32,7 +34,14 @@ from tokenmill.store import workers as store_workers
 from tokenmill.workers import tasks
 from tokenmill.workers.diskfull import FullStop
 from tokenmill.workers.first_claim import FirstClaim
-from tokenmill.workers.local import PARENT_PID_ENV, SCHEMA_READY_ENV, child_env, gpu_env, worker_argv
+from tokenmill.workers.local import (
+    PARENT_PID_ENV,
+    SCHEMA_GATE_ENV,
+    SCHEMA_READY_ENV,
+    child_env,
+    gpu_env,
+    worker_argv,
+)
 from tokenmill.workers.metrics import WorkerMetrics, start_metrics_server
 from tokenmill.workers.runtime import WorkerRuntime
 from tokenmill.workers.selection import ModelSelection, WorkerOptions, select_model
@@ -89,9 +98,12 @@ def serve(settings: Settings, opts: WorkerOptions) -> int:
     # worker was cut off mid-transaction, and its locks must not outlive its lease (tests/reliability/
     # test_partition.py).
     store = Store(settings.database_url, idle_in_transaction_timeout=settings.lease_seconds)
-    if os.environ.get(SCHEMA_READY_ENV) != "1":  # `run` migrated a moment ago
+    if os.environ.get(SCHEMA_READY_ENV) != "1":  # `run` migrates for its workers
         store.retrying(store.migrate)
     capacity = detect()
+    if not schema_gate_opened(settings.lease_seconds):
+        log.error("the process that started this worker did not bring the store's schema up; stopping")
+        return 1
     host = socket.gethostname()
     worker_id = f"{opts.name or host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     family_guess = opts.model.split(":", 1)[0]
@@ -199,6 +211,25 @@ def _consume(
     )
     worker.start()
     return int(worker.exitcode or 0)
+
+
+def schema_gate_opened(timeout: float) -> bool:
+    """Wait, when the parent asked for it (``SCHEMA_GATE_ENV``), until it says the store's schema is at head.
+
+    False when it closed the gate instead (its start-up failed) or said nothing for ``timeout`` seconds.
+    """
+    raw = os.environ.get(SCHEMA_GATE_ENV, "")
+    if not raw.isdigit():
+        return True
+    fd = int(raw)
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return bool(ready) and os.read(fd, 1) == b"1"
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _exit_with_parent() -> None:
