@@ -37,12 +37,12 @@ def test_quantize_registers_a_requantized_variant_with_its_sha256(quantized: Pat
 
 
 def test_the_local_catalog_resolves_and_loads_the_new_variant(quantized: Path) -> None:
-    import llama_cpp
+    from tokenmill.engines.llama_guard import plain_llama
 
     catalog = catalog_with_local(quantized)
     assert "q4_k_m_from_q4_1" in catalog["smollm2-135m-instruct"].quants
     r = resolve_model("smollm2-135m-instruct:q4_k_m_from_q4_1", quantized, fetch=False, catalog=catalog)
-    llm = llama_cpp.Llama(str(r.path), n_ctx=256, n_threads=1, verbose=False)
+    llm = plain_llama(str(r.path), n_ctx=256, n_threads=1, verbose=False)  # AMX hosts: no repack (llama_guard)
     out = llm.create_completion("The capital of France is", max_tokens=4, temperature=0, stream=False)
     assert isinstance(out, dict) and out["choices"][0]["text"].strip()
     llm.close()
