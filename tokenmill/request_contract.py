@@ -37,7 +37,7 @@ HONOURED = {
 _IGNORED_CHAT = frozenset({"user", "metadata", "store", "service_tier", "stream_options"})
 IGNORED = {
     CHAT: _IGNORED_CHAT,
-    COMPLETIONS: _IGNORED_CHAT,
+    COMPLETIONS: _IGNORED_CHAT | {"parallel_tool_calls"},  # no tools on completions: it asks nothing
     RESPONSES: frozenset(
         {"user", "store", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
          "prompt_cache_options", "stream_options"}
