@@ -189,8 +189,8 @@ BAD_LINES: list[tuple[str, str | bytes, str | None, str]] = [
         "endpoint",
         batch({"input": "x"}, url="/v1/moderations"),
         "url",
-        "unsupported endpoint '/v1/moderations' (tokenmill serves /v1/chat/completions, /v1/completions and"
-        " /v1/embeddings)",
+        "unsupported endpoint '/v1/moderations' (tokenmill serves /v1/chat/completions, /v1/completions,"
+        " /v1/responses and /v1/embeddings)",
     ),
     ("no-body", json.dumps({"custom_id": "b", "method": "POST", "url": "/v1/completions"}), "body", "missing"),
     ("body-type", batch([1]), "body", "must be an object, got an array"),
@@ -206,7 +206,8 @@ BAD_LINES: list[tuple[str, str | bytes, str | None, str]] = [
     ("message-type", chat(["hi"]), "messages[0]", "must be an object with 'role' and 'content'"),
     ("role-missing", chat([{"content": "x"}]), "messages[0].role", "missing"),
     ("role-type", chat([{"role": 1, "content": "x"}]), "messages[0].role", "must be a string, got 1"),
-    ("role-tool", chat([USER, {"role": "tool", "content": "x"}]), "messages[1].role", "unsupported role 'tool'"),
+    ("role-fn", chat([USER, {"role": "function", "content": "x"}]), "messages[1].role", "unsupported role 'function'"),
+    ("tool-no-id", chat([USER, {"role": "tool", "content": "x"}]), "messages[1].tool_call_id", "got null"),
     ("content-missing", chat([{"role": "user"}]), "messages[0].content", "missing"),
     ("content-null", chat([{"role": "user", "content": None}]), "messages[0].content", "got null"),
     (
@@ -220,8 +221,8 @@ BAD_LINES: list[tuple[str, str | bytes, str | None, str]] = [
     (
         "tool-calls",
         chat([USER, {"role": "assistant", "content": None, "tool_calls": [{"id": "t"}]}]),
-        "messages[1].tool_calls",
-        "tool calls are not supported",
+        "messages[1].tool_calls[0].function",
+        "must be an object with 'name' and 'arguments'",
     ),
     ("prompt-type", '{"prompt": 5}', "prompt", "must be a string, got 5"),
     ("prompt-empty", '{"prompt": "  "}', "prompt", "is empty"),

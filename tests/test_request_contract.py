@@ -84,9 +84,9 @@ def test_completion_logprobs_is_a_count(tmp_path: Path) -> None:
     ("body", "field", "words"),
     [
         ({"messages": USER, "max_token": 5}, "body.max_token", "not a request field"),
-        ({"messages": USER, "tools": []}, "body.tools", "tool calling"),
-        ({"messages": USER, "tool_choice": "auto"}, "body.tool_choice", "tool calling"),
-        ({"messages": USER, "functions": []}, "body.functions", "tool calling"),
+        ({"messages": USER, "tools": [{"type": "custom", "custom": {}}]}, "body.tools[0].type", "function tools only"),
+        ({"messages": USER, "tool_choice": "required"}, "body.tool_choice", "needs tools"),
+        ({"messages": USER, "functions": []}, "body.functions", "legacy functions API"),
         ({"messages": USER, "stream": True, "stream_options": {}}, "body.stream", "streaming"),
         ({"messages": USER, "presence_penalty": 2.5}, "body.presence_penalty", "at most 2"),
         ({"messages": USER, "top_logprobs": 3}, "body.top_logprobs", "needs logprobs: true"),
@@ -111,12 +111,12 @@ def test_plain_lines_are_checked_too(tmp_path: Path) -> None:
 
 
 def test_allow_unknown_fields_counts_one_warning_per_name(tmp_path: Path) -> None:
-    lines = [batch({"messages": USER, "max_token": 4, "tools": []}, cid=f"r{i}") for i in range(3)]
+    lines = [batch({"messages": USER, "max_token": 4, "functions": []}, cid=f"r{i}") for i in range(3)]
     lines.append(batch({"messages": USER, "foo": 1}, cid="r9"))
     ignored = Ignored()
     rows = list(read_dataset(write(tmp_path, *lines), ignored=ignored))
     assert len(rows) == 4 and all(isinstance(r, DatasetRow) for r in rows)
-    assert ignored.lines == {"body.max_token": 3, "body.tools": 3, "body.foo": 1}
+    assert ignored.lines == {"body.max_token": 3, "body.functions": 3, "body.foo": 1}
     assert ignored.total == 4  # lines carrying an unknown field, not occurrences
     warnings = ignored.warnings()
     assert len(warnings) == 3 and "'body.max_token' on 3 lines (first on line 1)" in " ".join(warnings)

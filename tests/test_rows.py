@@ -54,6 +54,7 @@ _VALUES: dict[str, Any] = {
     "grammar": 'root ::= "a"',
     "n": 4,
     "json_schema": '{"type":"object"}',
+    "tools": '{"tools":[],"choice":"auto","name":null,"parallel":true,"max_calls":null}',
 }
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill import tool_calls
 from tokenmill.errors import UsageError
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "developer": "system"}
@@ -179,36 +180,85 @@ def _stop_text(value: Any, field: str) -> str:
 
 
 def messages(value: Any, field: str) -> tuple[dict[str, str], ...]:
-    """Text-only chat messages, normalized to ``{"role", "content"}`` with developer mapped to system."""
+    """Text chat messages, normalized to ``{"role", "content"}`` with developer mapped to system.
+
+    Earlier tool calls (an assistant's ``tool_calls``) and their results (``tool`` messages) become text in
+    the format tokenmill prompts tools with (:mod:`tokenmill.tool_calls`); consecutive results share a turn.
+    """
     if not isinstance(value, list):
         raise FieldError(f"must be an array of messages, got {describe(value)}", field)
     if not value:
         raise FieldError("must not be empty", field)
-    out = []
+    out: list[dict[str, str]] = []
+    results: list[str] = []
     for i, message in enumerate(value):
         where = f"{field}[{i}]"
         if not isinstance(message, dict):
             raise FieldError(f"must be an object with 'role' and 'content', got {describe(message)}", where)
-        if "role" not in message:
-            raise FieldError("missing", f"{where}.role")
-        role = message["role"]
-        if not isinstance(role, str):
-            raise FieldError(f"must be a string, got {describe(role)}", f"{where}.role")
-        if role not in ROLES:
-            raise FieldError(
-                f"unsupported role {show(role)} (text chat only: system, user, assistant, developer)",
-                f"{where}.role",
-            )
-        if message.get("tool_calls") or message.get("function_call"):
-            key = "tool_calls" if message.get("tool_calls") else "function_call"
-            raise FieldError("tool calls are not supported (text chat only)", f"{where}.{key}")
-        if "content" not in message:
-            raise FieldError("missing", f"{where}.content")
-        out.append({"role": ROLES[role], "content": _content(message["content"], f"{where}.content")})
+        if message.get("role") == "tool":
+            results.append(_tool_result(message, where))
+            continue
+        if results:
+            out.append({"role": "user", "content": tool_calls.tool_response_text(results)})
+            results = []
+        out.append(_message(message, where))
+    if results:
+        out.append({"role": "user", "content": tool_calls.tool_response_text(results)})
     return tuple(out)
 
 
-def _content(value: Any, field: str) -> str:
+def _message(message: dict[str, Any], where: str) -> dict[str, str]:
+    if "role" not in message:
+        raise FieldError("missing", f"{where}.role")
+    role = message["role"]
+    if not isinstance(role, str):
+        raise FieldError(f"must be a string, got {describe(role)}", f"{where}.role")
+    if role not in ROLES:
+        raise FieldError(
+            f"unsupported role {show(role)} (system, user, assistant, developer, tool)", f"{where}.role"
+        )
+    if message.get("function_call") is not None:
+        raise FieldError("the legacy function_call is not supported; use tool_calls", f"{where}.function_call")
+    calls = message.get("tool_calls")
+    if calls is not None and role == "assistant":
+        content = message.get("content")
+        text = content_text(content, f"{where}.content") if content is not None else None
+        return {"role": "assistant", "content": tool_calls.assistant_text(text, _calls(calls, f"{where}.tool_calls"))}
+    if calls is not None:
+        raise FieldError("only assistant messages carry tool calls", f"{where}.tool_calls")
+    if "content" not in message:
+        raise FieldError("missing", f"{where}.content")
+    return {"role": ROLES[role], "content": content_text(message["content"], f"{where}.content")}
+
+
+def _calls(value: Any, field: str) -> list[tuple[str, str]]:
+    """An assistant's earlier ``tool_calls``: (name, arguments) of each function call."""
+    if not isinstance(value, list):
+        raise FieldError(f"must be an array of tool calls, got {describe(value)}", field)
+    out = []
+    for j, call in enumerate(value):
+        where = f"{field}[{j}]"
+        if not isinstance(call, dict):
+            raise FieldError(f"must be a tool call object, got {describe(call)}", where)
+        if call.get("type", "function") != "function":
+            raise FieldError(f"tool call type {show(call.get('type'))} is not supported (function only)", where)
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise FieldError(f"must be an object with 'name' and 'arguments', got {describe(function)}",
+                             f"{where}.function")  # fmt: skip
+        name = text_value(function.get("name"), f"{where}.function.name", allow_empty=False)
+        out.append((name, text_value(function.get("arguments", "{}"), f"{where}.function.arguments")))
+    return out
+
+
+def _tool_result(message: dict[str, Any], where: str) -> str:
+    text_value(message.get("tool_call_id"), f"{where}.tool_call_id", allow_empty=False)
+    if "content" not in message:
+        raise FieldError("missing", f"{where}.content")
+    return content_text(message["content"], f"{where}.content")
+
+
+def content_text(value: Any, field: str, kinds: frozenset[str] = TEXT_PART_TYPES) -> str:
     if isinstance(value, str):
         return check_encodable(value, field)
     if not isinstance(value, list):
@@ -221,7 +271,7 @@ def _content(value: Any, field: str) -> str:
         if not isinstance(part, dict):
             raise FieldError(f"must be a text part object, got {describe(part)}", where)
         kind = part.get("type")
-        if kind not in TEXT_PART_TYPES:
+        if kind not in kinds:
             raise FieldError(f"content part type {show(kind)} is not supported (text only)", where)
         if "text" not in part:
             raise FieldError("missing", f"{where}.text")

@@ -15,9 +15,10 @@ from typing import Any, BinaryIO
 
 from tokenmill import dataset_fields as fields
 from tokenmill import request_contract as contract
+from tokenmill import responses_contract, tool_calls, tools_contract
 from tokenmill.dataset_fields import FieldError, Template, compile_template, describe, show
 from tokenmill.errors import DatasetError, UsageError
-from tokenmill.rows import CHAT, COMPLETIONS, EMBEDDINGS, GENERATION_ENDPOINTS, DatasetRow, SamplingParams
+from tokenmill.rows import CHAT, COMPLETIONS, EMBEDDINGS, GENERATION_ENDPOINTS, RESPONSES, DatasetRow, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,9 @@ class _RowBuilder:
         if "messages" in obj:
             self._check_fields(obj, CHAT, "", line, plain=True)
             chat = fields.messages(obj["messages"], "messages")
-            return DatasetRow(line, custom_id, CHAT, messages=chat, params=self._params(obj, "", CHAT))
+            params = self._params(obj, "", CHAT)
+            chat = tool_calls.with_tools(chat, tool_calls.spec_of(params.tools) if params.tools else None)
+            return DatasetRow(line, custom_id, CHAT, messages=chat, params=params)
         if "prompt" in obj:
             self._check_fields(obj, COMPLETIONS, "", line, plain=True)
             text = fields.prompt(obj["prompt"], "prompt")
@@ -316,9 +319,15 @@ class _RowBuilder:
             self.ignored.add(prefix + key, line)
 
     def _params(self, src: dict[str, Any], prefix: str, endpoint: str) -> SamplingParams:
-        """Rows of one file mostly set the same few parameters: build each distinct set once."""
         overrides = fields.sampling_overrides(src, prefix)
-        overrides.update(contract.extra_overrides(src, endpoint, prefix))
+        extra = contract.extra_overrides(src, endpoint, prefix)
+        overrides.update(extra)
+        if endpoint == CHAT:
+            overrides.update(tools_contract.tool_overrides(src, prefix, extra, flat=False))
+        return self._params_of(overrides)
+
+    def _params_of(self, overrides: dict[str, Any]) -> SamplingParams:
+        """Rows of one file mostly set the same few parameters: build each distinct set once."""
         if not overrides:
             return self.defaults
         key = tuple(overrides.items())
@@ -353,19 +362,26 @@ class _RowBuilder:
         if url is None:
             url = COMPLETIONS if "prompt" in body and "messages" not in body else CHAT
             url = EMBEDDINGS if "input" in body and not ("prompt" in body or "messages" in body) else url
-        elif url not in (CHAT, COMPLETIONS, EMBEDDINGS):
-            served = f"tokenmill serves {CHAT}, {COMPLETIONS} and {EMBEDDINGS}"
+        elif url not in (CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS):
+            served = f"tokenmill serves {CHAT}, {COMPLETIONS}, {RESPONSES} and {EMBEDDINGS}"
             raise FieldError(f"unsupported endpoint {show(url)} ({served})", "url")
         if url == EMBEDDINGS:
             if self.line_model is not None:  # one job, one model: embeddings lines name it too
                 self.line_model.check(body, "body.")
             return DatasetRow(line, custom_id, EMBEDDINGS, **fields.embedding_request(body, "body."))
+        if url == RESPONSES:
+            self._check_fields(body, RESPONSES, "body.", line, plain=False)
+            messages, overrides, echo = responses_contract.request(body, "body.")
+            params = self._params_of(overrides)
+            return DatasetRow(line, custom_id, RESPONSES, messages=messages, params=params, echo=echo)
         if url == CHAT:
             if "messages" not in body:
                 raise FieldError(f"missing ({CHAT} needs messages)", "body.messages")
             self._check_fields(body, CHAT, "body.", line, plain=False)
             chat = fields.messages(body["messages"], "body.messages")
-            return DatasetRow(line, custom_id, CHAT, messages=chat, params=self._params(body, "body.", CHAT))
+            params = self._params(body, "body.", CHAT)
+            chat = tool_calls.with_tools(chat, tool_calls.spec_of(params.tools) if params.tools else None)
+            return DatasetRow(line, custom_id, CHAT, messages=chat, params=params)
         if "prompt" not in body:
             raise FieldError(f"missing ({COMPLETIONS} needs a prompt)", "body.prompt")
         self._check_fields(body, COMPLETIONS, "body.", line, plain=False)

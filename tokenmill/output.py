@@ -11,19 +11,23 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from tokenmill import tool_calls
 from tokenmill.datasets import InvalidLine
 from tokenmill.engine import EmbeddingResult, Generation, TokenLogprob
 from tokenmill.errors import DatasetError
-from tokenmill.rows import CHAT, EMBEDDINGS, DatasetRow
+from tokenmill.rows import CHAT, EMBEDDINGS, RESPONSES, DatasetRow
 from tokenmill.store import Store
 from tokenmill.store.results import export_rows
 from tokenmill.store.states import ResultStatus
 from tokenmill.store.tables import RequestRow, Result
+from tokenmill.tool_calls import Tool, ToolSpec
 
 
 def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: str) -> dict[str, Any]:
     if row.endpoint == EMBEDDINGS:
         return embeddings_body(row, gen, variant)
+    if row.endpoint == RESPONSES:
+        return responses_body(row, gen, variant, request_id)
     created = int(time.time())
     usage = {
         "prompt_tokens": gen.prompt_tokens,
@@ -32,6 +36,7 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
         "prompt_tokens_details": {"cached_tokens": gen.reused_prompt_tokens},
     }
     if row.endpoint == CHAT:
+        spec = tool_calls.spec_of(row.params.tools) if row.params.tools else None
         return {
             "id": f"chatcmpl-{request_id}",
             "object": "chat.completion",
@@ -40,8 +45,7 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": choice.text},
-                    "finish_reason": choice.finish_reason,
+                    **chat_message(choice, spec, request_id, i),
                     "logprobs": chat_logprobs(choice.logprobs),
                 }
                 for i, choice in enumerate(gen.choices or [gen])
@@ -64,6 +68,97 @@ def response_body(row: DatasetRow, gen: Generation, variant: str, request_id: st
         ],
         "usage": usage,
     }
+
+
+def chat_message(choice: Generation, spec: ToolSpec | None, request_id: str, index: int) -> dict[str, Any]:
+    """A chat choice's ``message`` and ``finish_reason``: text, or the calls it made (content then null, or
+    the unfinished call when ``max_tokens`` cut the answer after some)."""
+    parsed = tool_calls.parse(choice.text, spec) if spec is not None else None
+    if parsed is None:
+        return {"message": {"role": "assistant", "content": choice.text}, "finish_reason": choice.finish_reason}
+    calls, rest = parsed
+    message = {
+        "role": "assistant",
+        "content": rest or None,
+        "tool_calls": [
+            {
+                "id": tool_calls.call_id(request_id, index, k),
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for k, call in enumerate(calls)
+        ],
+    }
+    finish = "tool_calls" if choice.finish_reason == "stop" else choice.finish_reason
+    return {"message": message, "finish_reason": finish}
+
+
+def responses_body(row: DatasetRow, gen: Generation, variant: str, request_id: str) -> dict[str, Any]:
+    """The ``Response`` object of a /v1/responses row: its output items, status and usage, and the request
+    fields a Response repeats."""
+    spec = tool_calls.spec_of(row.params.tools) if row.params.tools else None
+    echo = row.echo or {}
+    parsed = tool_calls.parse(gen.text, spec) if spec is not None else None
+    calls, text = parsed if parsed is not None else ([], gen.text)
+    complete = gen.finish_reason == "stop"
+    status = "completed" if complete else "incomplete"
+    output: list[dict[str, Any]] = [
+        {
+            "type": "function_call",
+            "id": f"fc_{tool_calls.call_id(request_id, 0, k)[5:]}",
+            "call_id": tool_calls.call_id(request_id, 0, k),
+            "name": call.name,
+            "arguments": call.arguments,
+            "status": "completed",
+        }
+        for k, call in enumerate(calls)
+    ]
+    if text or not calls:
+        content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+        output.append({"type": "message", "id": f"msg_{request_id}", "role": "assistant", "status": status,
+                       "content": content})  # fmt: skip
+    created = int(time.time())
+    return {
+        "id": f"resp_{request_id}",
+        "object": "response",
+        "created_at": created,
+        "completed_at": created if complete else None,
+        "status": status,
+        "error": None,
+        "incomplete_details": None if complete else {"reason": "max_output_tokens"},
+        "instructions": echo.get("instructions"),
+        "max_output_tokens": echo.get("max_output_tokens"),
+        "max_tool_calls": echo.get("max_tool_calls"),
+        "metadata": echo.get("metadata") or {},
+        "model": variant,
+        "output": output,
+        "parallel_tool_calls": spec.parallel if spec is not None else True,
+        "previous_response_id": None,
+        "temperature": row.params.temperature,
+        "text": echo.get("text") or {"format": {"type": "text"}},
+        "tool_choice": _tool_choice(spec),
+        "tools": [_function_tool(t) for t in spec.tools] if spec is not None else [],
+        "top_p": row.params.top_p,
+        "truncation": "disabled",
+        "usage": {
+            "input_tokens": gen.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": gen.reused_prompt_tokens, "cache_write_tokens": 0},
+            "output_tokens": gen.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+        },
+    }
+
+
+def _tool_choice(spec: ToolSpec | None) -> str | dict[str, str]:
+    if spec is None:
+        return "auto"
+    return {"type": "function", "name": spec.name or ""} if spec.choice == tool_calls.FUNCTION else spec.choice
+
+
+def _function_tool(tool: Tool) -> dict[str, Any]:
+    return {"type": "function", "name": tool.name, "description": tool.description,
+            "parameters": json.loads(tool.parameters), "strict": tool.strict}  # fmt: skip
 
 
 def embeddings_body(row: DatasetRow, result: Generation, variant: str) -> dict[str, Any]:

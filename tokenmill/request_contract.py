@@ -17,7 +17,7 @@ from typing import Any
 
 from tokenmill import gbnf, structured
 from tokenmill.dataset_fields import FieldError, describe, integer, number, show, text_value
-from tokenmill.rows import CHAT
+from tokenmill.rows import CHAT, COMPLETIONS, RESPONSES
 
 SAMPLING = frozenset(
     {
@@ -27,12 +27,42 @@ SAMPLING = frozenset(
     }
 )  # fmt: skip
 HONOURED = {
-    CHAT: SAMPLING | {"messages", "top_logprobs"},
-    "/v1/completions": SAMPLING | {"prompt"},
+    CHAT: SAMPLING | {"messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"},
+    COMPLETIONS: SAMPLING | {"prompt"},
+    RESPONSES: frozenset(
+        {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "text", "tools",
+         "tool_choice", "parallel_tool_calls", "max_tool_calls", "metadata", "stream", "truncation"}
+    ),
+}  # fmt: skip
+_IGNORED_CHAT = frozenset({"user", "metadata", "store", "service_tier", "stream_options"})
+IGNORED = {
+    CHAT: _IGNORED_CHAT,
+    COMPLETIONS: _IGNORED_CHAT | {"parallel_tool_calls"},  # no tools on completions: it asks nothing
+    RESPONSES: frozenset(
+        {"user", "store", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+         "prompt_cache_options", "stream_options"}
+    ),
+}  # fmt: skip
+# Responses fields that would change the answer and cannot be honoured in a batch job: a line error whatever
+# --allow-unknown-fields says, unless null (or false, for the flags), which asks for nothing.
+REFUSED = {
+    RESPONSES: {
+        "previous_response_id": "earlier responses are not stored; send the conversation as input items",
+        "conversation": "conversations are not stored; send the conversation as input items",
+        "background": "a batch job already runs in the background; remove it",
+        "prompt": "stored prompt templates are not served; send the prompt as input",
+        "reasoning": "reasoning options are not supported by the local models",
+        "include": "extra output data (logprobs, reasoning, sources) is not produced",
+        "top_logprobs": "logprobs are not produced for /v1/responses lines",
+        "context_management": "context management is not supported",
+        "background_options": "a batch job already runs in the background; remove it",
+        "moderation": "moderation is not supported",
+        "image": "image generation is not supported",
+        "access_programs": "not supported",
+    },
 }
-IGNORED = frozenset({"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls"})
 ROW_KEYS = frozenset({"id", "custom_id"})  # a plain (non-batch) line also carries its id
-_TOOLS = frozenset({"tools", "tool_choice", "functions", "function_call"})
+_LEGACY_FUNCTIONS = frozenset({"functions", "function_call"})
 MAX_LOGIT_BIAS = 1024
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
@@ -103,13 +133,13 @@ class LineModel:
 
 def unknown_fields(src: Mapping[str, Any], endpoint: str, prefix: str, *, plain: bool) -> list[str]:
     """Field names of ``src`` that tokenmill neither honours nor knows to be harmless, in line order."""
-    known = HONOURED[endpoint] | IGNORED | (ROW_KEYS if plain else frozenset())
+    known = HONOURED[endpoint] | IGNORED[endpoint] | set(REFUSED.get(endpoint, {})) | (ROW_KEYS if plain else set())
     return [key for key in src if key not in known]  # stream_options rides on stream, refused when true
 
 
 def unknown_error(key: str, prefix: str) -> FieldError:
-    if key in _TOOLS:
-        why = "tool calling is not served by tokenmill"
+    if key in _LEGACY_FUNCTIONS:
+        why = "the legacy functions API is not supported (use tools and tool_choice)"
     elif key == "echo" or key == "suffix" or key == "best_of":
         why = "not supported for completions"
     else:
@@ -222,7 +252,7 @@ def response_format_schema(fmt: Any, where: str) -> str | None:
         return None
     if kind == "json_object":
         schema = fmt.get("schema")
-        return structured.JSON_OBJECT if schema is None else _schema(schema, f"{where}.schema")
+        return structured.JSON_OBJECT if schema is None else checked_schema(schema, f"{where}.schema")
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict):
@@ -231,11 +261,11 @@ def response_format_schema(fmt: Any, where: str) -> str | None:
             )
         if "schema" not in spec:
             raise FieldError("missing", f"{where}.json_schema.schema")
-        return _schema(spec["schema"], f"{where}.json_schema.schema")
+        return checked_schema(spec["schema"], f"{where}.json_schema.schema")
     raise FieldError(f"unsupported type {show(kind)} (text, json_object or json_schema)", f"{where}.type")
 
 
-def _schema(schema: Any, where: str) -> str:
+def checked_schema(schema: Any, where: str) -> str:
     if not isinstance(schema, dict):
         raise FieldError(f"must be a JSON schema object, got {describe(schema)}", where)
     try:

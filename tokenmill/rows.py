@@ -12,7 +12,9 @@ from typing import Any
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
-GENERATION_ENDPOINTS = frozenset({CHAT, COMPLETIONS})
+RESPONSES = "/v1/responses"
+GENERATION_ENDPOINTS = frozenset({CHAT, COMPLETIONS, RESPONSES})
+MESSAGE_ENDPOINTS = frozenset({CHAT, RESPONSES})  # rows whose prompt is chat messages
 
 EmbeddingInput = str | tuple[int, ...]  # text, or token ids sent as they are
 
@@ -36,6 +38,7 @@ class SamplingParams:
     grammar: str | None = None  # GBNF constraining decoding (the `grammar` field), run by llama.cpp
     n: int = 1
     json_schema: str | None = None  # compact JSON schema constraining decoding (see tokenmill.structured)
+    tools: str | None = None  # function tools and tool_choice, as tokenmill.tool_calls.ToolSpec stores them
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -78,7 +81,7 @@ class DatasetRow:
 
     line: int
     custom_id: str
-    endpoint: str  # CHAT, COMPLETIONS or EMBEDDINGS
+    endpoint: str  # CHAT, COMPLETIONS, RESPONSES or EMBEDDINGS
     messages: tuple[dict[str, str], ...] | None = None
     prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -86,6 +89,7 @@ class DatasetRow:
     inputs: tuple[EmbeddingInput, ...] | None = None  # EMBEDDINGS rows: one vector per input
     encoding_format: str = "float"  # EMBEDDINGS rows: "float" or "base64"
     dimensions: int | None = None  # EMBEDDINGS rows: the size asked for, None for the model's own
+    echo: dict[str, Any] | None = None  # RESPONSES rows: request fields the body repeats (instructions, metadata…)
 
     @property
     def prompt_chars(self) -> int:
@@ -107,6 +111,8 @@ class DatasetRow:
             payload["inputs"] = [x if isinstance(x, str) else list(x) for x in self.inputs]
             payload["encoding_format"] = self.encoding_format
             payload["dimensions"] = self.dimensions
+        if self.echo is not None:  # what a Responses body repeats is part of its answer, and of its cache key
+            payload["echo"] = self.echo
         return payload
 
     @classmethod
@@ -124,4 +130,5 @@ class DatasetRow:
             inputs=tuple(x if isinstance(x, str) else tuple(x) for x in inputs) if inputs is not None else None,
             encoding_format=payload.get("encoding_format") or "float",
             dimensions=payload.get("dimensions"),
+            echo=payload.get("echo"),
         )

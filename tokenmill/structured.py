@@ -111,6 +111,14 @@ def _compile_uncached(text: str) -> str:
     return compiled
 
 
+def inline_schema(text: str) -> str:
+    """A stored schema as an llguidance ``%json { … }`` body: the form :func:`grammar` compiles (stricter date
+    formats, tokenmill's whitespace and options), for grammars that embed a schema (tool call arguments)."""
+    grammar(text)  # refuses what this schema would have been refused for on its own
+    schema = _strict_formats(json.loads(text))
+    return json.dumps({**schema, "x-guidance": _OPTIONS}, ensure_ascii=False, separators=(",", ":"))
+
+
 def _subschemas(key: str, value: Any, path: tuple[str, ...]) -> Iterator[tuple[Any, tuple[str, ...]]]:
     if key in _SCHEMA_MAPS and isinstance(value, dict):
         for name, sub in value.items():

@@ -41,7 +41,7 @@ def job_family(settings: Settings, job_id: str) -> str:
 
 
 def test_unknown_field_fails_submit_and_allow_unknown_fields_warns(tmp_path: Path, settings: Settings) -> None:
-    data = batch_file(tmp_path / "b.jsonl", [{"max_tokens": 4}, {"max_token": 4, "tools": []}, {"max_token": 2}])
+    data = batch_file(tmp_path / "b.jsonl", [{"max_tokens": 4}, {"max_token": 4, "functions": []}, {"max_token": 2}])
     refused = run_cli(settings, "submit", str(data), timeout=60)
     assert refused.returncode == 3, refused.stderr
     assert "b.jsonl:2: field 'body.max_token'" in refused.stderr and "Traceback" not in refused.stderr
@@ -50,13 +50,13 @@ def test_unknown_field_fails_submit_and_allow_unknown_fields_warns(tmp_path: Pat
     assert allowed.returncode == 0, allowed.stderr
     err = " ".join(allowed.stderr.split())
     assert "ignored unknown field 'body.max_token' on 2 lines (first on line 2)" in err
-    assert "ignored unknown field 'body.tools' on 1 line (first on line 2)" in err
+    assert "ignored unknown field 'body.functions' on 1 line (first on line 2)" in err
     assert "3 rows stored" in err
 
 
 def test_run_allow_unknown_fields_counts_names_and_lines_in_the_summary(tmp_path: Path, settings: Settings) -> None:
     """`run` refuses the same line as submit; allowed, its summary counts field names and lines (stub engine)."""
-    data = batch_file(tmp_path / "b.jsonl", [{"max_tokens": 4}, {"max_token": 4, "tools": []}, {"max_token": 2}])
+    data = batch_file(tmp_path / "b.jsonl", [{"max_tokens": 4}, {"max_token": 4, "functions": []}, {"max_token": 2}])
     refused = run_cli(settings, "run", str(data), timeout=60)
     assert refused.returncode == 3 and "Traceback" not in refused.stderr
     assert "b.jsonl:2: field 'body.max_token'" in refused.stderr

@@ -103,7 +103,7 @@ def test_errors_have_openai_shape(api_app: InProcessServer) -> None:
     spec = {"input_file_id": "file-x", "endpoint": CHAT, "completion_window": "24h", "metadata": meta}
     status, body = raw(api_app, "POST", "/v1/batches", json.dumps(spec).encode(), **auth)
     assert status == 400 and body["error"]["param"] == "metadata"
-    spec = {"input_file_id": "file-x", "endpoint": "/v1/responses", "completion_window": "24h"}
+    spec = {"input_file_id": "file-x", "endpoint": "/v1/moderations", "completion_window": "24h"}
     status, body = raw(api_app, "POST", "/v1/batches", json.dumps(spec).encode(), **auth)
     assert status == 400 and body["error"]["param"] == "endpoint"
     status, body = raw(api_app, "GET", "/v1/batches?limit=101", None, **auth)

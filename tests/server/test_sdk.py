@@ -6,10 +6,12 @@ import json
 import urllib.request
 from typing import Any
 
+import jsonschema
 import openai
 import pytest
 from openai.types import Batch, FileObject
 from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
 
 from tests.conftest import ADMIN_KEY, API_KEYS, ServeProcess
 from tests.server.helpers import CHAT, chat_line, client, jsonl, upload, wait_status
@@ -143,3 +145,44 @@ def test_health_metrics_and_no_keys_in_the_log(api_server: ServeProcess) -> None
         p.read_text(errors="replace") for p in (api_server.data_dir / "logs").glob("*.log")
     )
     assert all(key not in logs for key in (*API_KEYS, ADMIN_KEY))
+
+
+def test_a_responses_batch_through_the_sdk(api_server: ServeProcess) -> None:
+    """``batches.create(endpoint="/v1/responses")``: every output body is a ``Response``, and the batch's usage
+    sums their Responses-shaped usage."""
+    pick = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}}, "required": ["colour"],
+            "additionalProperties": False}  # fmt: skip
+    add = {"type": "function", "name": "add", "parameters": {"type": "object", "properties": {
+        "a": {"type": "integer", "maximum": 99}, "b": {"type": "integer", "maximum": 99}}, "required": ["a", "b"],
+        "additionalProperties": False}}  # fmt: skip
+    bodies: dict[str, dict[str, Any]] = {
+        "text": {"input": "Name a colour.", "max_output_tokens": 6, "metadata": {"k": "v"}},
+        "json": {"input": "Pick a colour as JSON.", "max_output_tokens": 24,
+                 "text": {"format": {"type": "json_schema", "name": "pick", "schema": pick, "strict": True}}},
+        "call": {"input": "What is 2 plus 3?", "tools": [add], "tool_choice": {"type": "function", "name": "add"},
+                 "parallel_tool_calls": False, "max_output_tokens": 40},
+    }  # fmt: skip
+    lines = [
+        {"custom_id": cid, "method": "POST", "url": "/v1/responses",
+         "body": {"model": "smollm2-135m-instruct", "temperature": 0, **body}}
+        for cid, body in bodies.items()
+    ]  # fmt: skip
+    c = client(api_server.base_url, KEY_A)
+    b = c.batches.create(input_file_id=upload(c, jsonl(lines)), endpoint="/v1/responses", completion_window="24h")
+    assert b.endpoint == "/v1/responses"
+    b = wait_status(c, b.id, ("completed", "failed", "expired", "cancelled"))
+    assert b.status == "completed" and b.output_file_id is not None and b.error_file_id is None, b
+    out = {x["custom_id"]: x for x in map(json.loads, c.files.content(b.output_file_id).text.splitlines())}
+    responses = {cid: Response.model_validate(line["response"]["body"]) for cid, line in out.items()}
+    assert set(responses) == set(bodies) and all(x["error"] is None for x in out.values())
+    assert responses["text"].metadata == {"k": "v"} and responses["text"].output_text
+    if responses["json"].status == "completed":
+        jsonschema.validate(json.loads(responses["json"].output_text), pick)
+    (call,) = responses["call"].output
+    assert call.type == "function_call" and call.name == "add"
+    jsonschema.validate(json.loads(call.arguments), add["parameters"])
+    usages = [r.usage for r in responses.values()]
+    assert b.usage is not None and all(u is not None for u in usages)
+    assert b.usage.input_tokens == sum(u.input_tokens for u in usages if u)
+    assert b.usage.output_tokens == sum(u.output_tokens for u in usages if u)
+    assert b.usage.total_tokens == b.usage.input_tokens + b.usage.output_tokens

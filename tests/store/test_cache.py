@@ -126,3 +126,12 @@ def test_prefill_answers_a_rerun_from_the_cache_and_closes_its_chunks(store: Sto
             copies = list(s.scalars(select(Result).where(Result.job_id == rerun).order_by(Result.seq)))
             assert [c.seq for c in copies] == [0, 1, 2, 3, 4] and all(c.cached for c in copies)
             assert {(c.timings or {})["cached_from"] for c in copies} == {one}
+
+
+def test_a_copied_response_takes_the_copying_rows_id_in_its_own_shape() -> None:
+    """Chat and completion ids are ``kind-<job>-<seq>``; a Response's is ``resp_<job>-<seq>``, and a copy must not
+    keep the earlier job's id inside its own."""
+    response = {"id": "resp_job1-4", "object": "response", "output": []}
+    assert store_cache.own_ids(response, "job2", 7) == {"id": "resp_job2-7", "object": "response", "output": []}
+    chat = {"id": "chatcmpl-job1-4", "object": "chat.completion"}
+    assert store_cache.own_ids(chat, "job2", 7) == {"id": "chatcmpl-job2-7", "object": "chat.completion"}

@@ -1,4 +1,4 @@
-"""JSON-schema rows on llama.cpp: an llguidance matcher per row over the model's own vocabulary.
+"""JSON-schema and tool-call rows on llama.cpp: an llguidance matcher per row over the model's own vocabulary.
 
 Every step a constrained row asks its matcher which tokens may come next (a bitmask over the vocabulary,
 tens of microseconds), its logits outside the mask become -inf before the row's sampler chain runs, and
@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from tokenmill import structured
+from tokenmill import structured, tool_calls
 from tokenmill.engines.sampling import SamplerError
+from tokenmill.rows import SamplingParams
 
 
 class JsonConstraints:
@@ -23,18 +24,22 @@ class JsonConstraints:
     def __init__(self, llama_cpp: Any, vocab: Any, n_vocab: int) -> None:
         self._tokenizer = _tokenizer(llama_cpp, vocab, n_vocab)
         self.n_vocab = n_vocab
-        self._compiled: dict[str, Any] = {}
+        self._compiled: dict[tuple[str | None, str | None], Any] = {}
 
-    def matcher(self, schema_text: str) -> RowMatcher:
-        """A fresh matcher for one row; SamplerError when the schema does not compile for this vocabulary."""
+    def matcher(self, params: SamplingParams) -> RowMatcher | None:
+        """A fresh matcher for one row (its JSON schema, or the tool-call grammar of its tools); None when
+        nothing constrains the row; SamplerError when the grammar does not compile for this vocabulary."""
         from llguidance import LLMatcher, LLParserLimits
 
-        template = self._compiled.get(schema_text)
+        key = (params.json_schema, params.tools)
+        template = self._compiled.get(key)
         if template is None:
             try:
-                grammar = structured.grammar(schema_text)
+                grammar = tool_calls.row_grammar(params.json_schema, params.tools)
             except structured.SchemaError as exc:
                 raise SamplerError(f"the row's JSON schema cannot be enforced: {exc.message}") from None
+            if grammar is None:
+                return None
             # Errors name no part of the schema or the text: they may reach a log line.
             limits = LLParserLimits(verbose_errors=False)
             template = LLMatcher(self._tokenizer, grammar, log_level=0, limits=limits)
@@ -42,7 +47,7 @@ class JsonConstraints:
                 raise SamplerError(f"the row's JSON schema cannot be enforced: {_one_line(template.get_error())}")
             if len(self._compiled) >= 64:
                 self._compiled.pop(next(iter(self._compiled)))
-            self._compiled[schema_text] = template
+            self._compiled[key] = template
         return RowMatcher(template.deep_copy(), self.n_vocab)
 
 

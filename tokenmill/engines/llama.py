@@ -37,7 +37,7 @@ from tokenmill.engines.llama_embed import LlamaEmbedder
 from tokenmill.engines.prefix import best_shared_prefix, common_prefix_len
 from tokenmill.engines.sampling import RowSampler, TextAccumulator
 from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong, RowRefused, RowTimeLimit
-from tokenmill.rows import CHAT, EMBEDDINGS, DatasetRow
+from tokenmill.rows import EMBEDDINGS, MESSAGE_ENDPOINTS, DatasetRow
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class LlamaEngine:
 
     def format_prompt(self, row: DatasetRow) -> list[int]:
         """The prompt tokens of a row exactly as ``create_chat_completion``/``create_completion`` build them."""
-        if row.endpoint == CHAT:
+        if row.endpoint in MESSAGE_ENDPOINTS:
             return self._chat_tokens([dict(m) for m in row.messages or ()])
         prompt = row.prompt or ""
         tokens = self._prompt_head + (self.tokenize(prompt) if prompt else []) + self._prompt_tail
@@ -440,7 +440,8 @@ class LlamaEngine:
                 f"the model context is {self.n_ctx} per request"
             )
         stops = list(params.stop)
-        if row.endpoint == CHAT and self._eos != -1 and params.json_schema is None:
+        mask = self._json_mask(row)
+        if row.endpoint in MESSAGE_ENDPOINTS and self._eos != -1 and mask is None:
             # What create_chat_completion adds; a JSON row ends on the token alone, since a string in
             # the JSON may spell the marker as plain text and cutting there would break the JSON.
             stops.append(self._token_text(self._eos))
@@ -454,7 +455,7 @@ class LlamaEngine:
             row=row,
             prompt=tokens,
             max_tokens=max_tokens,
-            sampler=RowSampler(self._L, self._vocab, params, self._n_vocab, mask=self._json_mask(row)),
+            sampler=RowSampler(self._L, self._vocab, params, self._n_vocab, mask=mask),
             text=text,
             cached=cached,
             n_past=cached,
@@ -470,12 +471,11 @@ class LlamaEngine:
         return seq
 
     def _json_mask(self, row: DatasetRow) -> RowMatcher | None:
-        schema = row.params.json_schema
-        if schema is None:
+        if row.params.json_schema is None and row.params.tools is None:
             return None
         if self._constraints is None:
             self._constraints = JsonConstraints(self._L, self._vocab, self._n_vocab)
-        return self._constraints.matcher(schema)
+        return self._constraints.matcher(row.params)
 
     def _attach_followers(self, active: list[_Seq]) -> None:
         """Give each waiting n > 1 sibling its leader's prompt KV, once the leader has evaluated it.

@@ -55,8 +55,9 @@ def own_ids(body: dict[str, Any] | None, job_id: str, seq: int) -> dict[str, Any
     id of the job it was copied from."""
     if body is None or not isinstance(body.get("id"), str):
         return body
-    kind = str(body["id"]).split("-", 1)[0]
-    return {**body, "id": f"{kind}-{job_id}-{seq}"}
+    old = str(body["id"])
+    kind = "resp_" if old.startswith("resp_") else old.split("-", 1)[0] + "-"  # a Response: resp_<job>-<seq>
+    return {**body, "id": f"{kind}{job_id}-{seq}"}
 
 
 def unanswered_pages(store: Store, job_id: str, *, page: int) -> Iterator[list[RequestRow]]:
