@@ -9,7 +9,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.config import mask_text
@@ -24,6 +23,8 @@ from tokenmill.errors import (
     UnknownModelError,
     UsageError,
 )
+from tokenmill.store import DB_ERRORS
+from tokenmill.store.db import log_reason, unavailable_cause
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,11 @@ def install(app: FastAPI) -> None:
     async def _ours(_: Request, exc: TokenmillError) -> JSONResponse:
         return tokenmill_error(exc)
 
-    @app.exception_handler(DBAPIError)  # OperationalError included
-    async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+    async def _database(_: Request, exc: Exception) -> JSONResponse:
         return database_error(exc)
+
+    for kind in DB_ERRORS:
+        app.add_exception_handler(kind, _database)
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:
@@ -156,12 +159,12 @@ def tokenmill_error(exc: TokenmillError) -> JSONResponse:
     return JSONResponse(body(status, told or str(exc), None, code), status_code=status)
 
 
-def database_error(exc: DBAPIError) -> JSONResponse:
-    """A driver error no store call turned into ours: a refused or lost connection, or a lock held past its
-    timeout, is the store being unavailable (503, worth a retry); anything else is a bug. Only the driver's
-    own first line is logged: SQLAlchemy's message would add the statement's parameters (tenants' data)."""
-    reason = (mask_text(str(exc.orig)).strip().splitlines() or [type(exc).__name__])[0]
-    if isinstance(exc, OperationalError) or exc.connection_invalidated:
-        return tokenmill_error(ServiceUnavailable(f"{type(exc).__name__}: {reason}"))
-    log.error("unhandled %s: %s", type(exc).__name__, reason)
+def database_error(exc: Exception) -> JSONResponse:
+    """A driver error no store call turned into ours: the store being unavailable (503, worth a retry) or a
+    bug (:func:`tokenmill.store.db.unavailable_cause` decides). Only the driver's own first line is logged:
+    SQLAlchemy's message would add the statement's parameters (tenants' data)."""
+    cause = unavailable_cause(exc)
+    if cause is not None:
+        return tokenmill_error(cause)
+    log.error("unhandled %s: %s", type(exc).__name__, log_reason(exc))
     return JSONResponse(body(500, "internal error (see the server log)"), status_code=500)

@@ -163,6 +163,15 @@ class Store:
         self.engine.dispose()
 
 
+def unavailable_cause(exc: BaseException) -> ServiceUnavailable | None:
+    """A driver error as ours when it means the store is unavailable (a refused or lost connection, a lock
+    held past its timeout): worth a retry, unlike anything else a driver raises (a bug)."""
+    if isinstance(exc, OperationalError) or getattr(exc, "connection_invalidated", False):
+        reason = (mask_text(str(getattr(exc, "orig", None) or exc)).strip().splitlines() or [type(exc).__name__])[0]
+        return ServiceUnavailable(f"{type(exc).__name__}: {reason}")
+    return None
+
+
 def log_reason(exc: BaseException) -> str:
     """What a log line may say about ``exc``, with no value from a row in it.
 

@@ -24,9 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.orm import Session
-
-from tokenmill.store import Store, leases
+from tokenmill.store import Session, Store, leases
 from tokenmill.store import results as store_results
 from tokenmill.store import workers as store_workers
 from tokenmill.store.db import log_reason
