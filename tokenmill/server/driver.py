@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tokenmill.store import batches as store_batches
 from tokenmill.store import files as store_files
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store.batches import BatchStatus
+from tokenmill.store.clock import db_now
 from tokenmill.store.db import Session
 from tokenmill.store.results import iter_results
 from tokenmill.store.tables import ApiBatch, Job
@@ -68,7 +68,7 @@ class BatchDriver:
             status, cancelled = b.status, b.cancelling_at is not None
             job = s.get(Job, b.job_id) if b.job_id else None
             job_state = job.state if job is not None else None
-            expired = time.time() >= b.expires_at
+            expired = db_now(s) >= b.expires_at  # the store's clock, as when the window was set
         ran_out = expired and job_state not in ("completed", "completed_with_errors")
         if status == BatchStatus.VALIDATING.value:
             self.validate(batch_id)

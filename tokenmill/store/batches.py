@@ -16,6 +16,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from tokenmill.store.clock import db_now, now_sql
 from tokenmill.store.states import ACTIVE_STATES
 from tokenmill.store.tables import ApiBatch, Chunk, Job, RequestRow, Result
 
@@ -59,7 +60,7 @@ def create_batch(
         ).first()
         if found is not None:
             return found
-    now = time.time()
+    now = db_now(s)  # the window is the store's clock, whichever server created or drives the batch
     batch = ApiBatch(
         id=new_batch_id(),
         owner=owner,
@@ -122,9 +123,10 @@ def claim(
     """Take the batch's driver lease (validation, finalizing) unless another live process holds it.
 
     An UPDATE first, so on SQLite the transaction holds the write lock from its first statement and a
-    cancel committed meanwhile is seen, not overwritten.
+    cancel committed meanwhile is seen, not overwritten. The lease is the store's clock (store/clock.py):
+    a server whose clock ran ahead would otherwise take a live lease of one behind.
     """
-    now = time.time()
+    now = now_sql(s)
     res = s.execute(
         update(ApiBatch)
         .where(
@@ -236,7 +238,7 @@ def live_chunks(s: Session, job_id: str) -> int:
         s.scalar(
             select(func.count())
             .select_from(Chunk)
-            .where(Chunk.job_id == job_id, Chunk.state == "running", Chunk.lease_expires_at > time.time())
+            .where(Chunk.job_id == job_id, Chunk.state == "running", Chunk.lease_expires_at > now_sql(s))
         )
         or 0
     )
