@@ -91,7 +91,7 @@ def draw(seed: int, *, real: bool, span: float, max_outage: float, faults: tuple
     rng = random.Random(seed)
     workers = 2 if real else rng.choice((2, 3))
     delay = 0.0 if real else round(rng.uniform(0.04, 0.15), 3)
-    rows = 48 if real else max(64, min(3000, int(span * workers / delay)))
+    rows = 96 if real else max(64, min(3000, int(span * workers / delay)))
     names = [f"w{i}" for i in range(workers)]
     sch = Schedule(
         seed=seed, real=real, workers=workers, rows=rows, chunk=rng.choice((4, 8)) if real else rng.choice((4, 8, 16)),
@@ -129,7 +129,7 @@ class Run:
         settings = Settings(
             data_dir=tmp / ".tokenmill", database_url=self.db_url, broker_url=self.redis_url,
             models_dir=Path(args.models_dir), lease_seconds=args.lease, heartbeat_seconds=1.0, dispatch_interval=0.2,
-            engine="llama" if sch.real else "stub",
+            max_chunk_attempts=args.max_chunk_attempts, engine="llama" if sch.real else "stub",
         )  # fmt: skip
         self.env = settings.as_env()
         self.history = History()
@@ -153,7 +153,8 @@ class Run:
         with open(data, "w", encoding="utf-8") as fh:
             for i in range(self.sch.rows):
                 text = f"Give one word for {i}." + (f" {POISON}" if i == self.sch.poison else "")
-                fh.write(json.dumps({"id": f"r{i}", "prompt": text, "max_tokens": 8, "temperature": 0.5}) + "\n")
+                row = {"id": f"r{i}", "prompt": text, "max_tokens": 16 if self.sch.real else 4, "temperature": 0.5}
+                fh.write(json.dumps(row) + "\n")
         done = self.cli("submit", str(data), "--model", MODEL, "--chunk-size", str(self.sch.chunk))
         if done.returncode != 0:
             raise RuntimeError(f"submit failed: {done.stderr.strip()}")
@@ -264,7 +265,8 @@ def _empty(path: Path) -> Path:
 def replay_command(sch: Schedule, args: argparse.Namespace) -> str:
     kind = "--real 1 --schedules 0" if sch.real else "--real 0 --schedules 1"
     return (f"python benchmarks/fault_harness.py --seed {sch.seed} {kind} --span {args.span:g} "
-            f"--max-outage {args.max_outage:g} --faults {args.faults} --lease {args.lease:g}")  # fmt: skip
+            f"--max-outage {args.max_outage:g} --faults {args.faults} --lease {args.lease:g} "
+            f"--max-chunk-attempts {args.max_chunk_attempts}")  # fmt: skip
 
 
 def run_one(sch: Schedule, args: argparse.Namespace) -> dict[str, Any]:
@@ -314,6 +316,7 @@ def main() -> int:
     p.add_argument("--max-outage", type=float, default=60.0, help="longest outage of a service or path, seconds")
     p.add_argument("--faults", default="6-12", help="faults per schedule, as MIN-MAX")
     p.add_argument("--lease", type=float, default=6.0, help="TOKENMILL_LEASE_SECONDS of the fleet")
+    p.add_argument("--max-chunk-attempts", type=int, default=5, help="TOKENMILL_MAX_CHUNK_ATTEMPTS of the fleet")
     p.add_argument("--recover", type=float, default=180.0, help="seconds allowed to finish after the faults")
     p.add_argument("--redis-db", type=int, default=12)
     p.add_argument("--models-dir", default=str(Path.home() / ".cache" / "tokenmill" / "models"))
