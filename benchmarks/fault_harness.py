@@ -315,7 +315,7 @@ def main() -> int:
     p.add_argument("--span", type=float, default=60.0, help="seconds of faults per schedule")
     p.add_argument("--max-outage", type=float, default=60.0, help="longest outage of a service or path, seconds")
     p.add_argument("--faults", default="6-12", help="faults per schedule, as MIN-MAX")
-    p.add_argument("--lease", type=float, default=6.0, help="TOKENMILL_LEASE_SECONDS of the fleet")
+    p.add_argument("--lease", type=float, default=60.0, help="TOKENMILL_LEASE_SECONDS of the fleet (the default's)")
     p.add_argument("--max-chunk-attempts", type=int, default=5, help="TOKENMILL_MAX_CHUNK_ATTEMPTS of the fleet")
     p.add_argument("--recover", type=float, default=180.0, help="seconds allowed to finish after the faults")
     p.add_argument("--redis-db", type=int, default=12)

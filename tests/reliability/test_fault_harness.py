@@ -26,7 +26,7 @@ from tests.reliability.test_clock_skew import LIBFAKETIME
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
-SHORT = ["--span", "20", "--max-outage", "8", "--max-chunk-attempts", "3", "--recover", "150"]
+SHORT = ["--span", "20", "--max-outage", "8", "--lease", "6", "--max-chunk-attempts", "3", "--recover", "150"]
 
 
 def run_harness(tmp_path: Path, redis_url: str, *args: str) -> dict[str, Any]:
