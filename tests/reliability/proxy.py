@@ -10,6 +10,11 @@ its first error (tests/reliability/test_services.py restarts the real services f
 the case that needs timeouts. On resume the held bytes are delivered, as TCP's retransmission
 delivers them when a partition of seconds heals (it gives up only after many minutes).
 
+:meth:`PausableProxy.drop` models the other kind of outage, a server that is down (stopped, restarting,
+its host rebooting): every open connection is closed at once (a FIN, as a stopped Postgres or Redis sends
+after killing its sessions) and every new one is reset, until :meth:`PausableProxy.resume`. The fault
+harness (benchmarks/fault_harness.py) uses both.
+
 One limit, by construction: the client's kernel talks TCP to this proxy, which stays up, so TCP
 keepalives and ``tcp_user_timeout`` see a healthy peer. Only timeouts above TCP (the server's own,
 or a client's read timeout) notice this partition.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 from typing import Literal
 
@@ -39,6 +45,7 @@ class PausableProxy:
         self._trigger: tuple[bytes, Direction, bool] | None = None
         self._socks: list[socket.socket] = []
         self._closed = False
+        self._refusing = False
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
 
     def pause(self) -> None:
@@ -52,10 +59,22 @@ class PausableProxy:
         with self._lock:
             self._trigger = (pattern, direction, deliver)
 
+    def drop(self) -> None:
+        """The server is down: close every connection now and reset new ones until :meth:`resume`."""
+        with self._lock:
+            self._refusing = True
+            socks, self._socks = self._socks, []
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv; the peer reads EOF
+            with contextlib.suppress(OSError):
+                sock.close()
+
     def resume(self) -> None:
         """Heal the path: held bytes (and closes) go through, new connections get their upstream."""
         with self._lock:
             self._trigger = None
+            self._refusing = False
         self.paused.clear()
         self._open.set()
 
@@ -80,6 +99,9 @@ class PausableProxy:
 
     def _connect(self, client: socket.socket) -> None:
         self._open.wait()  # a connection made during a partition waits for the path, as a SYN would
+        if self._refusing:
+            _reset(client)
+            return
         try:
             upstream = socket.create_connection(self.target, timeout=5)
         except OSError:
@@ -87,8 +109,8 @@ class PausableProxy:
             return
         upstream.settimeout(None)
         with self._lock:
-            if self._closed:
-                client.close()
+            if self._closed or self._refusing:
+                _reset(client)
                 upstream.close()
                 return
             self._socks += [client, upstream]
@@ -124,3 +146,10 @@ class PausableProxy:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                     sock.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset (linger 0), as a port nobody listens on answers."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()

@@ -54,6 +54,7 @@ from tokenmill.scheduler.submit import Submission, choose_model, model_route, su
 from tokenmill.store import Store
 from tokenmill.store import jobs as store_jobs
 from tokenmill.store import workers as store_workers
+from tokenmill.store.clock import db_now
 from tokenmill.store.states import UNFINISHED_STATES, JobState
 from tokenmill.workers.capacity import detect
 
@@ -141,8 +142,9 @@ def _warn_if_unserved(store: Store, settings: Settings, pin: str) -> None:
     """A pinned job waits for a worker that loaded that variant: say how to start one when none has."""
     lost_after = settings.lost_after
     with store.session() as s:
+        now = db_now(s)
         serving = [w for w in store_workers.list_workers(s)
-                   if w.variant == pin and store_workers.effective_state(w, lost_after) in ("ready", "busy")]
+                   if w.variant == pin and store_workers.effective_state(w, lost_after, now) in ("ready", "busy")]
     if not serving:
         hint = f"no live worker serves {pin} yet: start one with `tokenmill worker --model {pin}`"
         console.print(hint, soft_wrap=True)

@@ -21,6 +21,7 @@ from tokenmill.scheduler.plan import FleetMember, Workload, fastest, parse_deadl
 from tokenmill.scheduler.submit import Submission
 from tokenmill.store import Store
 from tokenmill.store import workers as store_workers
+from tokenmill.store.clock import db_now
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,9 @@ def live_fleet(store: Store, settings: Settings, fallback: Capacity) -> list[Fle
     members = []
     lost_after = settings.lost_after
     with store.session() as s:
+        now = db_now(s)
         for w in store_workers.list_workers(s):
-            if store_workers.effective_state(w, lost_after) not in ("ready", "busy", "starting"):
+            if store_workers.effective_state(w, lost_after, now) not in ("ready", "busy", "starting"):
                 continue
             raw: dict[str, Any] = dict(w.capacity or {})
             if "speed" not in raw:

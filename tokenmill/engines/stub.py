@@ -16,6 +16,9 @@ variables because tests set them per worker process, and a `--concurrency N` par
 - ``TOKENMILL_STUB_FAIL``: rows whose prompt contains this text raise ``RuntimeError`` (a retryable
   generation failure) ...
 - ``TOKENMILL_STUB_HEAL``: ... unless this file exists (so a later `tokenmill retry` can succeed).
+- ``TOKENMILL_STUB_CRASH``: a row whose prompt contains this text kills the worker process (SIGKILL) when
+  its turn comes, as a native crash inside a real engine would: a poison row for the fault harness
+  (benchmarks/fault_harness.py). Logged as ``crashed`` first.
 
 A prompt longer than ``n_ctx_per_seq`` *characters* fails alone with ``RequestTooLong``, as a real
 engine fails a row longer than its context.
@@ -24,6 +27,7 @@ engine fails a row longer than its context.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,6 +63,7 @@ class StubEngine:
         self.log_path = os.environ.get("TOKENMILL_STUB_LOG") or None
         self.fail_mark = os.environ.get("TOKENMILL_STUB_FAIL") or None
         self.heal_path = os.environ.get("TOKENMILL_STUB_HEAL") or None
+        self.crash_mark = os.environ.get("TOKENMILL_STUB_CRASH") or None
 
     def _log(self, row: DatasetRow, outcome: str) -> None:
         if self.log_path is None:
@@ -96,6 +101,9 @@ class StubEngine:
                 on_done(row, RowTimeLimit(f"the row ran past the per-row limit of {self.row_time_limit:g}s"))
                 continue
             time.sleep(self.delay)
+            if self.crash_mark is not None and self.crash_mark in text:
+                self._log(row, "crashed")
+                os.kill(os.getpid(), signal.SIGKILL)
             if self._should_fail(text):
                 self._log(row, "failed")
                 on_done(row, RuntimeError(f"stub engine failure for {row.custom_id}"))

@@ -32,6 +32,7 @@ from tokenmill.store import Store
 from tokenmill.store import batches as store_batches
 from tokenmill.store import files as store_files
 from tokenmill.store import jobs as store_jobs
+from tokenmill.store.clock import db_now
 from tokenmill.store.db import TRANSIENT_ERRORS, Session, log_reason
 from tokenmill.store.results import iter_results
 from tokenmill.store.states import BatchStatus
@@ -129,7 +130,7 @@ class BatchDriver:
                 return False
             status = BatchStatus(b.status)
             job_state = store_jobs.state_of(s, b.job_id) if b.job_id else None
-            now = time.time()
+            now = db_now(s)  # the store's clock, as when the window was set
             final = store_batches.final_status(b, job_state, now)
             expired = now >= b.expires_at
         if status == BatchStatus.VALIDATING:
@@ -204,7 +205,7 @@ class BatchDriver:
             b = store_batches.claim(s, batch_id, self.holder, LEASE_SECONDS, store_batches.FINISHING)
             if b is None or b.job_id is None:
                 return False
-            job_id, now = b.job_id, time.time()
+            job_id, now = b.job_id, db_now(s)
             final = store_batches.final_status(b, store_jobs.state_of(s, job_id), now)
             if final is None:
                 store_batches.release(s, batch_id, self.holder)
@@ -221,7 +222,7 @@ class BatchDriver:
         try:
             with self.store.session() as s:
                 b = self._renew(s, batch_id)
-                final = store_batches.final_status(b, store_jobs.state_of(s, job_id), time.time())
+                final = store_batches.final_status(b, store_jobs.state_of(s, job_id), db_now(s))
                 assert final is not None  # finalizing: cancelled, job finished, or past the window
                 owner, keep = b.owner, b.output_expires_after  # expiry: None keeps the files
             self._write_files(batch_id, owner, job_id, final, keep)

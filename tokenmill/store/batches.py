@@ -19,6 +19,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from tokenmill.store.clock import db_now, now_sql
 from tokenmill.store.states import (
     ACTIVE_STATES,
     BATCH_FINAL,
@@ -64,7 +65,7 @@ def create_batch(
         ).first()
         if found is not None:
             return found
-    now = time.time()
+    now = db_now(s)  # the window is the store's clock, whichever server created or drives the batch
     batch = ApiBatch(
         id=new_batch_id(),
         owner=owner,
@@ -131,9 +132,10 @@ def claim(
     """Take (or renew) the batch's driver lease unless another live process holds it; the batch as stored.
 
     An UPDATE first, so on SQLite the transaction holds the write lock from its first statement and a
-    cancel committed meanwhile is seen, not overwritten.
+    cancel committed meanwhile is seen, not overwritten. The lease is the store's clock (store/clock.py):
+    a server whose clock ran ahead would otherwise take a live lease of one behind.
     """
-    now = time.time()
+    now = now_sql(s)
     res = s.execute(
         update(ApiBatch)
         .where(
@@ -191,7 +193,7 @@ def attach_job(s: Session, batch_id: str, holder: str, job_id: str, model: str) 
 
 def start(s: Session, batch_id: str, holder: str, total: int) -> bool:
     """validating → in_progress: every row is stored; refused once cancelled or past ``expires_at``."""
-    now = time.time()
+    now = db_now(s)  # expiry is judged on the store's clock
     res = s.execute(
         update(ApiBatch)
         .where(
@@ -215,7 +217,7 @@ def fail(s: Session, batch_id: str, holder: str, errors: list[dict[str, Any]], t
 def expire_validating(s: Session, batch_id: str) -> tuple[bool, str | None]:
     """validating → expired once past ``expires_at``, whoever holds the lease (an ingest still going stops at
     its next slice); (moved, the job an interrupted or running ingest made, for the caller to cancel)."""
-    now = time.time()
+    now = db_now(s)  # expiry is judged on the store's clock
     error = {"code": "batch_expired", "line": None, "param": None,
              "message": "the completion window ran out before the file was validated"}  # fmt: skip
     row = s.execute(
@@ -344,7 +346,7 @@ def live_chunks(s: Session, job_id: str) -> int:
         s.scalar(
             select(func.count())
             .select_from(Chunk)
-            .where(Chunk.job_id == job_id, Chunk.state == ChunkState.RUNNING, Chunk.lease_expires_at > time.time())
+            .where(Chunk.job_id == job_id, Chunk.state == ChunkState.RUNNING, Chunk.lease_expires_at > now_sql(s))
         )
         or 0
     )

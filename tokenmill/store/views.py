@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from tokenmill.store.clock import db_now
 from tokenmill.store.tables import Job, Result, Worker
 from tokenmill.store.workers import effective_state
 
@@ -225,7 +226,7 @@ class WorkerView:
 
 def workers(s: Session, lost_after: float, *, include_stopped: bool = False) -> list[WorkerView]:
     """Workers by host; stopped ones are left out unless asked for (a long-lived fleet accumulates them)."""
-    now = time.time()
+    now = db_now(s)  # heartbeats are the store's time, whatever the server's clock says
     query = select(Worker).order_by(Worker.host, Worker.started_at)
     if not include_stopped:
         query = query.where(Worker.state != "stopped")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from sqlalchemy import select, update
@@ -69,9 +68,12 @@ def list_workers(s: Session) -> list[Worker]:
     return list(s.scalars(select(Worker).order_by(Worker.host, Worker.started_at)))
 
 
-def effective_state(w: Worker, lost_after: float, now: float | None = None) -> str:
-    """A worker that stopped heartbeating without saying so is shown as lost."""
-    now = time.time() if now is None else now
+def effective_state(w: Worker, lost_after: float, now: float) -> str:
+    """A worker that stopped heartbeating without saying so is shown as lost.
+
+    ``now`` is the store's clock (:func:`~tokenmill.store.clock.db_now`), as ``heartbeat_at`` is: a host
+    whose clock runs ahead would otherwise show a live fleet as lost, one behind a dead worker as alive.
+    """
     if w.state in WORKER_GONE:
         return w.state
     return WorkerState.LOST if w.heartbeat_at < now - lost_after else w.state
