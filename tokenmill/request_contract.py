@@ -4,7 +4,7 @@ A batch system whose answers look right while it ignored what was asked is worse
 so every field of a request is in exactly one of three sets: honoured (validated here and carried in
 :class:`~tokenmill.rows.SamplingParams`), harmless and ignored (:data:`IGNORED`), or unknown — a line
 error naming the field, or with ``--allow-unknown-fields`` one warning per field name (:class:`Ignored`).
-The README's "Request fields" table lists the same sets.
+docs/requests.md lists the same sets, field by field.
 """
 
 from __future__ import annotations
