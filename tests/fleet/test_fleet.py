@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from tests.conftest import STUB_ARGS, WORKER_ENV, Procs, run_cli, wait_for
+from tests.conftest import STUB_ARGS, STUB_ENV, WORKER_ENV, Procs, run_cli, wait_for
 from tokenmill.config import Settings
 from tokenmill.store import Store
 from tokenmill.store.tables import Result, Worker
@@ -26,8 +26,9 @@ def dataset(path: Path, n: int, max_tokens: int = 8) -> Path:
     return path
 
 
-def submit(settings: Settings, path: Path, *args: str) -> str:
-    proc = run_cli(settings, "submit", str(path), *args)
+def submit(settings: Settings, path: Path, *args: str, stub: bool = True) -> str:
+    """`tokenmill submit` for the stub workers most tests here start (the engine is part of the job's queue)."""
+    proc = run_cli(settings, "submit", str(path), *args, env=STUB_ENV if stub else None)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()[-1]
 
@@ -66,7 +67,7 @@ def test_two_real_workers_share_one_job(
         procs.start(
             fleet_settings, "worker", "--name", name, "--threads", "1", "--n-seq", "4", env=WORKER_ENV, name=name
         )
-    job = submit(fleet_settings, dataset(tmp_path / "d.jsonl", 24), "--chunk-size", "2")
+    job = submit(fleet_settings, dataset(tmp_path / "d.jsonl", 24), "--chunk-size", "2", stub=False)
     status = run_cli(fleet_settings, "status", job, "--wait", "--json", timeout=360)
     assert status.returncode == 0, status.stderr + procs.logs()
     info = json.loads(status.stdout)
@@ -129,7 +130,7 @@ def test_workers_register_capacity_and_show_lost(tmp_path: Path, fleet_settings:
 
     wait_for(lambda: any(w["state"] == "ready" for w in listed()), 60, "worker ready", procs)
     (w,) = listed()
-    assert w["variant"] == "smollm2-135m-instruct:q4_1" and w["device"] == "cpu"
+    assert w["variant"] == "smollm2-135m-instruct:q4_1+stub" and w["device"] == "cpu"
     assert isinstance(w["cores"], int) and w["cores"] >= 1 and w["ram_total"]
     os.killpg(worker.pid, signal.SIGKILL)
     lost_after = fleet_settings.lost_after

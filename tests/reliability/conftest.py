@@ -28,7 +28,7 @@ from tokenmill.store import Store
 
 WORKER_BASE_ENV = {"HF_HUB_OFFLINE": "1"}
 MODEL = "smollm2-135m-instruct"
-QUEUE = f"tm.{MODEL}"
+QUEUE = f"tm.{MODEL}+stub"  # the stub workers' queue: the engine is part of a model's identity
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, logs: Callable[[], str] | None = None) -> Any:
