@@ -61,6 +61,7 @@ N_SEQ = 16
 N_CTX = 2048  # per sequence, as the engine's default n_ctx_per_seq
 N_BATCH = 512  # the engine's n_batch and n_ubatch
 PEER_TOOLS = ("llama-server", "llama-batched-bench")
+PEER_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed")  # what a row's line sends llama-server
 SETS = {"gen": ("gen", 32), "gen128": ("gen", 128), "doc": ("doc", 64)}
 GOALS = {"gen": 1.0, "gen128": 1.1, "doc": 1.1}  # issue 15: tokenmill vs llama-server -np 16
 SEQ_GOALS = {"gen": 2.0, "doc": 1.25}  # issue 15: tokenmill vs the sequential llama-cpp-python loop
@@ -164,7 +165,7 @@ def run_peer(
         sent = time.perf_counter()
 
         def ask(it: dict[str, Any]) -> dict[str, Any]:
-            body = {"messages": it["messages"], "max_tokens": it["max_tokens"], "temperature": 0}
+            body = {"messages": it["messages"], "temperature": 0, **{k: it[k] for k in PEER_FIELDS if k in it}}
             return post(base + "/v1/chat/completions", body)
 
         with ThreadPoolExecutor(n_seq) as pool:
@@ -183,7 +184,7 @@ PHASE = re.compile(r"first chunk claimed ([\d.]+) s → finished ([\d.]+) s")
 
 
 def run_tokenmill(
-    model: str, data: Path, threads: int, work: Path, rnd: int, n_seq: int
+    model: str, data: Path, threads: int, work: Path, rnd: int | str, n_seq: int
 ) -> tuple[Run, dict[str, Any]]:
     """`tokenmill run` in a fresh data dir (nothing to resume, nothing cached), launch to exit; and the
     settings its one worker reported."""

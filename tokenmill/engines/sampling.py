@@ -47,7 +47,7 @@ def make_sampler(llama_cpp: Any, params: SamplingParams, *, n_vocab: int = 0, se
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
     if params.logit_bias:
         _add_logit_bias(L, chain, params.logit_bias, n_vocab)
-    if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0:
+    if _penalised(params):
         window = max(64, min(params.max_tokens, 8192))
         # llama.cpp takes (last_n, repeat, freq, present); llama-cpp-python's binding declares an extra
         # leading int. Both int arguments travel in integer registers, so passing the window twice is
@@ -73,6 +73,10 @@ def make_sampler(llama_cpp: Any, params: SamplingParams, *, n_vocab: int = 0, se
     seed = DEFAULT_SEED if params.seed is None else (int(params.seed) + seed_offset) & 0xFFFFFFFF
     L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
     return chain
+
+
+def _penalised(params: SamplingParams) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
 
 
 def _add_logit_bias(L: Any, chain: Any, bias: tuple[tuple[int, float], ...], n_vocab: int) -> None:
@@ -136,6 +140,16 @@ class RowSampler:
         self.top_logprobs = params.logprobs
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.grammar: Any = None
+        # The chain would be llama.cpp's greedy sampler alone, which keeps no state: the engine takes
+        # such rows' tokens with one argmax over the whole batch's logits (see llama_step.py).
+        self.greedy = (
+            params.temperature <= 0.0
+            and not params.logit_bias
+            and not _penalised(params)
+            and params.grammar is None
+            and mask is None
+            and params.logprobs is None
+        )
         self.chain: Any = make_sampler(llama_cpp, params, n_vocab=n_vocab, seed_offset=seed_offset)
         if params.grammar is not None:
             self.grammar = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode("utf-8"), b"root")
