@@ -122,15 +122,16 @@ class RowQueue:
 class SlotUse:
     """Decode steps taken and sequence slots filled over them: busy fraction = filled / (steps * n_seq).
 
-    An engine that times its loop also counts what the host costs per generated token: ``loop_s`` (wall
-    time of the decode loop, waits for more rows excluded) less ``decode_s`` (time inside the model's
-    forward pass), over ``generated`` tokens. On a GPU that difference, not the arithmetic, bounds throughput.
+    An engine that times its loop also counts what the host costs per token: ``loop_s`` (wall time of the
+    decode loop, waits for more rows excluded) less ``decode_s`` (time inside the model's forward pass),
+    over the ``picked`` tokens (every token chosen, a row's end token included). On a GPU that
+    difference, not the arithmetic, bounds throughput.
     """
 
     steps: int = 0
     filled: int = 0
     slots: int = 0  # steps * n_seq
-    generated: int = 0
+    picked: int = 0
     decode_s: float = 0.0
     loop_s: float = 0.0
 
@@ -140,14 +141,14 @@ class SlotUse:
 
     @property
     def host_us_per_token(self) -> float | None:
-        return (self.loop_s - self.decode_s) / self.generated * 1e6 if self.generated and self.loop_s else None
+        return (self.loop_s - self.decode_s) / self.picked * 1e6 if self.picked and self.loop_s else None
 
     def since(self, earlier: SlotUse) -> SlotUse:
         return SlotUse(
             self.steps - earlier.steps,
             self.filled - earlier.filled,
             self.slots - earlier.slots,
-            self.generated - earlier.generated,
+            self.picked - earlier.picked,
             self.decode_s - earlier.decode_s,
             self.loop_s - earlier.loop_s,
         )

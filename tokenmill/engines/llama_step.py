@@ -64,7 +64,7 @@ class Stepper:
         self.attach_followers(active)
         picks = self._pick(outs)
         now = time.perf_counter()
-        use.generated += len(outs)
+        use.picked += len(outs)
         for seq, token in zip(outs, picks, strict=True):
             if not seq.n_generated:
                 seq.prompt_eval_ms = (decoded - seq.admitted) * 1000.0
