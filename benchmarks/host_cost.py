@@ -176,7 +176,8 @@ def bench_width(width: int, sides: dict[str, Path | None], args: argparse.Namesp
             run = one_run(side, sides[side], args, ctx, rnd, width)
             runs.append(run)
             tps = run.gen_tokens / run.wall
-            print(f"{width:>5} {rnd:>5} {side:<13} {run.wall:>7.2f} {run.gen_tokens:>8} {tps:>9.1f}", flush=True)
+            work = f"{run.work:>7.2f} {run.gen_tokens / run.work:>9.1f}" if run.work else f"{'-':>7} {'-':>9}"
+            print(f"{width:>5} {rnd:>5} {side:<13} {run.wall:>7.2f} {run.gen_tokens:>8} {tps:>9.1f} {work}", flush=True)
         order = order[1:] + order[:1]
     fastest = {s: max((r for r in runs if r.side == s), key=lambda r: r.gen_tokens / r.wall) for s in sides}
     peer = fastest["llama-server"]
@@ -186,7 +187,12 @@ def bench_width(width: int, sides: dict[str, Path | None], args: argparse.Namesp
         if side == "llama-server":
             continue
         tps = run.gen_tokens / run.wall
-        lines.append(f"  {side:<10} {tps:>8,.0f} tok/s ({run.wall:.2f} s) = {tps / peer_tps:.2f}x llama-server")
+        line = f"  {side:<10} {tps:>8,.0f} tok/s ({run.wall:.2f} s) = {tps / peer_tps:.2f}x llama-server"
+        fastest_work = min((r.work for r in runs if r.side == side and r.work), default=None)
+        peer_work = min((r.work for r in runs if r.side == "llama-server" and r.work), default=None)
+        if fastest_work and peer_work:
+            line += f"; work span (start-up excluded) {peer_work / fastest_work:.2f}x"
+        lines.append(line)
     for side, tree in sides.items():
         if tree is None:
             continue
@@ -227,7 +233,8 @@ def main() -> None:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"tiny model {model}; llama-server of llama-cpp-python {version}")
     print(f"{args.rows} rows x up to {args.max_tokens} tokens, {args.threads} thread(s), load average {load}")
-    print(f"{'width':>5} {'round':>5} {'side':<13} {'wall s':>7} {'gen tok':>8} {'tok/s':>9}", flush=True)
+    head = f"{'width':>5} {'round':>5} {'side':<13} {'wall s':>7} {'gen tok':>8} {'tok/s':>9}"
+    print(f"{head} {'work s':>7} {'work t/s':>9}", flush=True)
     summary: list[str] = []
     with tempfile.TemporaryDirectory(prefix="tm-host-cost-") as tmp:
         work = Path(tmp)

@@ -14,6 +14,7 @@ test can wrap the module (the engine's ``_L``) around a run.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from typing import Any
 
@@ -44,6 +45,7 @@ class Stepper:
         self._batch, self._tokens, self._use = batch, tokens, use
         self._n_vocab = n_vocab
         self._limit = row_time_limit
+        self._views: dict[tuple[int, int], np.ndarray] = {}
 
     def step(self, active: list[Seq], slots: list[Seq | None], live: dict[int, Seq], on_done: OnDone) -> None:
         """One decode of every row in flight (``active``, in seq_id order), then each row's next token;
@@ -152,9 +154,17 @@ class Stepper:
         return picks
 
     def logits(self, n_outputs: int) -> np.ndarray:
-        """The last decode's logits, one row per output in batch order (a view of llama.cpp's buffer)."""
+        """The last decode's logits, one row per output in batch order (a view of llama.cpp's buffer).
+
+        Views are kept by (address, rows): llama.cpp keeps its logits buffer until a batch needs more
+        outputs than it holds, and making a view costs tens of microseconds, several tokens' worth.
+        """
         ptr = self._L.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n_outputs, self._n_vocab))
+        key = (ctypes.addressof(ptr.contents), n_outputs)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = np.ctypeslib.as_array(ptr, shape=(n_outputs, self._n_vocab))
+        return view
 
     def attach_followers(self, active: list[Seq]) -> None:
         """Give each waiting n > 1 sibling its leader's prompt KV, once the leader has evaluated it.
