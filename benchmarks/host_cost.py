@@ -14,15 +14,17 @@ fourth sampled at temperature 0.8, top_k 40, top_p 0.95, its own seed) go throug
   llama-server  from the same llama.cpp (vs_llama_server.py's peer build), `-np W`, launch to last answer;
   tokenmill     `tokenmill run FILE --workers 1 --n-seq W --threads T --no-cache`, launch to exit;
   before        (with --before TREE) the same command with PYTHONPATH=TREE: another checkout's code;
-alternating (the order rotates each round), best of --rounds, at each width W. With random weights a row
-rarely meets its end token, so rows end at max_tokens; both sides stop at the end token and at
-max_tokens alike (llama-server's default; tokenmill has no ignore_eos). Threads default to 1: the model
-has no arithmetic worth a second thread, and on a shared host a second OpenMP thread only adds waits.
+alternating (the order rotates each round), at each width W: the best of --rounds, and the ratio of
+medians. With random weights a row rarely meets its end token, so rows end at max_tokens; both sides
+stop at the end token and at max_tokens alike (llama-server's default; tokenmill has no ignore_eos).
+Threads default to 1: the model has no arithmetic worth a second thread, and on a shared host a second
+OpenMP thread only adds waits.
 
-Then, per code tree and width, the engine alone (no store, no worker) serves the same rows in-process:
-host µs per generated token = (wall of generate() - time inside llama_decode) / generated tokens, where
-the time inside llama_decode is summed around each call. ``--profile`` adds cProfile's top entries of
-that loop (a separate pass: the profiler's own cost stays out of the timings).
+Then, per code tree and width, the engine alone (no store, no worker) serves the same rows in-process,
+alternating, the fastest of --rounds: host µs per generated token = (wall of generate() - time inside
+llama_decode) / generated tokens, the time inside llama_decode summed around each call (the engine's own
+counter, SlotUse.host_us_per_token, is printed beside it where the code has one). ``--profile`` adds
+cProfile's top entries of that loop (a separate pass: the profiler's own cost stays out of the timings).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import io
 import json
 import os
 import pstats
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -179,32 +182,57 @@ def bench_width(width: int, sides: dict[str, Path | None], args: argparse.Namesp
             work = f"{run.work:>7.2f} {run.gen_tokens / run.work:>9.1f}" if run.work else f"{'-':>7} {'-':>9}"
             print(f"{width:>5} {rnd:>5} {side:<13} {run.wall:>7.2f} {run.gen_tokens:>8} {tps:>9.1f} {work}", flush=True)
         order = order[1:] + order[:1]
-    fastest = {s: max((r for r in runs if r.side == s), key=lambda r: r.gen_tokens / r.wall) for s in sides}
-    peer = fastest["llama-server"]
-    peer_tps = peer.gen_tokens / peer.wall
-    lines = [f"width {width}, best of {args.rounds}: llama-server {peer_tps:,.0f} tok/s ({peer.wall:.2f} s)"]
-    for side, run in fastest.items():
-        if side == "llama-server":
-            continue
-        tps = run.gen_tokens / run.wall
-        line = f"  {side:<10} {tps:>8,.0f} tok/s ({run.wall:.2f} s) = {tps / peer_tps:.2f}x llama-server"
-        fastest_work = min((r.work for r in runs if r.side == side and r.work), default=None)
-        peer_work = min((r.work for r in runs if r.side == "llama-server" and r.work), default=None)
-        if fastest_work and peer_work:
-            line += f"; work span (start-up excluded) {peer_work / fastest_work:.2f}x"
+    return summarise(width, runs, list(sides), args.rounds) + engine_lines(width, sides, args, ctx)
+
+
+def summarise(width: int, runs: list[Run], sides: list[str], rounds: int) -> list[str]:
+    """Each side's best and median run against llama-server's, and the same for the work spans."""
+
+    def rate(r: Run) -> float:
+        return r.gen_tokens / r.wall
+
+    best = {s: max((r for r in runs if r.side == s), key=rate) for s in sides}
+    median = {s: statistics.median(rate(r) for r in runs if r.side == s) for s in sides}
+    span = {s: min((r.work for r in runs if r.side == s and r.work), default=None) for s in sides}
+    peer = best["llama-server"]
+    lines = [
+        f"width {width}, best of {rounds}: llama-server {rate(peer):,.0f} tok/s ({peer.wall:.2f} s), "
+        f"median {median['llama-server']:,.0f}"
+    ]
+    for side in sides[1:]:
+        run = best[side]
+        line = (
+            f"  {side:<10} {rate(run):>8,.0f} tok/s ({run.wall:.2f} s) = {rate(run) / rate(peer):.2f}x llama-server"
+            f" (medians: {median[side] / median['llama-server']:.2f}x)"
+        )
+        peer_span, own_span = span["llama-server"], span[side]
+        if peer_span and own_span:
+            line += f"; work span (start-up excluded) {peer_span / own_span:.2f}x"
         lines.append(line)
-    for side, tree in sides.items():
-        if tree is None:
-            continue
-        p = run_probe(tree, ctx["model"], ctx["data"], width, args.threads, args.profile)
+    return lines
+
+
+def engine_lines(width: int, sides: dict[str, Path | None], args: argparse.Namespace, ctx: dict[str, Any]) -> list[str]:
+    """The engine alone per code tree, alternating, the fastest of --rounds (and one profiled pass)."""
+    trees = {side: tree for side, tree in sides.items() if tree is not None}
+    probes: dict[str, list[dict[str, Any]]] = {side: [] for side in trees}
+    order = list(trees)
+    for _ in range(args.rounds):
+        for side in order:
+            probes[side].append(run_probe(trees[side], ctx["model"], ctx["data"], width, args.threads, False))
+        order = order[1:] + order[:1]
+    lines = []
+    for side, tree in trees.items():
+        p = min(probes[side], key=lambda x: x["wall"])
         host_us = (p["wall"] - p["decode"]) / p["tokens"] * 1e6
         own = f"; the engine's own counter {p['own']:.1f} µs" if p.get("own") is not None else ""
         lines.append(
             f"  {side:<10} engine alone: {p['tokens'] / p['wall']:,.0f} tok/s, host {host_us:.1f} µs/token, "
             f"llama_decode {p['decode'] / p['tokens'] * 1e6:.1f} µs/token over {p['steps']} steps{own}"
         )
-        if p.get("profile"):
-            lines.append(f"  cProfile of {side}'s loop at width {width} (by own time):\n{p['profile']}")
+        if args.profile:
+            prof = run_probe(tree, ctx["model"], ctx["data"], width, args.threads, True)["profile"]
+            lines.append(f"  cProfile of {side}'s loop at width {width} (by own time):\n{prof}")
     return lines
 
 
@@ -217,7 +245,6 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--before", type=Path, help="another tokenmill tree to run alongside, e.g. main's")
     parser.add_argument("--profile", action="store_true", help="cProfile's top entries of the engine's loop")
-    parser.add_argument("--no-peer-build", action="store_true", help="fail rather than build llama-server")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:

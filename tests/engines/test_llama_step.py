@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,42 @@ def test_the_logits_block_holds_each_output_in_batch_order(engine: LlamaEngine) 
     finally:
         for seq_id in range(len(prompts)):
             L.llama_memory_seq_rm(engine._mem, seq_id, -1, -1)
+
+
+# At temperature 0 these leave the pick to llama.cpp's greedy sampler alone; the others change it. A new
+# SamplingParams field fails the test below until it is put in one of the two (and, if it changes the
+# pick, RowSampler.greedy learns of it): otherwise the batch argmax would silently ignore it.
+PICK_UNCHANGED: dict[str, Any] = {
+    "max_tokens": 7,
+    "top_p": 0.5,
+    "stop": ("x",),
+    "seed": 3,
+    "top_k": 5,
+    "min_p": 0.1,
+    "n": 2,
+}
+PICK_CHANGED: dict[str, Any] = {
+    "temperature": 0.5,
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.5,
+    "repetition_penalty": 1.2,
+    "logit_bias": ((5, 1.0),),
+    "logprobs": 2,
+    "grammar": 'root ::= "a"',
+    "json_schema": '{"type":"object"}',
+}
+
+
+def test_only_rows_whose_chain_is_a_plain_greedy_pick_take_the_batch_argmax(engine: LlamaEngine) -> None:
+    assert {f.name for f in fields(SamplingParams)} == set(PICK_UNCHANGED) | set(PICK_CHANGED)
+    tokens = engine.tokenize("Hello there")
+    for name, value in {**PICK_UNCHANGED, **PICK_CHANGED}.items():
+        row = chat(name, "Hello there", **{"temperature": 0, name: value})
+        seq = engine._start(0, row, tokens)
+        try:
+            assert seq.sampler is not None
+            assert seq.sampler.greedy == (name in PICK_UNCHANGED), name
+        finally:
+            engine._L.llama_memory_seq_rm(engine._mem, 0, -1, -1)
+            if seq.sampler is not None:
+                seq.sampler.free()
