@@ -120,6 +120,14 @@ def peer_tools(version: str, jobs: int) -> Path:
     return bin_dir
 
 
+def no_repack() -> list[str]:
+    """``--no-repack`` on a CPU with AMX, as tokenmill's engine loads models there (engines/llama_guard.py):
+    the peer is built for this CPU, and ggml's AMX weight repacking crashes it on the first batched
+    evaluation of a quantized model (llama.cpp #20824)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return ["--no-repack"] if cpuinfo.is_file() and " amx_int8" in cpuinfo.read_text() else []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -154,7 +162,7 @@ def run_peer(
     base = f"http://127.0.0.1:{port}"
     argv = [str(bin_dir / "llama-server"), "-m", str(model), "-np", str(n_seq), "-c", str(N_CTX * n_seq)]
     argv += ["--cont-batching", "-fa", "on", "-t", str(threads), "-tb", str(threads), "--no-webui"]
-    argv += ["-ngl", str(gpu_layers)]
+    argv += ["-ngl", str(gpu_layers), *no_repack()]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     log = work / "llama-server.log"
     started = time.perf_counter()
@@ -222,7 +230,7 @@ def batched_bench(
     n_batch = n_ubatch = 512, the same threads, flash attention on."""
     argv = [str(bin_dir / "llama-batched-bench"), "-m", str(model), "-c", str(N_CTX * n_seq), "-b", str(N_BATCH)]
     argv += ["-ub", str(N_BATCH), "-npp", str(npp), "-ntg", str(ntg), "-npl", str(n_seq), "-t", str(threads)]
-    argv += ["-tb", str(threads), "-fa", "on", "--output-format", "jsonl", "-ngl", str(gpu_layers)]
+    argv += ["-tb", str(threads), "-fa", "on", "--output-format", "jsonl", "-ngl", str(gpu_layers), *no_repack()]
     proc = subprocess.run(argv, capture_output=True, text=True, check=True)
     rows = [json.loads(x) for x in (proc.stdout + proc.stderr).splitlines() if x.startswith("{")]
     return {k: float(rows[-1][k]) for k in ("speed_pp", "speed_tg", "speed", "t")}
