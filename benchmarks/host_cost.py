@@ -265,6 +265,7 @@ def main() -> None:
     summary: list[str] = []
     with tempfile.TemporaryDirectory(prefix="tm-host-cost-") as tmp:
         work = Path(tmp)
+        os.chdir(work)  # `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH
         data = work / "rows.jsonl"
         items = build_rows(data, args.rows, args.max_tokens)
         ctx = {"bin": bin_dir, "model": model, "items": items, "work": work, "data": data}
