@@ -61,6 +61,7 @@ N_SEQ = 16
 N_CTX = 2048  # per sequence, as the engine's default n_ctx_per_seq
 N_BATCH = 512  # the engine's n_batch and n_ubatch
 PEER_TOOLS = ("llama-server", "llama-batched-bench")
+PEER_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed")  # what a row's line sends llama-server
 SETS = {"gen": ("gen", 32), "gen128": ("gen", 128), "doc": ("doc", 64)}
 GOALS = {"gen": 1.0, "gen128": 1.1, "doc": 1.1}  # issue 15: tokenmill vs llama-server -np 16
 SEQ_GOALS = {"gen": 2.0, "doc": 1.25}  # issue 15: tokenmill vs the sequential llama-cpp-python loop
@@ -119,6 +120,14 @@ def peer_tools(version: str, jobs: int) -> Path:
     return bin_dir
 
 
+def no_repack() -> list[str]:
+    """``--no-repack`` on a CPU with AMX, as tokenmill's engine loads models there (engines/llama_guard.py):
+    the peer is built for this CPU, and ggml's AMX weight repacking crashes it on the first batched
+    evaluation of a quantized model (llama.cpp #20824)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return ["--no-repack"] if cpuinfo.is_file() and " amx_int8" in cpuinfo.read_text() else []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -153,7 +162,7 @@ def run_peer(
     base = f"http://127.0.0.1:{port}"
     argv = [str(bin_dir / "llama-server"), "-m", str(model), "-np", str(n_seq), "-c", str(N_CTX * n_seq)]
     argv += ["--cont-batching", "-fa", "on", "-t", str(threads), "-tb", str(threads), "--no-webui"]
-    argv += ["-ngl", str(gpu_layers)]
+    argv += ["-ngl", str(gpu_layers), *no_repack()]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     log = work / "llama-server.log"
     started = time.perf_counter()
@@ -164,7 +173,7 @@ def run_peer(
         sent = time.perf_counter()
 
         def ask(it: dict[str, Any]) -> dict[str, Any]:
-            body = {"messages": it["messages"], "max_tokens": it["max_tokens"], "temperature": 0}
+            body = {"messages": it["messages"], "temperature": 0, **{k: it[k] for k in PEER_FIELDS if k in it}}
             return post(base + "/v1/chat/completions", body)
 
         with ThreadPoolExecutor(n_seq) as pool:
@@ -183,7 +192,7 @@ PHASE = re.compile(r"first chunk claimed ([\d.]+) s → finished ([\d.]+) s")
 
 
 def run_tokenmill(
-    model: str, data: Path, threads: int, work: Path, rnd: int, n_seq: int
+    model: str, data: Path, threads: int, work: Path, rnd: int | str, n_seq: int
 ) -> tuple[Run, dict[str, Any]]:
     """`tokenmill run` in a fresh data dir (nothing to resume, nothing cached), launch to exit; and the
     settings its one worker reported."""
@@ -221,7 +230,7 @@ def batched_bench(
     n_batch = n_ubatch = 512, the same threads, flash attention on."""
     argv = [str(bin_dir / "llama-batched-bench"), "-m", str(model), "-c", str(N_CTX * n_seq), "-b", str(N_BATCH)]
     argv += ["-ub", str(N_BATCH), "-npp", str(npp), "-ntg", str(ntg), "-npl", str(n_seq), "-t", str(threads)]
-    argv += ["-tb", str(threads), "-fa", "on", "--output-format", "jsonl", "-ngl", str(gpu_layers)]
+    argv += ["-tb", str(threads), "-fa", "on", "--output-format", "jsonl", "-ngl", str(gpu_layers), *no_repack()]
     proc = subprocess.run(argv, capture_output=True, text=True, check=True)
     rows = [json.loads(x) for x in (proc.stdout + proc.stderr).splitlines() if x.startswith("{")]
     return {k: float(rows[-1][k]) for k in ("speed_pp", "speed_tg", "speed", "t")}

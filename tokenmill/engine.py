@@ -120,18 +120,38 @@ class RowQueue:
 
 @dataclass
 class SlotUse:
-    """Decode steps taken and sequence slots filled over them: busy fraction = filled / (steps * n_seq)."""
+    """Decode steps taken and sequence slots filled over them: busy fraction = filled / (steps * n_seq).
+
+    An engine that times its loop also counts what the host costs per token: ``loop_s`` (wall time of the
+    decode loop, waits for more rows excluded) less ``decode_s`` (time inside the model's forward pass),
+    over the ``picked`` tokens (every token chosen, a row's end token included). On a GPU that
+    difference, not the arithmetic, bounds throughput.
+    """
 
     steps: int = 0
     filled: int = 0
     slots: int = 0  # steps * n_seq
+    picked: int = 0
+    decode_s: float = 0.0
+    loop_s: float = 0.0
 
     @property
     def busy_fraction(self) -> float | None:
         return self.filled / self.slots if self.slots else None
 
+    @property
+    def host_us_per_token(self) -> float | None:
+        return (self.loop_s - self.decode_s) / self.picked * 1e6 if self.picked and self.loop_s else None
+
     def since(self, earlier: SlotUse) -> SlotUse:
-        return SlotUse(self.steps - earlier.steps, self.filled - earlier.filled, self.slots - earlier.slots)
+        return SlotUse(
+            self.steps - earlier.steps,
+            self.filled - earlier.filled,
+            self.slots - earlier.slots,
+            self.picked - earlier.picked,
+            self.decode_s - earlier.decode_s,
+            self.loop_s - earlier.loop_s,
+        )
 
 
 class Engine(Protocol):

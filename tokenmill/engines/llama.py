@@ -11,7 +11,10 @@ rounded up to 256), so attention only spans a row's own tokens and every row rea
 per-request context. The extra stream holds the shared prompt prefix (see :mod:`.prefix`); copying it
 into a row is a whole-stream buffer copy, much cheaper than re-evaluating the prefix. llama.cpp only
 puts consecutive seq_ids in one forward pass, so once nothing is left to admit, rows are moved down to
-close the gaps finished rows leave (see ``_compact``).
+close the gaps finished rows leave (see :meth:`.llama_step.Stepper.compact`).
+
+This module loads the model, formats and tokenizes prompts and admits rows; the decode step, where the
+host's cost per token is decided, is :mod:`.llama_step`, and a row in flight is :class:`.llama_seq.Seq`.
 
 ``llama_cpp`` is imported in the constructor only: importing this module in a parent that forks must
 not initialise ggml backends (or CUDA).
@@ -25,47 +28,25 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenmill.engine import Generation, OnDone, Refill, RowQueue, SlotUse, TokenLogprob
+from tokenmill.engine import OnDone, Refill, RowQueue, SlotUse
 from tokenmill.engines import llama_guard
 from tokenmill.engines.choices import ChoiceMerger
 from tokenmill.engines.constrain import JsonConstraints, RowMatcher
+from tokenmill.engines.llama_batch import NumpyBatch
 from tokenmill.engines.llama_embed import LlamaEmbedder
+from tokenmill.engines.llama_seq import Seq, TokenTable
+from tokenmill.engines.llama_step import Stepper
 from tokenmill.engines.prefix import best_shared_prefix, common_prefix_len
 from tokenmill.engines.sampling import RowSampler, TextAccumulator
-from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong, RowRefused, RowTimeLimit
+from tokenmill.errors import ModelError, ModelLoadError, RequestTooLong, RowRefused
 from tokenmill.rows import EMBEDDINGS, MESSAGE_ENDPOINTS, DatasetRow
 
 log = logging.getLogger(__name__)
 
 MIN_SHARED_PREFIX = 16  # below this, copying a whole KV stream costs about what re-evaluating would
-
-
-@dataclass
-class _Seq:
-    """One row in flight in KV stream ``seq_id``."""
-
-    seq_id: int
-    row: DatasetRow
-    prompt: list[int]
-    max_tokens: int
-    sampler: RowSampler | None
-    text: TextAccumulator
-    cached: int
-    n_past: int
-    feed: list[int]  # tokens still to decode: the prompt's remainder, then the last sampled token
-    admitted: float
-    first_token_at: float = 0.0
-    last_token_at: float = 0.0
-    prompt_eval_ms: float = 0.0
-    n_generated: int = 0
-    token_ms: list[float] = field(default_factory=list)
-    out_idx: int = -1  # batch index whose logits this sequence samples from after the current decode
-    n_fed: int = 0  # tokens of ``feed`` placed in the current batch
-    follows: _Seq | None = None  # an n > 1 sibling waiting for this leader's prompt KV (see _attach_followers)
 
 
 class LlamaEngine:
@@ -105,10 +86,8 @@ class LlamaEngine:
         self.row_time_limit = row_time_limit  # seconds from a row's admission; None: no limit
         self._ctx: Any = None
         self._model: Any = None
-        self._batch: Any = None
+        self._batch: NumpyBatch | None = None
         self._prefix: list[int] = []
-        self._pieces: dict[int, bytes] = {}
-        self._eog: dict[int, bool] = {}
         self._formatter: Any = None
         self._constraints: JsonConstraints | None = None
         self._embedder: LlamaEmbedder | None = None  # an embeddings context on these weights, made on first use
@@ -135,6 +114,7 @@ class LlamaEngine:
         self.prefix_cache = prefix_cache
         self._vocab = L.llama_model_get_vocab(self._model)
         self._n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
+        self._tokens = TokenTable(L, self._vocab, self._n_vocab)
         self.n_ctx = min(n_ctx_per_seq, int(L.llama_model_n_ctx_train(self._model)) or n_ctx_per_seq)
         self._prefix_seq = n_seq if prefix_cache else -1
         n_streams = n_seq + (1 if prefix_cache else 0)
@@ -162,8 +142,7 @@ class LlamaEngine:
             self.close()
             raise ModelLoadError(f"llama.cpp gave each sequence fewer than {self.n_ctx} context tokens")
         self._mem = L.llama_get_memory(self._ctx)
-        self._batch = L.llama_batch_init(self._n_batch, 0, 1)
-        self._piece_buf = (ctypes.c_char * 256)()
+        self._batch = NumpyBatch(L, self._n_batch)
         self._init_special_tokens()
         self.load_ms = (time.perf_counter() - started) * 1000.0
 
@@ -258,24 +237,6 @@ class LlamaEngine:
             return ""
         return bytes(self._L.llama_vocab_get_text(self._vocab, token)).decode("utf-8", errors="replace")
 
-    def _piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            L, buf = self._L, self._piece_buf
-            n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            if n < 0:
-                buf = (ctypes.c_char * -n)()
-                n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            piece = buf.raw[:n]
-            self._pieces[token] = piece
-        return piece
-
-    def _is_eog(self, token: int) -> bool:
-        eog = self._eog.get(token)
-        if eog is None:
-            eog = self._eog[token] = bool(self._L.llama_vocab_is_eog(self._vocab, token))
-        return eog
-
     # -- generation --------------------------------------------------------------------------------
 
     def generate(
@@ -303,48 +264,34 @@ class LlamaEngine:
 
         queue = RowQueue(rows, refill, low_water=self.n_seq, expand=expand)
         ahead = self._tokenize_ahead(queue)
-        slots: list[_Seq | None] = [None] * self.n_seq
-        live: dict[int, _Seq] = {}  # id(row) of each sequence in flight: later n > 1 siblings copy its prompt
+        assert self._batch is not None
+        stepper = Stepper(
+            self._L, self._ctx, self._mem, self._batch, self._tokens, self.slot_use,
+            n_vocab=self._n_vocab, row_time_limit=self.row_time_limit,
+        )  # fmt: skip
+        slots: list[Seq | None] = [None] * self.n_seq  # slot index == seq_id of the row in it
+        live: dict[int, Seq] = {}  # id(row) of each sequence in flight: later n > 1 siblings copy its prompt
         try:
             while True:
                 queue.top_up(idle=not any(slots))
+                started = time.perf_counter()
                 for sid in range(self.n_seq):
                     if slots[sid] is None:
                         slots[sid] = self._admit(sid, queue, ahead, merger, live, merger.done)
                 if not queue.rows:
-                    self._compact(slots)
+                    stepper.compact(slots)
                 active = [s for s in slots if s is not None]
                 if (not active and queue.done) or should_stop():
                     return
                 if active:
-                    self._step(active, slots, live, merger.done)
+                    stepper.step(active, slots, live, merger.done)
+                self.slot_use.loop_s += time.perf_counter() - started
                 if should_stop():
                     return
         finally:
             for left in slots:
                 if left is not None:
-                    self._release(left)
-
-    def _step(self, active: list[_Seq], slots: list[_Seq | None], live: dict[int, _Seq], on_done: OnDone) -> None:
-        """One decode of every row in flight, then each row's next token; finished rows leave their slot."""
-        self._decode_step(active)
-        use = self.slot_use
-        use.steps, use.filled, use.slots = use.steps + 1, use.filled + len(active), use.slots + self.n_seq
-        self._attach_followers(active)
-        now = time.perf_counter()
-        for seq in active:
-            if seq.out_idx < 0:
-                continue
-            result: Generation | Exception | None
-            try:
-                result = self._advance(seq, now)
-            except Exception as exc:
-                result = exc
-            if result is not None:
-                slots[seq.seq_id] = None
-                live.pop(id(seq.row), None)
-                self._release(seq)
-                on_done(seq.row, result)
+                    stepper.release(left)
 
     def _tokenize_ahead(self, queue: RowQueue) -> dict[int, list[int] | Exception]:
         """Tokens of the first rows, by ``id(row)``, and the shared prefix chosen over them."""
@@ -404,9 +351,9 @@ class LlamaEngine:
         queue: RowQueue,
         ahead: dict[int, list[int] | Exception],
         merger: ChoiceMerger,
-        live: dict[int, _Seq],
+        live: dict[int, Seq],
         on_done: OnDone,
-    ) -> _Seq | None:
+    ) -> Seq | None:
         """Start the next servable row in stream ``seq_id``; rows that cannot be served are reported."""
         while queue.rows:
             row = queue.rows.popleft()
@@ -429,7 +376,7 @@ class LlamaEngine:
             return seq
         return None
 
-    def _start(self, seq_id: int, row: DatasetRow, tokens: list[int], follows: _Seq | None = None) -> _Seq:
+    def _start(self, seq_id: int, row: DatasetRow, tokens: list[int], follows: Seq | None = None) -> Seq:
         n_prompt, params = len(tokens), row.params
         if n_prompt + 1 > self.n_ctx:
             raise RequestTooLong(f"prompt is {n_prompt} tokens; the model context is {self.n_ctx} per request")
@@ -450,7 +397,7 @@ class LlamaEngine:
         if self._prefix and follows is None:
             shared = min(common_prefix_len(tokens, self._prefix), n_prompt - 1)
             cached = shared if shared >= MIN_SHARED_PREFIX else 0
-        seq = _Seq(
+        seq = Seq(
             seq_id=seq_id,
             row=row,
             prompt=tokens,
@@ -477,144 +424,6 @@ class LlamaEngine:
             self._constraints = JsonConstraints(self._L, self._vocab, self._n_vocab)
         return self._constraints.matcher(row.params)
 
-    def _attach_followers(self, active: list[_Seq]) -> None:
-        """Give each waiting n > 1 sibling its leader's prompt KV, once the leader has evaluated it.
-
-        Done right after the decode that finished the leader's prompt and before the leader can be
-        released: the follower copies the stream, cuts it back to all but the last prompt token, and
-        decodes that one token itself next step, for logits of its own to sample from.
-        """
-        L = self._L
-        for seq in active:
-            leader = seq.follows
-            if leader is None or leader.n_past < len(leader.prompt):
-                continue
-            keep = len(seq.prompt) - 1
-            L.llama_memory_seq_cp(self._mem, leader.seq_id, seq.seq_id, -1, -1)
-            L.llama_memory_seq_rm(self._mem, seq.seq_id, keep, -1)
-            seq.n_past = seq.cached = keep
-            seq.feed = [seq.prompt[-1]]
-            seq.follows = None
-
-    def _compact(self, slots: list[_Seq | None]) -> None:
-        """Move the highest rows into free lower slots so in-flight seq_ids stay contiguous.
-
-        With one KV stream per sequence llama.cpp only batches consecutive seq_ids into one forward pass;
-        a gap (a finished row with nothing left to admit) would split every later step in two. Moving a row
-        is one KV-stream copy, paid once, against a slower forward pass on every remaining step.
-        """
-        L = self._L
-        while True:
-            free = [i for i, s in enumerate(slots) if s is None]
-            busy = [i for i, s in enumerate(slots) if s is not None]
-            if not free or not busy or free[0] > busy[-1]:
-                return
-            lo, hi = free[0], busy[-1]
-            seq = slots[hi]
-            assert seq is not None
-            L.llama_memory_seq_cp(self._mem, hi, lo, -1, -1)
-            L.llama_memory_seq_rm(self._mem, hi, -1, -1)
-            seq.seq_id, slots[lo], slots[hi] = lo, seq, None
-
-    def _decode_step(self, active: list[_Seq]) -> None:
-        """One llama_decode: the next token of every generating row, then prompt chunks up to n_batch.
-
-        Tokens are laid out by ascending seq_id with each sequence's tokens together: with split KV
-        streams llama.cpp cuts a batch into ubatches of consecutive seq_ids, so this order lets all
-        generating rows share one forward pass.
-        """
-        budget = self._n_batch
-        for seq in active:
-            seq.n_fed = 1 if seq.n_generated else 0
-            budget -= seq.n_fed
-        for seq in sorted(active, key=lambda s: s.admitted):
-            if not seq.n_generated:
-                seq.n_fed = min(len(seq.feed), budget)
-                budget -= seq.n_fed
-        batch, n = self._batch, 0
-        for seq in sorted(active, key=lambda s: s.seq_id):
-            last = seq.n_fed > 0 and seq.n_fed == len(seq.feed)
-            seq.out_idx = -1
-            for j in range(seq.n_fed):
-                batch.token[n] = seq.feed[j]
-                batch.pos[n] = seq.n_past + j
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = seq.seq_id
-                batch.logits[n] = last and j == seq.n_fed - 1
-                if last and j == seq.n_fed - 1:
-                    seq.out_idx = n
-                n += 1
-        batch.n_tokens = n
-        rc = self._L.llama_decode(self._ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with status {rc} on a batch of {n} tokens")
-        for seq in active:
-            seq.n_past += seq.n_fed
-            del seq.feed[: seq.n_fed]
-
-    def _advance(self, seq: _Seq, now: float) -> Generation | None:
-        """Sample the sequence's next token; a Generation when the row is finished, else None."""
-        if seq.n_generated == 0:
-            seq.prompt_eval_ms = (now - seq.admitted) * 1000.0
-        assert seq.sampler is not None
-        token = seq.sampler.sample(self._ctx, seq.out_idx)
-        now = time.perf_counter()
-        if self._is_eog(token):
-            return self._finish(seq, "stop", now)
-        seq.token_ms.append((now - (seq.last_token_at or seq.admitted)) * 1000.0)
-        if seq.n_generated == 0:
-            seq.first_token_at = now
-        seq.last_token_at = now
-        seq.n_generated += 1
-        if seq.text.add(self._piece(token)):
-            return self._finish(seq, "stop", now)
-        if seq.n_generated >= seq.max_tokens:
-            return self._finish(seq, "length", now)
-        if self.row_time_limit is not None and now - seq.admitted > self.row_time_limit:
-            raise RowTimeLimit(
-                f"the row ran {now - seq.admitted:.1f}s, past the per-row limit of {self.row_time_limit:g}s "
-                "(TOKENMILL_ROW_TIME_LIMIT)"
-            )
-        seq.feed.append(token)
-        return None
-
-    def _finish(self, seq: _Seq, reason: str, now: float) -> Generation:
-        ttft = seq.token_ms[0] if seq.token_ms else 0.0
-        return Generation(
-            text=seq.text.text(),
-            finish_reason=reason,
-            prompt_tokens=len(seq.prompt),
-            completion_tokens=seq.n_generated,
-            cached_prompt_tokens=seq.cached,
-            prompt_eval_ms=seq.prompt_eval_ms,
-            ttft_ms=ttft,
-            eval_ms=(seq.last_token_at - seq.first_token_at) * 1000.0 if seq.n_generated else 0.0,
-            total_ms=(now - seq.admitted) * 1000.0,
-            token_ms=seq.token_ms,
-            logprobs=self._kept_logprobs(seq),
-        )
-
-    def _kept_logprobs(self, seq: _Seq) -> list[TokenLogprob] | None:
-        """Logprobs of the tokens that spell the returned text: not the end token, not past a stop string."""
-        if seq.sampler is None or seq.sampler.logprobs is None:
-            return None
-        keep = len(seq.text.kept_bytes())
-        out, offset = [], 0
-        for item in seq.sampler.logprobs[: seq.n_generated]:
-            if offset >= keep:
-                break
-            item.piece = self._piece(item.token)
-            item.top_pieces = [self._piece(t) for t, _ in item.top]
-            offset += len(item.piece)
-            out.append(item)
-        return out
-
-    def _release(self, seq: _Seq) -> None:
-        self._L.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
-        if seq.sampler is not None:
-            seq.sampler.free()
-            seq.sampler = None
-
     def _set_prefix(self, prefix: list[int]) -> None:
         """Make the reserved stream hold ``prefix``, re-evaluating only what differs from what it holds.
 
@@ -625,18 +434,13 @@ class LlamaEngine:
             return
         keep = common_prefix_len(prefix, self._prefix)
         L, batch = self._L, self._batch
+        assert batch is not None
         L.llama_memory_seq_rm(self._mem, self._prefix_seq, keep, -1)
         self._prefix = prefix[:keep]
         for start in range(keep, len(prefix), self._n_batch):
             chunk = prefix[start : start + self._n_batch]
-            for j, token in enumerate(chunk):
-                batch.token[j] = token
-                batch.pos[j] = start + j
-                batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = self._prefix_seq
-                batch.logits[j] = False
-            batch.n_tokens = len(chunk)
-            if L.llama_decode(self._ctx, batch) != 0:
+            n = batch.put(0, chunk, start, self._prefix_seq)
+            if L.llama_decode(self._ctx, batch.ready(n)) != 0:
                 L.llama_memory_seq_rm(self._mem, self._prefix_seq, -1, -1)
                 self._prefix = []
                 log.warning("could not evaluate the shared prompt prefix; continuing without it")
@@ -651,9 +455,7 @@ class LlamaEngine:
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
-        if self._batch is not None:
-            L.llama_batch_free(self._batch)
-            self._batch = None
+        self._batch = None
         if self._ctx:
             L.llama_free(self._ctx)
         self._ctx = None

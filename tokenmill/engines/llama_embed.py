@@ -8,13 +8,12 @@ the pooled vector per sequence, which is L2-normalised as OpenAI's are. Encoders
 ``llama_encode``; decoder models through ``llama_decode`` with a unified KV cache cleared between
 batches. Either way an input attends only to its own tokens (llama.cpp masks by seq_id).
 
-The batch is tokenmill's own ``llama_batch`` over numpy arrays rather than ``llama_batch_init``'s, so
-filling it is a few array copies per input instead of five ctypes stores per token.
+The batch is tokenmill's own ``llama_batch`` over numpy arrays (:mod:`.llama_batch`), so filling it is a
+few array copies per input instead of five ctypes stores per token.
 """
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from tokenmill.engine import EmbeddingResult, OnDone
+from tokenmill.engines.llama_batch import NumpyBatch
 from tokenmill.errors import ModelLoadError, RequestTooLong
 from tokenmill.rows import DatasetRow
 
@@ -91,7 +91,7 @@ class LlamaEmbedder:
             self.close()
             raise ModelLoadError(f"{variant} is a reranker (rank pooling); it gives scores, not embeddings")
         self._mem = L.llama_get_memory(self._ctx)  # NULL for encoders, which keep no KV cache
-        self._init_batch()
+        self._batch = NumpyBatch(L, self.n_batch)
         self.load_ms = (time.perf_counter() - started) * 1000.0
 
     def _context(self, pooling: int, n_threads: int) -> Any:
@@ -111,28 +111,6 @@ class LlamaEmbedder:
         if not ctx:
             raise ModelLoadError(f"llama.cpp could not create an embeddings context of {self.n_batch} tokens")
         return ctx
-
-    def _init_batch(self) -> None:
-        n, L = self.n_batch, self._L
-        self._tok = np.zeros(n, dtype=np.int32)
-        self._pos = np.zeros(n, dtype=np.int32)
-        self._nseq = np.ones(n, dtype=np.int32)
-        self._sid = np.zeros(n, dtype=np.int32)
-        stride = self._sid.itemsize
-        base = self._sid.ctypes.data
-        self._sid_ptrs = (ctypes.POINTER(ctypes.c_int32) * n)(
-            *(ctypes.cast(base + i * stride, ctypes.POINTER(ctypes.c_int32)) for i in range(n))
-        )
-        self._ramp = np.arange(n, dtype=np.int32)
-        self._out = np.ones(n, dtype=np.int8)  # every token an output: pooling reads them all
-        batch = L.llama_batch()
-        batch.token = self._tok.ctypes.data_as(ctypes.POINTER(L.llama_token))
-        batch.embd = None
-        batch.pos = self._pos.ctypes.data_as(ctypes.POINTER(L.llama_pos))
-        batch.n_seq_id = self._nseq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        batch.seq_id = ctypes.cast(self._sid_ptrs, ctypes.POINTER(ctypes.POINTER(L.llama_seq_id)))
-        batch.logits = self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-        self._batch = batch
 
     # -- tokens ------------------------------------------------------------------------------------
 
@@ -207,19 +185,14 @@ class LlamaEmbedder:
         L = self._L
         n = 0
         for seq_id, (pending, i) in enumerate(packed.owners):
-            ids = pending.tokens[i]
-            k = len(ids)
-            self._tok[n : n + k] = ids
-            self._pos[n : n + k] = self._ramp[:k]
-            self._sid[n : n + k] = seq_id
-            n += k
-        self._batch.n_tokens = n
+            n = self._batch.put(n, pending.tokens[i], 0, seq_id, outputs=True)  # pooling reads every token
+        batch = self._batch.ready(n)
         t0 = time.perf_counter()
         if self._mem:
             L.llama_memory_clear(self._mem, True)
-            rc = L.llama_decode(self._ctx, self._batch)
+            rc = L.llama_decode(self._ctx, batch)
         else:  # an encoder keeps no KV cache; llama_decode would say so and call encode itself
-            rc = L.llama_encode(self._ctx, self._batch)
+            rc = L.llama_encode(self._ctx, batch)
         elapsed = time.perf_counter() - t0
         failed: set[int] = set()
         for seq_id, (pending, i) in enumerate(packed.owners):
