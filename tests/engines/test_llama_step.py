@@ -146,6 +146,9 @@ PICK_CHANGED: dict[str, Any] = {
     "logprobs": 2,
     "grammar": 'root ::= "a"',
     "json_schema": '{"type":"object"}',
+    # a row offering tools decodes under the call grammar's mask (choice "auto": text or a call)
+    "tools": '{"tools":[{"name":"f","parameters":{"type":"object"},"description":null,"strict":false}],'
+    '"choice":"auto","name":null,"parallel":true,"max_calls":null}',
 }
 
 
