@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from tokenmill.errors import JobNotFound, StoreError
 from tokenmill.rows import DatasetRow
 from tokenmill.store.clock import now_sql
-from tokenmill.store.results import answered
+from tokenmill.store.results import answered, chunk_answered
 from tokenmill.store.states import (
     ACTIVE_STATES,
     CHUNK_CLOSED,
@@ -399,7 +399,7 @@ def _reopen_unanswered(s: Session, job_id: str) -> int:
         .where(
             Chunk.job_id == job_id,
             Chunk.state == ChunkState.DONE,
-            answered(Chunk.job_id, Chunk.first_seq, Chunk.last_seq) < Chunk.last_seq - Chunk.first_seq + 1,
+            ~chunk_answered(),
         )
         .values(state=ChunkState.PENDING, lease_owner=None, lease_expires_at=None)
         .execution_options(synchronize_session=False)

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from tokenmill.store.clock import now_sql
 from tokenmill.store.jobs import start_job
-from tokenmill.store.results import answered, fail_unanswered
+from tokenmill.store.results import chunk_answered, fail_unanswered
 from tokenmill.store.states import (
     ACTIVE_STATES,
     CHUNK_CLAIMABLE,
@@ -266,7 +266,7 @@ def complete(s: Session, chunk_id: int, worker_id: str) -> bool:
     held = (Chunk.id == chunk_id, Chunk.lease_owner == worker_id, Chunk.state == ChunkState.RUNNING)
     res = s.execute(
         update(Chunk)
-        .where(*held, answered(Chunk.job_id, Chunk.first_seq, Chunk.last_seq) == Chunk.last_seq - Chunk.first_seq + 1)
+        .where(*held, chunk_answered())
         .values(state=ChunkState.DONE, finished_at=now_sql(s), lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
@@ -407,7 +407,7 @@ def close_answered(s: Session, job_id: str) -> int:
         .where(
             Chunk.job_id == job_id,
             Chunk.state == ChunkState.PENDING,
-            answered(Chunk.job_id, Chunk.first_seq, Chunk.last_seq) == Chunk.last_seq - Chunk.first_seq + 1,
+            chunk_answered(),
         )
         .values(state=ChunkState.DONE, finished_at=now_sql(s))
         .execution_options(synchronize_session=False)

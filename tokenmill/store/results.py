@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from tokenmill.store.paging import keyset_pages
 from tokenmill.store.states import ErrorCode, ResultStatus
-from tokenmill.store.tables import Job, RequestRow, Result
+from tokenmill.store.tables import Chunk, Job, RequestRow, Result
 
 
 def write_result(s: Session, values: dict[str, Any]) -> bool:
@@ -57,6 +57,11 @@ def answered(job_id: Any, first: Any, last: Any) -> Any:
         .where(Result.job_id == job_id, Result.seq >= first, Result.seq <= last)
         .scalar_subquery()
     )
+
+
+def chunk_answered() -> Any:
+    """True for a chunk (correlated to the statement's ``chunks`` row) whose every row has a result."""
+    return answered(Chunk.job_id, Chunk.first_seq, Chunk.last_seq) == Chunk.last_seq - Chunk.first_seq + 1
 
 
 def done_seqs(s: Session, job_id: str, first_seq: int, last_seq: int) -> set[int]:
