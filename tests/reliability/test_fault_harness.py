@@ -6,7 +6,8 @@ stub one (seed 124, three workers) hits the fleet with every kind of fault the h
 scheduler, SIGTERM of a worker, Postgres refused for everyone, Redis silent for everyone, one worker cut off
 from Postgres, a worker restarted with its clock 4 minutes ahead beside one started 3 minutes behind, cancel
 and retry of the job, and a poison row that kills each worker that tries it (it fails alone, `worker_died`).
-The real one (seed 20, SmolLM2) kills a worker, cuts one off from Redis, stops the scheduler, silences Postgres and cancels and retries.
+The real one (seed 20, SmolLM2) kills a worker, cuts one off from Redis, stops the scheduler, silences
+Postgres and cancels and retries.
 The long mode (minutes of schedules) is a benchmark: see README, "Reliability".
 """
 
